@@ -1,0 +1,124 @@
+"""GPT-2 model configurations and the numbers derived from them.
+
+One formula, one place: the padded vocabulary, the parameter tensors (names,
+shapes, order) and the flops per token are computed here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOT = 50256
+VOCAB_PAD_MULTIPLE = 128  # llm.c pads the vocabulary for faster GEMMs
+
+# The 16 parameter tensors, in llm.c's order (the order of the model file).
+PARAMETER_NAMES = (
+    "wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
+    "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb", "lnfw", "lnfb",
+)
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    """Vp: the vocabulary rounded up to a multiple of 128, as llm.c stores it."""
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    max_seq_len: int = 1024      # maxT
+    vocab_size: int = GPT2_VOCAB_SIZE  # V
+    num_layers: int = 12         # L
+    num_heads: int = 12          # NH
+    channels: int = 768          # C
+    padded_vocab_size: int = field(default=0)  # Vp; 0 means "derive from V"
+
+    def __post_init__(self):
+        for name in ("max_seq_len", "vocab_size", "num_layers", "num_heads", "channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPT2Config: {name} must be a positive int, got {value!r}")
+        if self.channels % self.num_heads != 0:
+            raise ValueError(
+                f"GPT2Config: channels ({self.channels}) must be divisible by "
+                f"num_heads ({self.num_heads})")
+        if self.padded_vocab_size == 0:
+            object.__setattr__(self, "padded_vocab_size", padded_vocab_size(self.vocab_size))
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(
+                f"GPT2Config: padded_vocab_size ({self.padded_vocab_size}) is smaller "
+                f"than vocab_size ({self.vocab_size})")
+
+    @property
+    def head_size(self) -> int:
+        return self.channels // self.num_heads
+
+    def parameter_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of the 16 parameter tensors in llm.c's order.
+
+        Per-layer tensors carry a leading L axis; Linear weights are (out, in).
+        """
+        Vp, C, L, maxT = self.padded_vocab_size, self.channels, self.num_layers, self.max_seq_len
+        shapes = {
+            "wte": (Vp, C), "wpe": (maxT, C),
+            "ln1w": (L, C), "ln1b": (L, C),
+            "qkvw": (L, 3 * C, C), "qkvb": (L, 3 * C),
+            "attprojw": (L, C, C), "attprojb": (L, C),
+            "ln2w": (L, C), "ln2b": (L, C),
+            "fcw": (L, 4 * C, C), "fcb": (L, 4 * C),
+            "fcprojw": (L, C, 4 * C), "fcprojb": (L, C),
+            "lnfw": (C,), "lnfb": (C,),
+        }
+        return [(name, shapes[name]) for name in PARAMETER_NAMES]
+
+    def num_parameters(self) -> int:
+        """Number of stored parameters (padded wte rows included, as llm.c counts)."""
+        return sum(math.prod(shape) for _, shape in self.parameter_shapes())
+
+    def flops_per_token(self, T: int | None = None) -> int:
+        """Training flops per token, llm.c's formula: 6N + 6*L*C*T."""
+        T = self.max_seq_len if T is None else T
+        return 6 * self.num_parameters() + 6 * self.num_layers * self.channels * T
+
+
+# llm.c's depth descriptors: d6, d12 (124M), d24 (350M), d36 (774M), d48 (1558M).
+_DEPTH_SHAPES = {6: (6, 384), 12: (12, 768), 24: (16, 1024), 36: (20, 1280), 48: (25, 1600)}
+_NAMED = {"gpt2": 12, "gpt2-124m": 12, "gpt2-medium": 24, "gpt2-350m": 24,
+          "gpt2-large": 36, "gpt2-774m": 36, "gpt2-xl": 48, "gpt2-1558m": 48}
+
+
+def gpt2_config(descriptor: str, max_seq_len: int = 1024,
+                vocab_size: int = GPT2_VOCAB_SIZE) -> GPT2Config:
+    """A config from llm.c's descriptor ("d12") or a model name ("gpt2-medium")."""
+    key = descriptor.strip().lower()
+    depth = _NAMED.get(key)
+    match = re.fullmatch(r"d(\d+)", key)
+    if match:
+        depth = int(match.group(1))
+    if depth not in _DEPTH_SHAPES:
+        known = ", ".join([f"d{d}" for d in _DEPTH_SHAPES] + sorted(_NAMED))
+        raise ValueError(f"unknown GPT-2 model descriptor {descriptor!r}; expected one of: {known}")
+    num_heads, channels = _DEPTH_SHAPES[depth]
+    return GPT2Config(max_seq_len=max_seq_len, vocab_size=vocab_size,
+                      num_layers=depth, num_heads=num_heads, channels=channels)
+
+
+def parameter_views(config: GPT2Config, flat):
+    """Named views into one flat parameter (or gradient) array, llm.c's order.
+
+    The views share memory with `flat`, so an optimizer can update the flat
+    array while the layers read the named tensors.
+    """
+    expected = config.num_parameters()
+    if flat.ndim != 1 or flat.size != expected:
+        raise ValueError(
+            f"parameter_views: expected a 1-D array of {expected} elements for {config}, "
+            f"got shape {tuple(flat.shape)}")
+    views, offset = {}, 0
+    for name, shape in config.parameter_shapes():
+        size = math.prod(shape)
+        views[name] = flat[offset:offset + size].reshape(shape)
+        offset += size
+    return views
