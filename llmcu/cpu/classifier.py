@@ -1,0 +1,44 @@
+"""Softmax + cross-entropy over the padded vocabulary, and its backward.
+
+Shapes: logits/probs/dlogits (B,T,Vp) where only the first V columns are real
+tokens (columns V..Vp-1 are padding: they get probability 0 and gradient 0);
+targets (B,T) int; losses/dlosses (B,T). Activation gradients overwrite (=).
+"""
+
+import numpy as np
+
+
+def softmax_forward(probs, logits, V):
+    """probs[..., :V] = softmax(logits[..., :V]); probs[..., V:] = 0."""
+    x = logits[..., :V]
+    p = probs[..., :V]
+    np.subtract(x, x.max(axis=-1, keepdims=True), out=p)
+    np.exp(p, out=p)
+    p /= p.sum(axis=-1, keepdims=True)
+    probs[..., V:] = 0.0
+
+
+def crossentropy_forward(losses, logits, targets, V):
+    """losses = logsumexp(logits[..., :V]) - logits[target], the stable form of -log p."""
+    x = logits[..., :V]
+    m = x.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(x - m).sum(axis=-1)) + m[..., 0]
+    picked = np.take_along_axis(logits, targets[..., None].astype(np.intp), axis=-1)[..., 0]
+    losses[...] = lse - picked
+
+
+def crossentropy_softmax_backward(dlogits, dlosses, probs, targets, V):
+    """dlogits = dlosses * (probs - onehot(targets)), zero on padded columns."""
+    np.multiply(probs, dlosses[..., None], out=dlogits)
+    idx = targets[..., None].astype(np.intp)
+    picked = np.take_along_axis(dlogits, idx, axis=-1)
+    np.put_along_axis(dlogits, idx, picked - dlosses[..., None], axis=-1)
+    dlogits[..., V:] = 0.0
+
+
+def fused_classifier(losses, probs, logits, targets, V):
+    """Forward half of the fused classifier: losses and the probabilities the
+    backward needs, from one pass over the logits. (The CUDA kernel goes on to
+    write dlogits in place; the oracle keeps that step separate.)"""
+    softmax_forward(probs, logits, V)
+    crossentropy_forward(losses, logits, targets, V)

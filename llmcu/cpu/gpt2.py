@@ -1,0 +1,244 @@
+"""GPT-2 on NumPy: the CPU backend and the oracle for the CUDA kernels.
+
+Parameters, gradients and AdamW moments are each one flat float32 array in
+llm.c's order, with named views (config.parameter_views). Activations for a
+(B,T) shape are allocated once and reused while the shape stays the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import GPT2Config, parameter_views
+from .adamw import adamw_update, clip_scale, global_norm
+from .attention import attention_backward, attention_forward
+from .classifier import crossentropy_softmax_backward, fused_classifier
+from .encoder import encoder_backward, encoder_forward
+from .gelu import gelu_backward, gelu_forward
+from .layernorm import layernorm_backward, layernorm_forward
+from .matmul import matmul_backward, matmul_forward
+from .residual import residual_forward
+
+INIT_STD = 0.02
+
+# Parameters that get weight decay: the matrices and embeddings (llm.c's -c);
+# biases and layernorm parameters do not.
+DECAYED = frozenset({"wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"})
+
+
+def init_parameters(config: GPT2Config, seed: int = 42) -> np.ndarray:
+    """Random GPT-2 parameters as llm.c and nanoGPT initialise them.
+
+    Normal(0, 0.02) for embeddings and Linear weights, 0.02/sqrt(2L) for the
+    two projections that write into the residual stream, LayerNorm weights 1,
+    all biases 0, and the padded rows of wte 0.
+    """
+    rng = np.random.default_rng(seed)
+    flat = np.zeros(config.num_parameters(), dtype=np.float32)
+    p = parameter_views(config, flat)
+    residual_std = INIT_STD / math.sqrt(2 * config.num_layers)
+    for name, std in (("wte", INIT_STD), ("wpe", INIT_STD), ("qkvw", INIT_STD),
+                      ("attprojw", residual_std), ("fcw", INIT_STD), ("fcprojw", residual_std)):
+        rows = config.vocab_size if name == "wte" else p[name].shape[0]
+        target = p[name][:rows]
+        target[...] = rng.standard_normal(target.shape, dtype=np.float32)
+        target *= np.float32(std)
+    for name in ("ln1w", "ln2w", "lnfw"):
+        p[name][...] = 1.0
+    return flat
+
+
+def _zeros(*shape):
+    return np.zeros(shape, dtype=np.float32)
+
+
+@dataclass
+class Activations:
+    """Everything the forward pass stores for the backward, for one (B,T)."""
+    B: int
+    T: int
+    encoded: np.ndarray = field(repr=False)
+    ln1: np.ndarray = field(repr=False)
+    ln1_mean: np.ndarray = field(repr=False)
+    ln1_rstd: np.ndarray = field(repr=False)
+    qkv: np.ndarray = field(repr=False)
+    att: np.ndarray = field(repr=False)
+    atty: np.ndarray = field(repr=False)
+    attproj: np.ndarray = field(repr=False)
+    residual2: np.ndarray = field(repr=False)
+    ln2: np.ndarray = field(repr=False)
+    ln2_mean: np.ndarray = field(repr=False)
+    ln2_rstd: np.ndarray = field(repr=False)
+    fch: np.ndarray = field(repr=False)
+    fch_gelu: np.ndarray = field(repr=False)
+    fcproj: np.ndarray = field(repr=False)
+    residual3: np.ndarray = field(repr=False)
+    lnf: np.ndarray = field(repr=False)
+    lnf_mean: np.ndarray = field(repr=False)
+    lnf_rstd: np.ndarray = field(repr=False)
+    logits: np.ndarray = field(repr=False)
+    probs: np.ndarray = field(repr=False)
+    losses: np.ndarray = field(repr=False)
+
+    @classmethod
+    def allocate(cls, config: GPT2Config, B: int, T: int) -> "Activations":
+        L, C, NH, Vp = config.num_layers, config.channels, config.num_heads, config.padded_vocab_size
+        return cls(
+            B=B, T=T, encoded=_zeros(B, T, C),
+            ln1=_zeros(L, B, T, C), ln1_mean=_zeros(L, B, T), ln1_rstd=_zeros(L, B, T),
+            qkv=_zeros(L, B, T, 3 * C), att=_zeros(L, B, NH, T, T), atty=_zeros(L, B, T, C),
+            attproj=_zeros(L, B, T, C), residual2=_zeros(L, B, T, C),
+            ln2=_zeros(L, B, T, C), ln2_mean=_zeros(L, B, T), ln2_rstd=_zeros(L, B, T),
+            fch=_zeros(L, B, T, 4 * C), fch_gelu=_zeros(L, B, T, 4 * C),
+            fcproj=_zeros(L, B, T, C), residual3=_zeros(L, B, T, C),
+            lnf=_zeros(B, T, C), lnf_mean=_zeros(B, T), lnf_rstd=_zeros(B, T),
+            logits=_zeros(B, T, Vp), probs=_zeros(B, T, Vp), losses=_zeros(B, T),
+        )
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))
+
+
+class GPT2:
+    """GPT-2 with a hand-written forward, backward and AdamW update.
+
+    model.forward(inputs, targets) -> mean loss (or None without targets; the
+    logits are in model.acts.logits); model.zero_grad(); model.backward();
+    model.update(lr, step=...).
+    """
+
+    def __init__(self, config: GPT2Config, params: np.ndarray | None = None, seed: int = 42):
+        self.config = config
+        if params is None:
+            params = init_parameters(config, seed)
+        if params.dtype != np.float32 or params.shape != (config.num_parameters(),):
+            raise ValueError(f"GPT2: params must be float32 of shape ({config.num_parameters()},), "
+                             f"got {params.dtype} {params.shape}")
+        self.params = params
+        self.p = parameter_views(config, params)
+        self.grads = self.g = None      # allocated by the first zero_grad/backward
+        self.m = self.v = None          # AdamW moments, allocated by the first update
+        self.acts: Activations | None = None
+        self._inputs = self._targets = None
+
+    # -- forward ------------------------------------------------------------
+    def forward(self, inputs, targets=None):
+        cfg, p = self.config, self.p
+        inputs = np.asarray(inputs)
+        if inputs.ndim != 2:
+            raise ValueError(f"GPT2.forward: inputs must be (B,T), got shape {inputs.shape}")
+        B, T = inputs.shape
+        if T > cfg.max_seq_len:
+            raise ValueError(f"GPT2.forward: T={T} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        if inputs.size and (inputs.min() < 0 or inputs.max() >= cfg.vocab_size):
+            raise ValueError(f"GPT2.forward: token ids must be in [0, {cfg.vocab_size}), "
+                             f"found {inputs.min()}..{inputs.max()}")
+        if targets is not None:
+            targets = np.asarray(targets)
+            if targets.shape != inputs.shape:
+                raise ValueError(f"GPT2.forward: targets shape {targets.shape} != inputs shape {inputs.shape}")
+        if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
+            self.acts = Activations.allocate(cfg, B, T)
+        a = self.acts
+        NH = cfg.num_heads
+
+        encoder_forward(a.encoded, inputs, p["wte"], p["wpe"])
+        residual = a.encoded
+        for l in range(cfg.num_layers):
+            layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], residual, p["ln1w"][l], p["ln1b"][l])
+            matmul_forward(a.qkv[l], a.ln1[l], p["qkvw"][l], p["qkvb"][l])
+            attention_forward(a.atty[l], a.att[l], a.qkv[l], NH)
+            matmul_forward(a.attproj[l], a.atty[l], p["attprojw"][l], p["attprojb"][l])
+            residual_forward(a.residual2[l], residual, a.attproj[l])
+            layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], p["ln2w"][l], p["ln2b"][l])
+            matmul_forward(a.fch[l], a.ln2[l], p["fcw"][l], p["fcb"][l])
+            gelu_forward(a.fch_gelu[l], a.fch[l])
+            matmul_forward(a.fcproj[l], a.fch_gelu[l], p["fcprojw"][l], p["fcprojb"][l])
+            residual_forward(a.residual3[l], a.residual2[l], a.fcproj[l])
+            residual = a.residual3[l]
+        layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, p["lnfw"], p["lnfb"])
+        matmul_forward(a.logits, a.lnf, p["wte"])  # weight tying: wte is the LM head
+
+        self._inputs, self._targets = inputs, targets
+        if targets is None:
+            return None
+        fused_classifier(a.losses, a.probs, a.logits, targets, cfg.vocab_size)
+        return float(a.losses.mean(dtype=np.float64))
+
+    # -- backward -----------------------------------------------------------
+    def zero_grad(self):
+        if self.grads is None:
+            self.grads = np.zeros_like(self.params)
+            self.g = parameter_views(self.config, self.grads)
+        else:
+            self.grads.fill(0.0)
+
+    def backward(self):
+        """Accumulate d(mean loss)/d(params) into self.grads."""
+        if self._targets is None:
+            raise RuntimeError("GPT2.backward: call forward(inputs, targets) with targets first")
+        if self.grads is None:
+            self.zero_grad()
+        cfg, p, g, a = self.config, self.p, self.g, self.acts
+        B, T, C, NH = a.B, a.T, cfg.channels, cfg.num_heads
+
+        dlosses = np.full((B, T), 1.0 / (B * T), dtype=np.float32)
+        dlogits = np.empty_like(a.logits)
+        crossentropy_softmax_backward(dlogits, dlosses, a.probs, self._targets, cfg.vocab_size)
+
+        dlnf = _zeros(B, T, C)
+        matmul_backward(dlnf, g["wte"], None, dlogits, a.lnf, p["wte"])
+        del dlogits
+        dres = _zeros(B, T, C)       # gradient of the residual stream
+        dtmp = _zeros(B, T, C)       # a layernorm's input gradient, added into dres
+        dln = _zeros(B, T, C)
+        datty = _zeros(B, T, C)
+        dqkv = _zeros(B, T, 3 * C)
+        dfch = _zeros(B, T, 4 * C)
+        dfch_gelu = _zeros(B, T, 4 * C)
+        last = a.residual3[-1] if cfg.num_layers else a.encoded
+        layernorm_backward(dres, g["lnfw"], g["lnfb"], dlnf, last, p["lnfw"], a.lnf_mean, a.lnf_rstd)
+        for l in reversed(range(cfg.num_layers)):
+            res_in = a.residual3[l - 1] if l > 0 else a.encoded
+            # dres is d/d residual3[l]; the MLP branch:
+            matmul_backward(dfch_gelu, g["fcprojw"][l], g["fcprojb"][l], dres, a.fch_gelu[l], p["fcprojw"][l])
+            gelu_backward(dfch, dfch_gelu, a.fch[l])
+            matmul_backward(dln, g["fcw"][l], g["fcb"][l], dfch, a.ln2[l], p["fcw"][l])
+            layernorm_backward(dtmp, g["ln2w"][l], g["ln2b"][l], dln, a.residual2[l], p["ln2w"][l],
+                               a.ln2_mean[l], a.ln2_rstd[l])
+            residual_forward(dres, dres, dtmp)  # now d/d residual2[l]; the attention branch:
+            matmul_backward(datty, g["attprojw"][l], g["attprojb"][l], dres, a.atty[l], p["attprojw"][l])
+            attention_backward(dqkv, datty, a.qkv[l], a.att[l], NH)
+            matmul_backward(dln, g["qkvw"][l], g["qkvb"][l], dqkv, a.ln1[l], p["qkvw"][l])
+            layernorm_backward(dtmp, g["ln1w"][l], g["ln1b"][l], dln, res_in, p["ln1w"][l],
+                               a.ln1_mean[l], a.ln1_rstd[l])
+            residual_forward(dres, dres, dtmp)  # now d/d res_in
+        encoder_backward(g["wte"], g["wpe"], dres, self._inputs)
+
+    # -- update -------------------------------------------------------------
+    def update(self, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+               grad_clip=None):
+        """AdamW at 1-based `step`; returns the gradient norm before clipping.
+
+        Weight decay applies to matrices and embeddings only (DECAYED).
+        grad_clip=None or <= 0 disables clipping.
+        """
+        if self.grads is None:
+            raise RuntimeError("GPT2.update: no gradients; call backward first")
+        if self.m is None:
+            self.m = np.zeros_like(self.params)
+            self.v = np.zeros_like(self.params)
+        norm = global_norm(self.grads)
+        scale = clip_scale(norm, grad_clip)
+        offset = 0
+        for name, shape in self.config.parameter_shapes():
+            size = math.prod(shape)
+            s = slice(offset, offset + size)
+            wd = weight_decay if name in DECAYED else 0.0
+            adamw_update(self.params[s], self.grads[s], self.m[s], self.v[s], step, lr,
+                         beta1, beta2, eps, wd, scale)
+            offset += size
+        return norm

@@ -1,0 +1,39 @@
+"""LayerNorm over the last axis, forward and backward (NumPy oracle).
+
+Shapes: inp/out (B,T,C), weight/bias (C,), mean/rstd (B,T) are cached for the
+backward. Parameter gradients accumulate (+=); activation gradients overwrite (=).
+"""
+
+import numpy as np
+
+EPS = 1e-5
+
+
+def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=EPS):
+    """out = (inp - mean) * rstd * weight + bias, with the biased variance."""
+    mu = inp.mean(axis=-1, keepdims=True)
+    xc = inp - mu
+    var = np.mean(xc * xc, axis=-1, keepdims=True)
+    rs = 1.0 / np.sqrt(var + np.float32(eps))
+    np.multiply(xc * rs, weight, out=out)
+    out += bias
+    mean[...] = mu[..., 0]
+    rstd[...] = rs[..., 0]
+
+
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+    """Gradients of layernorm_forward given the cached mean and rstd.
+
+    With n = (x - mean) * rstd and g = dout * weight:
+      dbias   += sum over rows of dout
+      dweight += sum over rows of dout * n
+      dinp     = rstd * (g - mean_C(g) - n * mean_C(g * n))
+    """
+    C = inp.shape[-1]
+    norm = (inp - mean[..., None]) * rstd[..., None]
+    dnorm = dout * weight
+    dbias += dout.reshape(-1, C).sum(axis=0)
+    dweight += (dout * norm).reshape(-1, C).sum(axis=0)
+    dinp[...] = (dnorm
+                 - dnorm.mean(axis=-1, keepdims=True)
+                 - norm * (dnorm * norm).mean(axis=-1, keepdims=True)) * rstd[..., None]

@@ -1,0 +1,33 @@
+"""Linear layer out = inp @ weight.T + bias, forward and backward (NumPy oracle).
+
+Shapes: inp (B,T,C), weight (OC,C) as llm.c and PyTorch store it, bias (OC,)
+or None, out (B,T,OC). Parameter gradients accumulate (+=); activation
+gradients overwrite (=).
+"""
+
+import numpy as np
+
+
+def _rows(a):
+    """View a contiguous (..., N) array as (rows, N) without copying."""
+    view = a.reshape(-1, a.shape[-1])
+    if not np.shares_memory(view, a):
+        raise ValueError("matmul: arrays must be C-contiguous")
+    return view
+
+
+def matmul_forward(out, inp, weight, bias=None):
+    out2 = _rows(out)
+    np.matmul(_rows(inp), weight.T, out=out2)
+    if bias is not None:
+        out2 += bias
+
+
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
+    """dinp = dout @ weight; dweight += dout.T @ inp; dbias += sum of dout rows."""
+    dout2, inp2 = _rows(dout), _rows(inp)
+    if dinp is not None:
+        np.matmul(dout2, weight, out=_rows(dinp))
+    dweight += dout2.T @ inp2
+    if dbias is not None:
+        dbias += dout2.sum(axis=0)
