@@ -122,3 +122,39 @@ def parameter_views(config: GPT2Config, flat):
         views[name] = flat[offset:offset + size].reshape(shape)
         offset += size
     return views
+
+
+# Default locations, relative to the working directory (llm.c keeps them beside its scripts).
+DATASETS = {
+    "tinyshakespeare": {
+        "dir": "data/tinyshakespeare",
+        "train": "data/tinyshakespeare/tiny_shakespeare_train.bin",
+        "val": "data/tinyshakespeare/tiny_shakespeare_val.bin",
+    },
+    "tinystories": {
+        "dir": "data/tinystories",
+        "train": "data/tinystories/TinyStories_train.bin",
+        "val": "data/tinystories/TinyStories_val.bin",
+    },
+}
+
+
+@dataclass
+class TrainConfig:
+    """What `llmcu train` runs; the defaults are llm.c's train_gpt2.c demo."""
+    train_pattern: str = DATASETS["tinyshakespeare"]["train"]  # -i
+    val_pattern: str = DATASETS["tinyshakespeare"]["val"]  # -j
+    model: str = "d12"           # -e: a .bin checkpoint or a descriptor (d6, d12, gpt2-medium, ...)
+    output_dir: str | None = None  # -o: main.log and the final model go here
+    batch_size: int = 4          # -b  B
+    seq_len: int = 64            # -t  T
+    learning_rate: float = 1e-4  # -l
+    max_steps: int = 40          # -x
+    val_every: int = 10          # -v
+    val_batches: int = 5         # -m
+    sample_every: int = 20       # -s
+    gen_tokens: int = 64         # -g
+    seed: int = 42
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    device: str = "cpu"

@@ -37,8 +37,17 @@ def crossentropy_softmax_backward(dlogits, dlosses, probs, targets, V):
 
 
 def fused_classifier(losses, probs, logits, targets, V):
-    """Forward half of the fused classifier: losses and the probabilities the
-    backward needs, from one pass over the logits. (The CUDA kernel goes on to
-    write dlogits in place; the oracle keeps that step separate.)"""
-    softmax_forward(probs, logits, V)
-    crossentropy_forward(losses, logits, targets, V)
+    """Forward half of the fused classifier: the losses and the probabilities the
+    backward needs, from a single exp pass over the logits. (The CUDA kernel
+    goes on to write dlogits in place; the oracle keeps that step separate.)"""
+    x = logits[..., :V]
+    p = probs[..., :V]
+    m = x.max(axis=-1, keepdims=True)
+    np.subtract(x, m, out=p)
+    np.exp(p, out=p)
+    total = p.sum(axis=-1, keepdims=True)
+    p /= total
+    probs[..., V:] = 0.0
+    picked = np.take_along_axis(logits, targets[..., None].astype(np.intp), axis=-1)
+    # loss = logsumexp - logit[target]: exact where -log(p[target]) would underflow
+    losses[...] = (np.log(total) + m - picked)[..., 0]

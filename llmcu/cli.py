@@ -1,0 +1,112 @@
+"""The `llmcu` command: prepare data, train, export the tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import TrainConfig
+
+_DEFAULTS = TrainConfig()
+
+
+def _add_prepare(sub):
+    p = sub.add_parser("prepare", help="download and tokenize a dataset into llm.c token shards",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dataset", choices=["tinyshakespeare", "tinystories"])
+    p.add_argument("--input", default=None,
+                   help="local copy of the raw data (input.txt for tinyshakespeare, "
+                        "TinyStories_all_data.tar.gz for tinystories) instead of downloading")
+    p.add_argument("--out-dir", default=None, help="where the .bin shards go (default data/<dataset>)")
+
+
+def _add_train(sub):
+    d = _DEFAULTS
+    p = sub.add_parser("train", help="train GPT-2 (llm.c's flags)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-i", "--train-data", default=d.train_pattern, help="train token shards (glob pattern)")
+    p.add_argument("-j", "--val-data", default=d.val_pattern, help="val token shards (glob pattern)")
+    p.add_argument("-e", "--model", default=d.model,
+                   help="model to start from: an llm.c .bin checkpoint or a descriptor (d6, d12, d24, d36, d48, gpt2, ...)")
+    p.add_argument("-o", "--output-dir", default=d.output_dir, help="directory for main.log and the final model")
+    p.add_argument("-b", "--batch-size", type=int, default=d.batch_size, help="micro-batch size B")
+    p.add_argument("-t", "--seq-len", type=int, default=d.seq_len, help="sequence length T")
+    p.add_argument("-l", "--learning-rate", type=float, default=d.learning_rate, help="AdamW learning rate")
+    p.add_argument("-x", "--max-steps", type=int, default=d.max_steps, help="number of training steps")
+    p.add_argument("-v", "--val-every", type=int, default=d.val_every, help="evaluate val loss every N steps (0: never)")
+    p.add_argument("-m", "--val-batches", type=int, default=d.val_batches, help="number of val batches per evaluation")
+    p.add_argument("-s", "--sample-every", type=int, default=d.sample_every, help="sample text every N steps (0: never)")
+    p.add_argument("-g", "--gen-tokens", type=int, default=d.gen_tokens, help="number of tokens to sample")
+    p.add_argument("-c", "--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay (matrices and embeddings only)")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the global gradient norm to this (0: off)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for the random init and sampling")
+    p.add_argument("--device", default=d.device, choices=["cpu", "cuda", "auto"], help="where to train")
+
+
+def _add_tokenizer(sub):
+    p = sub.add_parser("tokenizer", help="write llm.c's gpt2_tokenizer.bin",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="gpt2_tokenizer.bin")
+
+
+def _positive(parser, name, value, zero_ok=False):
+    if value < 0 or (value == 0 and not zero_ok):
+        parser.error(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+
+def _run_train(parser, a) -> int:
+    from .train import train
+    for name in ("batch_size", "seq_len", "max_steps", "val_batches"):
+        _positive(parser, "--" + name.replace("_", "-"), getattr(a, name), zero_ok=name == "max_steps")
+    for name in ("val_every", "sample_every", "gen_tokens", "grad_clip", "weight_decay"):
+        _positive(parser, "--" + name.replace("_", "-"), getattr(a, name), zero_ok=True)
+    if a.learning_rate <= 0:
+        parser.error(f"--learning-rate must be > 0, got {a.learning_rate}")
+    device = a.device
+    if device in ("cuda", "auto"):
+        if device == "cuda":
+            parser.error("--device cuda: the CUDA backend is not part of this version of llmcu yet; "
+                         "use --device cpu")
+        device = "cpu"
+    cfg = TrainConfig(train_pattern=a.train_data, val_pattern=a.val_data, model=a.model,
+                      output_dir=a.output_dir, batch_size=a.batch_size, seq_len=a.seq_len,
+                      learning_rate=a.learning_rate, max_steps=a.max_steps, val_every=a.val_every,
+                      val_batches=a.val_batches, sample_every=a.sample_every, gen_tokens=a.gen_tokens,
+                      seed=a.seed, weight_decay=a.weight_decay, grad_clip=a.grad_clip, device=device)
+    train(cfg, log=lambda s: print(s, flush=True))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="llmcu", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prepare(sub)
+    _add_train(sub)
+    _add_tokenizer(sub)
+    a = parser.parse_args(argv)
+    from .data import DatasetError
+    from .formats import FormatError
+    try:
+        if a.command == "prepare":
+            from . import data
+            if a.dataset == "tinyshakespeare":
+                data.prepare_tinyshakespeare(a.out_dir or "data/tinyshakespeare", input_path=a.input)
+            else:
+                data.prepare_tinystories(a.out_dir or "data/tinystories", archive_path=a.input)
+            return 0
+        if a.command == "train":
+            return _run_train(parser, a)
+        if a.command == "tokenizer":
+            from .tokenizer import write_tokenizer_bin
+            write_tokenizer_bin(a.out)
+            print(f"wrote {a.out}")
+            return 0
+    except (DatasetError, FormatError, FileNotFoundError, ValueError) as e:
+        print(f"llmcu {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

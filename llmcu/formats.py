@@ -1,0 +1,381 @@
+"""llm.c's binary files, byte for byte: model checkpoints, debug state, token
+shards and the tokenizer.
+
+Every file starts with a 1024-byte header of 256 little-endian 32-bit ints:
+[0] a magic number naming the kind of file, [1] its version, then fields of
+that kind. The payload follows at once and the file ends where the header says
+it does. Readers check all of it (magic, version, header fields, exact size,
+token ids) and raise FormatError naming the file, what was expected and what
+was found. Writers go through atomic_write, so nothing is written half-way.
+
+    model      20240326  v3 fp32 / v5 bf16  maxT V L NH C Vp | params (llm.c order)
+    debug      20240327  v2                 B T            | x y logits loss grads
+    tokenizer  20240328  v2                 n eot          | n x (len byte, bytes)
+    shard      20240520  v1                 ntok           | ntok x uint16
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmcu.config import GPT2_VOCAB_SIZE, GPT2Config
+
+HEADER_INTS = 256
+HEADER_BYTES = 4 * HEADER_INTS
+
+MODEL_MAGIC = 20240326
+DEBUG_STATE_MAGIC = 20240327
+TOKENIZER_MAGIC = 20240328
+SHARD_MAGIC = 20240520
+
+MODEL_VERSION_FP32 = 3
+MODEL_VERSION_BF16 = 5
+DEBUG_STATE_VERSION = 2
+TOKENIZER_VERSION = 2
+SHARD_VERSION = 1
+
+_MODEL_DTYPES = {"float32": MODEL_VERSION_FP32, "bfloat16": MODEL_VERSION_BF16}
+
+
+class FormatError(ValueError):
+    """A file that is not what it claims to be (magic, version, size, contents)."""
+
+
+# ----------------------------------------------------------------------------
+# writing: temporary name in the same directory, then rename
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yield a binary file on a temporary name beside `path`; rename it onto
+    `path` only if the block finishes. On an exception the temporary file is
+    deleted and whatever was at `path` is left untouched."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    # make the rename itself durable (POSIX only; not possible on Windows)
+    with contextlib.suppress(OSError, AttributeError):
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _make_header(magic: int, version: int, *fields: int, dtype: str = "<i4") -> bytes:
+    header = np.zeros(HEADER_INTS, dtype=dtype)
+    header[0], header[1] = magic, version
+    header[2:2 + len(fields)] = fields
+    return header.tobytes()
+
+
+# ----------------------------------------------------------------------------
+# reading: one header check for all four formats
+
+def _read_header(f, path: str, magic: int, versions: tuple[int, ...], what: str,
+                 dtype: str = "<i4") -> list[int]:
+    """Read and check the 256-int header of an open file: length, magic, version."""
+    raw = f.read(HEADER_BYTES)
+    if len(raw) < HEADER_BYTES:
+        raise FormatError(
+            f"{path}: file is truncated: expected a {HEADER_BYTES}-byte {what} header, "
+            f"found a {len(raw)}-byte file")
+    header = [int(v) for v in np.frombuffer(raw, dtype=dtype)]
+    if header[0] != magic:
+        raise FormatError(
+            f"{path}: bad magic number: expected {magic} ({what}), found {header[0]}")
+    if header[1] not in versions:
+        expected = " or ".join(str(v) for v in versions)
+        raise FormatError(
+            f"{path}: unknown {what} version: expected {expected}, found {header[1]}")
+    return header
+
+
+def _check_size(f, path: str, expected: int, what: str) -> None:
+    """The file must be exactly `expected` bytes: no less, no trailing bytes."""
+    found = os.fstat(f.fileno()).st_size
+    if found < expected:
+        raise FormatError(
+            f"{path}: file is truncated: expected {expected} bytes for {what}, found {found}")
+    if found > expected:
+        raise FormatError(
+            f"{path}: file is oversized: expected {expected} bytes for {what}, found {found} "
+            f"({found - expected} trailing bytes)")
+
+
+def _read_array(f, dtype: str, count: int) -> np.ndarray:
+    """`count` items from the current position, in native byte order."""
+    data = np.fromfile(f, dtype=dtype, count=count)
+    return data.astype(np.dtype(dtype).newbyteorder("="), copy=False)
+
+
+# ----------------------------------------------------------------------------
+# bfloat16: the top 16 bits of a float32, rounded to nearest even
+
+def float32_to_bf16_bits(a) -> np.ndarray:
+    """bf16 bit patterns (uint16) of float32 values, round to nearest even.
+
+    inf stays inf; NaN becomes a quiet NaN of the same sign (rounding could
+    otherwise carry a NaN's payload into the exponent and make it inf)."""
+    bits = np.asarray(a, dtype=np.float32).view(np.uint32)
+    lsb = (bits >> 16) & 1
+    rounded = ((bits + (0x7FFF + lsb)) >> 16).astype(np.uint16)  # uint32 wraps; unused for NaN
+    is_nan = np.isnan(bits.view(np.float32))
+    quiet_nan = ((bits >> 16) | 0x0040).astype(np.uint16)
+    return np.where(is_nan, quiet_nan, rounded)
+
+
+def bf16_bits_to_float32(b) -> np.ndarray:
+    """float32 values of bf16 bit patterns (exact)."""
+    bits = np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16
+    return bits.view(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# model checkpoint
+
+def _check_float32(name: str, a, shape: tuple[int, ...] | None = None, size: int | None = None):
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+        found = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
+        raise TypeError(f"{name} must be a float32 numpy array, found {found}")
+    if shape is not None and a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, found {a.shape}")
+    if size is not None and (a.ndim != 1 or a.size != size):
+        raise ValueError(f"{name} must be a flat array of {size} elements, found shape {a.shape}")
+    return a
+
+
+def write_model(path, config: GPT2Config, params: np.ndarray, dtype: str = "float32") -> None:
+    """Write an llm.c model checkpoint: version 3 (fp32) or 5 (bf16) params.
+
+    params is the flat float32 array of config.num_parameters() elements in
+    llm.c's order (wte's padded rows V..Vp-1 should be zero, as llm.c keeps them)."""
+    if dtype not in _MODEL_DTYPES:
+        raise ValueError(f"write_model: dtype must be one of {sorted(_MODEL_DTYPES)}, found {dtype!r}")
+    _check_float32("write_model: params", params, size=config.num_parameters())
+    c = config
+    header = _make_header(MODEL_MAGIC, _MODEL_DTYPES[dtype], c.max_seq_len, c.vocab_size,
+                          c.num_layers, c.num_heads, c.channels, c.padded_vocab_size)
+    if dtype == "bfloat16":
+        payload = float32_to_bf16_bits(params).astype("<u2", copy=False)
+    else:
+        payload = params.astype("<f4", copy=False)
+    with atomic_write(path) as f:
+        f.write(header)
+        f.write(payload.tobytes())
+
+
+def read_model(path) -> tuple[GPT2Config, np.ndarray]:
+    """Read an llm.c model checkpoint: (config, flat float32 params)."""
+    path = os.fspath(path)
+    what = "llm.c model checkpoint"
+    with open(path, "rb") as f:
+        header = _read_header(f, path, MODEL_MAGIC, (MODEL_VERSION_FP32, MODEL_VERSION_BF16), what)
+        version = header[1]
+        maxT, V, L, NH, C, Vp = header[2:8]
+        fields = {"maxT": maxT, "V": V, "L": L, "NH": NH, "C": C, "Vp": Vp}
+        for name, value in fields.items():
+            if value <= 0:
+                raise FormatError(f"{path}: bad model header: expected {name} > 0, found {value}")
+        if Vp < V:
+            raise FormatError(f"{path}: bad model header: expected Vp >= V, found Vp={Vp}, V={V}")
+        if C % NH != 0:
+            raise FormatError(
+                f"{path}: bad model header: expected C divisible by NH, found C={C}, NH={NH}")
+        config = GPT2Config(max_seq_len=maxT, vocab_size=V, num_layers=L, num_heads=NH,
+                            channels=C, padded_vocab_size=Vp)
+        nparams = config.num_parameters()
+        itemsize = 2 if version == MODEL_VERSION_BF16 else 4
+        _check_size(f, path, HEADER_BYTES + nparams * itemsize,
+                    f"{nparams} parameters (version {version}, {config})")
+        if version == MODEL_VERSION_BF16:
+            params = bf16_bits_to_float32(_read_array(f, "<u2", nparams))
+        else:
+            params = _read_array(f, "<f4", nparams)
+    return config, params
+
+
+# ----------------------------------------------------------------------------
+# debug state (train_gpt2.py's reference for test_gpt2.c)
+
+@dataclass
+class DebugState:
+    x: np.ndarray        # (B, T) int32 inputs
+    y: np.ndarray        # (B, T) int32 targets
+    logits: np.ndarray   # (B, T, V) float32, unpadded V
+    loss: float
+    grads: np.ndarray    # flat float32, config.num_parameters(), padded like the model
+
+
+def _check_tokens_2d(name: str, a) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or not np.issubdtype(a.dtype, np.integer) or a.ndim != 2:
+        found = f"{a.dtype} array of shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise TypeError(f"{name} must be a 2-D integer numpy array (B, T), found {found}")
+    return a
+
+
+def _debug_state_size(B: int, T: int, config: GPT2Config) -> int:
+    return HEADER_BYTES + 4 * (2 * B * T + B * T * config.vocab_size + 1 + config.num_parameters())
+
+
+def write_debug_state(path, config: GPT2Config, x, y, logits, loss, grads) -> None:
+    """Write llm.c's debug state: x, y (B, T), logits (B, T, V), loss, grads (flat)."""
+    _check_tokens_2d("write_debug_state: x", x)
+    _check_tokens_2d("write_debug_state: y", y)
+    if y.shape != x.shape:
+        raise ValueError(f"write_debug_state: y must have x's shape {x.shape}, found {y.shape}")
+    B, T = x.shape
+    _check_float32("write_debug_state: logits", logits, shape=(B, T, config.vocab_size))
+    _check_float32("write_debug_state: grads", grads, size=config.num_parameters())
+    with atomic_write(path) as f:
+        f.write(_make_header(DEBUG_STATE_MAGIC, DEBUG_STATE_VERSION, B, T))
+        for a, dtype in ((x, "<i4"), (y, "<i4"), (logits, "<f4"),
+                         (np.array([float(loss)]), "<f4"), (grads, "<f4")):
+            f.write(np.ascontiguousarray(a, dtype=dtype).tobytes())
+
+
+def read_debug_state(path, config: GPT2Config) -> DebugState:
+    """Read llm.c's debug state for a model of `config`."""
+    path = os.fspath(path)
+    what = "llm.c debug state"
+    with open(path, "rb") as f:
+        header = _read_header(f, path, DEBUG_STATE_MAGIC, (DEBUG_STATE_VERSION,), what)
+        B, T = header[2], header[3]
+        if B <= 0 or T <= 0:
+            raise FormatError(f"{path}: bad debug state header: expected B, T > 0, found B={B}, T={T}")
+        if T > config.max_seq_len:
+            raise FormatError(f"{path}: bad debug state header: expected T <= "
+                              f"{config.max_seq_len} (config max_seq_len), found T={T}")
+        _check_size(f, path, _debug_state_size(B, T, config), f"B={B}, T={T} and {config}")
+        V = config.vocab_size
+        x = _read_array(f, "<i4", B * T).reshape(B, T)
+        y = _read_array(f, "<i4", B * T).reshape(B, T)
+        logits = _read_array(f, "<f4", B * T * V).reshape(B, T, V)
+        loss = float(_read_array(f, "<f4", 1)[0])
+        grads = _read_array(f, "<f4", config.num_parameters())
+    return DebugState(x=x, y=y, logits=logits, loss=loss, grads=grads)
+
+
+# ----------------------------------------------------------------------------
+# token shards
+
+def write_shard(path, tokens) -> None:
+    """Write a token shard: header then uint16 tokens. Ids must be in [0, 65535]."""
+    tokens = np.asarray(tokens)
+    if tokens.size == 0:
+        tokens = tokens.astype(np.int64)  # np.asarray([]) is float64
+    if not np.issubdtype(tokens.dtype, np.integer) or tokens.ndim != 1:
+        raise TypeError(f"write_shard: tokens must be a 1-D sequence of ints, "
+                        f"found {tokens.dtype} of shape {tokens.shape}")
+    if tokens.size >= 2**31:
+        raise ValueError(f"write_shard: a shard holds at most {2**31 - 1} tokens, found {tokens.size}")
+    if tokens.dtype != np.uint16:
+        bad = (tokens < 0) | (tokens > 0xFFFF)
+        if bad.any():
+            pos = int(np.argmax(bad))
+            raise ValueError(f"write_shard: {os.fspath(path)}: token ids must be in [0, 65535] "
+                             f"(uint16), found {int(tokens[pos])} at position {pos}")
+    with atomic_write(path) as f:
+        f.write(_make_header(SHARD_MAGIC, SHARD_VERSION, tokens.size))
+        f.write(tokens.astype("<u2").tobytes())
+
+
+def _open_shard(f, path: str) -> int:
+    header = _read_header(f, path, SHARD_MAGIC, (SHARD_VERSION,), "llm.c token shard")
+    ntok = header[2]
+    if ntok < 0:
+        raise FormatError(f"{path}: bad token shard header: expected ntok >= 0, found {ntok}")
+    _check_size(f, path, HEADER_BYTES + 2 * ntok, f"{ntok} tokens")
+    return ntok
+
+
+def read_shard_header(path) -> int:
+    """Number of tokens in a shard; checks magic, version and exact size only."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        return _open_shard(f, path)
+
+
+def read_shard(path, vocab_size: int | None = GPT2_VOCAB_SIZE) -> np.ndarray:
+    """A shard's tokens as a read-only uint16 memmap, every id checked < vocab_size
+    (vocab_size=None skips that check)."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        ntok = _open_shard(f, path)
+    if ntok == 0:
+        return np.zeros(0, dtype=np.uint16)  # numpy cannot map zero bytes
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
+    # max() first: one pass without a temporary; locate the culprit only on failure
+    if vocab_size is not None and int(tokens.max()) >= vocab_size:
+        pos = int(np.argmax(tokens >= vocab_size))
+        raise FormatError(
+            f"{path}: token id out of range: expected ids < {vocab_size} (vocab size), "
+            f"found {int(tokens[pos])} at position {pos}")
+    return tokens
+
+
+# ----------------------------------------------------------------------------
+# tokenizer (llm.c's gpt2_tokenizer.bin): per token one length byte, then bytes
+
+def write_tokenizer_bin(path, token_bytes: list[bytes], eot: int) -> None:
+    """Write llm.c's tokenizer file: every token's bytes (1..255 of them) and the EOT id."""
+    n = len(token_bytes)
+    if not 0 <= eot < n:
+        raise ValueError(f"write_tokenizer_bin: eot must be in [0, {n}), found {eot}")
+    parts = []
+    for i, b in enumerate(token_bytes):
+        if not isinstance(b, (bytes, bytearray)) or not 1 <= len(b) <= 255:
+            found = f"{len(b)} bytes" if isinstance(b, (bytes, bytearray)) else type(b).__name__
+            raise ValueError(f"write_tokenizer_bin: token {i} must be 1..255 bytes, found {found}")
+        parts.append(bytes([len(b)]))
+        parts.append(bytes(b))
+    with atomic_write(path) as f:
+        f.write(_make_header(TOKENIZER_MAGIC, TOKENIZER_VERSION, n, eot, dtype="<u4"))
+        f.write(b"".join(parts))
+
+
+def read_tokenizer_bin(path) -> tuple[list[bytes], int]:
+    """Read llm.c's tokenizer file: (token bytes for ids 0..n-1, eot id)."""
+    path = os.fspath(path)
+    what = "llm.c tokenizer"
+    with open(path, "rb") as f:
+        header = _read_header(f, path, TOKENIZER_MAGIC, (TOKENIZER_VERSION,), what, dtype="<u4")
+        data = f.read()
+    n, eot = header[2], header[3]
+    if eot >= n:
+        raise FormatError(f"{path}: bad tokenizer header: expected eot < n ({n}), found eot={eot}")
+    tokens, pos = [], 0
+    for i in range(n):
+        if pos >= len(data):
+            raise FormatError(f"{path}: file is truncated: expected {n} tokens, "
+                              f"found {i} before the end of the file")
+        length = data[pos]
+        if length == 0:
+            raise FormatError(f"{path}: bad token {i} at byte {HEADER_BYTES + pos}: "
+                              f"expected a length of 1..255, found 0")
+        if pos + 1 + length > len(data):
+            raise FormatError(
+                f"{path}: file is truncated: token {i} expected {length} bytes, found "
+                f"{len(data) - pos - 1} before the end of the file")
+        tokens.append(data[pos + 1:pos + 1 + length])
+        pos += 1 + length
+    if pos != len(data):
+        raise FormatError(f"{path}: file is oversized: expected {HEADER_BYTES + pos} bytes for "
+                          f"{n} tokens, found {HEADER_BYTES + len(data)} "
+                          f"({len(data) - pos} trailing bytes)")
+    return tokens, eot

@@ -1,0 +1,148 @@
+"""The training loop: device-agnostic, llm.c-style logs.
+
+A backend model offers forward(inputs, targets) -> loss, zero_grad(),
+backward(), update(lr, step, ...) -> grad norm, and acts.logits after a
+forward; the loop below never looks inside it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from . import formats
+from .config import GPT2Config, TrainConfig, gpt2_config
+from .data import DataLoader
+
+
+def build_model(spec: str, device: str = "cpu", seed: int = 42, max_seq_len: int = 1024):
+    """A model from a checkpoint file (llm.c format) or a descriptor like 'd12'."""
+    if device != "cpu":
+        raise ValueError(f"device {device!r}: only the cpu backend exists so far")
+    from .cpu.gpt2 import GPT2
+    if spec.endswith(".bin") or os.path.sep in spec or os.path.exists(spec):
+        if not os.path.exists(spec):
+            raise FileNotFoundError(f"model checkpoint {spec} not found; pass a .bin file written by "
+                                    f"llmcu or llm.c, or a descriptor such as d6 or d12")
+        config, params = formats.read_model(spec)
+        return GPT2(config, params)
+    return GPT2(gpt2_config(spec, max_seq_len=max_seq_len), seed=seed)
+
+
+def sample(model, prompt_tokens, n_tokens, rng, temperature=1.0, top_k=None):
+    """Autoregressive sampling; returns the generated token ids (prompt excluded).
+
+    Recomputes the whole prefix for every token (no KV cache yet), on its own
+    activation buffers so the training activations are left alone. The window
+    slides once the sequence is longer than the model's max_seq_len.
+    """
+    from .cpu.gpt2 import GPT2
+    cfg = model.config
+    sampler = GPT2(cfg, params=model.params)
+    tokens = list(prompt_tokens)
+    out = []
+    for _ in range(n_tokens):
+        window = np.asarray(tokens[-cfg.max_seq_len:], dtype=np.int32)[None, :]
+        sampler.forward(window)
+        logits = sampler.acts.logits[0, -1, :cfg.vocab_size].astype(np.float64)
+        if temperature <= 0:
+            nxt = int(np.argmax(logits))
+        else:
+            logits = logits / temperature
+            if top_k is not None and 0 < top_k < logits.size:
+                cutoff = np.partition(logits, -top_k)[-top_k]
+                logits = np.where(logits < cutoff, -np.inf, logits)
+            probs = np.exp(logits - logits.max())
+            probs /= probs.sum()
+            nxt = int(rng.choice(probs.size, p=probs))
+        tokens.append(nxt)
+        out.append(nxt)
+    return out
+
+
+def print_model_summary(config: GPT2Config, log=print):
+    log("[GPT-2]")
+    log(f"max_seq_len: {config.max_seq_len}")
+    log(f"vocab_size: {config.vocab_size}")
+    log(f"padded_vocab_size: {config.padded_vocab_size}")
+    log(f"num_layers: {config.num_layers}")
+    log(f"num_heads: {config.num_heads}")
+    log(f"channels: {config.channels}")
+    log(f"num_parameters: {config.num_parameters()}")
+
+
+def evaluate(model, loader: DataLoader, num_batches: int) -> float:
+    loader.reset()
+    total = 0.0
+    for _ in range(num_batches):
+        x, y = loader.next_batch()
+        total += model.forward(x, y)
+    return total / num_batches
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Run cfg.max_steps steps of AdamW; returns the losses for tests and callers."""
+    from .tokenizer import EOT, decode
+
+    B, T = cfg.batch_size, cfg.seq_len
+    model = build_model(cfg.model, cfg.device, cfg.seed)
+    config = model.config
+    if T > config.max_seq_len:
+        raise ValueError(f"seq_len T={T} exceeds the model's max_seq_len={config.max_seq_len}")
+    print_model_summary(config, log)
+    train_loader = DataLoader(cfg.train_pattern, B, T)
+    val_loader = DataLoader(cfg.val_pattern, B, T) if cfg.val_pattern else None
+    log(f"train dataset num_batches: {train_loader.num_tokens // (B * T)}")
+    if val_loader is not None:
+        log(f"val dataset num_batches: {val_loader.num_tokens // (B * T)}")
+    val_batches = min(cfg.val_batches, val_loader.num_tokens // (B * T)) if val_loader else 0
+
+    logfile = None
+    if cfg.output_dir:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        logfile = open(os.path.join(cfg.output_dir, "main.log"), "w")
+    rng = np.random.default_rng(cfg.seed)
+    history = {"train": [], "val": []}
+    try:
+        for step in range(cfg.max_steps + 1):
+            last = step == cfg.max_steps
+            if val_loader is not None and val_batches > 0 and cfg.val_every > 0 and (
+                    step % cfg.val_every == 0 or last):
+                val_loss = evaluate(model, val_loader, val_batches)
+                log(f"val loss {val_loss:.6f}")
+                history["val"].append((step, val_loss))
+                if logfile:
+                    logfile.write(f"s:{step} tel:{val_loss:.6f}\n")
+            if cfg.sample_every > 0 and cfg.gen_tokens > 0 and step > 0 and (
+                    step % cfg.sample_every == 0 or last):
+                gen_len = min(cfg.gen_tokens, config.max_seq_len - 1)
+                text = decode(sample(model, [EOT], gen_len, rng))
+                log("generating:\n---")
+                log(text)
+                log("---")
+            if last:
+                break
+            x, y = train_loader.next_batch()
+            t0 = time.perf_counter()
+            model.zero_grad()
+            loss = model.forward(x, y)
+            model.backward()
+            norm = model.update(cfg.learning_rate, step + 1, weight_decay=cfg.weight_decay,
+                                grad_clip=cfg.grad_clip)
+            ms = (time.perf_counter() - t0) * 1000.0
+            history["train"].append(loss)
+            log(f"step {step + 1:4d}/{cfg.max_steps} | train loss {loss:.6f} | norm {norm:.4f} | "
+                f"lr {cfg.learning_rate:.2e} | {ms:.2f} ms | {B * T / (ms / 1000.0):.0f} tok/s")
+            if logfile:
+                logfile.write(f"s:{step} trl:{loss:.6f}\n")
+                logfile.flush()
+        if cfg.output_dir:
+            path = os.path.join(cfg.output_dir, f"model_{cfg.max_steps:08d}.bin")
+            formats.write_model(path, config, model.params)
+            log(f"wrote {path}")
+    finally:
+        if logfile:
+            logfile.close()
+    return history

@@ -1,0 +1,125 @@
+"""End-to-end tests of the `llmcu` command (run as a subprocess, as a user would)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmcu import formats
+from llmcu.config import GPT2Config, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def llmcu(*args, cwd=None, check=True):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "llmcu", *map(str, args)], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"llmcu {' '.join(map(str, args))} failed ({r.returncode}):\n"
+                             f"{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def shakespeare(shared_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tinyshakespeare")
+    r = llmcu("prepare", "tinyshakespeare", "--input",
+              shared_dir / "datasets/tinyshakespeare/input.txt", "--out-dir", out)
+    assert "32,768" in r.stdout and "305,260" in r.stdout, r.stdout
+    return out
+
+
+def test_train_help_lists_every_default():
+    out = llmcu("train", "--help").stdout
+    flat = " ".join(out.split())  # argparse wraps long lines
+    d = TrainConfig()
+    for flag, value in [("-i", d.train_pattern), ("-j", d.val_pattern), ("-e", d.model),
+                        ("-b", d.batch_size), ("-t", d.seq_len), ("-l", d.learning_rate),
+                        ("-x", d.max_steps), ("-v", d.val_every), ("-m", d.val_batches),
+                        ("-s", d.sample_every), ("-g", d.gen_tokens), ("-o", d.output_dir)]:
+        assert re.search(rf"^\s+{flag} ", out, re.M), f"{flag} missing from --help:\n{out}"
+        assert f"(default: {value})" in flat, f"default {value} of {flag} missing from --help"
+
+
+def test_prepare_writes_the_known_token_counts(shakespeare):
+    val = formats.read_shard(shakespeare / "tiny_shakespeare_val.bin")
+    train = formats.read_shard(shakespeare / "tiny_shakespeare_train.bin")
+    assert (val.size, train.size) == (32768, 305260)
+
+
+def test_train_end_to_end_val_loss_falls(shakespeare, tmp_path):
+    """A short d6 run through the CLI: logs in llm.c's shape, val loss falls, files written."""
+    out_dir = tmp_path / "run"
+    r = llmcu("train", "--device", "cpu", "-e", "d6", "-i", shakespeare / "tiny_shakespeare_train.bin",
+              "-j", shakespeare / "tiny_shakespeare_val.bin", "-b", 4, "-t", 32, "-l", 2e-3,
+              "-x", 24, "-v", 8, "-m", 4, "-s", 12, "-g", 8, "-o", out_dir)
+    log = r.stdout
+    assert "[GPT-2]" in log and "num_parameters:" in log and "train dataset num_batches:" in log
+    steps = re.findall(r"^step +(\d+)/24 \| train loss ([\d.]+) \| norm [\d.]+ \| lr [\d.e+-]+ \| "
+                       r"[\d.]+ ms \| \d+ tok/s$", log, re.M)
+    assert [int(s) for s, _ in steps] == list(range(1, 25)), log
+    vals = [float(v) for v in re.findall(r"^val loss ([\d.]+)$", log, re.M)]
+    assert len(vals) == 4, log  # steps 0, 8, 16 and the last
+    assert vals[0] > 10.0          # about ln(50257) = 10.8 at init
+    assert vals[-1] < vals[0] - 2.0, f"val loss did not fall: {vals}"
+    assert log.count("generating:") == 2
+    sample_text = log.split("generating:\n---\n")[1].split("\n---")[0]
+    assert sample_text and not re.fullmatch(r"[\d\s,\[\]]+", sample_text)  # text, not ids
+    mainlog = (out_dir / "main.log").read_text().splitlines()
+    assert sum(1 for line in mainlog if line.startswith("s:") and " trl:" in line) == 24
+    assert sum(1 for line in mainlog if " tel:" in line) == 4
+    config, params = formats.read_model(out_dir / "model_00000024.bin")
+    assert (config.num_layers, config.channels) == (6, 384)
+    assert np.isfinite(params).all()
+
+
+def test_train_resumes_from_a_written_model(shakespeare, tmp_path):
+    """-e accepts an llm.c model file, and a tiny custom model trains from it."""
+    from llmcu.cpu.gpt2 import init_parameters
+    cfg = GPT2Config(max_seq_len=64, vocab_size=50257, num_layers=1, num_heads=2, channels=32)
+    path = tmp_path / "tiny.bin"
+    formats.write_model(path, cfg, init_parameters(cfg, seed=3))
+    r = llmcu("train", "-e", path, "-i", shakespeare / "tiny_shakespeare_train.bin",
+              "-j", shakespeare / "tiny_shakespeare_val.bin", "-x", 2, "-v", 1, "-s", 0)
+    assert "num_layers: 1" in r.stdout and "channels: 32" in r.stdout
+    assert len(re.findall(r"^step ", r.stdout, re.M)) == 2
+
+
+def test_train_without_data_says_what_to_run(tmp_path):
+    r = llmcu("train", "-e", "d6", cwd=tmp_path, check=False)
+    assert r.returncode != 0
+    assert "llmcu prepare tinyshakespeare" in r.stderr, r.stderr
+
+
+def test_train_unknown_model_descriptor(shakespeare):
+    r = llmcu("train", "-e", "d7", "-i", shakespeare / "tiny_shakespeare_train.bin",
+              "-j", shakespeare / "tiny_shakespeare_val.bin", check=False)
+    assert r.returncode != 0 and "d7" in r.stderr and "d12" in r.stderr, r.stderr
+
+
+def test_train_missing_model_file(tmp_path):
+    r = llmcu("train", "-e", tmp_path / "nope.bin", check=False)
+    assert r.returncode != 0 and "nope.bin" in r.stderr and "not found" in r.stderr, r.stderr
+
+
+def test_train_rejects_bad_numbers():
+    r = llmcu("train", "-b", 0, check=False)
+    assert r.returncode == 2 and "--batch-size must be > 0, got 0" in r.stderr, r.stderr
+
+
+def test_train_device_cuda_is_a_clear_error():
+    r = llmcu("train", "--device", "cuda", check=False)
+    assert r.returncode == 2 and "--device cpu" in r.stderr, r.stderr
+
+
+def test_tokenizer_command_writes_llmc_file(tmp_path):
+    out = tmp_path / "gpt2_tokenizer.bin"
+    llmcu("tokenizer", "--out", out)
+    tokens, eot = formats.read_tokenizer_bin(out)
+    assert (len(tokens), eot) == (50257, 50256)
+    assert tokens[15496] == b"Hello"
