@@ -167,14 +167,16 @@ def _llmc_tensors(model: GPT, name: str, attr: str = "data") -> list:
 
 
 def _flatten(model: GPT, attr: str) -> np.ndarray:
-    parts = []
-    for name, shape in model.config.parameter_shapes():
+    flat = np.empty(model.config.num_parameters(), dtype=np.float32)
+    views = parameter_views(model.config, flat)
+    for name, _ in model.config.parameter_shapes():
         tensors = _llmc_tensors(model, name, attr)
-        t = torch.stack(tensors) if "{l}" in PARAMETER_MAP[name] else tensors[0]
-        if tuple(t.shape) != shape:
-            raise ValueError(f"to_flat: {name} has shape {tuple(t.shape)}, expected {shape}")
-        parts.append(t.reshape(-1).to(device="cpu", dtype=torch.float32))
-    return torch.cat(parts).numpy()
+        dsts = views[name] if "{l}" in PARAMETER_MAP[name] else [views[name]]
+        for t, dst in zip(tensors, dsts):
+            if tuple(t.shape) != dst.shape:
+                raise ValueError(f"to_flat: {name} has shape {tuple(t.shape)}, expected {dst.shape}")
+            dst[...] = t.detach().to(device="cpu", dtype=torch.float32).numpy()
+    return flat
 
 
 def to_flat(model: GPT) -> np.ndarray:
@@ -255,10 +257,10 @@ def _read_safetensors(path: Path) -> dict:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
         arr = np.frombuffer(data, dtype=dtype, count=(end - begin) // np.dtype(dtype).itemsize,
-                            offset=base + begin).reshape(info["shape"])
+                            offset=base + begin)
         if info["dtype"] == "BF16":  # bfloat16 is the top half of a float32
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        out[name] = torch.from_numpy(arr.copy())
+        out[name] = torch.from_numpy(arr.reshape(info["shape"]).copy())
     return out
 
 

@@ -6,16 +6,25 @@ PyTorch: logits, loss and every gradient tensor at step 0, then the losses of
 10 AdamW steps overfitting that batch. test_gpt2's tolerances (logits 1e-2,
 grads 2e-2, losses 1e-2) are met by a wide margin; the tolerances asserted
 here sit about 10x above the differences measured on a 2-core x86 CPU
-(torch 2.13, numpy 2.4), printed by every run:
+(torch 2.13 CPU, numpy 2.4 with OpenBLAS); every run prints its own:
 
-    d12 (124M), B=4, T=64, seed 42/1234:
-      logits max|diff| 3.0e-06     loss 7.8e-07      10-step losses <= TODO
-      grads max|diff| / max|grad| per tensor: 5e-07 (lnfb) ... 1.4e-06 (qkvb)
+    d12 (124M), B=4, T=64, init seed 42, tokens seed 1234, math attention:
+      logits 3.0e-06, loss 7.8e-07 (loss 11.000660)
+      grads, max|diff| / max|grad| per tensor: 4.9e-07 (lnfb) .. 1.41e-06 (qkvb)
+      10-step losses 7.7e-06, grad norms 9.3e-06 relative, final params 4.5e-05
+    tiny (L=2, C=32, V=101), lr 1e-3, weight decay 0.1, clip 1.0:
+      logits 1.8e-07, loss 1.0e-07, grads <= 4.2e-07 relative,
+      10-step losses 6.5e-07, grad norms 5.6e-07 relative, final params 4.4e-06
 
 Gradient tolerances are relative to each tensor's largest gradient, because
-the tensors' scales differ by 100x (lnfw ~1e-2, fcb ~1e-3). Float32 sums of a
-few hundred terms in a different order differ by ~1e-6 relative; a real bug
-(a missing term, a transposed weight, a wrong scale) is O(1).
+the tensors' scales differ by 50x (ln1w ~4e-3, attprojb ~0.16). Float32 sums
+of hundreds of terms in another order differ by ~1e-6 relative; a real bug (a
+missing term, a transposed weight, a wrong scale) is O(1). The step-0
+differences then grow along the 10-step trajectory (d12's loss falls from 11
+to 3.4), which is why the later-step tolerances are looser. The tiny test is
+sensitive to the optimizer's semantics: decaying every tensor, or none, moves
+its 10-step losses by 5e-4 and 3.5e-4, skipping the clipping by 8e-3, all far
+above its 1e-5 tolerance.
 """
 
 import numpy as np
@@ -23,7 +32,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from helpers import assert_close  # noqa: E402
 from llmcu.config import GPT2Config, gpt2_config, parameter_views  # noqa: E402
 from llmcu.cpu.gpt2 import DECAYED, GPT2, init_parameters  # noqa: E402
 from llmcu import torch_gpt2  # noqa: E402
@@ -67,9 +75,9 @@ def train_torch(config, flat, x, y, steps, lr, weight_decay=0.0, grad_clip=None,
                        grads=torch_gpt2.grads_to_flat(model))
         if grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        else:
+        else:  # in float64: torch's float32 CPU norm of d12's 38M-element wte is ~5e-5 off
             norm = torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+                [torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in model.parameters()]))
         out["norms"].append(float(norm))
         optimizer.step()
         out["losses"].append(loss.item())
@@ -103,8 +111,9 @@ def compare(config, ours, ref, tol, capsys, label):
     steps_d = np.abs(np.array(ours["losses"]) - np.array(ref["losses"]))
     report("step losses", float(steps_d.max()), tol["losses"],
            "  " + " ".join(f"{v:.6f}" for v in ours["losses"]))
-    dn = max(abs(a - b) / b for a, b in zip(ours["norms"], ref["norms"]))
-    report("grad norms (rel)", dn, tol["norms"])
+    norm_d = [abs(a - b) / b for a, b in zip(ours["norms"], ref["norms"])]
+    dn = max(norm_d)
+    report("grad norms (rel)", dn, tol["norms"], "  per step " + " ".join(f"{v:.0e}" for v in norm_d))
     dp = float(np.abs(ours["params"] - ref["params"]).max())
     report("final params", dp, tol["params"])
     with capsys.disabled():
@@ -123,8 +132,8 @@ def compare(config, ours, ref, tol, capsys, label):
 # -- d12 (124M), llm.c's test_gpt2 setting -------------------------------------
 
 D12_STEPS, D12_LR = 10, 1e-4
-D12_TOL = {"logits": 1e-4, "loss": 1e-4, "grads": 1e-4, "losses": 1e-4, "norms": 1e-4,
-           "params": 1e-4}
+D12_TOL = {"logits": 5e-5, "loss": 1e-5, "grads": 1.5e-5, "losses": 1e-4, "norms": 1e-4,
+           "params": 5e-4}
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +157,8 @@ def test_d12_matches_pytorch(d12_runs, capsys):
 TINY = GPT2Config(max_seq_len=16, vocab_size=101, num_layers=2, num_heads=4, channels=32)
 TINY_STEPS, TINY_LR = 10, 1e-3
 TINY_WD, TINY_CLIP = 0.1, 1.0
-TINY_TOL = {"logits": 1e-4, "loss": 1e-4, "grads": 1e-4, "losses": 1e-4, "norms": 1e-4,
-            "params": 1e-4}
+TINY_TOL = {"logits": 2e-6, "loss": 2e-6, "grads": 5e-6, "losses": 1e-5, "norms": 1e-5,
+            "params": 3e-5}
 
 
 @pytest.mark.parametrize("attention", torch_gpt2.ATTENTION_IMPLS)
