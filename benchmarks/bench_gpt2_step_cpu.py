@@ -32,6 +32,34 @@ def _rss_mib() -> float:
     return float("nan")
 
 
+def gemm_ceiling(config, B: int, T: int, repeats: int = 3) -> dict:
+    """Time only the step's Linear-layer GEMMs (forward, dinp, dweight) in NumPy.
+
+    The attention's small batched GEMMs are left out (under 1% of the flops at
+    T=64). This is the floor any CPU implementation of the step sits on.
+    """
+    import numpy as np
+    BT, C, L, Vp = B * T, config.channels, config.num_layers, config.padded_vocab_size
+    shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)] * L + [(C, Vp)]
+    rng = np.random.default_rng(0)
+    bufs = [(rng.standard_normal((BT, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32),
+             rng.standard_normal((BT, n), dtype=np.float32)) for k, n in shapes]
+
+    def once():
+        for x, w, dy in bufs:
+            x @ w.T          # forward
+            dy @ w           # dinp
+            dy.T @ x         # dweight
+    once()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    flops = sum(3 * 2 * BT * k * n for k, n in shapes)
+    return {"median_s": statistics.median(times), "gflop": flops / 1e9}
+
+
 def worker(backend: str, model: str, B: int, T: int, steps: int, warmup: int, threads: int) -> dict:
     sys.path.insert(0, str(ROOT))
     import numpy as np
@@ -45,6 +73,10 @@ def worker(backend: str, model: str, B: int, T: int, steps: int, warmup: int, th
     y = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
     lr = 1e-4
 
+    if backend == "gemm":
+        del params
+        return {"backend": backend, **gemm_ceiling(config, B, T),
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
     if backend == "llmcu":
         from llmcu.cpu.gpt2 import GPT2
         m = GPT2(config, params)
@@ -94,7 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--worker", choices=["llmcu", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["llmcu", "torch", "gemm"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
     if a.worker:
@@ -104,7 +136,7 @@ def main(argv=None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), OPENBLAS_NUM_THREADS=str(a.threads),
                MKL_NUM_THREADS=str(a.threads))
     results = {}
-    for backend in ("llmcu", "torch"):
+    for backend in ("llmcu", "torch", "gemm"):
         cmd = [sys.executable, __file__, "--worker", backend, "--model", a.model,
                "-b", str(a.batch_size), "-t", str(a.seq_len), "--steps", str(a.steps),
                "--warmup", str(a.warmup), "--threads", str(a.threads)]
@@ -114,12 +146,16 @@ def main(argv=None) -> int:
     print(f"GPT-2 {a.model} training step on the CPU, B={a.batch_size} T={a.seq_len}, "
           f"{a.threads} threads, median of {a.steps} steps after {a.warmup} warm-up")
     print(f"{'backend':<8} {'ms/step':>10} {'tok/s':>8} {'peak RSS MiB':>13} {'RSS before steps':>17}")
-    for name, r in results.items():
+    for name in ("llmcu", "torch"):
+        r = results[name]
         print(f"{name:<8} {r['median_s'] * 1000:10.1f} {a.batch_size * a.seq_len / r['median_s']:8.1f} "
               f"{r['peak_rss_mib']:13.0f} {r['rss_before_steps_mib']:17.0f}")
+    g = results["gemm"]
+    print(f"GEMM floor (the step's {g['gflop']:.0f} GFLOP of Linear GEMMs alone, NumPy BLAS): "
+          f"{g['median_s'] * 1000:.1f} ms = {g['gflop'] / g['median_s']:.1f} GFLOP/s")
     ratio = results["llmcu"]["median_s"] / results["torch"]["median_s"]
     print(f"ratio llmcu / torch (time): {ratio:.3f}")
-    first = [results[k]["losses"][0] for k in results]
+    first = [results[k]["losses"][0] for k in ("llmcu", "torch")]
     print(f"first-step loss llmcu {first[0]:.6f} torch {first[1]:.6f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "results": results, "ratio": ratio}, indent=1))

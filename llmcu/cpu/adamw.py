@@ -42,33 +42,35 @@ def adamw_update(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8
             raise ValueError(f"adamw_update: {name} must be float32 of shape {params.shape}, "
                              f"got {a.dtype} {a.shape}")
     f32 = np.float32
-    b1, b2 = f32(beta1), f32(beta2)
     one_b1, one_b2 = f32(1.0 - beta1), f32(1.0 - beta2)
-    bc1, bc2 = f32(1.0 - beta1 ** step), f32(1.0 - beta2 ** step)
-    lr32, eps32, wd32, gs = f32(lr), f32(eps), f32(weight_decay), f32(grad_scale)
+    # Bias corrections folded into two scalars:
+    #   m_hat / (sqrt(v_hat) + eps) * lr == (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
+    step_size = f32(lr / (1.0 - beta1 ** step))
+    inv_sqrt_bc2 = f32(1.0 / math.sqrt(1.0 - beta2 ** step))
+    eps32, gs = f32(eps), f32(grad_scale)
+    # p - lr*wd*p - lr*update == p*(1 - lr*wd) - lr*update: the decay uses the old p
+    decay = f32(1.0 - lr * weight_decay)
     n = min(CHUNK, params.size)
-    g = np.empty(n, np.float32)
+    scaled = np.empty(n, np.float32)
     t = np.empty(n, np.float32)
     for s in range(0, params.size, CHUNK):
         e = min(s + CHUNK, params.size)
-        k = e - s
-        p_, m_, v_, g_, t_ = params[s:e], m[s:e], v[s:e], g[:k], t[:k]
-        np.multiply(grads[s:e], gs, out=g_)
-        m_ *= b1
-        np.multiply(g_, one_b1, out=t_)
+        p_, m_, v_, t_ = params[s:e], m[s:e], v[s:e], t[:e - s]
+        g_ = grads[s:e]
+        if grad_scale != 1.0:
+            g_ = np.multiply(g_, gs, out=scaled[:e - s])
+        np.subtract(g_, m_, out=t_)   # m += (1 - b1) (g - m)
+        t_ *= one_b1
         m_ += t_
-        v_ *= b2
-        np.multiply(g_, g_, out=t_)
+        np.multiply(g_, g_, out=t_)   # v += (1 - b2) (g^2 - v)
+        t_ -= v_
         t_ *= one_b2
         v_ += t_
-        # t = sqrt(v / bc2) + eps ; g = (m / bc1) / t + wd * p ; p -= lr * g
-        np.divide(v_, bc2, out=t_)
-        np.sqrt(t_, out=t_)
+        np.sqrt(v_, out=t_)           # t = step_size * m / (sqrt(v) / sqrt(bc2) + eps)
+        t_ *= inv_sqrt_bc2
         t_ += eps32
-        np.divide(m_, bc1, out=g_)
-        g_ /= t_
+        np.divide(m_, t_, out=t_)
+        t_ *= step_size
         if weight_decay != 0.0:
-            np.multiply(p_, wd32, out=t_)
-            g_ += t_
-        g_ *= lr32
-        p_ -= g_
+            p_ *= decay
+        p_ -= t_
