@@ -89,6 +89,16 @@ def _download(url: str, dest: Path, log, hint: str) -> None:
                 f.write(chunk)
 
 
+def _fetch_once(url: str, dest: Path, log) -> Path:
+    """Download url to dest unless a previous run already did."""
+    if dest.exists():
+        log(f"{dest} already exists, skipping download")
+    else:
+        _download(url, dest, log,
+                  f"without network access, pass --input PATH to a local copy of {dest.name}")
+    return dest
+
+
 def _write_split(path: Path, tokens: np.ndarray, log) -> None:
     log(f"writing {len(tokens):,} tokens to {path}")
     write_shard(path, tokens)
@@ -129,12 +139,7 @@ def prepare_tinyshakespeare(out_dir="data/tinyshakespeare", input_path=None, log
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if input_path is None:
-        input_path = out_dir / "input.txt"
-        if input_path.exists():
-            log(f"{input_path} already exists, skipping download")
-        else:
-            _download(TINYSHAKESPEARE_URL, input_path, log,
-                      "without network access, pass --input PATH to a local copy of input.txt")
+        input_path = _fetch_once(TINYSHAKESPEARE_URL, out_dir / "input.txt", log)
     input_path = Path(input_path)
     try:
         text = input_path.read_text(encoding="utf-8")
@@ -197,13 +202,7 @@ def prepare_tinystories(out_dir="data/tinystories", archive_path=None, log=print
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if archive_path is None:
-        archive_path = out_dir / "TinyStories_all_data.tar.gz"
-        if archive_path.exists():
-            log(f"{archive_path} already exists, skipping download")
-        else:
-            _download(TINYSTORIES_URL, archive_path, log,
-                      "without network access, pass --input PATH to a local copy of "
-                      "TinyStories_all_data.tar.gz")
+        archive_path = _fetch_once(TINYSTORIES_URL, out_dir / "TinyStories_all_data.tar.gz", log)
     archive = Path(archive_path)
     if not archive.is_file():
         raise DatasetError(f"TinyStories archive {archive} does not exist")
