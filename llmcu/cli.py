@@ -41,7 +41,9 @@ def _add_train(sub):
                    help="AdamW weight decay (matrices and embeddings only)")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the global gradient norm to this (0: off)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for the random init and sampling")
-    p.add_argument("--device", default=d.device, choices=["cpu", "cuda", "auto"], help="where to train")
+    p.add_argument("--device", default=d.device, choices=["cpu", "cuda", "emu", "auto"],
+                   help="cpu: the NumPy model; cuda: the CUDA kernels on a GPU; emu: the same kernels "
+                        "emulated on the CPU (slow, for testing); auto: cuda if a GPU is usable, else cpu")
 
 
 def _add_tokenizer(sub):
@@ -63,12 +65,11 @@ def _run_train(parser, a) -> int:
         _positive(parser, "--" + name.replace("_", "-"), getattr(a, name), zero_ok=True)
     if a.learning_rate <= 0:
         parser.error(f"--learning-rate must be > 0, got {a.learning_rate}")
-    device = a.device
-    if device in ("cuda", "auto"):
-        if device == "cuda":
-            parser.error("--device cuda: the CUDA backend is not part of this version of llmcu yet; "
-                         "use --device cpu")
-        device = "cpu"
+    from .train import resolve_device
+    try:
+        device = resolve_device(a.device)
+    except ValueError as e:
+        parser.error(str(e))
     cfg = TrainConfig(train_pattern=a.train_data, val_pattern=a.val_data, model=a.model,
                       output_dir=a.output_dir, batch_size=a.batch_size, seq_len=a.seq_len,
                       learning_rate=a.learning_rate, max_steps=a.max_steps, val_every=a.val_every,

@@ -17,18 +17,39 @@ from .config import GPT2Config, TrainConfig, gpt2_config
 from .data import DataLoader
 
 
+DEVICES = ("cpu", "cuda", "emu")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is usable, else 'cpu'; anything else is checked."""
+    from . import cuda
+    if device == "auto":
+        return "cuda" if cuda.is_available() else "cpu"
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)} or auto")
+    if device == "cuda" and not cuda.is_available():
+        raise ValueError("--device cuda: no usable CUDA GPU (CuPy missing or no device); install "
+                         "llmcu[cuda12] or llmcu[cuda13] on a GPU machine, or use --device cpu")
+    return device
+
+
 def build_model(spec: str, device: str = "cpu", seed: int = 42, max_seq_len: int = 1024):
-    """A model from a checkpoint file (llm.c format) or a descriptor like 'd12'."""
-    if device != "cpu":
-        raise ValueError(f"device {device!r}: only the cpu backend exists so far")
-    from .cpu.gpt2 import GPT2
+    """A model from a checkpoint file (llm.c format) or a descriptor like 'd12'.
+
+    device: "cpu" (the NumPy model), "cuda" (the kernels on a GPU) or "emu"
+    (the same kernels emulated on the CPU: slow, for tests)."""
     if spec.endswith(".bin") or os.path.sep in spec or os.path.exists(spec):
         if not os.path.exists(spec):
             raise FileNotFoundError(f"model checkpoint {spec} not found; pass a .bin file written by "
                                     f"llmcu or llm.c, or a descriptor such as d6 or d12")
         config, params = formats.read_model(spec)
-        return GPT2(config, params)
-    return GPT2(gpt2_config(spec, max_seq_len=max_seq_len), seed=seed)
+    else:
+        config, params = gpt2_config(spec, max_seq_len=max_seq_len), None
+    if device == "cpu":
+        from .cpu.gpt2 import GPT2
+        return GPT2(config, params, seed=seed)
+    from .cuda.gpt2 import GPT2 as KernelGPT2
+    return KernelGPT2(config, params, seed=seed, device=device)
 
 
 def sample(model, prompt_tokens, n_tokens, rng, temperature=1.0, top_k=None):
@@ -38,15 +59,15 @@ def sample(model, prompt_tokens, n_tokens, rng, temperature=1.0, top_k=None):
     activation buffers so the training activations are left alone. The window
     slides once the sequence is longer than the model's max_seq_len.
     """
-    from .cpu.gpt2 import GPT2
     cfg = model.config
-    sampler = GPT2(cfg, params=model.params)
+    sampler = model.sampler()
     tokens = list(prompt_tokens)
     out = []
     for _ in range(n_tokens):
         window = np.asarray(tokens[-cfg.max_seq_len:], dtype=np.int32)[None, :]
         sampler.forward(window)
-        logits = sampler.acts.logits[0, -1, :cfg.vocab_size].astype(np.float64)
+        logits = sampler.acts.logits[0, -1, :cfg.vocab_size]
+        logits = (logits.get() if hasattr(logits, "get") else logits).astype(np.float64)
         if temperature <= 0:
             nxt = int(np.argmax(logits))
         else:
@@ -140,7 +161,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 logfile.flush()
         if cfg.output_dir:
             path = os.path.join(cfg.output_dir, f"model_{cfg.max_steps:08d}.bin")
-            formats.write_model(path, config, model.params)
+            formats.write_model(path, config, model.params_host())
             log(f"wrote {path}")
     finally:
         if logfile:

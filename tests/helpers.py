@@ -13,6 +13,8 @@ def _as_numpy(x):
     """NumPy view of an ndarray, a scalar, or a torch tensor (no torch import needed)."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
+    elif hasattr(x, "__cuda_array_interface__"):  # a CuPy array
+        x = x.get()
     return np.asarray(x)
 
 

@@ -112,6 +112,7 @@ def test_train_rejects_bad_numbers():
     assert r.returncode == 2 and "--batch-size must be > 0, got 0" in r.stderr, r.stderr
 
 
+@pytest.mark.skipif(__import__("llmcu.cuda").cuda.is_available(), reason="a GPU is usable here")
 def test_train_device_cuda_is_a_clear_error():
     r = llmcu("train", "--device", "cuda", check=False)
     assert r.returncode == 2 and "--device cpu" in r.stderr, r.stderr

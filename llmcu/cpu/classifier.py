@@ -51,3 +51,12 @@ def fused_classifier(losses, probs, logits, targets, V):
     picked = np.take_along_axis(logits, targets[..., None].astype(np.intp), axis=-1)
     # loss = logsumexp - logit[target]: exact where -log(p[target]) would underflow
     losses[...] = (np.log(total) + m - picked)[..., 0]
+
+
+def fused_classifier_dlogits(logits, losses, targets, V, dloss):
+    """llm.c's fused classifier: losses, and logits overwritten in place by
+    dlogits = dloss * (softmax - onehot(targets)), 0 on padded columns."""
+    probs = np.empty_like(logits)
+    fused_classifier(losses, probs, logits, targets, V)
+    dlosses = np.full(losses.shape, dloss, dtype=logits.dtype)
+    crossentropy_softmax_backward(logits, dlosses, probs, targets, V)

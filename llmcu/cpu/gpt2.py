@@ -124,6 +124,13 @@ class GPT2:
         self.acts: Activations | None = None
         self._inputs = self._targets = None
 
+    def sampler(self) -> "GPT2":
+        """A model sharing these parameters with its own activations (for sampling)."""
+        return GPT2(self.config, self.params)
+
+    def params_host(self) -> np.ndarray:
+        return self.params
+
     # -- forward ------------------------------------------------------------
     def forward(self, inputs, targets=None):
         cfg, p = self.config, self.p

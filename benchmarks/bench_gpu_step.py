@@ -1,0 +1,154 @@
+"""GPU benchmark (fp32, TF32 off): llmcu's kernel step against PyTorch, and per-kernel times.
+
+    python benchmarks/bench_gpu_step.py [--model d12] [-b 4] [-t 1024] [--steps 20] [--json out.json]
+
+Needs CuPy and a CUDA build of PyTorch on an NVIDIA GPU. Step times are
+medians of CUDA-event timings after warm-up; per-kernel rows give time and the
+achieved GB/s of the napkin-math bytes each kernel must move at least once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def cuda_time(fn, reps: int, warmup: int = 3) -> float:
+    """Median milliseconds of fn() by CUDA events on the current stream."""
+    import cupy
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end))
+    return statistics.median(times)
+
+
+def bench_llmcu_step(config, params, x, y, steps):
+    from llmcu.cuda.gpt2 import GPT2
+    model = GPT2(config, params, device="cuda")
+
+    def step():
+        model.zero_grad()
+        model.forward(x, y)
+        model.backward()
+        model.update(1e-4, 1)
+    return cuda_time(step, steps)
+
+
+def bench_torch_step(config, params, x, y, steps):
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    from llmcu import torch_gpt2
+    model = torch_gpt2.from_flat(config, params, device="cuda")
+    opt = torch_gpt2.configure_optimizer(model, lr=1e-4)
+    xt = torch.from_numpy(x).long().cuda()
+    yt = torch.from_numpy(y).long().cuda()
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        _, loss = model(xt, yt)
+        loss.backward()
+        opt.step()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        step()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def bench_kernels(config, B, T, reps):
+    """(name, ms, GB/s) for the memory-bound kernels at this model's shapes."""
+    import cupy
+    from llmcu.cuda import adamw, attention, classifier, encoder, gelu, layernorm, residual
+    C, NH, Vp, V = config.channels, config.num_heads, config.padded_vocab_size, config.vocab_size
+    f = lambda *s: cupy.random.standard_normal(s, dtype=np.float32)  # noqa: E731
+    inp = cupy.random.randint(0, V, (B, T)).astype(np.int32)
+    x, out, w, b = f(B, T, C), f(B, T, C), f(C), f(C)
+    mean, rstd = f(B, T), f(B, T)
+    h, h2 = f(B, T, 4 * C), f(B, T, 4 * C)
+    wte, wpe = f(Vp, C), f(config.max_seq_len, C)
+    logits, losses, targets = f(B, T, Vp), f(B, T), cupy.random.randint(0, V, (B, T)).astype(np.int32)
+    qkv, att = f(B, T, 3 * C), f(B, NH, T, T)
+    n = config.num_parameters()
+    P, G, M, Vv = f(n), f(n), f(n), cupy.abs(f(n))
+    fl = 4  # bytes per float
+    rows = [
+        ("encoder_forward", lambda: encoder.encoder_forward(out, inp, wte, wpe), 3 * B * T * C * fl),
+        ("layernorm_forward", lambda: layernorm.layernorm_forward(out, mean, rstd, x, w, b), 2 * B * T * C * fl),
+        ("layernorm_backward", lambda: layernorm.layernorm_backward(out, w, b, x, x, w, mean, rstd), 3 * B * T * C * fl),
+        ("gelu_forward", lambda: gelu.gelu_forward(h2, h), 2 * B * T * 4 * C * fl),
+        ("gelu_backward", lambda: gelu.gelu_backward(h2, h, h), 3 * B * T * 4 * C * fl),
+        ("residual_forward", lambda: residual.residual_forward(out, x, x), 3 * B * T * C * fl),
+        ("crossentropy_forward", lambda: classifier.crossentropy_forward(losses, logits, targets, V), B * T * Vp * fl),
+        ("attention_forward (incl. GEMMs)", lambda: attention.attention_forward(out, att, qkv, NH),
+         (B * T * 4 * C + 2 * B * NH * T * T) * fl),
+        ("adamw_update", lambda: adamw.adamw_update(P, G, M, Vv, 1, 1e-4), 7 * n * fl),
+        ("global_norm", lambda: adamw.global_norm(G), n * fl),
+    ]
+    out_rows = []
+    for name, fn, nbytes in rows:
+        ms = cuda_time(fn, reps)
+        out_rows.append((name, ms, nbytes / (ms * 1e-3) / 1e9))
+    return out_rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="d12")
+    ap.add_argument("-b", "--batch-size", type=int, default=4)
+    ap.add_argument("-t", "--seq-len", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    import cupy
+    from llmcu.config import gpt2_config
+    from llmcu.cpu.gpt2 import init_parameters
+    config = gpt2_config(a.model)
+    B, T = a.batch_size, a.seq_len
+    params = init_parameters(config, seed=42)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
+    y = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    card = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    print(f"card: {card}; GPT-2 {a.model}, B={B}, T={T}, fp32 (TF32 off), median of {a.steps} steps")
+    ours = bench_llmcu_step(config, params.copy(), x, y, a.steps)
+    theirs = bench_torch_step(config, params.copy(), x, y, a.steps)
+    tok = B * T
+    print(f"llmcu   {ours:9.2f} ms/step {tok / ours * 1e3:10.0f} tok/s")
+    print(f"pytorch {theirs:9.2f} ms/step {tok / theirs * 1e3:10.0f} tok/s")
+    print(f"ratio llmcu / pytorch (time): {ours / theirs:.3f}")
+    kernels = bench_kernels(config, B, T, reps=20)
+    print(f"{'kernel':34s} {'ms':>9s} {'GB/s':>8s}")
+    for name, ms, gbs in kernels:
+        print(f"{name:34s} {ms:9.3f} {gbs:8.1f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"card": card, "args": vars(a), "llmcu_ms": ours,
+                                            "torch_ms": theirs, "kernels": kernels}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

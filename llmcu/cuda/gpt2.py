@@ -1,0 +1,215 @@
+"""GPT-2 training step on the kernels: the orchestrator.
+
+Parameters, gradients, AdamW moments and activations are allocated once as
+flat buffers with named views (config.parameter_views) on the device; the
+forward, backward and update call only the wrappers in this package, on one
+stream. device="cuda" runs on the GPU through CuPy; device="emu" runs the
+same kernels on the CPU (llmcu.emu) on NumPy arrays, for tests.
+
+Differences from the NumPy oracle (llmcu/cpu/gpt2.py), all for speed or memory:
+no probabilities buffer; backward() overwrites acts.logits with dlogits
+(llm.c's fused classifier); attention scratch comes from the array library.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..config import GPT2Config, parameter_views
+from ..cpu.gpt2 import DECAYED, init_parameters
+from . import runtime
+from .adamw import adamw_update, clip_scale, global_norm
+from .attention import attention_backward, attention_forward
+from .classifier import crossentropy_forward, fused_classifier_dlogits
+from .encoder import encoder_backward, encoder_forward
+from .gelu import gelu_backward, gelu_forward
+from .layernorm import layernorm_backward, layernorm_forward
+from .matmul import matmul_backward, matmul_forward
+from .residual import residual_forward
+
+ACTIVATIONS = (  # name: shape in units of (L, B, T, NH, C, Vp); per-layer tensors lead with L
+    ("encoded", "BTC"), ("ln1", "LBTC"), ("ln1_mean", "LBT"), ("ln1_rstd", "LBT"),
+    ("qkv", "LBT3C"), ("att", "LBNTT"), ("atty", "LBTC"), ("attproj", "LBTC"),
+    ("residual2", "LBTC"), ("ln2", "LBTC"), ("ln2_mean", "LBT"), ("ln2_rstd", "LBT"),
+    ("fch", "LBT4C"), ("fch_gelu", "LBT4C"), ("fcproj", "LBTC"), ("residual3", "LBTC"),
+    ("lnf", "BTC"), ("lnf_mean", "BT"), ("lnf_rstd", "BT"), ("logits", "BTV"), ("losses", "BT"),
+)
+
+
+def activation_shapes(config: GPT2Config, B: int, T: int) -> list[tuple[str, tuple[int, ...]]]:
+    L, C, NH, Vp = config.num_layers, config.channels, config.num_heads, config.padded_vocab_size
+    dims = {"L": (L,), "B": (B,), "T": (T,), "N": (NH,), "C": (C,), "3C": (3 * C,),
+            "4C": (4 * C,), "V": (Vp,)}
+    out = []
+    for name, code in ACTIVATIONS:
+        shape, i = (), 0
+        while i < len(code):
+            key = code[i:i + 2] if code[i] in "34" else code[i]
+            shape += dims[key]
+            i += len(key)
+        out.append((name, shape))
+    return out
+
+
+class Activations:
+    """One flat buffer for every activation of a (B,T) step, with named views."""
+
+    def __init__(self, xp, config: GPT2Config, B: int, T: int):
+        self.B, self.T = B, T
+        shapes = activation_shapes(config, B, T)
+        total = sum(math.prod(s) for _, s in shapes)
+        self.memory = xp.zeros(total, dtype=np.float32)
+        offset = 0
+        for name, shape in shapes:
+            size = math.prod(shape)
+            setattr(self, name, self.memory[offset:offset + size].reshape(shape))
+            offset += size
+
+    def nbytes(self) -> int:
+        return self.memory.nbytes
+
+
+class GPT2:
+    """GPT-2 whose every layer runs a kernel from kernels/ (device "cuda" or "emu")."""
+
+    def __init__(self, config: GPT2Config, params=None, seed: int = 42, device: str = "cuda"):
+        self.backend = runtime.get_backend("cuda" if device == "cuda" else "emu")
+        self.device = self.backend.name
+        xp = self.xp = self.backend.xp
+        if params is None:
+            params = init_parameters(config, seed)
+        if params.shape != (config.num_parameters(),) or params.dtype != np.float32:
+            raise ValueError(f"GPT2: params must be float32 of shape ({config.num_parameters()},), "
+                             f"got {params.dtype} {params.shape}")
+        self.config = config
+        self.params = xp.asarray(params)  # on the GPU a device copy; under emu the array itself, as on the CPU
+        self.p = parameter_views(config, self.params)
+        self.grads = self.g = None
+        self.m = self.v = None
+        self.acts: Activations | None = None
+        self._scratch = None
+        self._inputs = self._targets = None
+
+    def _to_device(self, a, name):
+        a = np.asarray(a.get() if hasattr(a, "get") else a)
+        if a.ndim != 2:
+            raise ValueError(f"GPT2.forward: {name} must be (B,T), got shape {a.shape}")
+        return self.xp.asarray(np.ascontiguousarray(a, dtype=np.int32))
+
+    def forward(self, inputs, targets=None):
+        cfg, p = self.config, self.p
+        host_inputs = np.asarray(inputs)
+        B, T = host_inputs.shape if host_inputs.ndim == 2 else (0, 0)
+        if T > cfg.max_seq_len:
+            raise ValueError(f"GPT2.forward: T={T} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        if host_inputs.size and (host_inputs.min() < 0 or host_inputs.max() >= cfg.vocab_size):
+            raise ValueError(f"GPT2.forward: token ids must be in [0, {cfg.vocab_size}), "
+                             f"found {host_inputs.min()}..{host_inputs.max()}")
+        inputs = self._to_device(host_inputs, "inputs")
+        if targets is not None:
+            targets = self._to_device(targets, "targets")
+            if targets.shape != inputs.shape:
+                raise ValueError(f"GPT2.forward: targets shape {targets.shape} != inputs shape {inputs.shape}")
+        if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
+            self.acts = Activations(self.xp, cfg, B, T)
+        a, NH = self.acts, cfg.num_heads
+
+        encoder_forward(a.encoded, inputs, p["wte"], p["wpe"])
+        residual = a.encoded
+        for l in range(cfg.num_layers):
+            layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], residual, p["ln1w"][l], p["ln1b"][l])
+            matmul_forward(a.qkv[l], a.ln1[l], p["qkvw"][l], p["qkvb"][l])
+            attention_forward(a.atty[l], a.att[l], a.qkv[l], NH)
+            matmul_forward(a.attproj[l], a.atty[l], p["attprojw"][l], p["attprojb"][l])
+            residual_forward(a.residual2[l], residual, a.attproj[l])
+            layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], p["ln2w"][l], p["ln2b"][l])
+            matmul_forward(a.fch[l], a.ln2[l], p["fcw"][l], p["fcb"][l])
+            gelu_forward(a.fch_gelu[l], a.fch[l])
+            matmul_forward(a.fcproj[l], a.fch_gelu[l], p["fcprojw"][l], p["fcprojb"][l])
+            residual_forward(a.residual3[l], a.residual2[l], a.fcproj[l])
+            residual = a.residual3[l]
+        layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, p["lnfw"], p["lnfb"])
+        matmul_forward(a.logits, a.lnf, p["wte"])
+
+        self._inputs, self._targets = inputs, targets
+        if targets is None:
+            return None
+        crossentropy_forward(a.losses, a.logits, targets, cfg.vocab_size)
+        return float(a.losses.mean(dtype=np.float64))
+
+    def zero_grad(self):
+        if self.grads is None:
+            self.grads = self.xp.zeros_like(self.params)
+            self.g = parameter_views(self.config, self.grads)
+        else:
+            self.grads.fill(0.0)
+
+    def _backward_scratch(self, B, T):
+        C = self.config.channels
+        if self._scratch is None or self._scratch["dres"].shape != (B, T, C):
+            z = lambda *s: self.xp.zeros(s, dtype=np.float32)  # noqa: E731
+            self._scratch = {"dlnf": z(B, T, C), "dres": z(B, T, C), "dtmp": z(B, T, C),
+                             "dln": z(B, T, C), "datty": z(B, T, C), "dqkv": z(B, T, 3 * C),
+                             "dfch": z(B, T, 4 * C), "dfch_gelu": z(B, T, 4 * C)}
+        return self._scratch
+
+    def backward(self):
+        """Accumulate d(mean loss)/d(params) into self.grads; acts.logits becomes dlogits."""
+        if self._targets is None:
+            raise RuntimeError("GPT2.backward: call forward(inputs, targets) with targets first")
+        if self.grads is None:
+            self.zero_grad()
+        cfg, p, g, a = self.config, self.p, self.g, self.acts
+        B, T, NH = a.B, a.T, cfg.num_heads
+        s = self._backward_scratch(B, T)
+        dres, dtmp, dln = s["dres"], s["dtmp"], s["dln"]
+
+        fused_classifier_dlogits(a.logits, a.losses, self._targets, cfg.vocab_size, 1.0 / (B * T))
+        matmul_backward(s["dlnf"], g["wte"], None, a.logits, a.lnf, p["wte"])
+        last = a.residual3[-1] if cfg.num_layers else a.encoded
+        layernorm_backward(dres, g["lnfw"], g["lnfb"], s["dlnf"], last, p["lnfw"], a.lnf_mean, a.lnf_rstd)
+        for l in reversed(range(cfg.num_layers)):
+            res_in = a.residual3[l - 1] if l > 0 else a.encoded
+            matmul_backward(s["dfch_gelu"], g["fcprojw"][l], g["fcprojb"][l], dres, a.fch_gelu[l], p["fcprojw"][l])
+            gelu_backward(s["dfch"], s["dfch_gelu"], a.fch[l])
+            matmul_backward(dln, g["fcw"][l], g["fcb"][l], s["dfch"], a.ln2[l], p["fcw"][l])
+            layernorm_backward(dtmp, g["ln2w"][l], g["ln2b"][l], dln, a.residual2[l], p["ln2w"][l],
+                               a.ln2_mean[l], a.ln2_rstd[l])
+            residual_forward(dres, dres, dtmp)
+            matmul_backward(s["datty"], g["attprojw"][l], g["attprojb"][l], dres, a.atty[l], p["attprojw"][l])
+            attention_backward(s["dqkv"], s["datty"], a.qkv[l], a.att[l], NH)
+            matmul_backward(dln, g["qkvw"][l], g["qkvb"][l], s["dqkv"], a.ln1[l], p["qkvw"][l])
+            layernorm_backward(dtmp, g["ln1w"][l], g["ln1b"][l], dln, res_in, p["ln1w"][l],
+                               a.ln1_mean[l], a.ln1_rstd[l])
+            residual_forward(dres, dres, dtmp)
+        encoder_backward(g["wte"], g["wpe"], dres, self._inputs)
+        self._targets = None  # the logits are gone: a second backward needs a new forward
+
+    def update(self, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=None):
+        """AdamW at 1-based `step`; returns the gradient norm before clipping."""
+        if self.grads is None:
+            raise RuntimeError("GPT2.update: no gradients; call backward first")
+        if self.m is None:
+            self.m = self.xp.zeros_like(self.params)
+            self.v = self.xp.zeros_like(self.params)
+        norm = global_norm(self.grads)
+        scale = clip_scale(norm, grad_clip)
+        offset = 0
+        for name, shape in self.config.parameter_shapes():
+            size = math.prod(shape)
+            sl = slice(offset, offset + size)
+            wd = weight_decay if name in DECAYED else 0.0
+            adamw_update(self.params[sl], self.grads[sl], self.m[sl], self.v[sl], step, lr,
+                         beta1, beta2, eps, wd, scale)
+            offset += size
+        return norm
+
+    def sampler(self) -> "GPT2":
+        """A model sharing these parameters with its own activations (for sampling)."""
+        return GPT2(self.config, self.params, device=self.device)
+
+    def params_host(self) -> np.ndarray:
+        """The parameters as a NumPy array (a copy on the GPU, the buffer itself under emu)."""
+        return self.params.get() if hasattr(self.params, "get") else self.params

@@ -1,0 +1,170 @@
+"""Find, compile, load and launch the kernels in kernels/*.cu.
+
+One call shape, two backends, picked by the type of the arrays a wrapper gets:
+
+- "cuda": CuPy RawModule (NVRTC) on an NVIDIA GPU; arrays are cupy.ndarray.
+- "emu":  the same .cu sources compiled as C++ and run on the CPU, one fiber
+          per CUDA thread (llmcu.emu); arrays are numpy.ndarray.
+
+Every launch goes through `launch`, which checks nothing about the kernel's
+arguments itself: the wrappers check every argument first (check_array) and
+pass scalars as explicit NumPy types (np.int32, np.float32). The emu backend
+also checks the types against the kernel's signature; CuPy does not.
+Set LLMCU_CUDA_DEBUG=1 (or set_debug(True)) to synchronize after every
+launch, so an error names the kernel that caused it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_BLOCK = 256
+WARP = 32
+_debug = os.environ.get("LLMCU_CUDA_DEBUG", "") not in ("", "0")
+
+
+def set_debug(on: bool) -> None:
+    """Synchronize after every launch (slow; for finding the failing kernel)."""
+    global _debug
+    _debug = bool(on)
+
+
+def kernels_dir() -> Path:
+    """kernels/ in a source checkout, or llmcu/kernels/ in an installed wheel."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "kernels", package.parent / "kernels"):
+        if (candidate / "common.cuh").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"llmcu: kernels/ not found next to {package} (looked for common.cuh in "
+        f"{package / 'kernels'} and {package.parent / 'kernels'}); reinstall llmcu")
+
+
+# Compiler options in one place: both backends compile with exactly these.
+FLOATX_NAMES = {np.dtype(np.float32): "float"}
+
+
+def compile_options(floatX: str = "float") -> tuple[str, ...]:
+    return ("-std=c++17", f"-DfloatX={floatX}")
+
+
+# -- launch geometry: the one helper every wrapper uses ---------------------------
+
+def launch_config(num_threads: int, block: int = DEFAULT_BLOCK, grid_y: int = 1):
+    """(grid, block) covering num_threads threads with 1-D blocks of `block`
+    (rounded down to whole warps for small problems); grid_y > 1 adds a
+    second grid dimension for kernels that split work by blockIdx.y."""
+    if num_threads <= 0:
+        raise ValueError(f"launch_config: num_threads must be > 0, got {num_threads}")
+    block = min(block, ((num_threads + WARP - 1) // WARP) * WARP)
+    grid_x = (num_threads + block - 1) // block
+    return ((grid_x, grid_y) if grid_y > 1 else (grid_x,)), (block,)
+
+
+def warp_per_row(rows: int, block: int = DEFAULT_BLOCK):
+    """(grid, block) giving each of `rows` rows its own warp."""
+    return launch_config(rows * WARP, block)
+
+
+def block_per_row(rows: int, block: int = DEFAULT_BLOCK):
+    """(grid, block) giving each of `rows` rows its own block."""
+    return (rows,), (block,)
+
+
+# -- backends ----------------------------------------------------------------
+
+class Backend:
+    """Compiles each kernels/<stem>.cu once per process and launches its kernels."""
+
+    def __init__(self, name: str):
+        if name not in ("cuda", "emu"):
+            raise ValueError(f"unknown kernel backend {name!r}; expected 'cuda' or 'emu'")
+        self.name = name
+        if name == "cuda":
+            import cupy
+            self.xp = cupy
+        else:
+            self.xp = np
+        self._modules: dict = {}
+
+    def module(self, stem: str, floatX: str = "float"):
+        key = (stem, floatX)
+        if key not in self._modules:
+            kdir = kernels_dir()
+            path = kdir / f"{stem}.cu"
+            if not path.is_file():
+                raise FileNotFoundError(f"kernel source {path} not found")
+            options = compile_options(floatX)
+            if self.name == "cuda":
+                import cupy
+                self._modules[key] = cupy.RawModule(
+                    code=path.read_text(), options=options + (f"--include-path={kdir}",))
+            else:
+                from ..emu import EmuModule
+                self._modules[key] = EmuModule(path, options=options, include_dirs=(kdir,))
+        return self._modules[key]
+
+    def launch(self, stem: str, kernel: str, grid, block, args, shared_mem: int = 0,
+               floatX: str = "float") -> None:
+        fn = self.module(stem, floatX).get_function(kernel)
+        fn(grid, block, args, shared_mem=shared_mem)
+        if _debug:
+            try:
+                self.synchronize()
+            except Exception as e:  # the error belongs to this launch
+                raise RuntimeError(f"kernel {kernel} (kernels/{stem}.cu) failed: {e}") from e
+
+    def synchronize(self) -> None:
+        if self.name == "cuda":
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def is_array(self, a) -> bool:
+        return isinstance(a, self.xp.ndarray)
+
+
+@functools.lru_cache(maxsize=None)
+def get_backend(name: str) -> Backend:
+    return Backend(name)
+
+
+def backend_of(a) -> Backend:
+    """The backend that owns array `a`: numpy -> emu, cupy -> cuda."""
+    if isinstance(a, np.ndarray):
+        return get_backend("emu")
+    if type(a).__module__.startswith("cupy"):
+        return get_backend("cuda")
+    raise TypeError(f"expected a numpy.ndarray (emu) or cupy.ndarray (cuda), got {type(a).__name__}")
+
+
+# -- argument checks -----------------------------------------------------------
+
+def check_array(fn: str, name: str, a, backend: Backend, dtype=np.float32, shape=None) -> None:
+    """Raise TypeError/ValueError naming fn, the argument, expected and actual."""
+    if not backend.is_array(a):
+        raise TypeError(f"{fn}: {name} must be a {backend.xp.__name__}.ndarray for the {backend.name} "
+                        f"backend, got {type(a).__module__}.{type(a).__name__}")
+    if dtype is not None and a.dtype != np.dtype(dtype):
+        raise TypeError(f"{fn}: {name} must have dtype {np.dtype(dtype)}, got {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{fn}: {name} must be C-contiguous (got strides {a.strides})")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
+
+
+def i32(value: int) -> np.int32:
+    """An int kernel argument, checked to fit."""
+    if not -2**31 <= int(value) < 2**31:
+        raise OverflowError(f"kernel int argument {value} does not fit in int32")
+    return np.int32(value)
+
+
+def i64(value: int) -> np.int64:
+    return np.int64(value)
+
+
+def f32(value: float) -> np.float32:
+    return np.float32(value)
