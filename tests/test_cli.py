@@ -124,3 +124,20 @@ def test_tokenizer_command_writes_llmc_file(tmp_path):
     tokens, eot = formats.read_tokenizer_bin(out)
     assert (len(tokens), eot) == (50257, 50256)
     assert tokens[15496] == b"Hello"
+
+
+def test_train_on_emulated_kernels_matches_cpu(shakespeare, tmp_path):
+    """--device emu runs the CUDA kernels on the CPU: same losses as the NumPy model."""
+    from llmcu.cpu.gpt2 import init_parameters
+    cfg = GPT2Config(max_seq_len=32, vocab_size=50257, num_layers=1, num_heads=2, channels=32)
+    path = tmp_path / "tiny.bin"
+    formats.write_model(path, cfg, init_parameters(cfg, seed=4))
+    common = ["-e", path, "-i", shakespeare / "tiny_shakespeare_train.bin",
+              "-j", shakespeare / "tiny_shakespeare_val.bin", "-b", 2, "-t", 16, "-x", 3,
+              "-v", 3, "-m", 2, "-s", 0]
+    losses = {}
+    for device in ("cpu", "emu"):
+        out = llmcu("train", "--device", device, *common).stdout
+        losses[device] = [float(v) for v in re.findall(r"loss ([\d.]+)", out)]
+    assert len(losses["cpu"]) == 5  # 2 val + 3 train
+    np.testing.assert_allclose(losses["emu"], losses["cpu"], atol=2e-6)

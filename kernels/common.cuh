@@ -1,0 +1,101 @@
+// common.cuh: definitions shared by every kernel file in kernels/.
+//
+// Each .cu here is compiled twice: on the GPU by CuPy's RawModule (NVRTC,
+// options like -DfloatX=float -std=c++17 -I kernels/), and as plain C++ by g++
+// for the CPU emulator (llmcu/emu), which force-includes a shim that defines
+// LLMCU_EMU and runs every CUDA thread as a fiber. Hence the kernels use a small
+// CUDA subset only (see kernels/README.md): no cooperative groups, no inline
+// PTX, no float4, full-warp shuffles, dynamic shared memory only through
+// DYNAMIC_SHARED below. NVRTC includes no system headers, so nothing here
+// includes any.
+#pragma once
+
+// Activations and parameters are floatX (float now, __nv_bfloat16 later);
+// statistics, losses, reductions and AdamW state are always float.
+#ifndef floatX
+#define floatX float
+#endif
+
+// Reads and writes of floatX go through these two, so a bf16 floatX only
+// needs them (and the conversions they rely on) to work.
+__device__ __forceinline__ float to_float(floatX x) { return (float)x; }
+__device__ __forceinline__ floatX from_float(float x) { return (floatX)x; }
+
+#define WARP_SIZE 32
+#define CEIL_DIV(M, N) (((M) + (N) - 1) / (N))
+
+// NVRTC has no math.h, so INFINITY is not defined there.
+#ifndef INFINITY
+#ifdef LLMCU_EMU
+#define INFINITY __builtin_huge_valf()
+#else
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#endif
+
+// Dynamic shared memory (the launch's shared_mem bytes). Use it only as
+//   DYNAMIC_SHARED(float, buf);
+// inside a kernel body; the emulator hands out its own buffer.
+#ifdef LLMCU_EMU
+#define DYNAMIC_SHARED(T, name) T* name = (T*)emu_dynamic_shared()
+#else
+#define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
+// ----------------------------------------------------------------------------
+// Warp reductions: all 32 lanes of the warp must call them (full mask), and
+// every lane gets the result. The butterfly order is fixed, so the result is
+// deterministic (and identical on all lanes).
+
+__device__ __forceinline__ float warp_reduce_sum(float val) {
+#pragma unroll
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
+        val += __shfl_xor_sync(0xffffffff, val, offset);
+    }
+    return val;
+}
+
+__device__ __forceinline__ float warp_reduce_max(float val) {
+#pragma unroll
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
+        val = fmaxf(val, __shfl_xor_sync(0xffffffff, val, offset));
+    }
+    return val;
+}
+
+// ----------------------------------------------------------------------------
+// Block reductions. Assumptions, which the launching wrapper must meet:
+//   - 1-D block (only threadIdx.x is used), blockDim.x a multiple of 32 and at
+//     most 1024 (so at most 32 warps: one shared slot per warp);
+//   - every thread of the block calls it (it contains __syncthreads), none has
+//     returned early;
+//   - `shared` is a __shared__ float[WARP_SIZE] declared in the kernel (the
+//     kernel owns its shared memory; helpers declare none). The same buffer
+//     may be reused by back-to-back calls: the leading barrier makes sure every
+//     warp has finished reading the previous result before it is overwritten.
+// Every thread returns the block-wide result; the order of additions is fixed
+// for a given blockDim, so the result is deterministic.
+
+__device__ __forceinline__ float block_reduce_sum(float val, float* shared) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int num_warps = blockDim.x / WARP_SIZE;
+    val = warp_reduce_sum(val);
+    __syncthreads();
+    if (lane == 0) { shared[warp] = val; }
+    __syncthreads();
+    val = (lane < num_warps) ? shared[lane] : 0.0f;
+    return warp_reduce_sum(val);
+}
+
+__device__ __forceinline__ float block_reduce_max(float val, float* shared) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int num_warps = blockDim.x / WARP_SIZE;
+    val = warp_reduce_max(val);
+    __syncthreads();
+    if (lane == 0) { shared[warp] = val; }
+    __syncthreads();
+    val = (lane < num_warps) ? shared[lane] : -INFINITY;
+    return warp_reduce_max(val);
+}

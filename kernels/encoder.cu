@@ -1,0 +1,59 @@
+// encoder: token + position embedding.
+//
+//   forward:  out[b,t,:] = wte[inp[b,t],:] + wpe[t,:]
+//   backward: dwte[inp[b,t],:] += dout[b,t,:]   (in (b,t) order)
+//             dwpe[t,:]        += sum_b dout[b,t,:]   (in b order)
+// Shapes: inp (B,T) int32 token ids in [0,V), wte (Vp,C), wpe (maxT,C),
+// out/dout (B,T,C). Parameter gradients accumulate (+=); no activation gradient.
+//
+// Launch (the wrapper's grid/block helper):
+//   encoder_forward_kernel1:  grid CEIL_DIV(B*T*C, 256), block 256, no shared memory.
+//   encoder_backward_kernel1: grid (CEIL_DIV(C, 256), 2), block 256, no shared memory;
+//                             blockIdx.y == 0 does dwte, blockIdx.y == 1 does dwpe.
+//
+// Versions:
+//   1: plain port of the oracle. The backward is deterministic without atomics:
+//      one thread per channel walks all B*T positions in order (same order as
+//      the oracle's np.add.at), so it is slow (only 2*C threads) but exact.
+#include "common.cuh"
+
+extern "C" __global__ void encoder_forward_kernel1(floatX* __restrict__ out,
+                                                   const int* __restrict__ inp,
+                                                   const floatX* __restrict__ wte,
+                                                   const floatX* __restrict__ wpe,
+                                                   int B, int T, int C) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;  // over (B,T,C)
+    if (idx >= B * T * C) { return; }
+    int bt = idx / C;
+    int c = idx % C;
+    int t = bt % T;
+    int token = inp[bt];
+    out[idx] = from_float(to_float(wte[token * C + c]) + to_float(wpe[t * C + c]));
+}
+
+extern "C" __global__ void encoder_backward_kernel1(floatX* __restrict__ dwte,
+                                                    floatX* __restrict__ dwpe,
+                                                    const floatX* __restrict__ dout,
+                                                    const int* __restrict__ inp,
+                                                    int B, int T, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) { return; }
+    if (blockIdx.y == 0) {
+        // dwte: positions in (b,t) order, so a token seen twice is summed in a
+        // fixed order; read-modify-write per position like np.add.at.
+        for (int bt = 0; bt < B * T; bt++) {
+            int token = inp[bt];
+            float acc = to_float(dwte[token * C + c]) + to_float(dout[bt * C + c]);
+            dwte[token * C + c] = from_float(acc);
+        }
+    } else {
+        // dwpe: sum over b in order, then one += per (t,c).
+        for (int t = 0; t < T; t++) {
+            float sum = 0.0f;
+            for (int b = 0; b < B; b++) {
+                sum += to_float(dout[(b * T + t) * C + c]);
+            }
+            dwpe[t * C + c] = from_float(to_float(dwpe[t * C + c]) + sum);
+        }
+    }
+}

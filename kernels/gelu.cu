@@ -1,0 +1,38 @@
+// gelu: GELU with the tanh approximation (as GPT-2), elementwise.
+//
+//   forward:  out = 0.5 x (1 + tanh(s (x + 0.044715 x^3))),  s = sqrt(2/pi)
+//   backward: dinp = dout * (0.5 (1 + th) + 0.5 x (1 - th^2) s (1 + 3 * 0.044715 x^2)),
+//             th = tanh(s (x + 0.044715 x^3))
+// Shapes: any, N elements (B*T*4C in GPT-2); out/dinp like inp.
+// Activation gradients overwrite (=).
+//
+// Launch (the wrapper's grid/block helper): grid CEIL_DIV(N, 256), block 256,
+// no shared memory.
+//
+// Versions:
+//   1: plain port of the oracle, one element per thread, tanhf.
+#include "common.cuh"
+
+#define GELU_SCALING_FACTOR 0.7978845608028654f  // sqrt(2/pi)
+#define GELU_CUBE 0.044715f
+
+extern "C" __global__ void gelu_forward_kernel1(floatX* out, const floatX* inp, int N) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N) { return; }
+    float x = to_float(inp[i]);
+    float th = tanhf(GELU_SCALING_FACTOR * (x + GELU_CUBE * x * x * x));
+    out[i] = from_float(0.5f * x * (1.0f + th));
+}
+
+extern "C" __global__ void gelu_backward_kernel1(floatX* dinp, const floatX* inp,
+                                                 const floatX* dout, int N) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N) { return; }
+    float x = to_float(inp[i]);
+    float x2 = x * x;
+    float th = tanhf(GELU_SCALING_FACTOR * (x + GELU_CUBE * x2 * x));
+    float sech2 = 1.0f - th * th;
+    float local = 0.5f * (1.0f + th)
+                + 0.5f * x * sech2 * GELU_SCALING_FACTOR * (1.0f + 3.0f * GELU_CUBE * x2);
+    dinp[i] = from_float(local * to_float(dout[i]));
+}

@@ -1,0 +1,116 @@
+// layernorm: normalise each row of C channels, then scale and shift.
+//
+//   forward:  mean = sum_c x / C;  var = sum_c (x - mean)^2 / C (biased);
+//             rstd = 1 / sqrt(var + eps);  out = (x - mean) * rstd * weight + bias
+//   backward: with n = (x - mean) * rstd and g = dout * weight:
+//             dinp     = rstd * (g - mean_c(g) - n * mean_c(g * n))   (overwrite)
+//             dweight += sum over rows of dout * n                     (accumulate)
+//             dbias   += sum over rows of dout                         (accumulate)
+// Shapes: N = B*T rows; inp/out/dout/dinp (N,C), weight/bias/dweight/dbias (C,),
+// mean/rstd (N,) float, cached by the forward for the backward.
+//
+// Launch (the wrapper's grid/block helper):
+//   layernorm_forward_kernel1, layernorm_backward_kernel1: one warp per row;
+//       block 256 (8 warps; any multiple of 32 works), grid CEIL_DIV(N * 32, 256),
+//       no shared memory. Warps past the last row return as a whole.
+//   layernorm_param_backward_kernel1: one thread per column c; block 256,
+//       grid CEIL_DIV(C, 256), no shared memory.
+//
+// Versions:
+//   1: plain port of the oracle; two passes over the row for mean then variance
+//      (not E[x^2] - mean^2), exact 1/sqrtf rather than rsqrtf. The parameter
+//      gradients walk the rows in order, one thread per column: deterministic
+//      and the oracle's summation order, but only C threads.
+#include "common.cuh"
+
+// mean and rstd may be null (inference).
+extern "C" __global__ void layernorm_forward_kernel1(floatX* __restrict__ out,
+                                                     float* __restrict__ mean,
+                                                     float* __restrict__ rstd,
+                                                     const floatX* __restrict__ inp,
+                                                     const floatX* __restrict__ weight,
+                                                     const floatX* __restrict__ bias,
+                                                     int N, int C, float eps) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (row >= N) { return; }  // the whole warp leaves together
+    const floatX* x = inp + (long long)row * C;
+
+    float sum = 0.0f;
+    for (int c = lane; c < C; c += WARP_SIZE) { sum += to_float(x[c]); }
+    const float m = warp_reduce_sum(sum) / C;
+
+    float sq = 0.0f;
+    for (int c = lane; c < C; c += WARP_SIZE) {
+        float d = to_float(x[c]) - m;
+        sq += d * d;
+    }
+    const float var = warp_reduce_sum(sq) / C;
+    const float s = 1.0f / sqrtf(var + eps);
+
+    floatX* o = out + (long long)row * C;
+    for (int c = lane; c < C; c += WARP_SIZE) {
+        float n = (to_float(x[c]) - m) * s;
+        o[c] = from_float(n * to_float(weight[c]) + to_float(bias[c]));
+    }
+    if (lane == 0) {
+        if (mean != nullptr) { mean[row] = m; }
+        if (rstd != nullptr) { rstd[row] = s; }
+    }
+}
+
+extern "C" __global__ void layernorm_backward_kernel1(floatX* __restrict__ dinp,
+                                                      const floatX* __restrict__ dout,
+                                                      const floatX* __restrict__ inp,
+                                                      const floatX* __restrict__ weight,
+                                                      const float* __restrict__ mean,
+                                                      const float* __restrict__ rstd,
+                                                      int N, int C) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (row >= N) { return; }  // the whole warp leaves together
+    const floatX* x = inp + (long long)row * C;
+    const floatX* d = dout + (long long)row * C;
+    const float m = mean[row];
+    const float s = rstd[row];
+
+    float g_sum = 0.0f;   // sum_c g
+    float gn_sum = 0.0f;  // sum_c g * n
+    for (int c = lane; c < C; c += WARP_SIZE) {
+        float n = (to_float(x[c]) - m) * s;
+        float g = to_float(d[c]) * to_float(weight[c]);
+        g_sum += g;
+        gn_sum += g * n;
+    }
+    const float g_mean = warp_reduce_sum(g_sum) / C;
+    const float gn_mean = warp_reduce_sum(gn_sum) / C;
+
+    floatX* dx = dinp + (long long)row * C;
+    for (int c = lane; c < C; c += WARP_SIZE) {
+        float n = (to_float(x[c]) - m) * s;
+        float g = to_float(d[c]) * to_float(weight[c]);
+        dx[c] = from_float((g - g_mean - n * gn_mean) * s);
+    }
+}
+
+extern "C" __global__ void layernorm_param_backward_kernel1(floatX* __restrict__ dweight,
+                                                            floatX* __restrict__ dbias,
+                                                            const floatX* __restrict__ dout,
+                                                            const floatX* __restrict__ inp,
+                                                            const float* __restrict__ mean,
+                                                            const float* __restrict__ rstd,
+                                                            int N, int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) { return; }
+    float dw = 0.0f;
+    float db = 0.0f;
+    for (int row = 0; row < N; row++) {
+        long long i = (long long)row * C + c;
+        float d = to_float(dout[i]);
+        float n = (to_float(inp[i]) - mean[row]) * rstd[row];
+        dw += d * n;
+        db += d;
+    }
+    dweight[c] = from_float(to_float(dweight[c]) + dw);
+    dbias[c] = from_float(to_float(dbias[c]) + db);
+}
