@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .config import TrainConfig
+from .schedule import SCHEDULES
 
 _DEFAULTS = TrainConfig()
 
@@ -37,9 +38,22 @@ def _add_train(sub):
     p.add_argument("-m", "--val-batches", type=int, default=d.val_batches, help="number of val batches per evaluation")
     p.add_argument("-s", "--sample-every", type=int, default=d.sample_every, help="sample text every N steps (0: never)")
     p.add_argument("-g", "--gen-tokens", type=int, default=d.gen_tokens, help="number of tokens to sample")
+    p.add_argument("-d", "--total-batch-size", type=int, default=d.total_batch_size,
+                   help="tokens per optimizer step, a multiple of B*T; the gradient is accumulated over "
+                        "total/(B*T) micro-batches (-1: B*T, no accumulation)")
+    p.add_argument("-k", "--lr-schedule", default=d.lr_schedule, choices=list(SCHEDULES),
+                   help="learning-rate schedule after warmup")
+    p.add_argument("-u", "--warmup-iters", type=int, default=d.warmup_iters,
+                   help="linear learning-rate warmup steps")
+    p.add_argument("-q", "--final-lr-frac", type=float, default=d.final_lr_frac,
+                   help="final learning rate as a fraction of -l (1.0: no decay)")
     p.add_argument("-c", "--weight-decay", type=float, default=d.weight_decay,
                    help="AdamW weight decay (matrices and embeddings only)")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the global gradient norm to this (0: off)")
+    p.add_argument("-sl", "--skip-loss-z", type=float, default=d.skip_loss_z,
+                   help="skip the update when the loss z-score over the last 128 steps exceeds this (0: off)")
+    p.add_argument("-sg", "--skip-norm-z", type=float, default=d.skip_norm_z,
+                   help="skip the update when the grad-norm z-score over the last 128 steps exceeds this (0: off)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for the random init and sampling")
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda", "emu", "auto"],
                    help="cpu: the NumPy model; cuda: the CUDA kernels on a GPU; emu: the same kernels "
@@ -61,10 +75,16 @@ def _run_train(parser, a) -> int:
     from .train import train
     for name in ("batch_size", "seq_len", "max_steps", "val_batches"):
         _positive(parser, "--" + name.replace("_", "-"), getattr(a, name), zero_ok=name == "max_steps")
-    for name in ("val_every", "sample_every", "gen_tokens", "grad_clip", "weight_decay"):
+    for name in ("val_every", "sample_every", "gen_tokens", "grad_clip", "weight_decay",
+                 "warmup_iters", "final_lr_frac", "skip_loss_z", "skip_norm_z"):
         _positive(parser, "--" + name.replace("_", "-"), getattr(a, name), zero_ok=True)
     if a.learning_rate <= 0:
         parser.error(f"--learning-rate must be > 0, got {a.learning_rate}")
+    from .schedule import grad_accum_steps
+    try:
+        grad_accum_steps(a.total_batch_size, a.batch_size, a.seq_len)
+    except ValueError as e:
+        parser.error(str(e))
     from .train import resolve_device
     try:
         device = resolve_device(a.device)
@@ -74,7 +94,10 @@ def _run_train(parser, a) -> int:
                       output_dir=a.output_dir, batch_size=a.batch_size, seq_len=a.seq_len,
                       learning_rate=a.learning_rate, max_steps=a.max_steps, val_every=a.val_every,
                       val_batches=a.val_batches, sample_every=a.sample_every, gen_tokens=a.gen_tokens,
-                      seed=a.seed, weight_decay=a.weight_decay, grad_clip=a.grad_clip, device=device)
+                      seed=a.seed, weight_decay=a.weight_decay, grad_clip=a.grad_clip, device=device,
+                      total_batch_size=a.total_batch_size, lr_schedule=a.lr_schedule,
+                      warmup_iters=a.warmup_iters, final_lr_frac=a.final_lr_frac,
+                      skip_loss_z=a.skip_loss_z, skip_norm_z=a.skip_norm_z)
     train(cfg, log=lambda s: print(s, flush=True))
     return 0
 

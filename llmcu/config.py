@@ -155,6 +155,12 @@ class TrainConfig:
     sample_every: int = 20       # -s
     gen_tokens: int = 64         # -g
     seed: int = 42
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    weight_decay: float = 0.0    # -c  matrices and embeddings only
+    grad_clip: float = 1.0       # --grad-clip  (0: off)
     device: str = "cpu"
+    total_batch_size: int = -1   # -d  tokens per optimizer step; -1: B*T (no accumulation)
+    lr_schedule: str = "cosine"  # -k  cosine | linear | constant | wsd (llmcu.schedule)
+    warmup_iters: int = 0        # -u  linear warmup steps
+    final_lr_frac: float = 1.0   # -q  final lr = learning_rate * final_lr_frac (1.0: no decay)
+    skip_loss_z: float = 0.0     # -sl skip the update when the loss z-score exceeds this (0: off)
+    skip_norm_z: float = 0.0     # -sg skip the update when the grad-norm z-score exceeds this (0: off)

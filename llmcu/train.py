@@ -1,20 +1,25 @@
 """The training loop: device-agnostic, llm.c-style logs.
 
 A backend model offers forward(inputs, targets) -> loss, zero_grad(),
-backward(), update(lr, step, ...) -> grad norm, and acts.logits after a
-forward; the loop below never looks inside it.
+backward(loss_scale=1.0), grad_norm(), update(lr, step, ..., grad_norm=None)
+-> grad norm, and acts.logits after a forward; the loop below never looks
+inside it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import formats
 from .config import GPT2Config, TrainConfig, gpt2_config
 from .data import DataLoader
+from .schedule import check_schedule, grad_accum_steps, learning_rate
 
 
 DEVICES = ("cpu", "cuda", "emu")
@@ -103,11 +108,83 @@ def evaluate(model, loader: DataLoader, num_batches: int) -> float:
     return total / num_batches
 
 
+OUTLIER_WINDOW = 128  # llm.c's OUTLIER_DETECTOR_WINDOW_SIZE
+
+
+class OutlierDetector:
+    """z-score of each new value against a sliding window (llm.c's OutlierDetector).
+
+    update(x) pushes x (dropping the oldest value once the window is full) and
+    returns (x - mean) / std over the window, x included, with the population
+    std; NaN while the window is still filling (the first `window` values),
+    0.0 when the window is constant.
+    """
+
+    def __init__(self, window: int = OUTLIER_WINDOW):
+        if window < 2:
+            raise ValueError(f"OutlierDetector: window must be >= 2, got {window}")
+        self.window = window
+        self.values: deque[float] = deque(maxlen=window)
+
+    def update(self, value: float) -> float:
+        full = len(self.values) == self.window
+        self.values.append(float(value))
+        if not full:
+            return math.nan
+        w = np.asarray(self.values, dtype=np.float64)
+        std = float(w.std())
+        return 0.0 if std == 0.0 else (float(value) - float(w.mean())) / std
+
+
+@dataclass
+class StepResult:
+    loss: float           # mean loss over the micro-steps
+    norm: float           # global gradient norm before clipping
+    lr: float             # the learning rate this step used (or would have)
+    skipped: str | None   # why the update was skipped; None when it was applied
+
+
+def train_step(model, loader, step: int, cfg: TrainConfig, accum_steps: int = 1,
+               loss_detector: OutlierDetector | None = None,
+               norm_detector: OutlierDetector | None = None) -> StepResult:
+    """One optimizer step (0-based `step`) as llm.c's train_gpt2.cu does it.
+
+    zero_grad once; accum_steps micro-steps of next batch, forward, backward
+    with loss_scale 1/accum_steps (so the gradient is that of the mean loss
+    over all micro-batches); then, unless the loss or grad-norm z-score
+    exceeds cfg.skip_loss_z / cfg.skip_norm_z (0: off), AdamW at the
+    scheduled learning rate. A skipped step leaves the parameters as they were.
+    """
+    lr = learning_rate(cfg.lr_schedule, step, cfg.max_steps, cfg.learning_rate,
+                       cfg.warmup_iters, cfg.final_lr_frac)
+    model.zero_grad()
+    total = 0.0
+    for _ in range(accum_steps):
+        x, y = loader.next_batch()
+        total += model.forward(x, y)
+        model.backward(loss_scale=1.0 / accum_steps)
+    loss = total / accum_steps
+    norm = model.grad_norm()
+    zloss = loss_detector.update(loss) if loss_detector is not None else math.nan
+    znorm = norm_detector.update(norm) if norm_detector is not None else math.nan
+    skipped = None
+    if math.isfinite(zloss) and cfg.skip_loss_z > 0 and zloss > cfg.skip_loss_z:
+        skipped = f"loss z-score of {zloss:.4f}"
+    elif math.isfinite(znorm) and cfg.skip_norm_z > 0 and znorm > cfg.skip_norm_z:
+        skipped = f"grad norm z-score of {znorm:.4f}"
+    else:
+        model.update(lr, step + 1, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                     grad_norm=norm)
+    return StepResult(loss=loss, norm=norm, lr=lr, skipped=skipped)
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run cfg.max_steps steps of AdamW; returns the losses for tests and callers."""
     from .tokenizer import EOT, decode
 
     B, T = cfg.batch_size, cfg.seq_len
+    check_schedule(cfg.lr_schedule)
+    accum_steps = grad_accum_steps(cfg.total_batch_size, B, T)
     model = build_model(cfg.model, cfg.device, cfg.seed)
     config = model.config
     if T > config.max_seq_len:
@@ -119,13 +196,18 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if val_loader is not None:
         log(f"val dataset num_batches: {val_loader.num_tokens // (B * T)}")
     val_batches = min(cfg.val_batches, val_loader.num_tokens // (B * T)) if val_loader else 0
+    log(f"total batch size: {B * T * accum_steps} tokens (B*T = {B * T}, "
+        f"grad accumulation steps: {accum_steps})")
+    log(f"learning rate schedule: {cfg.lr_schedule}, warmup {cfg.warmup_iters}, "
+        f"final lr fraction {cfg.final_lr_frac}")
+    loss_detector, norm_detector = OutlierDetector(), OutlierDetector()
 
     logfile = None
     if cfg.output_dir:
         os.makedirs(cfg.output_dir, exist_ok=True)
         logfile = open(os.path.join(cfg.output_dir, "main.log"), "w")
     rng = np.random.default_rng(cfg.seed)
-    history = {"train": [], "val": []}
+    history = {"train": [], "val": [], "lr": [], "skipped": []}
     try:
         for step in range(cfg.max_steps + 1):
             last = step == cfg.max_steps
@@ -145,19 +227,19 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 log("---")
             if last:
                 break
-            x, y = train_loader.next_batch()
             t0 = time.perf_counter()
-            model.zero_grad()
-            loss = model.forward(x, y)
-            model.backward()
-            norm = model.update(cfg.learning_rate, step + 1, weight_decay=cfg.weight_decay,
-                                grad_clip=cfg.grad_clip)
+            r = train_step(model, train_loader, step, cfg, accum_steps, loss_detector, norm_detector)
+            loss = r.loss
             ms = (time.perf_counter() - t0) * 1000.0
             history["train"].append(loss)
-            log(f"step {step + 1:4d}/{cfg.max_steps} | train loss {loss:.6f} | norm {norm:.4f} | "
-                f"lr {cfg.learning_rate:.2e} | {ms:.2f} ms | {B * T / (ms / 1000.0):.0f} tok/s")
+            history["lr"].append(r.lr)
+            if r.skipped:
+                history["skipped"].append(step)
+                log(f"skipping update of step {step + 1} due to {r.skipped}")
+            log(f"step {step + 1:4d}/{cfg.max_steps} | train loss {loss:.6f} | norm {r.norm:.4f} | "
+                f"lr {r.lr:.2e} | {ms:.2f} ms | {B * T * accum_steps / (ms / 1000.0):.0f} tok/s")
             if logfile:
-                logfile.write(f"s:{step} trl:{loss:.6f}\n")
+                logfile.write(f"s:{step} trl:{loss:.6f} lr:{r.lr:.6f} norm:{r.norm:.2f}\n")
                 logfile.flush()
         if cfg.output_dir:
             path = os.path.join(cfg.output_dir, f"model_{cfg.max_steps:08d}.bin")

@@ -41,7 +41,10 @@ def test_train_help_lists_every_default():
     for flag, value in [("-i", d.train_pattern), ("-j", d.val_pattern), ("-e", d.model),
                         ("-b", d.batch_size), ("-t", d.seq_len), ("-l", d.learning_rate),
                         ("-x", d.max_steps), ("-v", d.val_every), ("-m", d.val_batches),
-                        ("-s", d.sample_every), ("-g", d.gen_tokens), ("-o", d.output_dir)]:
+                        ("-s", d.sample_every), ("-g", d.gen_tokens), ("-o", d.output_dir),
+                        ("-d", d.total_batch_size), ("-k", d.lr_schedule), ("-u", d.warmup_iters),
+                        ("-q", d.final_lr_frac), ("-c", d.weight_decay), ("-sl", d.skip_loss_z),
+                        ("-sg", d.skip_norm_z)]:
         assert re.search(rf"^\s+{flag} ", out, re.M), f"{flag} missing from --help:\n{out}"
         assert f"(default: {value})" in flat, f"default {value} of {flag} missing from --help"
 
@@ -110,6 +113,30 @@ def test_train_missing_model_file(tmp_path):
 def test_train_rejects_bad_numbers():
     r = llmcu("train", "-b", 0, check=False)
     assert r.returncode == 2 and "--batch-size must be > 0, got 0" in r.stderr, r.stderr
+
+
+def test_train_total_batch_size_must_be_a_multiple_of_bt():
+    r = llmcu("train", "-b", 4, "-t", 64, "-d", 1000, check=False)
+    assert r.returncode == 2 and "1000" in r.stderr and "256" in r.stderr, r.stderr
+
+
+def test_train_unknown_lr_schedule():
+    r = llmcu("train", "-k", "cosin", check=False)
+    assert r.returncode == 2 and "cosine" in r.stderr and "wsd" in r.stderr, r.stderr
+
+
+def test_train_optimisation_flags_reach_the_loop(shakespeare, tmp_path):
+    """-d/-k/-u/-q/-sl/-sg parse (two-letter single-dash flags included) and drive the run."""
+    from llmcu.cpu.gpt2 import init_parameters
+    cfg = GPT2Config(max_seq_len=16, vocab_size=50257, num_layers=1, num_heads=2, channels=16)
+    path = tmp_path / "tiny.bin"
+    formats.write_model(path, cfg, init_parameters(cfg, seed=5))
+    r = llmcu("train", "-e", path, "-i", shakespeare / "tiny_shakespeare_train.bin", "-j", "",
+              "-b", 2, "-t", 8, "-d", 32, "-x", 4, "-s", 0, "-l", 1e-3, "-k", "linear", "-u", 1,
+              "-q", 0.0, "-sl", 3.0, "-sg", 3.0)
+    assert "grad accumulation steps: 2" in r.stdout, r.stdout
+    lrs = re.findall(r"^step +\d+/4 \| .* \| lr ([\d.e+-]+) \|", r.stdout, re.M)
+    assert lrs == ["1.00e-03", "1.00e-03", "6.67e-04", "3.33e-04"], r.stdout
 
 
 @pytest.mark.skipif(__import__("llmcu.cuda").cuda.is_available(), reason="a GPU is usable here")

@@ -183,8 +183,11 @@ class GPT2:
         else:
             self.grads.fill(0.0)
 
-    def backward(self):
-        """Accumulate d(mean loss)/d(params) into self.grads."""
+    def backward(self, loss_scale=1.0):
+        """Accumulate loss_scale * d(mean loss)/d(params) into self.grads.
+
+        loss_scale = 1/grad_accum_steps makes the accumulated gradient that of
+        the mean loss over the micro-batches (llm.c's dloss_mean)."""
         if self._targets is None:
             raise RuntimeError("GPT2.backward: call forward(inputs, targets) with targets first")
         if self.grads is None:
@@ -192,7 +195,7 @@ class GPT2:
         cfg, p, g, a = self.config, self.p, self.g, self.acts
         B, T, C, NH = a.B, a.T, cfg.channels, cfg.num_heads
 
-        dlosses = np.full((B, T), 1.0 / (B * T), dtype=np.float32)
+        dlosses = np.full((B, T), loss_scale / (B * T), dtype=np.float32)
         dlogits = np.empty_like(a.logits)
         crossentropy_softmax_backward(dlogits, dlosses, a.probs, self._targets, cfg.vocab_size)
 
@@ -226,19 +229,26 @@ class GPT2:
         encoder_backward(g["wte"], g["wpe"], dres, self._inputs)
 
     # -- update -------------------------------------------------------------
+    def grad_norm(self) -> float:
+        """The global gradient norm (what update() clips)."""
+        if self.grads is None:
+            raise RuntimeError("GPT2.grad_norm: no gradients; call backward first")
+        return global_norm(self.grads)
+
     def update(self, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-               grad_clip=None):
+               grad_clip=None, grad_norm=None):
         """AdamW at 1-based `step`; returns the gradient norm before clipping.
 
         Weight decay applies to matrices and embeddings only (DECAYED).
-        grad_clip=None or <= 0 disables clipping.
+        grad_clip=None or <= 0 disables clipping. grad_norm: the norm from
+        grad_norm(), if the caller has it already (saves a pass over the grads).
         """
         if self.grads is None:
             raise RuntimeError("GPT2.update: no gradients; call backward first")
         if self.m is None:
             self.m = np.zeros_like(self.params)
             self.v = np.zeros_like(self.params)
-        norm = global_norm(self.grads)
+        norm = global_norm(self.grads) if grad_norm is None else float(grad_norm)
         scale = clip_scale(norm, grad_clip)
         offset = 0
         for name, shape in self.config.parameter_shapes():

@@ -155,8 +155,9 @@ class GPT2:
                              "dfch": z(B, T, 4 * C), "dfch_gelu": z(B, T, 4 * C)}
         return self._scratch
 
-    def backward(self):
-        """Accumulate d(mean loss)/d(params) into self.grads; acts.logits becomes dlogits."""
+    def backward(self, loss_scale=1.0):
+        """Accumulate loss_scale * d(mean loss)/d(params) into self.grads; acts.logits
+        becomes dlogits. loss_scale = 1/grad_accum_steps for gradient accumulation."""
         if self._targets is None:
             raise RuntimeError("GPT2.backward: call forward(inputs, targets) with targets first")
         if self.grads is None:
@@ -166,7 +167,7 @@ class GPT2:
         s = self._backward_scratch(B, T)
         dres, dtmp, dln = s["dres"], s["dtmp"], s["dln"]
 
-        fused_classifier_dlogits(a.logits, a.losses, self._targets, cfg.vocab_size, 1.0 / (B * T))
+        fused_classifier_dlogits(a.logits, a.losses, self._targets, cfg.vocab_size, loss_scale / (B * T))
         matmul_backward(s["dlnf"], g["wte"], None, a.logits, a.lnf, p["wte"])
         last = a.residual3[-1] if cfg.num_layers else a.encoded
         layernorm_backward(dres, g["lnfw"], g["lnfb"], s["dlnf"], last, p["lnfw"], a.lnf_mean, a.lnf_rstd)
@@ -187,14 +188,22 @@ class GPT2:
         encoder_backward(g["wte"], g["wpe"], dres, self._inputs)
         self._targets = None  # the logits are gone: a second backward needs a new forward
 
-    def update(self, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=None):
-        """AdamW at 1-based `step`; returns the gradient norm before clipping."""
+    def grad_norm(self) -> float:
+        """The global gradient norm (what update() clips)."""
+        if self.grads is None:
+            raise RuntimeError("GPT2.grad_norm: no gradients; call backward first")
+        return global_norm(self.grads)
+
+    def update(self, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=None,
+               grad_norm=None):
+        """AdamW at 1-based `step`; returns the gradient norm before clipping
+        (grad_norm: the norm from grad_norm(), if the caller has it already)."""
         if self.grads is None:
             raise RuntimeError("GPT2.update: no gradients; call backward first")
         if self.m is None:
             self.m = self.xp.zeros_like(self.params)
             self.v = self.xp.zeros_like(self.params)
-        norm = global_norm(self.grads)
+        norm = global_norm(self.grads) if grad_norm is None else float(grad_norm)
         scale = clip_scale(norm, grad_clip)
         offset = 0
         for name, shape in self.config.parameter_shapes():
