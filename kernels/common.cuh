@@ -5,9 +5,9 @@
 // for the CPU emulator (llmcu/emu), which force-includes a shim that defines
 // LLMCU_EMU and runs every CUDA thread as a fiber. Hence the kernels use a small
 // CUDA subset only (see kernels/README.md): no cooperative groups, no inline
-// PTX, no float4, full-warp shuffles, dynamic shared memory only through
-// DYNAMIC_SHARED below. NVRTC includes no system headers, so nothing here
-// includes any.
+// PTX, no float4 (16-byte loads go through Packed128 below), full-warp
+// shuffles, dynamic shared memory only through DYNAMIC_SHARED below. NVRTC
+// includes no system headers, so nothing here includes any.
 #pragma once
 
 // Activations and parameters are floatX (float now, __nv_bfloat16 later);
@@ -41,6 +41,30 @@ __device__ __forceinline__ floatX from_float(float x) { return (floatX)x; }
 #else
 #define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
 #endif
+
+// ----------------------------------------------------------------------------
+// 16-byte packets (llm.c's Packed128): one 128-bit load or store moves
+// x128::size floatX values (4 floats, 8 bf16) instead of one. A plain aligned
+// struct rather than float4, so it works for any floatX and runs unchanged
+// under the emulator. The address must be 16-byte aligned: the base pointer
+// (cudaMalloc/CuPy give 256-byte alignment) and the offset, i.e. a row of C
+// values starts aligned only when C % x128::size == 0. The wrappers check both.
+
+template <class T>
+struct alignas(16) Packed128 {
+    static constexpr int size = 16 / sizeof(T);
+    T payload[size];
+    __device__ __forceinline__ T& operator[](int i) { return payload[i]; }
+    __device__ __forceinline__ const T& operator[](int i) const { return payload[i]; }
+};
+typedef Packed128<floatX> x128;
+
+__device__ __forceinline__ x128 load128(const floatX* address) {
+    return *reinterpret_cast<const x128*>(address);
+}
+__device__ __forceinline__ void store128(floatX* address, const x128& value) {
+    *reinterpret_cast<x128*>(address) = value;
+}
 
 // ----------------------------------------------------------------------------
 // Warp reductions: all 32 lanes of the warp must call them (full mask), and
