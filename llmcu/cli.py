@@ -28,7 +28,9 @@ def _add_train(sub):
     p.add_argument("-i", "--train-data", default=d.train_pattern, help="train token shards (glob pattern)")
     p.add_argument("-j", "--val-data", default=d.val_pattern, help="val token shards (glob pattern)")
     p.add_argument("-e", "--model", default=d.model,
-                   help="model to start from: an llm.c .bin checkpoint or a descriptor (d6, d12, d24, d36, d48, gpt2, ...)")
+                   help="model to start from: an llm.c .bin checkpoint, hf:DIR_OR_NAME for pretrained Hugging Face "
+                        "GPT-2 weights (hf:gpt2 downloads when the network allows), or a descriptor "
+                        "(d6, d12, d24, d36, d48, gpt2, ...) for a random init of that size")
     p.add_argument("-o", "--output-dir", default=d.output_dir, help="directory for main.log and the final model")
     p.add_argument("-b", "--batch-size", type=int, default=d.batch_size, help="micro-batch size B")
     p.add_argument("-t", "--seq-len", type=int, default=d.seq_len, help="sequence length T")
@@ -54,6 +56,14 @@ def _add_train(sub):
                    help="skip the update when the loss z-score over the last 128 steps exceeds this (0: off)")
     p.add_argument("-sg", "--skip-norm-z", type=float, default=d.skip_norm_z,
                    help="skip the update when the grad-norm z-score over the last 128 steps exceeds this (0: off)")
+    p.add_argument("-n", "--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="write a checkpoint to -o every N steps and at the last step: model_%%08d.bin, "
+                        "state_%%08d_00000.bin (AdamW moments, step, RNG, data position), DONE_%%08d (0: off)")
+    p.add_argument("-nk", "--checkpoint-keep", type=int, default=d.checkpoint_keep,
+                   help="keep only the newest K complete checkpoints, deleting older ones (0: keep all)")
+    p.add_argument("-y", "--resume", type=int, default=d.resume, choices=[0, 1],
+                   help="1: resume from the newest complete checkpoint in -o (bit-identical to an "
+                        "uninterrupted run)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for the random init and sampling")
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda", "emu", "auto"],
                    help="cpu: the NumPy model; cuda: the CUDA kernels on a GPU; emu: the same kernels "
@@ -66,6 +76,76 @@ def _add_tokenizer(sub):
     p.add_argument("--out", default="gpt2_tokenizer.bin")
 
 
+def _add_sample(sub):
+    p = sub.add_parser("sample", help="generate text from a model (KV-cached)",
+                       description="Print the prompt followed by the sampled continuation. An empty "
+                                   "prompt starts from <|endoftext|> and prints only the continuation. "
+                                   "Prompt + new tokens must fit the model's max_seq_len.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-e", "--model", required=True,
+                   help="an llm.c .bin checkpoint, or a descriptor (d6, d12, ...) for a random init")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
+    p.add_argument("-g", "--tokens", type=int, default=64, help="number of new tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: fresh randomness)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole sequence for every token (llm.c's way; slow)")
+
+
+def _run_sample(parser, a) -> int:
+    _positive(parser, "--tokens", a.tokens, zero_ok=True)
+    if a.temperature < 0:
+        parser.error(f"--temperature must be >= 0, got {a.temperature}")
+    if a.top_k is not None:
+        _positive(parser, "--top-k", a.top_k)
+    from .sample import sample_text
+    from .train import build_model
+    model = build_model(a.model, device="cpu")  # a descriptor: the same random init every run
+    text = sample_text(model, a.prompt, a.tokens, temperature=a.temperature, top_k=a.top_k,
+                       seed=a.seed, use_cache=not a.no_cache)
+    print(text)
+    return 0
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="convert between Hugging Face GPT-2 and llm.c checkpoints",
+                       description="--from-hf DIR_OR_NAME --out model.bin: import a Hugging Face GPT-2 "
+                                   "checkpoint (a local directory with config.json and model.safetensors "
+                                   "or pytorch_model.bin, or a hub name such as gpt2 when the network "
+                                   "allows) into an llm.c model file. --to-hf DIR --model model.bin: "
+                                   "write config.json and model.safetensors into DIR, which "
+                                   "transformers.GPT2LMHeadModel.from_pretrained(DIR) loads.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="DIR_OR_NAME", help="Hugging Face checkpoint to import")
+    way.add_argument("--to-hf", metavar="DIR", help="directory to export a Hugging Face checkpoint to")
+    p.add_argument("--out", help="llm.c model file to write (with --from-hf)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="parameter dtype of the written llm.c file (with --from-hf)")
+    p.add_argument("--model", help="llm.c model file to export (with --to-hf)")
+
+
+def _run_convert(parser, a) -> int:
+    from . import formats, hf
+    if a.from_hf is not None:
+        if not a.out:
+            parser.error("convert --from-hf needs --out model.bin")
+        try:
+            config, params = hf.import_hf(a.from_hf)
+        except ImportError as e:  # pytorch_model.bin without torch
+            raise ValueError(str(e)) from None
+        formats.write_model(a.out, config, params, dtype=a.dtype)
+        print(f"wrote {a.out} ({config}, {a.dtype})")
+    else:
+        if not a.model:
+            parser.error("convert --to-hf needs --model model.bin")
+        config, params = formats.read_model(a.model)
+        hf.export_hf(a.to_hf, config, params)
+        print(f"wrote {a.to_hf}/config.json and {a.to_hf}/model.safetensors ({config})")
+    return 0
+
+
 def _positive(parser, name, value, zero_ok=False):
     if value < 0 or (value == 0 and not zero_ok):
         parser.error(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
@@ -76,7 +156,8 @@ def _run_train(parser, a) -> int:
     for name in ("batch_size", "seq_len", "max_steps", "val_batches"):
         _positive(parser, "--" + name.replace("_", "-"), getattr(a, name), zero_ok=name == "max_steps")
     for name in ("val_every", "sample_every", "gen_tokens", "grad_clip", "weight_decay",
-                 "warmup_iters", "final_lr_frac", "skip_loss_z", "skip_norm_z"):
+                 "warmup_iters", "final_lr_frac", "skip_loss_z", "skip_norm_z",
+                 "checkpoint_every", "checkpoint_keep"):
         _positive(parser, "--" + name.replace("_", "-"), getattr(a, name), zero_ok=True)
     if a.learning_rate <= 0:
         parser.error(f"--learning-rate must be > 0, got {a.learning_rate}")
@@ -97,7 +178,9 @@ def _run_train(parser, a) -> int:
                       seed=a.seed, weight_decay=a.weight_decay, grad_clip=a.grad_clip, device=device,
                       total_batch_size=a.total_batch_size, lr_schedule=a.lr_schedule,
                       warmup_iters=a.warmup_iters, final_lr_frac=a.final_lr_frac,
-                      skip_loss_z=a.skip_loss_z, skip_norm_z=a.skip_norm_z)
+                      skip_loss_z=a.skip_loss_z, skip_norm_z=a.skip_norm_z,
+                      checkpoint_every=a.checkpoint_every, checkpoint_keep=a.checkpoint_keep,
+                      resume=a.resume)
     train(cfg, log=lambda s: print(s, flush=True))
     return 0
 
@@ -108,6 +191,8 @@ def main(argv=None) -> int:
     _add_prepare(sub)
     _add_train(sub)
     _add_tokenizer(sub)
+    _add_sample(sub)
+    _add_convert(sub)
     a = parser.parse_args(argv)
     from .data import DatasetError
     from .formats import FormatError
@@ -121,6 +206,10 @@ def main(argv=None) -> int:
             return 0
         if a.command == "train":
             return _run_train(parser, a)
+        if a.command == "sample":
+            return _run_sample(parser, a)
+        if a.command == "convert":
+            return _run_convert(parser, a)
         if a.command == "tokenizer":
             from .tokenizer import write_tokenizer_bin
             write_tokenizer_bin(a.out)

@@ -164,3 +164,6 @@ class TrainConfig:
     final_lr_frac: float = 1.0   # -q  final lr = learning_rate * final_lr_frac (1.0: no decay)
     skip_loss_z: float = 0.0     # -sl skip the update when the loss z-score exceeds this (0: off)
     skip_norm_z: float = 0.0     # -sg skip the update when the grad-norm z-score exceeds this (0: off)
+    checkpoint_every: int = 0    # -n  write a checkpoint (model, state, DONE) to -o every N steps (0: off)
+    checkpoint_keep: int = 0     # -nk keep only the newest K complete checkpoints (0: all)
+    resume: int = 0              # -y  1: resume from the newest complete checkpoint in -o

@@ -12,6 +12,8 @@ was found. Writers go through atomic_write, so nothing is written half-way.
     debug      20240327  v2                 B T            | x y logits loss grads
     tokenizer  20240328  v2                 n eot          | n x (len byte, bytes)
     shard      20240520  v1                 ntok           | ntok x uint16
+    state      20240527  v1  llm.c's header + llmcu's fields | m v windows rng
+                                   (training state beside a model checkpoint)
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ MODEL_MAGIC = 20240326
 DEBUG_STATE_MAGIC = 20240327
 TOKENIZER_MAGIC = 20240328
 SHARD_MAGIC = 20240520
+TRAIN_STATE_MAGIC = 20240527  # llm.c's state_%08d_%05d.bin
 
 MODEL_VERSION_FP32 = 3
 MODEL_VERSION_BF16 = 5
 DEBUG_STATE_VERSION = 2
 TOKENIZER_VERSION = 2
 SHARD_VERSION = 1
+TRAIN_STATE_VERSION = 1
 
 _MODEL_DTYPES = {"float32": MODEL_VERSION_FP32, "bfloat16": MODEL_VERSION_BF16}
 
@@ -379,3 +383,112 @@ def read_tokenizer_bin(path) -> tuple[list[bytes], int]:
                           f"{n} tokens, found {HEADER_BYTES + len(data)} "
                           f"({len(data) - pos} trailing bytes)")
     return tokens, eot
+
+
+# ----------------------------------------------------------------------------
+# training state (llm.c's state_%08d_%05d.bin, plus what llmcu needs to resume exactly)
+#
+# header (int32 slots; u64 = two slots, little-endian), llm.c's fields first:
+#   [0] 20240527  [1] version 1  [2] num_processes (1)  [3] rank (0)
+#   [4] use_master_weights (0)  [5] should_shuffle (0: the DataLoader reads in order)
+#   [10] step     [20:22] u64 rng_state (0: unused)  [22:24] u64 rng_state_last_update (0)
+#   [30:32] u64 train loader shard index  [32:34] u64 sample index (-1 as 2**64-1)
+# llmcu's fields (all 0 in a file from llm.c):
+#   [40] extension version (1)  [41] B  [42] T  [43] outlier window size
+#   [44:46] u64 num_parameters  [46] nL  [47] nN (values in the loss / grad-norm
+#   outlier windows)  [48] nR (bytes of the sampling RNG's state, JSON)
+# payload: m float32[N], v float32[N] (llm.c's order; llm.c reads up to here),
+#   loss window float64[nL], norm window float64[nN], RNG state JSON bytes[nR]
+
+TRAIN_STATE_EXTENSION = 1
+
+
+@dataclass
+class TrainState:
+    step: int                  # optimizer steps taken; training resumes at this step
+    m: np.ndarray              # AdamW first moment, flat float32
+    v: np.ndarray              # AdamW second moment, flat float32
+    loader: dict               # DataLoader.state(): shard_index, sample_index
+    B: int = 0                 # micro-batch shape the loader position refers to (0: unknown)
+    T: int = 0
+    window: int = 0            # outlier detector window size (0: unknown)
+    loss_window: list = None   # the loss outlier detector's values, oldest first
+    norm_window: list = None   # the grad-norm outlier detector's values, oldest first
+    rng_state: dict | None = None  # numpy bit_generator.state of the sampling RNG
+
+
+def write_train_state(path, state: TrainState, _midway=None) -> None:
+    """Write a training state file (layout above) atomically.
+
+    _midway: a test hook called once the header and m are written (it may
+    kill the process, to test that a crash leaves the previous files usable)."""
+    import json
+    m = _check_float32("write_train_state: m", state.m)
+    v = _check_float32("write_train_state: v", state.v, size=m.size)
+    loss_w = np.asarray(state.loss_window or [], dtype="<f8")
+    norm_w = np.asarray(state.norm_window or [], dtype="<f8")
+    rng = json.dumps(state.rng_state).encode() if state.rng_state is not None else b""
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0:6] = TRAIN_STATE_MAGIC, TRAIN_STATE_VERSION, 1, 0, 0, 0
+    header[10] = state.step
+    u64 = header.view("<u8")
+    u64[15] = int(state.loader["shard_index"])
+    u64[16] = int(state.loader["sample_index"]) % 2**64  # -1 -> 2**64-1, as llm.c's size_t
+    header[40:44] = TRAIN_STATE_EXTENSION, state.B, state.T, state.window
+    u64[22] = m.size
+    header[46:49] = loss_w.size, norm_w.size, len(rng)
+    with atomic_write(path) as f:
+        f.write(header.tobytes())
+        f.write(m.astype("<f4", copy=False).tobytes())
+        if _midway is not None:
+            f.flush()
+            _midway()
+        f.write(v.astype("<f4", copy=False).tobytes())
+        f.write(loss_w.tobytes())
+        f.write(norm_w.tobytes())
+        f.write(rng)
+
+
+def read_train_state(path, num_parameters: int) -> TrainState:
+    """Read a training state file for a model of `num_parameters` parameters."""
+    import json
+    path = os.fspath(path)
+    what = "training state"
+    with open(path, "rb") as f:
+        header = _read_header(f, path, TRAIN_STATE_MAGIC, (TRAIN_STATE_VERSION,), what)
+        raw = np.array(header, dtype=np.int64).astype("<i4")
+        u64 = raw.view("<u8")
+        if header[2] != 1 or header[3] != 0:
+            raise FormatError(f"{path}: expected a single-process state (num_processes 1, rank 0), "
+                              f"found num_processes {header[2]}, rank {header[3]}")
+        if header[4] != 0 or header[5] != 0:
+            raise FormatError(f"{path}: expected use_master_weights 0 and should_shuffle 0 "
+                              f"(llmcu has neither), found {header[4]} and {header[5]}")
+        ext = header[40]
+        if ext not in (0, TRAIN_STATE_EXTENSION):
+            raise FormatError(f"{path}: unknown llmcu state extension: expected "
+                              f"{TRAIN_STATE_EXTENSION} (or 0, llm.c), found {ext}")
+        if ext and int(u64[22]) != num_parameters:
+            raise FormatError(f"{path}: state for {int(u64[22])} parameters, expected "
+                              f"{num_parameters} (the model's)")
+        nL, nN, nR = (header[46], header[47], header[48]) if ext else (0, 0, 0)
+        if min(nL, nN, nR) < 0:
+            raise FormatError(f"{path}: bad state header: negative lengths {nL}, {nN}, {nR}")
+        _check_size(f, path, HEADER_BYTES + 8 * num_parameters + 8 * (nL + nN) + nR,
+                    f"{num_parameters} parameters' m and v, {nL}+{nN} window values, "
+                    f"{nR} RNG bytes")
+        m = _read_array(f, "<f4", num_parameters)
+        v = _read_array(f, "<f4", num_parameters)
+        loss_w = [float(x) for x in _read_array(f, "<f8", nL)]
+        norm_w = [float(x) for x in _read_array(f, "<f8", nN)]
+        rng = f.read(nR)
+    sample = int(u64[16])
+    try:
+        rng_state = json.loads(rng.decode()) if nR else None
+    except ValueError as e:
+        raise FormatError(f"{path}: the RNG state is not valid JSON: {e}") from e
+    return TrainState(step=header[10], m=m, v=v,
+                      loader={"shard_index": int(u64[15]),
+                              "sample_index": -1 if sample == 2**64 - 1 else sample},
+                      B=header[41], T=header[42], window=header[43],
+                      loss_window=loss_w, norm_window=norm_w, rng_state=rng_state)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import formats
+from . import checkpoint, formats
 from .config import GPT2Config, TrainConfig, gpt2_config
 from .data import DataLoader
 from .schedule import check_schedule, grad_accum_steps, learning_rate
@@ -42,14 +42,24 @@ def build_model(spec: str, device: str = "cpu", seed: int = 42, max_seq_len: int
     """A model from a checkpoint file (llm.c format) or a descriptor like 'd12'.
 
     device: "cpu" (the NumPy model), "cuda" (the kernels on a GPU) or "emu"
-    (the same kernels emulated on the CPU: slow, for tests)."""
-    if spec.endswith(".bin") or os.path.sep in spec or os.path.exists(spec):
+    (the same kernels emulated on the CPU: slow, for tests). 'hf:PATH_OR_NAME'
+    loads pretrained Hugging Face GPT-2 weights (llmcu.hf.import_hf); a bare
+    descriptor such as 'gpt2' is a random init of that size."""
+    if spec.startswith("hf:"):
+        from .hf import import_hf
+        config, params = import_hf(spec[3:])
+    elif spec.endswith(".bin") or os.path.sep in spec or os.path.exists(spec):
         if not os.path.exists(spec):
             raise FileNotFoundError(f"model checkpoint {spec} not found; pass a .bin file written by "
                                     f"llmcu or llm.c, or a descriptor such as d6 or d12")
         config, params = formats.read_model(spec)
     else:
         config, params = gpt2_config(spec, max_seq_len=max_seq_len), None
+    return make_model(config, params, device, seed)
+
+
+def make_model(config: GPT2Config, params, device: str = "cpu", seed: int = 42):
+    """The backend model for `device` with these parameters (None: a random init)."""
     if device == "cpu":
         from .cpu.gpt2 import GPT2
         return GPT2(config, params, seed=seed)
@@ -60,32 +70,12 @@ def build_model(spec: str, device: str = "cpu", seed: int = 42, max_seq_len: int
 def sample(model, prompt_tokens, n_tokens, rng, temperature=1.0, top_k=None):
     """Autoregressive sampling; returns the generated token ids (prompt excluded).
 
-    Recomputes the whole prefix for every token (no KV cache yet), on its own
-    activation buffers so the training activations are left alone. The window
-    slides once the sequence is longer than the model's max_seq_len.
+    llmcu.sample.generate with its KV cache (on the NumPy parameters, so the
+    training activations are left alone); prompt + n_tokens must fit the
+    model's max_seq_len.
     """
-    cfg = model.config
-    sampler = model.sampler()
-    tokens = list(prompt_tokens)
-    out = []
-    for _ in range(n_tokens):
-        window = np.asarray(tokens[-cfg.max_seq_len:], dtype=np.int32)[None, :]
-        sampler.forward(window)
-        logits = sampler.acts.logits[0, -1, :cfg.vocab_size]
-        logits = (logits.get() if hasattr(logits, "get") else logits).astype(np.float64)
-        if temperature <= 0:
-            nxt = int(np.argmax(logits))
-        else:
-            logits = logits / temperature
-            if top_k is not None and 0 < top_k < logits.size:
-                cutoff = np.partition(logits, -top_k)[-top_k]
-                logits = np.where(logits < cutoff, -np.inf, logits)
-            probs = np.exp(logits - logits.max())
-            probs /= probs.sum()
-            nxt = int(rng.choice(probs.size, p=probs))
-        tokens.append(nxt)
-        out.append(nxt)
-    return out
+    from .sample import generate
+    return generate(model, prompt_tokens, n_tokens, temperature=temperature, top_k=top_k, rng=rng)
 
 
 def print_model_summary(config: GPT2Config, log=print):
@@ -185,7 +175,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
     B, T = cfg.batch_size, cfg.seq_len
     check_schedule(cfg.lr_schedule)
     accum_steps = grad_accum_steps(cfg.total_batch_size, B, T)
-    model = build_model(cfg.model, cfg.device, cfg.seed)
+    if (cfg.checkpoint_every > 0 or cfg.resume) and not cfg.output_dir:
+        raise ValueError("-n (checkpoints) and -y 1 (resume) need an output dir: pass -o DIR")
+    resumed = None
+    if cfg.resume:
+        resumed = checkpoint.load_latest(cfg.output_dir, cfg.model)  # (step, config, params, state)
+        if resumed[0] > cfg.max_steps:
+            raise ValueError(f"-y 1: the newest checkpoint in {cfg.output_dir} is at step "
+                             f"{resumed[0]}, past -x {cfg.max_steps}; pass -x >= {resumed[0]}")
+        model = make_model(resumed[1], resumed[2], cfg.device, cfg.seed)
+    else:
+        model = build_model(cfg.model, cfg.device, cfg.seed)
     config = model.config
     if T > config.max_seq_len:
         raise ValueError(f"seq_len T={T} exceeds the model's max_seq_len={config.max_seq_len}")
@@ -205,12 +205,24 @@ def train(cfg: TrainConfig, log=print) -> dict:
     logfile = None
     if cfg.output_dir:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        logfile = open(os.path.join(cfg.output_dir, "main.log"), "w")
+        logfile = open(os.path.join(cfg.output_dir, "main.log"), "a" if resumed else "w")
     rng = np.random.default_rng(cfg.seed)
     history = {"train": [], "val": [], "lr": [], "skipped": []}
+    start = 0
+    if resumed:
+        start = resumed[0]
+        checkpoint.restore(resumed[3], model, train_loader, rng, loss_detector, norm_detector,
+                           checkpoint.state_path(cfg.output_dir, start))
+        log(f"resuming from step {start}: {checkpoint.model_path(cfg.output_dir, start)}")
     try:
-        for step in range(cfg.max_steps + 1):
+        for step in range(start, cfg.max_steps + 1):
             last = step == cfg.max_steps
+            # a checkpoint holds the state at the top of its step, before eval and sampling
+            # (which use the RNG), so a resumed run repeats exactly what this run does next
+            if cfg.checkpoint_every > 0 and step > 0 and step != start and (
+                    step % cfg.checkpoint_every == 0 or last):
+                checkpoint.save(cfg.output_dir, step, model, train_loader, rng, loss_detector,
+                                norm_detector, keep=cfg.checkpoint_keep, log=log)
             if val_loader is not None and val_batches > 0 and cfg.val_every > 0 and (
                     step % cfg.val_every == 0 or last):
                 val_loss = evaluate(model, val_loader, val_batches)
@@ -241,8 +253,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
             if logfile:
                 logfile.write(f"s:{step} trl:{loss:.6f} lr:{r.lr:.6f} norm:{r.norm:.2f}\n")
                 logfile.flush()
-        if cfg.output_dir:
-            path = os.path.join(cfg.output_dir, f"model_{cfg.max_steps:08d}.bin")
+        if cfg.output_dir and cfg.checkpoint_every == 0:  # with -n the last checkpoint holds it
+            path = checkpoint.model_path(cfg.output_dir, cfg.max_steps)
             formats.write_model(path, config, model.params_host())
             log(f"wrote {path}")
     finally:

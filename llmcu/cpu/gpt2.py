@@ -131,6 +131,20 @@ class GPT2:
     def params_host(self) -> np.ndarray:
         return self.params
 
+    def optimizer_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """AdamW's (m, v) as host arrays, zeros before the first update (for checkpoints)."""
+        if self.m is None:
+            return np.zeros_like(self.params), np.zeros_like(self.params)
+        return self.m, self.v
+
+    def load_optimizer_state(self, m: np.ndarray, v: np.ndarray) -> None:
+        """Set AdamW's moments (from a checkpoint); the next update continues from them."""
+        for name, a in (("m", m), ("v", v)):
+            if a.dtype != np.float32 or a.shape != self.params.shape:
+                raise ValueError(f"GPT2.load_optimizer_state: {name} must be float32 of shape "
+                                 f"{self.params.shape}, got {a.dtype} {a.shape}")
+        self.m, self.v = np.array(m), np.array(v)
+
     # -- forward ------------------------------------------------------------
     def forward(self, inputs, targets=None):
         cfg, p = self.config, self.p

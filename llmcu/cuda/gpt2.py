@@ -222,3 +222,18 @@ class GPT2:
     def params_host(self) -> np.ndarray:
         """The parameters as a NumPy array (a copy on the GPU, the buffer itself under emu)."""
         return self.params.get() if hasattr(self.params, "get") else self.params
+
+    def optimizer_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """AdamW's (m, v) as host arrays, zeros before the first update (for checkpoints)."""
+        if self.m is None:
+            zeros = np.zeros(self.params.shape, dtype=np.float32)
+            return zeros, zeros.copy()
+        return tuple(a.get() if hasattr(a, "get") else a for a in (self.m, self.v))
+
+    def load_optimizer_state(self, m: np.ndarray, v: np.ndarray) -> None:
+        """Set AdamW's moments (from a checkpoint); the next update continues from them."""
+        for name, a in (("m", m), ("v", v)):
+            if a.dtype != np.float32 or a.shape != tuple(self.params.shape):
+                raise ValueError(f"GPT2.load_optimizer_state: {name} must be float32 of shape "
+                                 f"{tuple(self.params.shape)}, got {a.dtype} {a.shape}")
+        self.m, self.v = self.xp.array(m), self.xp.array(v)

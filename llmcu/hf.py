@@ -1,0 +1,342 @@
+"""Hugging Face GPT-2 interop: import a checkpoint into llm.c's layout, export one back.
+
+    config, params = import_hf("path/to/gpt2")     # or a hub name: "gpt2", "openai-community/gpt2"
+    export_hf("out/gpt2-hf", config, params)         # GPT2LMHeadModel.from_pretrained("out/gpt2-hf")
+
+A Hugging Face GPT-2 directory holds config.json and model.safetensors (or a
+sharded model.safetensors.index.json, or the older pytorch_model.bin). The
+weights carry HF's names, with the four Conv1D weights stored (in, out) where
+llm.c stores (out, in); the LM head is tied to wte. This module is NumPy-only at
+import: safetensors files are read and written by the small built-in code below
+(an 8-byte little-endian header length, a JSON header with dtype, shape and
+byte offsets per tensor, then the raw little-endian data), torch is imported
+only to read pytorch_model.bin, and huggingface_hub only to download by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .config import PARAMETER_NAMES, GPT2Config, parameter_views
+from .formats import atomic_write
+
+# llm.c tensor -> Hugging Face GPT-2 parameter name.
+# "{l}" marks a per-layer tensor: llm.c stacks those over a leading L axis.
+PARAMETER_MAP = {
+    "wte": "transformer.wte.weight",
+    "wpe": "transformer.wpe.weight",
+    "ln1w": "transformer.h.{l}.ln_1.weight",
+    "ln1b": "transformer.h.{l}.ln_1.bias",
+    "qkvw": "transformer.h.{l}.attn.c_attn.weight",
+    "qkvb": "transformer.h.{l}.attn.c_attn.bias",
+    "attprojw": "transformer.h.{l}.attn.c_proj.weight",
+    "attprojb": "transformer.h.{l}.attn.c_proj.bias",
+    "ln2w": "transformer.h.{l}.ln_2.weight",
+    "ln2b": "transformer.h.{l}.ln_2.bias",
+    "fcw": "transformer.h.{l}.mlp.c_fc.weight",
+    "fcb": "transformer.h.{l}.mlp.c_fc.bias",
+    "fcprojw": "transformer.h.{l}.mlp.c_proj.weight",
+    "fcprojb": "transformer.h.{l}.mlp.c_proj.bias",
+    "lnfw": "transformer.ln_f.weight",
+    "lnfb": "transformer.ln_f.bias",
+}
+assert tuple(PARAMETER_MAP) == PARAMETER_NAMES
+
+# Hugging Face stores these as Conv1D weights, (in, out); llm.c and nn.Linear use (out, in).
+HF_CONV1D = frozenset({"qkvw", "attprojw", "fcw", "fcprojw"})
+# Buffers (the causal mask) and the tied head in HF checkpoints: not parameters here.
+HF_IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|^lm_head\.weight$")
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+# safetensors dtype <-> NumPy dtype of the stored bytes (bfloat16 is read as its uint16 bits)
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",
+                       "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+                       "U8": "u1", "BOOL": "?"}
+_NUMPY_TO_SAFETENSORS = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32",
+                         np.dtype(np.float16): "F16", np.dtype(np.int64): "I64",
+                         np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
+                         np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8",
+                         np.dtype(np.bool_): "BOOL"}
+
+# A hub repository id: "gpt2" or "owner/name".
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+# ----------------------------------------------------------------------------
+# safetensors, NumPy only
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+    """A .safetensors file as {name: array}; BF16 tensors widen to float32 exactly."""
+    path = Path(path)
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise ValueError(f"{path}: too short for a safetensors file ({len(data)} bytes)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if 8 + header_len > len(data):
+        raise ValueError(f"{path}: safetensors header of {header_len} bytes runs past the "
+                         f"end of the file ({len(data)} bytes)")
+    header = json.loads(data[8:8 + header_len])
+    base = 8 + header_len
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        count = (end - begin) // np.dtype(dtype).itemsize
+        if base + end > len(data) or count != int(np.prod(info["shape"], dtype=np.int64)):
+            raise ValueError(f"{path}: tensor {name} (shape {info['shape']}, bytes "
+                             f"{begin}..{end}) does not fit the file")
+        arr = np.frombuffer(data, dtype=dtype, count=count, offset=base + begin)
+        if info["dtype"] == "BF16":  # bfloat16 is the top half of a float32
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        out[name] = arr.reshape(info["shape"])
+    return out
+
+
+def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write {name: array} as a .safetensors file (atomically: temp name, then rename)."""
+    header, blobs, offset = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, a in tensors.items():
+        a = np.asarray(a)
+        st = _NUMPY_TO_SAFETENSORS.get(a.dtype)
+        if st is None:
+            raise ValueError(f"write_safetensors: tensor {name} has unsupported dtype {a.dtype}")
+        raw = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": st, "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as the package writes it
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for raw in blobs:
+            f.write(raw)
+
+
+# ----------------------------------------------------------------------------
+# reading a checkpoint directory
+
+def _listing(path: Path) -> str:
+    if not path.is_dir():
+        return "the directory does not exist"
+    found = sorted(p.name for p in path.iterdir())
+    return f"found {', '.join(found) or 'an empty directory'}"
+
+
+def _to_numpy(t) -> np.ndarray:
+    """An array from a NumPy array or a torch tensor (bfloat16 widened to float32)."""
+    if hasattr(t, "detach"):  # torch, without importing it
+        t = t.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        return t.numpy()
+    return np.asarray(t)
+
+
+def load_hf_state_dict(path) -> dict[str, np.ndarray]:
+    """The raw state dict of a Hugging Face checkpoint directory, as NumPy arrays."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return read_safetensors(path / "model.safetensors")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # sharded: {"weight_map": {tensor name: shard file}}
+        state = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(read_safetensors(path / shard))
+        return state
+    if (path / "pytorch_model.bin").is_file():
+        try:
+            import torch
+        except ImportError:
+            raise ImportError(
+                f"{path / 'pytorch_model.bin'} is a PyTorch pickle and reading it needs torch "
+                f"(pip install torch), or convert it to model.safetensors") from None
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return {k: _to_numpy(v) for k, v in state.items()}
+    raise FileNotFoundError(
+        f"Hugging Face checkpoint: no weights in {path}: expected one of "
+        f"{', '.join(HF_WEIGHT_FILES)}; {_listing(path)}")
+
+
+def hf_config(path) -> GPT2Config:
+    """GPT2Config from a Hugging Face GPT-2 config.json (n_layer, n_head, n_embd,
+    n_positions, vocab_size); rejects variants llm.c's GPT-2 cannot express."""
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(
+            f"Hugging Face checkpoint: no config.json in {path} (a Hugging Face GPT-2 directory "
+            f"holds config.json and model.safetensors or pytorch_model.bin); {_listing(path)}")
+    hf = json.loads(cfg_path.read_text())
+    missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if k not in hf]
+    if missing:
+        raise ValueError(f"Hugging Face checkpoint: {cfg_path} lacks {', '.join(missing)}")
+    n_embd = hf["n_embd"]
+    unsupported = []
+    if hf.get("model_type", "gpt2") != "gpt2":
+        unsupported.append(f"model_type={hf['model_type']!r} (need 'gpt2')")
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        unsupported.append(f"n_inner={hf['n_inner']} (llm.c uses 4*n_embd={4 * n_embd})")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        unsupported.append(f"activation_function={hf['activation_function']!r} (need the tanh GELU)")
+    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        unsupported.append(f"layer_norm_epsilon={hf['layer_norm_epsilon']} (llm.c uses 1e-5)")
+    if hf.get("scale_attn_by_inverse_layer_idx", False) or not hf.get("scale_attn_weights", True):
+        unsupported.append("non-standard attention scaling")
+    if hf.get("reorder_and_upcast_attn", False):
+        unsupported.append("reorder_and_upcast_attn")
+    if not hf.get("tie_word_embeddings", True):
+        unsupported.append("untied word embeddings")
+    if unsupported:
+        raise ValueError(f"Hugging Face checkpoint: {cfg_path} describes a GPT-2 variant llm.c "
+                         f"does not support: {'; '.join(unsupported)}")
+    return GPT2Config(max_seq_len=hf.get("n_positions", hf.get("n_ctx", 1024)),
+                      vocab_size=hf["vocab_size"], num_layers=hf["n_layer"],
+                      num_heads=hf["n_head"], channels=n_embd)
+
+
+def hf_to_flat(config: GPT2Config, state: dict) -> np.ndarray:
+    """llm.c's flat float32 parameters from a Hugging Face GPT-2 state dict
+    (NumPy arrays or torch tensors; keys with or without the 'transformer.' prefix)."""
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    flat = np.zeros(config.num_parameters(), dtype=np.float32)
+    views = parameter_views(config, flat)
+    used = set()
+    for name, _ in config.parameter_shapes():
+        key = PARAMETER_MAP[name].removeprefix("transformer.")
+        per_layer = "{l}" in key
+        for l in range(config.num_layers if per_layer else 1):
+            k = key.format(l=l)
+            if k not in state:
+                raise KeyError(f"Hugging Face checkpoint: the checkpoint lacks {k!r} (llm.c {name})")
+            t = _to_numpy(state[k]).astype(np.float32, copy=False)
+            if name in HF_CONV1D:
+                t = t.T
+            dst = views[name][l] if per_layer else views[name]
+            if name == "wte":  # Vp >= V rows: the padding stays zero
+                dst = dst[:config.vocab_size]
+            if tuple(t.shape) != dst.shape:
+                raise ValueError(f"Hugging Face checkpoint: {k} has shape {tuple(state[k].shape)}, "
+                                 f"expected {dst.shape}" + (" transposed" if name in HF_CONV1D else ""))
+            dst[...] = t
+            used.add(k)
+    head = state.get("lm_head.weight")
+    if head is not None and not np.array_equal(_to_numpy(head).astype(np.float32),
+                                               _to_numpy(state["wte.weight"]).astype(np.float32)):
+        raise ValueError("Hugging Face checkpoint: lm_head.weight differs from wte.weight; "
+                         "llm.c's GPT-2 ties the two")
+    extra = sorted(k for k in state if k not in used and not HF_IGNORED.search(k))
+    if extra:
+        raise ValueError(f"Hugging Face checkpoint: unexpected tensors: {', '.join(extra[:10])}")
+    return flat
+
+
+def _download(name: str) -> Path:
+    """A hub repository's config and weights via huggingface_hub (cached); clear errors otherwise."""
+    hint = (f"download the checkpoint directory (config.json and model.safetensors, e.g. from "
+            f"https://huggingface.co/{name}) on a machine with network access and pass its path")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(
+            f"{name!r} is not a local directory, and fetching it from the Hugging Face hub "
+            f"needs huggingface_hub (pip install huggingface_hub); or {hint}") from None
+    try:
+        local = Path(snapshot_download(repo_id=name, allow_patterns=[
+            "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]))
+        if not any((local / f).is_file() for f in HF_WEIGHT_FILES):  # an older repo: .bin only
+            local = Path(snapshot_download(repo_id=name, allow_patterns=["config.json", "pytorch_model.bin"]))
+    except Exception as e:  # offline, no such repository, gated, ...
+        raise FileNotFoundError(
+            f"{name!r} is not a local directory and could not be fetched from the Hugging Face "
+            f"hub ({type(e).__name__}: {e}); {hint}") from None
+    return local
+
+
+def resolve_hf(path_or_name) -> Path:
+    """A local checkpoint directory: the path itself, or a hub name downloaded to the cache."""
+    s = os.fspath(path_or_name)
+    p = Path(s).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise FileNotFoundError(f"Hugging Face checkpoint: {p} is a file; pass the directory "
+                                    f"holding config.json and model.safetensors")
+        return p
+    if _HUB_NAME.fullmatch(s) and not s.startswith((".", "~")):
+        return _download(s)
+    raise FileNotFoundError(f"Hugging Face checkpoint: {p}: the directory does not exist")
+
+
+def import_hf(path_or_name) -> tuple[GPT2Config, np.ndarray]:
+    """(config, flat float32 params in llm.c's layout) from a Hugging Face GPT-2
+    checkpoint: a local directory or a hub name ("gpt2", "openai-community/gpt2")."""
+    path = resolve_hf(path_or_name)
+    config = hf_config(path)
+    return config, hf_to_flat(config, load_hf_state_dict(path))
+
+
+# ----------------------------------------------------------------------------
+# export
+
+def hf_config_dict(config: GPT2Config) -> dict:
+    """config.json for transformers' GPT2LMHeadModel (dropout off, the tanh GELU, tied head)."""
+    return {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size, "n_positions": config.max_seq_len,
+        "n_ctx": config.max_seq_len, "n_embd": config.channels, "n_layer": config.num_layers,
+        "n_head": config.num_heads, "n_inner": None, "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False, "use_cache": True,
+        "tie_word_embeddings": True, "bos_token_id": config.vocab_size - 1,
+        "eos_token_id": config.vocab_size - 1, "torch_dtype": "float32",
+    }
+
+
+def flat_to_hf(config: GPT2Config, flat) -> dict[str, np.ndarray]:
+    """HF GPT-2 state dict (float32, 'transformer.' names, Conv1D (in, out), wte
+    unpadded to V rows, no lm_head: transformers ties it to wte)."""
+    flat = np.asarray(flat)
+    if flat.dtype != np.float32:
+        raise ValueError(f"flat_to_hf: params must be float32, found {flat.dtype}")
+    views = parameter_views(config, flat)
+    state = {}
+    for name, _ in config.parameter_shapes():
+        key = PARAMETER_MAP[name]
+        per_layer = "{l}" in key
+        for l in range(config.num_layers if per_layer else 1):
+            t = views[name][l] if per_layer else views[name]
+            if name == "wte":
+                t = t[:config.vocab_size]
+            if name in HF_CONV1D:
+                t = t.T
+            state[key.format(l=l)] = np.ascontiguousarray(t)
+    return state
+
+
+def export_hf(out_dir, config: GPT2Config, flat_params) -> Path:
+    """Write config.json and model.safetensors into out_dir (created if needed) so
+    that transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads the model."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"export_hf: {out} exists and is not a directory")
+    state = flat_to_hf(config, flat_params)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "model.safetensors", state, metadata={"format": "pt"})
+    with atomic_write(out / "config.json") as f:
+        f.write((json.dumps(hf_config_dict(config), indent=2) + "\n").encode())
+    return out
