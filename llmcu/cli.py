@@ -1,4 +1,4 @@
-"""The `llmcu` command: prepare data, train, export the tokenizer."""
+"""The `llmcu` command: prepare data, train, plot runs, export the tokenizer."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ _DEFAULTS = TrainConfig()
 def _add_prepare(sub):
     p = sub.add_parser("prepare", help="download and tokenize a dataset into llm.c token shards",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("dataset", choices=["tinyshakespeare", "tinystories"])
+    p.add_argument("dataset", choices=["tinyshakespeare", "tinystories", "hellaswag"])
     p.add_argument("--input", default=None,
                    help="local copy of the raw data (input.txt for tinyshakespeare, "
-                        "TinyStories_all_data.tar.gz for tinystories) instead of downloading")
+                        "TinyStories_all_data.tar.gz for tinystories, hellaswag_val.jsonl for "
+                        "hellaswag) instead of downloading")
     p.add_argument("--out-dir", default=None, help="where the .bin shards go (default data/<dataset>)")
 
 
@@ -64,6 +65,9 @@ def _add_train(sub):
     p.add_argument("-y", "--resume", type=int, default=d.resume, choices=[0, 1],
                    help="1: resume from the newest complete checkpoint in -o (bit-identical to an "
                         "uninterrupted run)")
+    p.add_argument("--hellaswag", metavar="PATH", default=d.hellaswag,
+                   help="llm.c eval file (llmcu prepare hellaswag writes data/hellaswag/hellaswag_val.bin): "
+                        "HellaSwag accuracy (acc_norm) at every val step (-v)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for the random init and sampling")
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda", "emu", "auto"],
                    help="cpu: the NumPy model; cuda: the CUDA kernels on a GPU; emu: the same kernels "
@@ -146,6 +150,27 @@ def _run_convert(parser, a) -> int:
     return 0
 
 
+def _add_plot(sub):
+    p = sub.add_parser("plot", help="plot train/val loss and lr of runs into a PNG",
+                       description="Read each RUN_DIR/main.jsonl (written by `llmcu train -o DIR`) "
+                                   "and draw train and val loss (runs overlaid, labelled by "
+                                   "directory name) and the learning rate into one PNG.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output dirs of training runs")
+    p.add_argument("--out", default="loss.png", help="PNG file to write")
+    p.add_argument("--title", default=None, help="plot title")
+
+
+def _run_plot(a) -> int:
+    from .plot import plot_runs
+    try:
+        plot_runs(a.run_dirs, a.out, title=a.title)
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    print(f"wrote {a.out}")
+    return 0
+
+
 def _positive(parser, name, value, zero_ok=False):
     if value < 0 or (value == 0 and not zero_ok):
         parser.error(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
@@ -180,7 +205,7 @@ def _run_train(parser, a) -> int:
                       warmup_iters=a.warmup_iters, final_lr_frac=a.final_lr_frac,
                       skip_loss_z=a.skip_loss_z, skip_norm_z=a.skip_norm_z,
                       checkpoint_every=a.checkpoint_every, checkpoint_keep=a.checkpoint_keep,
-                      resume=a.resume)
+                      resume=a.resume, hellaswag=a.hellaswag)
     train(cfg, log=lambda s: print(s, flush=True))
     return 0
 
@@ -193,6 +218,7 @@ def main(argv=None) -> int:
     _add_tokenizer(sub)
     _add_sample(sub)
     _add_convert(sub)
+    _add_plot(sub)
     a = parser.parse_args(argv)
     from .data import DatasetError
     from .formats import FormatError
@@ -201,6 +227,9 @@ def main(argv=None) -> int:
             from . import data
             if a.dataset == "tinyshakespeare":
                 data.prepare_tinyshakespeare(a.out_dir or "data/tinyshakespeare", input_path=a.input)
+            elif a.dataset == "hellaswag":
+                from .hellaswag import prepare_hellaswag
+                prepare_hellaswag(a.out_dir or "data/hellaswag", input_jsonl=a.input)
             else:
                 data.prepare_tinystories(a.out_dir or "data/tinystories", archive_path=a.input)
             return 0
@@ -210,6 +239,8 @@ def main(argv=None) -> int:
             return _run_sample(parser, a)
         if a.command == "convert":
             return _run_convert(parser, a)
+        if a.command == "plot":
+            return _run_plot(a)
         if a.command == "tokenizer":
             from .tokenizer import write_tokenizer_bin
             write_tokenizer_bin(a.out)

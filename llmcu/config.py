@@ -167,3 +167,4 @@ class TrainConfig:
     checkpoint_every: int = 0    # -n  write a checkpoint (model, state, DONE) to -o every N steps (0: off)
     checkpoint_keep: int = 0     # -nk keep only the newest K complete checkpoints (0: all)
     resume: int = 0              # -y  1: resume from the newest complete checkpoint in -o
+    hellaswag: str | None = None  # --hellaswag: llm.c eval file; HellaSwag accuracy at every val step

@@ -14,6 +14,8 @@ was found. Writers go through atomic_write, so nothing is written half-way.
     shard      20240520  v1                 ntok           | ntok x uint16
     state      20240527  v1  llm.c's header + llmcu's fields | m v windows rng
                                    (training state beside a model checkpoint)
+    eval       20240522  v1                 n longest      | per example a uint16 stream
+                                   (multiple-choice evals such as HellaSwag)
 """
 
 from __future__ import annotations
@@ -492,3 +494,131 @@ def read_train_state(path, num_parameters: int) -> TrainState:
                               "sample_index": -1 if sample == 2**64 - 1 else sample},
                       B=header[41], T=header[42], window=header[43],
                       loss_window=loss_w, norm_window=norm_w, rng_state=rng_state)
+
+
+# ----------------------------------------------------------------------------
+# eval files (llm.c's dev/data/data_common.py write_evalfile, dataloader.h EvalLoader):
+# multiple-choice examples such as HellaSwag. After the header (magic, version,
+# num examples, longest example in bytes) every example is a uint16 stream:
+#   65535 (START_EXAMPLE), its size in bytes (this stream included), its index,
+#   label, num completions, num ctx tokens, ctx tokens, then per completion
+#   its num tokens and tokens.
+
+EVAL_MAGIC = 20240522
+EVAL_VERSION = 1
+EVAL_START_EXAMPLE = 0xFFFF
+_EVAL_FIXED = 6  # uint16 fields of an example before the ctx tokens (the ctx count included)
+
+
+@dataclass
+class EvalExample:
+    index: int
+    label: int
+    ctx_tokens: list[int]
+    ending_tokens: list[list[int]]
+
+
+def _eval_stream(idx: int, label: int, ctx, endings) -> list[int]:
+    ctx = [int(t) for t in ctx]
+    endings = [[int(t) for t in e] for e in endings]
+    if not endings:
+        raise ValueError(f"write_evalfile: example {idx} has no completions")
+    if not 0 <= int(label) < len(endings):
+        raise ValueError(f"write_evalfile: example {idx}: label {label} is not in "
+                         f"[0, {len(endings)}) (its number of completions)")
+    for what, toks in [("context", ctx)] + [(f"completion {i}", e) for i, e in enumerate(endings)]:
+        if any(not 0 <= t < EVAL_START_EXAMPLE for t in toks):
+            raise ValueError(f"write_evalfile: example {idx}: {what} token ids must be in [0, 65535)")
+    stream = [EVAL_START_EXAMPLE, 0, idx, int(label), len(endings), len(ctx)] + ctx
+    for e in endings:
+        stream += [len(e)] + e
+    if 2 * len(stream) >= 2**16:
+        raise ValueError(f"write_evalfile: example {idx} is {2 * len(stream)} bytes; "
+                         f"the format allows < 65536")
+    stream[1] = 2 * len(stream)
+    return stream
+
+
+def write_evalfile(path, examples) -> None:
+    """Write an llm.c eval file. examples: dicts with "label", "ctx_tokens" and
+    "ending_tokens" (llm.c's render_example data) or EvalExample; an example's
+    index is its position in the list, as in llm.c."""
+    examples = list(examples)
+    if not 0 < len(examples) < 2**16:
+        raise ValueError(f"write_evalfile: expected 1..65535 examples, found {len(examples)}")
+    stream: list[int] = []
+    longest = 0
+    for idx, ex in enumerate(examples):
+        if isinstance(ex, EvalExample):
+            label, ctx, endings = ex.label, ex.ctx_tokens, ex.ending_tokens
+        else:
+            label, ctx, endings = ex["label"], ex["ctx_tokens"], ex["ending_tokens"]
+        s = _eval_stream(idx, label, ctx, endings)
+        longest = max(longest, s[1])
+        stream += s
+    with atomic_write(path) as f:
+        f.write(_make_header(EVAL_MAGIC, EVAL_VERSION, len(examples), longest))
+        f.write(np.asarray(stream, dtype="<u2").tobytes())
+
+
+def read_evalfile(path) -> list[EvalExample]:
+    """Read and check an llm.c eval file: header, every example's delimiter,
+    size and counts, the number of examples and the longest-example field."""
+    path = os.fspath(path)
+    what = "llm.c eval file"
+    with open(path, "rb") as f:
+        header = _read_header(f, path, EVAL_MAGIC, (EVAL_VERSION,), what)
+        rest = f.read()
+    num, longest = header[2], header[3]
+    if num < 0 or not 0 <= longest < 2**16:
+        raise FormatError(f"{path}: bad {what} header: expected num examples >= 0 and longest "
+                          f"example bytes in [0, 65536), found {num} and {longest}")
+    if len(rest) % 2:
+        raise FormatError(f"{path}: file is truncated: the example stream has an odd number "
+                          f"of bytes ({len(rest)}), expected uint16 values")
+    s = np.frombuffer(rest, dtype="<u2").astype(np.int64)
+    examples: list[EvalExample] = []
+    pos, found_longest = 0, 0
+    while pos < s.size:
+        k = len(examples)
+        where = f"{path}: example {k} (at byte {HEADER_BYTES + 2 * pos})"
+        if k == num:
+            raise FormatError(f"{path}: file is oversized: the header says {num} examples, found "
+                              f"{2 * (s.size - pos)} trailing bytes after them")
+        if s.size - pos < _EVAL_FIXED:
+            raise FormatError(f"{where}: file is truncated inside the example header")
+        if s[pos] != EVAL_START_EXAMPLE:
+            raise FormatError(f"{where}: expected the START_EXAMPLE delimiter 65535, found {s[pos]}")
+        nbytes, index, label, ncomp, nctx = (int(v) for v in s[pos + 1:pos + 6])
+        n = nbytes // 2
+        if nbytes % 2 or n < _EVAL_FIXED or pos + n > s.size:
+            kind = "truncated" if pos + n > s.size and n >= _EVAL_FIXED else "corrupt"
+            raise FormatError(f"{where}: file is {kind}: example size {nbytes} bytes, "
+                              f"{2 * (s.size - pos)} bytes left in the file")
+        ex = s[pos:pos + n]
+        q = _EVAL_FIXED
+        ctx = ex[q:q + nctx]
+        q += nctx
+        endings = []
+        for _ in range(ncomp):
+            if q >= n:
+                break
+            m = int(ex[q])
+            endings.append(ex[q + 1:q + 1 + m])
+            q += 1 + m
+        if ncomp < 1 or len(endings) != ncomp or q != n or len(ctx) != nctx:
+            raise FormatError(f"{where}: corrupt example: {nctx} context tokens and {ncomp} "
+                              f"completions do not fill its {nbytes} bytes")
+        if not 0 <= label < ncomp:
+            raise FormatError(f"{where}: label {label} is not in [0, {ncomp})")
+        examples.append(EvalExample(index=index, label=label, ctx_tokens=ctx.tolist(),
+                                    ending_tokens=[e.tolist() for e in endings]))
+        found_longest = max(found_longest, nbytes)
+        pos += n
+    if len(examples) != num:
+        raise FormatError(f"{path}: file is truncated: the header says {num} examples, found "
+                          f"{len(examples)}")
+    if found_longest != longest:
+        raise FormatError(f"{path}: bad {what} header: longest example is {longest} bytes, "
+                          f"the examples' longest is {found_longest}")
+    return examples

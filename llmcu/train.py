@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import checkpoint, formats
+from . import checkpoint, formats, runlog
 from .config import GPT2Config, TrainConfig, gpt2_config
 from .data import DataLoader
 from .schedule import check_schedule, grad_accum_steps, learning_rate
@@ -200,12 +200,19 @@ def train(cfg: TrainConfig, log=print) -> dict:
         f"grad accumulation steps: {accum_steps})")
     log(f"learning rate schedule: {cfg.lr_schedule}, warmup {cfg.warmup_iters}, "
         f"final lr fraction {cfg.final_lr_frac}")
+    if cfg.hellaswag:  # fail before training on a bad or too-long eval file
+        from .hellaswag import eval_seq_len
+        hs_T = eval_seq_len(formats.read_evalfile(cfg.hellaswag))
+        if hs_T > config.max_seq_len:
+            raise ValueError(f"--hellaswag {cfg.hellaswag}: its longest example needs T={hs_T}, "
+                             f"more than the model's max_seq_len={config.max_seq_len}")
     loss_detector, norm_detector = OutlierDetector(), OutlierDetector()
 
-    logfile = None
+    logfile = jsonl = None
     if cfg.output_dir:
         os.makedirs(cfg.output_dir, exist_ok=True)
         logfile = open(os.path.join(cfg.output_dir, "main.log"), "a" if resumed else "w")
+        jsonl = runlog.RunLog(cfg.output_dir, "a" if resumed else "w")  # main.jsonl
     rng = np.random.default_rng(cfg.seed)
     history = {"train": [], "val": [], "lr": [], "skipped": []}
     start = 0
@@ -230,6 +237,15 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 history["val"].append((step, val_loss))
                 if logfile:
                     logfile.write(f"s:{step} tel:{val_loss:.6f}\n")
+                    jsonl.val(step, val_loss)
+            if cfg.hellaswag and cfg.val_every > 0 and (step % cfg.val_every == 0 or last):
+                from .hellaswag import evaluate_hellaswag
+                correct, total = evaluate_hellaswag(model, cfg.hellaswag)
+                acc = correct / total if total else 0.0
+                log(f"HellaSwag: {correct}/{total} = {acc:.6f}")
+                history.setdefault("hellaswag", []).append((step, acc))
+                if logfile:
+                    logfile.write(f"s:{step} eval:{acc:.4f}\n")
             if cfg.sample_every > 0 and cfg.gen_tokens > 0 and step > 0 and (
                     step % cfg.sample_every == 0 or last):
                 gen_len = min(cfg.gen_tokens, config.max_seq_len - 1)
@@ -248,11 +264,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
             if r.skipped:
                 history["skipped"].append(step)
                 log(f"skipping update of step {step + 1} due to {r.skipped}")
+            tok_s = B * T * accum_steps / (ms / 1000.0)
             log(f"step {step + 1:4d}/{cfg.max_steps} | train loss {loss:.6f} | norm {r.norm:.4f} | "
-                f"lr {r.lr:.2e} | {ms:.2f} ms | {B * T * accum_steps / (ms / 1000.0):.0f} tok/s")
+                f"lr {r.lr:.2e} | {ms:.2f} ms | {tok_s:.0f} tok/s")
             if logfile:
                 logfile.write(f"s:{step} trl:{loss:.6f} lr:{r.lr:.6f} norm:{r.norm:.2f}\n")
                 logfile.flush()
+                jsonl.train_step(step, loss, r.lr, r.norm, ms, tok_s, skipped=r.skipped)
         if cfg.output_dir and cfg.checkpoint_every == 0:  # with -n the last checkpoint holds it
             path = checkpoint.model_path(cfg.output_dir, cfg.max_steps)
             formats.write_model(path, config, model.params_host())
@@ -260,4 +278,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
     finally:
         if logfile:
             logfile.close()
+        if jsonl:
+            jsonl.close()
     return history

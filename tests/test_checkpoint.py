@@ -146,7 +146,7 @@ def test_keep_last_k(files, tmp_path):
     out = tmp_path / "k"
     _run(_cfg(files, out, max_steps=10, checkpoint_every=2, checkpoint_keep=2, sample_every=0))
     assert checkpoint.complete_steps(str(out)) == [8, 10]
-    left = sorted(n for n in os.listdir(out) if n != "main.log")
+    left = sorted(n for n in os.listdir(out) if n not in ("main.log", "main.jsonl"))
     assert left == ["DONE_00000008", "DONE_00000010", "model_00000008.bin", "model_00000010.bin",
                     "state_00000008_00000.bin", "state_00000010_00000.bin"]
 
