@@ -7,6 +7,18 @@ up there).
 """
 
 import numpy as np
+import pytest
+
+from llmcu import cuda as llmcu_cuda
+
+# The two kernel backends every kernel test runs on: "emu" (the .cu sources on
+# the CPU; always) and "cuda" (a real GPU; skipped without one).
+KERNEL_BACKENDS = [
+    pytest.param("emu", id="emu"),
+    pytest.param("cuda", id="cuda", marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(not llmcu_cuda.is_available(), reason="no CUDA GPU with CuPy here")]),
+]
 
 
 def _as_numpy(x):

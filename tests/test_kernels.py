@@ -18,8 +18,7 @@ import math
 import numpy as np
 import pytest
 
-from helpers import assert_close
-from llmcu import cuda as llmcu_cuda
+from helpers import KERNEL_BACKENDS, assert_close
 from llmcu.config import GPT2Config
 from llmcu.cpu import adamw as cpu_adamw
 from llmcu.cpu import attention as cpu_attention
@@ -34,12 +33,7 @@ from llmcu.cpu.gpt2 import init_parameters
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
-BACKENDS = [
-    pytest.param("emu", id="emu"),
-    pytest.param("cuda", id="cuda", marks=[
-        pytest.mark.cuda,
-        pytest.mark.skipif(not llmcu_cuda.is_available(), reason="no CUDA GPU with CuPy here")]),
-]
+BACKENDS = KERNEL_BACKENDS
 
 
 @pytest.fixture(params=BACKENDS)

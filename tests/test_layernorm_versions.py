@@ -19,18 +19,12 @@ its own order (sequential for 0, 32 strided partial sums and a butterfly for
 import numpy as np
 import pytest
 
-from helpers import assert_close
-from llmcu import cuda as llmcu_cuda
+from helpers import KERNEL_BACKENDS, assert_close
 from llmcu.cpu import layernorm as cpu_layernorm
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
-BACKENDS = [
-    pytest.param("emu", id="emu"),
-    pytest.param("cuda", id="cuda", marks=[
-        pytest.mark.cuda,
-        pytest.mark.skipif(not llmcu_cuda.is_available(), reason="no CUDA GPU with CuPy here")]),
-]
+BACKENDS = KERNEL_BACKENDS
 
 
 @pytest.fixture(params=BACKENDS)
