@@ -105,6 +105,16 @@ def gpt2_config(descriptor: str, max_seq_len: int = 1024,
                       num_layers=depth, num_heads=num_heads, channels=channels)
 
 
+def parameter_slices(config: GPT2Config):
+    """(name, slice, shape) of each parameter tensor in the flat array, llm.c's order."""
+    out, offset = [], 0
+    for name, shape in config.parameter_shapes():
+        size = math.prod(shape)
+        out.append((name, slice(offset, offset + size), shape))
+        offset += size
+    return out
+
+
 def parameter_views(config: GPT2Config, flat):
     """Named views into one flat parameter (or gradient) array, llm.c's order.
 
@@ -116,12 +126,7 @@ def parameter_views(config: GPT2Config, flat):
         raise ValueError(
             f"parameter_views: expected a 1-D array of {expected} elements for {config}, "
             f"got shape {tuple(flat.shape)}")
-    views, offset = {}, 0
-    for name, shape in config.parameter_shapes():
-        size = math.prod(shape)
-        views[name] = flat[offset:offset + size].reshape(shape)
-        offset += size
-    return views
+    return {name: flat[sl].reshape(shape) for name, sl, shape in parameter_slices(config)}
 
 
 # Default locations, relative to the working directory (llm.c keeps them beside its scripts).

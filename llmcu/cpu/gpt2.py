@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 
-from ..config import GPT2Config, parameter_views
+from ..config import GPT2Config, parameter_slices, parameter_views
 from .adamw import adamw_update, clip_scale, global_norm
 from .attention import attention_backward, attention_forward
 from .classifier import crossentropy_softmax_backward, fused_classifier
@@ -21,6 +22,16 @@ from .gelu import gelu_backward, gelu_forward
 from .layernorm import layernorm_backward, layernorm_forward
 from .matmul import matmul_backward, matmul_forward
 from .residual import residual_forward
+
+# The layer functions the step below calls; llmcu/cuda/gpt2.py passes its
+# kernel wrappers, which have the same names and signatures.
+CPU_OPS = SimpleNamespace(
+    encoder_forward=encoder_forward, encoder_backward=encoder_backward,
+    layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
+    matmul_forward=matmul_forward, matmul_backward=matmul_backward,
+    attention_forward=attention_forward, attention_backward=attention_backward,
+    gelu_forward=gelu_forward, gelu_backward=gelu_backward,
+    residual_forward=residual_forward, adamw_update=adamw_update)
 
 INIT_STD = 0.02
 
@@ -49,6 +60,71 @@ def init_parameters(config: GPT2Config, seed: int = 42) -> np.ndarray:
     for name in ("ln1w", "ln2w", "lnfw"):
         p[name][...] = 1.0
     return flat
+
+
+def forward_layers(ops, config: GPT2Config, p, a, inputs):
+    """GPT-2's forward from token ids to a.logits, through the layer functions in `ops`."""
+    NH = config.num_heads
+    ops.encoder_forward(a.encoded, inputs, p["wte"], p["wpe"])
+    residual = a.encoded
+    for l in range(config.num_layers):
+        ops.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], residual, p["ln1w"][l], p["ln1b"][l])
+        ops.matmul_forward(a.qkv[l], a.ln1[l], p["qkvw"][l], p["qkvb"][l])
+        ops.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH)
+        ops.matmul_forward(a.attproj[l], a.atty[l], p["attprojw"][l], p["attprojb"][l])
+        ops.residual_forward(a.residual2[l], residual, a.attproj[l])
+        ops.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], p["ln2w"][l], p["ln2b"][l])
+        ops.matmul_forward(a.fch[l], a.ln2[l], p["fcw"][l], p["fcb"][l])
+        ops.gelu_forward(a.fch_gelu[l], a.fch[l])
+        ops.matmul_forward(a.fcproj[l], a.fch_gelu[l], p["fcprojw"][l], p["fcprojb"][l])
+        ops.residual_forward(a.residual3[l], a.residual2[l], a.fcproj[l])
+        residual = a.residual3[l]
+    ops.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, p["lnfw"], p["lnfb"])
+    ops.matmul_forward(a.logits, a.lnf, p["wte"])  # weight tying: wte is the LM head
+
+
+def backward_scratch(zeros, B: int, T: int, C: int) -> dict:
+    """The activation-gradient buffers backward_layers needs (zeros(*shape) allocates)."""
+    return {"dlnf": zeros(B, T, C), "dres": zeros(B, T, C), "dtmp": zeros(B, T, C),
+            "dln": zeros(B, T, C), "datty": zeros(B, T, C), "dqkv": zeros(B, T, 3 * C),
+            "dfch": zeros(B, T, 4 * C), "dfch_gelu": zeros(B, T, 4 * C)}
+
+
+def backward_layers(ops, config: GPT2Config, p, g, a, dlogits, inputs, s):
+    """From dlogits back through every layer, accumulating into the gradients g.
+
+    s: backward_scratch buffers. dres carries the residual stream's gradient;
+    each layernorm's input gradient lands in dtmp and is added into it.
+    """
+    NH = config.num_heads
+    dres, dtmp, dln = s["dres"], s["dtmp"], s["dln"]
+    ops.matmul_backward(s["dlnf"], g["wte"], None, dlogits, a.lnf, p["wte"])
+    last = a.residual3[-1] if config.num_layers else a.encoded
+    ops.layernorm_backward(dres, g["lnfw"], g["lnfb"], s["dlnf"], last, p["lnfw"], a.lnf_mean, a.lnf_rstd)
+    for l in reversed(range(config.num_layers)):
+        res_in = a.residual3[l - 1] if l > 0 else a.encoded
+        # dres is d/d residual3[l]; the MLP branch:
+        ops.matmul_backward(s["dfch_gelu"], g["fcprojw"][l], g["fcprojb"][l], dres, a.fch_gelu[l], p["fcprojw"][l])
+        ops.gelu_backward(s["dfch"], s["dfch_gelu"], a.fch[l])
+        ops.matmul_backward(dln, g["fcw"][l], g["fcb"][l], s["dfch"], a.ln2[l], p["fcw"][l])
+        ops.layernorm_backward(dtmp, g["ln2w"][l], g["ln2b"][l], dln, a.residual2[l], p["ln2w"][l],
+                               a.ln2_mean[l], a.ln2_rstd[l])
+        ops.residual_forward(dres, dres, dtmp)  # now d/d residual2[l]; the attention branch:
+        ops.matmul_backward(s["datty"], g["attprojw"][l], g["attprojb"][l], dres, a.atty[l], p["attprojw"][l])
+        ops.attention_backward(s["dqkv"], s["datty"], a.qkv[l], a.att[l], NH)
+        ops.matmul_backward(dln, g["qkvw"][l], g["qkvb"][l], s["dqkv"], a.ln1[l], p["qkvw"][l])
+        ops.layernorm_backward(dtmp, g["ln1w"][l], g["ln1b"][l], dln, res_in, p["ln1w"][l],
+                               a.ln1_mean[l], a.ln1_rstd[l])
+        ops.residual_forward(dres, dres, dtmp)  # now d/d res_in
+    ops.encoder_backward(g["wte"], g["wpe"], dres, inputs)
+
+
+def update_parameters(ops, config: GPT2Config, params, grads, m, v, step, lr, beta1, beta2, eps,
+                      weight_decay, grad_scale):
+    """AdamW tensor by tensor: weight decay on the DECAYED tensors only."""
+    for name, sl, _ in parameter_slices(config):
+        wd = weight_decay if name in DECAYED else 0.0
+        ops.adamw_update(params[sl], grads[sl], m[sl], v[sl], step, lr, beta1, beta2, eps, wd, grad_scale)
 
 
 def _zeros(*shape):
@@ -164,24 +240,7 @@ class GPT2:
         if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
             self.acts = Activations.allocate(cfg, B, T)
         a = self.acts
-        NH = cfg.num_heads
-
-        encoder_forward(a.encoded, inputs, p["wte"], p["wpe"])
-        residual = a.encoded
-        for l in range(cfg.num_layers):
-            layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], residual, p["ln1w"][l], p["ln1b"][l])
-            matmul_forward(a.qkv[l], a.ln1[l], p["qkvw"][l], p["qkvb"][l])
-            attention_forward(a.atty[l], a.att[l], a.qkv[l], NH)
-            matmul_forward(a.attproj[l], a.atty[l], p["attprojw"][l], p["attprojb"][l])
-            residual_forward(a.residual2[l], residual, a.attproj[l])
-            layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], p["ln2w"][l], p["ln2b"][l])
-            matmul_forward(a.fch[l], a.ln2[l], p["fcw"][l], p["fcb"][l])
-            gelu_forward(a.fch_gelu[l], a.fch[l])
-            matmul_forward(a.fcproj[l], a.fch_gelu[l], p["fcprojw"][l], p["fcprojb"][l])
-            residual_forward(a.residual3[l], a.residual2[l], a.fcproj[l])
-            residual = a.residual3[l]
-        layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, p["lnfw"], p["lnfb"])
-        matmul_forward(a.logits, a.lnf, p["wte"])  # weight tying: wte is the LM head
+        forward_layers(CPU_OPS, cfg, p, a, inputs)
 
         self._inputs, self._targets = inputs, targets
         if targets is None:
@@ -207,40 +266,14 @@ class GPT2:
         if self.grads is None:
             self.zero_grad()
         cfg, p, g, a = self.config, self.p, self.g, self.acts
-        B, T, C, NH = a.B, a.T, cfg.channels, cfg.num_heads
+        B, T, C = a.B, a.T, cfg.channels
 
         dlosses = np.full((B, T), loss_scale / (B * T), dtype=np.float32)
         dlogits = np.empty_like(a.logits)
         crossentropy_softmax_backward(dlogits, dlosses, a.probs, self._targets, cfg.vocab_size)
 
-        dlnf = _zeros(B, T, C)
-        matmul_backward(dlnf, g["wte"], None, dlogits, a.lnf, p["wte"])
-        del dlogits
-        dres = _zeros(B, T, C)       # gradient of the residual stream
-        dtmp = _zeros(B, T, C)       # a layernorm's input gradient, added into dres
-        dln = _zeros(B, T, C)
-        datty = _zeros(B, T, C)
-        dqkv = _zeros(B, T, 3 * C)
-        dfch = _zeros(B, T, 4 * C)
-        dfch_gelu = _zeros(B, T, 4 * C)
-        last = a.residual3[-1] if cfg.num_layers else a.encoded
-        layernorm_backward(dres, g["lnfw"], g["lnfb"], dlnf, last, p["lnfw"], a.lnf_mean, a.lnf_rstd)
-        for l in reversed(range(cfg.num_layers)):
-            res_in = a.residual3[l - 1] if l > 0 else a.encoded
-            # dres is d/d residual3[l]; the MLP branch:
-            matmul_backward(dfch_gelu, g["fcprojw"][l], g["fcprojb"][l], dres, a.fch_gelu[l], p["fcprojw"][l])
-            gelu_backward(dfch, dfch_gelu, a.fch[l])
-            matmul_backward(dln, g["fcw"][l], g["fcb"][l], dfch, a.ln2[l], p["fcw"][l])
-            layernorm_backward(dtmp, g["ln2w"][l], g["ln2b"][l], dln, a.residual2[l], p["ln2w"][l],
-                               a.ln2_mean[l], a.ln2_rstd[l])
-            residual_forward(dres, dres, dtmp)  # now d/d residual2[l]; the attention branch:
-            matmul_backward(datty, g["attprojw"][l], g["attprojb"][l], dres, a.atty[l], p["attprojw"][l])
-            attention_backward(dqkv, datty, a.qkv[l], a.att[l], NH)
-            matmul_backward(dln, g["qkvw"][l], g["qkvb"][l], dqkv, a.ln1[l], p["qkvw"][l])
-            layernorm_backward(dtmp, g["ln1w"][l], g["ln1b"][l], dln, res_in, p["ln1w"][l],
-                               a.ln1_mean[l], a.ln1_rstd[l])
-            residual_forward(dres, dres, dtmp)  # now d/d res_in
-        encoder_backward(g["wte"], g["wpe"], dres, self._inputs)
+        scratch = backward_scratch(_zeros, B, T, C)
+        backward_layers(CPU_OPS, cfg, p, g, a, dlogits, self._inputs, scratch)
 
     # -- update -------------------------------------------------------------
     def grad_norm(self) -> float:
@@ -264,12 +297,6 @@ class GPT2:
             self.v = np.zeros_like(self.params)
         norm = global_norm(self.grads) if grad_norm is None else float(grad_norm)
         scale = clip_scale(norm, grad_clip)
-        offset = 0
-        for name, shape in self.config.parameter_shapes():
-            size = math.prod(shape)
-            s = slice(offset, offset + size)
-            wd = weight_decay if name in DECAYED else 0.0
-            adamw_update(self.params[s], self.grads[s], self.m[s], self.v[s], step, lr,
-                         beta1, beta2, eps, wd, scale)
-            offset += size
+        update_parameters(CPU_OPS, self.config, self.params, self.grads, self.m, self.v, step, lr,
+                          beta1, beta2, eps, weight_decay, scale)
         return norm

@@ -14,11 +14,13 @@ no probabilities buffer; backward() overwrites acts.logits with dlogits
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 
 from ..config import GPT2Config, parameter_views
-from ..cpu.gpt2 import DECAYED, init_parameters
+from ..cpu.gpt2 import (backward_layers, backward_scratch, forward_layers, init_parameters,
+                         update_parameters)
 from . import runtime
 from .adamw import adamw_update, clip_scale, global_norm
 from .attention import attention_backward, attention_forward
@@ -28,6 +30,15 @@ from .gelu import gelu_backward, gelu_forward
 from .layernorm import layernorm_backward, layernorm_forward
 from .matmul import matmul_backward, matmul_forward
 from .residual import residual_forward
+
+# The same layer sequence as the oracle (llmcu/cpu/gpt2.py), on the kernel wrappers.
+KERNEL_OPS = SimpleNamespace(
+    encoder_forward=encoder_forward, encoder_backward=encoder_backward,
+    layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
+    matmul_forward=matmul_forward, matmul_backward=matmul_backward,
+    attention_forward=attention_forward, attention_backward=attention_backward,
+    gelu_forward=gelu_forward, gelu_backward=gelu_backward,
+    residual_forward=residual_forward, adamw_update=adamw_update)
 
 ACTIVATIONS = (  # name: shape in units of (L, B, T, NH, C, Vp); per-layer tensors lead with L
     ("encoded", "BTC"), ("ln1", "LBTC"), ("ln1_mean", "LBT"), ("ln1_rstd", "LBT"),
@@ -114,24 +125,8 @@ class GPT2:
                 raise ValueError(f"GPT2.forward: targets shape {targets.shape} != inputs shape {inputs.shape}")
         if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
             self.acts = Activations(self.xp, cfg, B, T)
-        a, NH = self.acts, cfg.num_heads
-
-        encoder_forward(a.encoded, inputs, p["wte"], p["wpe"])
-        residual = a.encoded
-        for l in range(cfg.num_layers):
-            layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], residual, p["ln1w"][l], p["ln1b"][l])
-            matmul_forward(a.qkv[l], a.ln1[l], p["qkvw"][l], p["qkvb"][l])
-            attention_forward(a.atty[l], a.att[l], a.qkv[l], NH)
-            matmul_forward(a.attproj[l], a.atty[l], p["attprojw"][l], p["attprojb"][l])
-            residual_forward(a.residual2[l], residual, a.attproj[l])
-            layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], p["ln2w"][l], p["ln2b"][l])
-            matmul_forward(a.fch[l], a.ln2[l], p["fcw"][l], p["fcb"][l])
-            gelu_forward(a.fch_gelu[l], a.fch[l])
-            matmul_forward(a.fcproj[l], a.fch_gelu[l], p["fcprojw"][l], p["fcprojb"][l])
-            residual_forward(a.residual3[l], a.residual2[l], a.fcproj[l])
-            residual = a.residual3[l]
-        layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, p["lnfw"], p["lnfb"])
-        matmul_forward(a.logits, a.lnf, p["wte"])
+        a = self.acts
+        forward_layers(KERNEL_OPS, cfg, p, a, inputs)
 
         self._inputs, self._targets = inputs, targets
         if targets is None:
@@ -149,10 +144,7 @@ class GPT2:
     def _backward_scratch(self, B, T):
         C = self.config.channels
         if self._scratch is None or self._scratch["dres"].shape != (B, T, C):
-            z = lambda *s: self.xp.zeros(s, dtype=np.float32)  # noqa: E731
-            self._scratch = {"dlnf": z(B, T, C), "dres": z(B, T, C), "dtmp": z(B, T, C),
-                             "dln": z(B, T, C), "datty": z(B, T, C), "dqkv": z(B, T, 3 * C),
-                             "dfch": z(B, T, 4 * C), "dfch_gelu": z(B, T, 4 * C)}
+            self._scratch = backward_scratch(lambda *shape: self.xp.zeros(shape, dtype=np.float32), B, T, C)
         return self._scratch
 
     def backward(self, loss_scale=1.0):
@@ -163,29 +155,9 @@ class GPT2:
         if self.grads is None:
             self.zero_grad()
         cfg, p, g, a = self.config, self.p, self.g, self.acts
-        B, T, NH = a.B, a.T, cfg.num_heads
-        s = self._backward_scratch(B, T)
-        dres, dtmp, dln = s["dres"], s["dtmp"], s["dln"]
-
+        B, T = a.B, a.T
         fused_classifier_dlogits(a.logits, a.losses, self._targets, cfg.vocab_size, loss_scale / (B * T))
-        matmul_backward(s["dlnf"], g["wte"], None, a.logits, a.lnf, p["wte"])
-        last = a.residual3[-1] if cfg.num_layers else a.encoded
-        layernorm_backward(dres, g["lnfw"], g["lnfb"], s["dlnf"], last, p["lnfw"], a.lnf_mean, a.lnf_rstd)
-        for l in reversed(range(cfg.num_layers)):
-            res_in = a.residual3[l - 1] if l > 0 else a.encoded
-            matmul_backward(s["dfch_gelu"], g["fcprojw"][l], g["fcprojb"][l], dres, a.fch_gelu[l], p["fcprojw"][l])
-            gelu_backward(s["dfch"], s["dfch_gelu"], a.fch[l])
-            matmul_backward(dln, g["fcw"][l], g["fcb"][l], s["dfch"], a.ln2[l], p["fcw"][l])
-            layernorm_backward(dtmp, g["ln2w"][l], g["ln2b"][l], dln, a.residual2[l], p["ln2w"][l],
-                               a.ln2_mean[l], a.ln2_rstd[l])
-            residual_forward(dres, dres, dtmp)
-            matmul_backward(s["datty"], g["attprojw"][l], g["attprojb"][l], dres, a.atty[l], p["attprojw"][l])
-            attention_backward(s["dqkv"], s["datty"], a.qkv[l], a.att[l], NH)
-            matmul_backward(dln, g["qkvw"][l], g["qkvb"][l], s["dqkv"], a.ln1[l], p["qkvw"][l])
-            layernorm_backward(dtmp, g["ln1w"][l], g["ln1b"][l], dln, res_in, p["ln1w"][l],
-                               a.ln1_mean[l], a.ln1_rstd[l])
-            residual_forward(dres, dres, dtmp)
-        encoder_backward(g["wte"], g["wpe"], dres, self._inputs)
+        backward_layers(KERNEL_OPS, cfg, p, g, a, a.logits, self._inputs, self._backward_scratch(B, T))
         self._targets = None  # the logits are gone: a second backward needs a new forward
 
     def grad_norm(self) -> float:
@@ -205,14 +177,8 @@ class GPT2:
             self.v = self.xp.zeros_like(self.params)
         norm = global_norm(self.grads) if grad_norm is None else float(grad_norm)
         scale = clip_scale(norm, grad_clip)
-        offset = 0
-        for name, shape in self.config.parameter_shapes():
-            size = math.prod(shape)
-            sl = slice(offset, offset + size)
-            wd = weight_decay if name in DECAYED else 0.0
-            adamw_update(self.params[sl], self.grads[sl], self.m[sl], self.v[sl], step, lr,
-                         beta1, beta2, eps, wd, scale)
-            offset += size
+        update_parameters(KERNEL_OPS, self.config, self.params, self.grads, self.m, self.v, step, lr,
+                          beta1, beta2, eps, weight_decay, scale)
         return norm
 
     def sampler(self) -> "GPT2":
