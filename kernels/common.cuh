@@ -10,16 +10,74 @@
 // includes no system headers, so nothing here includes any.
 #pragma once
 
-// Activations and parameters are floatX (float now, __nv_bfloat16 later);
-// statistics, losses, reductions and AdamW state are always float.
+// Activations, parameters and their gradients are floatX (float, or
+// __nv_bfloat16 when the wrapper compiles with -DfloatX=__nv_bfloat16
+// -DLLMCU_BF16); statistics, losses, reductions, AdamW moments and master
+// weights are always float.
 #ifndef floatX
 #define floatX float
 #endif
 
-// Reads and writes of floatX go through these two, so a bf16 floatX only
-// needs them (and the conversions they rely on) to work.
+// bf16 needs CUDA's header on the GPU (NVRTC finds it in the CUDA toolkit; the
+// wrapper adds its include path). The emulator's shim defines __nv_bfloat16
+// itself and keeps a stub of this header, so the line is harmless there.
+#ifdef LLMCU_BF16
+#include <cuda_bf16.h>
+#endif
+
+// Reads and writes of floatX go through these two: to_float is exact, from_float
+// rounds to nearest even (one rounding, <= 2^-9 relative, for bf16). Kernels
+// load floatX, compute in float, and store through from_float.
+#ifdef LLMCU_BF16
+__device__ __forceinline__ float to_float(floatX x) { return __bfloat162float(x); }
+__device__ __forceinline__ floatX from_float(float x) { return __float2bfloat16_rn(x); }
+#else
 __device__ __forceinline__ float to_float(floatX x) { return (float)x; }
 __device__ __forceinline__ floatX from_float(float x) { return (floatX)x; }
+#endif
+
+// A counter-based random number: a 32-bit hash of (seed, index), so every
+// element of every step draws an independent-looking value with no state to
+// carry. Two rounds of a multiply-xorshift mix (the constants are the odd
+// multipliers of a well-mixing 32-bit finaliser); the 64-bit index is folded in
+// half by half, so arrays past 2^32 elements still get distinct values.
+__device__ __forceinline__ unsigned int mix32(unsigned int h) {
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    h *= 0x846ca68bu;
+    h ^= h >> 16;
+    return h;
+}
+__device__ __forceinline__ unsigned int random_u32(unsigned int seed, long long index) {
+    unsigned int lo = (unsigned int)(index & 0xffffffffLL);
+    unsigned int hi = (unsigned int)((unsigned long long)index >> 32);
+    unsigned int h = mix32(seed ^ 0x9e3779b9u);
+    h = mix32(h ^ lo);
+    return mix32(h ^ (hi * 0x85ebca6bu));
+}
+
+// Stochastic rounding float -> floatX: rounds |x| up to the next bf16 with
+// probability (dropped low 16 bits) / 2^16 and down otherwise, so the rounded
+// value is unbiased: E[result] = x. Adding a uniform 16-bit value to the low
+// half of the float's bits and truncating does exactly that (a carry into the
+// exponent is the correct next value up; NaN stays a quiet NaN). For
+// floatX = float it is the identity, so a kernel can use it for either type.
+__device__ __forceinline__ floatX from_float_stochastic(float x, unsigned int random) {
+#ifdef LLMCU_BF16
+    unsigned int bits = __float_as_uint(x);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {
+        return __ushort_as_bfloat16((unsigned short)((bits >> 16) | 0x40u));
+    }
+    if ((bits & 0x7f800000u) != 0x7f800000u) {  // finite: inf must not move
+        bits += random & 0xffffu;
+    }
+    return __ushort_as_bfloat16((unsigned short)(bits >> 16));
+#else
+    (void)random;
+    return from_float(x);
+#endif
+}
 
 #define WARP_SIZE 32
 #define CEIL_DIV(M, N) (((M) + (N) - 1) / (N))
@@ -64,6 +122,16 @@ __device__ __forceinline__ x128 load128(const floatX* address) {
 }
 __device__ __forceinline__ void store128(floatX* address, const x128& value) {
     *reinterpret_cast<x128*>(address) = value;
+}
+
+// The same for float arrays whatever floatX is (AdamW moments, master weights):
+// f128 holds 4 floats, so an x128 of bf16 (8 values) pairs with two f128s.
+typedef Packed128<float> f128;
+__device__ __forceinline__ f128 load128f(const float* address) {
+    return *reinterpret_cast<const f128*>(address);
+}
+__device__ __forceinline__ void store128f(float* address, const f128& value) {
+    *reinterpret_cast<f128*>(address) = value;
 }
 
 // ----------------------------------------------------------------------------

@@ -2,18 +2,21 @@
 
 Same functions and signatures as llmcu/cpu/classifier.py. Shapes: logits
 (B,T,Vp) with V real columns, probs (B,T,Vp) float32, targets (B,T) int32,
-losses (B,T) float32. Activation gradients overwrite (=).
+losses (B,T) float32. Activation gradients overwrite (=). logits (and the
+dlogits written over them) are floatX: float32, or uint16 holding bf16 (the
+dtype of logits picks the build); probs and losses are always float32.
 """
 
 import numpy as np
 
-from .runtime import backend_of, block_per_row, check_array, f32, i32
+from .runtime import FLOATX_NAMES, backend_of, block_per_row, check_array, f32, floatx_dtype, i32
 
 CLASSIFIER_BLOCK = 1024
 
 
 def _check(fn, be, logits, V, targets=None, **named):
-    check_array(fn, "logits", logits, be)
+    dt = floatx_dtype(fn, "logits", logits)
+    check_array(fn, "logits", logits, be, dtype=dt)
     Vp = logits.shape[-1]
     if not 0 < V <= Vp:
         raise ValueError(f"{fn}: V must be in [1, Vp={Vp}], got {V}")
@@ -22,23 +25,25 @@ def _check(fn, be, logits, V, targets=None, **named):
     if targets is not None:
         check_array(fn, "targets", targets, be, dtype=np.int32, shape=rows)
     for name, a in named.items():
-        check_array(fn, name, a, be, shape=logits.shape if name == "probs" else rows)
-    return N, Vp
+        check_array(fn, name, a, be, dtype=np.float32, shape=logits.shape if name == "probs" else rows)
+    return N, Vp, FLOATX_NAMES[dt]
 
 
 def softmax_forward(probs, logits, V):
     be = backend_of(logits)
-    N, Vp = _check("softmax_forward", be, logits, V, probs=probs)
+    N, Vp, floatX = _check("softmax_forward", be, logits, V, probs=probs)
     grid, block = block_per_row(N, CLASSIFIER_BLOCK)
-    be.launch("classifier", "softmax_forward_kernel1", grid, block, (probs, logits, i32(N), i32(V), i32(Vp)))
+    be.launch("classifier", "softmax_forward_kernel1", grid, block,
+              (probs, logits, i32(N), i32(V), i32(Vp)), floatX=floatX)
 
 
 def _fused(fn, logits, losses, targets, V, dloss, write_dlogits):
     be = backend_of(logits)
-    N, Vp = _check(fn, be, logits, V, targets=targets, losses=losses)
+    N, Vp, floatX = _check(fn, be, logits, V, targets=targets, losses=losses)
     grid, block = block_per_row(N, CLASSIFIER_BLOCK)
     be.launch("classifier", "fused_classifier_kernel1", grid, block,
-              (logits, losses, targets, f32(dloss), i32(N), i32(V), i32(Vp), i32(write_dlogits)))
+              (logits, losses, targets, f32(dloss), i32(N), i32(V), i32(Vp), i32(write_dlogits)),
+              floatX=floatX)
 
 
 def crossentropy_forward(losses, logits, targets, V):

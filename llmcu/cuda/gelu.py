@@ -1,22 +1,42 @@
 """GELU (tanh approximation) on the kernels of kernels/gelu.cu.
 
 Same functions and signatures as llmcu/cpu/gelu.py. Activation gradients overwrite (=).
+Arrays are floatX: float32, or uint16 holding bf16 (the dtype of inp picks the build).
+
+One keyword the CPU version lacks, version=:
+  1: one element per thread (the default, the readable one);
+  2: 16-byte loads and stores (x128: 4 floats or 8 bf16 per thread); needs
+     inp.size % (16 // itemsize) == 0 and 16-byte aligned arrays.
 """
 
-from .runtime import backend_of, check_array, i32, launch_config
+from .runtime import FLOATX_NAMES, backend_of, check_array, floatx_dtype, i32, launch_config
+from .vectorized import check_vectorized
+
+VERSIONS = (1, 2)
 
 
-def gelu_forward(out, inp):
+def _prepare(fn, version, inp, **named):
+    if version not in VERSIONS:
+        raise ValueError(f"{fn}: version must be one of {VERSIONS}, got {version!r}")
     be = backend_of(inp)
-    check_array("gelu_forward", "inp", inp, be)
-    check_array("gelu_forward", "out", out, be, shape=inp.shape)
-    grid, block = launch_config(inp.size)
-    be.launch("gelu", "gelu_forward_kernel1", grid, block, (out, inp, i32(inp.size)))
+    dt = floatx_dtype(fn, "inp", inp)
+    check_array(fn, "inp", inp, be, dtype=dt)
+    for name, a in named.items():
+        check_array(fn, name, a, be, dtype=dt, shape=inp.shape)
+    threads = inp.size
+    if version == 2:
+        threads = check_vectorized(fn, inp.size, dict(inp=inp, **named))
+    grid, block = launch_config(threads)
+    return be, grid, block, FLOATX_NAMES[dt]
 
 
-def gelu_backward(dinp, dout, inp):
-    be = backend_of(inp)
-    for name, a in (("inp", inp), ("dinp", dinp), ("dout", dout)):
-        check_array("gelu_backward", name, a, be, shape=inp.shape)
-    grid, block = launch_config(inp.size)
-    be.launch("gelu", "gelu_backward_kernel1", grid, block, (dinp, inp, dout, i32(inp.size)))
+def gelu_forward(out, inp, version=1):
+    be, grid, block, floatX = _prepare("gelu_forward", version, inp, out=out)
+    be.launch("gelu", f"gelu_forward_kernel{version}", grid, block, (out, inp, i32(inp.size)),
+              floatX=floatX)
+
+
+def gelu_backward(dinp, dout, inp, version=1):
+    be, grid, block, floatX = _prepare("gelu_backward", version, inp, dinp=dinp, dout=dout)
+    be.launch("gelu", f"gelu_backward_kernel{version}", grid, block,
+              (dinp, inp, dout, i32(inp.size)), floatX=floatX)

@@ -44,12 +44,37 @@ def kernels_dir() -> Path:
         f"{package / 'kernels'} and {package.parent / 'kernels'}); reinstall llmcu")
 
 
-# Compiler options in one place: both backends compile with exactly these.
-FLOATX_NAMES = {np.dtype(np.float32): "float"}
+# The element type of activations, parameters and gradients (the kernels'
+# floatX) follows the dtype of the arrays a wrapper gets: float32 arrays run the
+# module compiled with floatX = float, uint16 arrays (bf16 bit patterns: NumPy
+# has no bfloat16; llmcu.formats converts with round-to-nearest-even) run the
+# one compiled with floatX = __nv_bfloat16. Statistics, losses, reductions,
+# AdamW moments and master weights stay float32 whatever floatX is.
+FLOAT32 = np.dtype(np.float32)
+BF16 = np.dtype(np.uint16)
+FLOATX_NAMES = {FLOAT32: "float", BF16: "__nv_bfloat16"}
 
 
 def compile_options(floatX: str = "float") -> tuple[str, ...]:
-    return ("-std=c++17", f"-DfloatX={floatX}")
+    """Compiler options in one place: both backends compile with exactly these.
+    LLMCU_BF16 tells common.cuh to include cuda_bf16.h and to use the bf16
+    stochastic rounding."""
+    if floatX not in FLOATX_NAMES.values():
+        raise ValueError(f"compile_options: floatX must be one of {sorted(FLOATX_NAMES.values())}, "
+                         f"got {floatX!r}")
+    bf16 = ("-DLLMCU_BF16",) if floatX == "__nv_bfloat16" else ()
+    return ("-std=c++17", f"-DfloatX={floatX}", *bf16)
+
+
+def floatx_dtype(fn: str, name: str, a) -> np.dtype:
+    """The floatX dtype of array `a` (float32 or uint16 = bf16 bits), checked:
+    the wrapper then demands it of every other floatX argument (check_array)
+    and launches the module compiled for it (FLOATX_NAMES[dtype])."""
+    dtype = getattr(a, "dtype", None)
+    if dtype not in FLOATX_NAMES:
+        raise TypeError(f"{fn}: {name} must have dtype float32 (fp32) or uint16 (bf16 bit "
+                        f"patterns), got {dtype if dtype is not None else type(a).__name__}")
+    return np.dtype(dtype)
 
 
 # -- launch geometry: the one helper every wrapper uses ---------------------------
@@ -102,7 +127,8 @@ class Backend:
             if self.name == "cuda":
                 import cupy
                 self._modules[key] = cupy.RawModule(
-                    code=path.read_text(), options=options + (f"--include-path={kdir}",))
+                    code=path.read_text(),
+                    options=options + (f"--include-path={kdir}",) + _cuda_header_options(floatX))
             else:
                 from ..emu import EmuModule
                 self._modules[key] = EmuModule(path, options=options, include_dirs=(kdir,))
@@ -124,6 +150,33 @@ class Backend:
 
     def is_array(self, a) -> bool:
         return isinstance(a, self.xp.ndarray)
+
+
+def _cuda_header_options(floatX: str) -> tuple[str, ...]:
+    """NVRTC include path for cuda_bf16.h (common.cuh includes it for bf16).
+    CuPy cannot bundle that header, so it comes from the CUDA toolkit CuPy
+    finds, else from NVIDIA's pip packages (nvidia/*/include). None found:
+    rely on CuPy's own include paths. Untested without a GPU."""
+    if floatX != "__nv_bfloat16":
+        return ()
+    import cupy
+    candidates = []
+    try:
+        root = cupy.cuda.get_cuda_path()
+        if root:
+            candidates.append(Path(root) / "include")
+    except Exception:  # an old CuPy without get_cuda_path
+        pass
+    try:
+        import nvidia  # namespace package of the nvidia-*-cu12/cu13 wheels
+        for base in nvidia.__path__:
+            candidates += sorted(Path(base).glob("*/include"))
+    except ImportError:
+        pass
+    for include in candidates:
+        if (include / "cuda_bf16.h").is_file():
+            return (f"--include-path={include}",)
+    return ()
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,142 @@
+"""The GEMMs of the CUDA backend, for fp32 and bf16 arrays alike.
+
+    gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False)
+        out = op(a) @ op(b)          (accumulate: out += op(a) @ op(b))
+    gemm_strided_batched(out, a, b, transpose_a=False, transpose_b=False)
+        out[i] = op(a[i]) @ op(b[i]) for every leading index i
+
+Row-major arrays; op(x) is x or x.T. out is (M,N), op(a) (M,K), op(b) (K,N).
+
+float32 arrays take the array library's matmul (cuBLAS through CuPy on the
+GPU, NumPy's BLAS under emulation), as before. uint16 arrays hold bf16 bit
+patterns (llmcu.formats): what a tensor-core GEMM with fp32 accumulation
+computes, the exact products of the bf16 inputs summed in fp32 and rounded
+once to bf16 on output (with accumulate, out's old value is added in fp32
+before that one rounding, cuBLAS's beta = 1):
+
+- emu (NumPy): inputs widened to float32 exactly, NumPy's float32 matmul,
+  then round to nearest even. The same result as the GPU's up to the order of
+  the fp32 sums.
+- cuda: cublasGemmEx / cublasGemmStridedBatchedEx with CUDA_R_16BF inputs and
+  output and CUBLAS_COMPUTE_32F, on the raw device pointers, through CuPy's
+  cuBLAS bindings (cupy_backends.cuda.libs.cublas) and CuPy's per-device
+  handle on the current stream. NOT TESTED: written from the cuBLAS
+  documentation on a machine without a GPU; tests/test_kernels_bf16.py runs it
+  (the "cuda" parameter) on the first machine with one.
+
+cuBLAS is column-major. A row-major (R,S) array is, to cuBLAS, its (S,R)
+transpose with leading dimension S. So the row-major product
+out = op(a) @ op(b) is computed as the column-major out^T = op(b)^T @ op(a)^T:
+cuBLAS's "A" is our b, its "B" our a, m = N, n = M, and each operand keeps its
+own transpose flag (a row-major b (K,N) read as column-major is already the
+(N,K) that out^T needs; a transposed b, stored (N,K), needs CUBLAS_OP_T).
+"""
+
+import numpy as np
+
+from ..formats import bf16_bits_to_float32, float32_to_bf16_bits
+from .runtime import BF16, FLOAT32, backend_of, check_array, floatx_dtype
+
+# From cuBLAS's and CUDA's headers (cublas_api.h, library_types.h).
+CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
+CUDA_R_32F, CUDA_R_16BF = 0, 14
+CUBLAS_COMPUTE_32F = 68
+CUBLAS_GEMM_DEFAULT = -1
+CUBLAS_POINTER_MODE_HOST = 0
+
+_ONE = np.ones(1, np.float32)    # alpha, and beta when accumulating (host pointers)
+_ZERO = np.zeros(1, np.float32)
+
+
+def _shapes(fn, a, b, transpose_a, transpose_b):
+    """(M, K, N) of op(a) @ op(b) for 2-D (or batched 3-D) operands."""
+    M, K = (a.shape[-1], a.shape[-2]) if transpose_a else (a.shape[-2], a.shape[-1])
+    Kb, N = (b.shape[-1], b.shape[-2]) if transpose_b else (b.shape[-2], b.shape[-1])
+    if K != Kb:
+        raise ValueError(f"{fn}: inner dimensions differ: op(a) is ({M},{K}), op(b) is ({Kb},{N}) "
+                         f"(a {a.shape}, b {b.shape}, transpose_a={transpose_a}, "
+                         f"transpose_b={transpose_b})")
+    return M, K, N
+
+
+def _check(fn, out, a, b, transpose_a, transpose_b, ndim):
+    be = backend_of(a)
+    dt = floatx_dtype(fn, "a", a)
+    check_array(fn, "a", a, be, dtype=dt)
+    check_array(fn, "b", b, be, dtype=dt)
+    if a.ndim != ndim or b.ndim != ndim:
+        raise ValueError(f"{fn}: a and b must be {ndim}-D, got shapes {a.shape} and {b.shape}")
+    if ndim == 3 and a.shape[0] != b.shape[0]:
+        raise ValueError(f"{fn}: a and b must have the same batch size, got {a.shape} and {b.shape}")
+    M, K, N = _shapes(fn, a, b, transpose_a, transpose_b)
+    check_array(fn, "out", out, be, dtype=dt, shape=((a.shape[0],) if ndim == 3 else ()) + (M, N))
+    return be, dt, M, K, N
+
+
+def _op(x, transpose):
+    return x.swapaxes(-1, -2) if transpose else x
+
+
+def gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False):
+    """out (M,N) = op(a) @ op(b), or += with accumulate; fp32 or bf16 (see the module doc)."""
+    be, dt, M, K, N = _check("gemm", out, a, b, transpose_a, transpose_b, 2)
+    xp = be.xp
+    if dt == FLOAT32:
+        if accumulate:
+            out += _op(a, transpose_a) @ _op(b, transpose_b)
+        else:
+            xp.matmul(_op(a, transpose_a), _op(b, transpose_b), out=out)
+    elif be.name == "emu":
+        _emu_bf16(out, a, b, transpose_a, transpose_b, accumulate)
+    else:
+        _cublas_bf16(out, a, b, M, K, N, transpose_a, transpose_b, accumulate, batch=None)
+
+
+def gemm_strided_batched(out, a, b, transpose_a=False, transpose_b=False):
+    """out[i] (M,N) = op(a[i]) @ op(b[i]) over the leading (batch) axis of 3-D arrays."""
+    be, dt, M, K, N = _check("gemm_strided_batched", out, a, b, transpose_a, transpose_b, 3)
+    if dt == FLOAT32:
+        be.xp.matmul(_op(a, transpose_a), _op(b, transpose_b), out=out)
+    elif be.name == "emu":
+        _emu_bf16(out, a, b, transpose_a, transpose_b, False)
+    else:
+        _cublas_bf16(out, a, b, M, K, N, transpose_a, transpose_b, False, batch=a.shape[0])
+
+
+def _emu_bf16(out, a, b, transpose_a, transpose_b, accumulate):
+    """bf16 GEMM on the CPU: exact widening, float32 products and sums, one rounding."""
+    product = np.matmul(_op(bf16_bits_to_float32(a), transpose_a),
+                        _op(bf16_bits_to_float32(b), transpose_b))
+    if accumulate:
+        product += bf16_bits_to_float32(out)
+    out[...] = float32_to_bf16_bits(product)
+
+
+def _cublas_bf16(out, a, b, M, K, N, transpose_a, transpose_b, accumulate, batch):
+    """cublasGemmEx / cublasGemmStridedBatchedEx, bf16 in and out, fp32 compute (GPU only)."""
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+
+    if out.dtype != BF16:
+        raise TypeError(f"gemm: out must have dtype uint16 (bf16), got {out.dtype}")
+    handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)  # alpha/beta are host floats
+    alpha, beta = _ONE.ctypes.data, (_ONE if accumulate else _ZERO).ctypes.data
+    # Column-major view (module doc): cuBLAS A = our b, cuBLAS B = our a.
+    op_b = CUBLAS_OP_T if transpose_b else CUBLAS_OP_N
+    op_a = CUBLAS_OP_T if transpose_a else CUBLAS_OP_N
+    ld_b = b.shape[-1]    # row length of b as stored
+    ld_a = a.shape[-1]    # row length of a as stored
+    ld_out = N
+    if batch is None:
+        cublas.gemmEx(handle, op_b, op_a, N, M, K,
+                      alpha, b.data.ptr, CUDA_R_16BF, ld_b,
+                      a.data.ptr, CUDA_R_16BF, ld_a,
+                      beta, out.data.ptr, CUDA_R_16BF, ld_out,
+                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+    else:
+        cublas.gemmStridedBatchedEx(handle, op_b, op_a, N, M, K,
+                                    alpha, b.data.ptr, CUDA_R_16BF, ld_b, b.shape[1] * b.shape[2],
+                                    a.data.ptr, CUDA_R_16BF, ld_a, a.shape[1] * a.shape[2],
+                                    beta, out.data.ptr, CUDA_R_16BF, ld_out, M * N,
+                                    batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)

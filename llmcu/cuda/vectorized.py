@@ -1,0 +1,30 @@
+"""Checks shared by the wrappers of the 16-byte-load kernel versions (x128 in
+kernels/common.cuh): a packet holds 16 // itemsize elements (4 floats, 8 bf16),
+so the element count must be a multiple of that and every array's first
+element 16-byte aligned (CuPy's and NumPy's fresh allocations are; a slice at
+an odd offset may not be)."""
+
+
+def address(a) -> int:
+    """The device (cupy) or host (numpy) address of a's first element."""
+    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
+
+
+def packet_size(a) -> int:
+    return 16 // a.dtype.itemsize
+
+
+def check_vectorized(fn: str, count: int, arrays: dict, what: str = "elements") -> int:
+    """Raise ValueError unless `count` elements split into whole 16-byte
+    packets of the arrays' dtype and every array is 16-byte aligned; return
+    the number of packets (= threads of a one-packet-per-thread kernel)."""
+    first = next(iter(arrays.values()))
+    size = packet_size(first)
+    if count % size != 0:
+        raise ValueError(f"{fn}: the 16-byte-load version needs a multiple of {size} {what} "
+                         f"({first.dtype}), got {count}; use version=1")
+    for name, a in arrays.items():
+        if a is not None and address(a) % 16 != 0:
+            raise ValueError(f"{fn}: the 16-byte-load version needs {name} 16-byte aligned, got "
+                             f"address {address(a):#x}; pass a fresh array or use version=1")
+    return count // size
