@@ -1,6 +1,10 @@
-// attention: the elementwise and softmax parts of causal multi-head
-// self-attention. The batched GEMMs (preatt = q k^T, y = att v, and their
-// backward) go to cuBLAS from Python; the full forward is
+// attention: causal multi-head self-attention, two ways. The simple path
+// (first half of the file) holds the elementwise and softmax parts; the batched
+// GEMMs (preatt = q k^T, y = att v, and their backward) go to cuBLAS from
+// Python. The fused ("flash") kernels (second half, their own Shapes and
+// Launch notes there) do everything in one pass per tile, grouped-query heads
+// included, and save a (B,NH,T) log-sum-exp instead of the (B,NH,T,T)
+// probabilities; GPT-2 uses them by default. The simple forward is
 //   q,k,v = permute(qkv); preatt = q k^T; att = softmax_forward(preatt, scale);
 //   y = att v; out = unpermute(y)
 // and the backward runs the same steps in reverse.
@@ -33,6 +37,11 @@
 // Versions:
 //   1: plain port of the oracle; the softmaxes read a row three (forward) or
 //      two (backward) times from global memory.
+//   flash 1 (attention_flash_*_kernel1): fused, fp32 scalar, one thread per row
+//      of a 32-row tile; never stores T*T scores (d12 B=16 T=1024: 9 GiB of
+//      att -> 9 MiB of lse, arithmetic); speed not measured.
+//   flash 2 (attention_flash_*_kernel2): the same on tensor cores (wmma, bf16 in,
+//      fp32 accumulate), 64-row tiles, 4 warps; speed not measured.
 #include "common.cuh"
 
 extern "C" __global__ void attention_permute_kernel1(floatX* __restrict__ q,
@@ -149,3 +158,618 @@ extern "C" __global__ void attention_permute_backward_kernel1(floatX* __restrict
     const floatX* g = (which == 0) ? dq : (which == 1) ? dk : dv;
     dqkv[idx] = g[src];
 }
+
+// ============================================================================
+// Fused ("flash") causal attention: the (T,T) scores never reach global memory.
+//
+// Shapes: qkv/dqkv (B,T,(NH+2*NKV)*hs) = NH query heads, then NKV key heads,
+// then NKV value heads, each hs wide (GPT-2: NKV = NH, the (B,T,3C) layout
+// above); query head h reads kv head h / (NH/NKV). out/dout (B,T,NH*hs);
+// lse (B,NH,T) float = log-sum-exp of row t's scaled, masked scores;
+// D (B,NH,T) float = sum_d dout[b,t,h,d] * out[b,t,h,d] (backward scratch).
+//
+//   attention_flash_forward_kernel1:     out = softmax_{j<=t}(q_t . k_j * scale) v,
+//                                        lse[t] = log sum_{j<=t} exp(q_t . k_j * scale)
+//   attention_flash_backward_preprocess_kernel1:  D[t] = dout_t . out_t
+//   attention_flash_backward_dq_kernel1: p = exp(s - lse), ds = p * (dout_t . v_j - D[t]),
+//                                        dq_t = scale * sum_{j<=t} ds k_j
+//   attention_flash_backward_dkdv_kernel1: dv_j = sum_{h in group} sum_{t>=j} p dout_t,
+//                                        dk_j = scale * sum_{h in group} sum_{t>=j} ds q_t
+//
+// Launch (llmcu/cuda/attention.py), FLASH_TILE = 32, hs <= FLASH_HS_MAX = 128:
+//   forward, backward_dq:  grid (CEIL_DIV(T, FLASH_TILE), NH, B), block FLASH_TILE:
+//       one thread per query row of a FLASH_TILE-row query tile;
+//   backward_dkdv:         grid (CEIL_DIV(T, FLASH_TILE), NKV, B), block FLASH_TILE:
+//       one thread per key row of a key tile; it loops over the NH/NKV query heads
+//       of its group itself, so dk/dv are summed without atomics (deterministic);
+//   backward_preprocess:   one warp per (b, h, t) row: grid CEIL_DIV(B*NH*T*32, 256), block 256.
+//   Static shared memory only: 2 * FLASH_TILE * FLASH_HS_MAX floats (32 KiB) + 256 bytes.
+//
+// Version 1 streams FLASH_TILE-row key (forward, dq) or query (dkdv) tiles
+// through shared memory with an online softmax; tiles wholly above the causal
+// diagonal are skipped (FLASH_TILE query rows and keys per tile, so tile kt is
+// needed by query tile qt only when kt <= qt). All arithmetic is fp32 scalar
+// code: the readable reference for the tensor-core version below.
+#define FLASH_TILE 32
+#define FLASH_HS_MAX 128
+
+extern "C" __global__ void attention_flash_forward_kernel1(floatX* __restrict__ out,
+                                                           float* __restrict__ lse,
+                                                           const floatX* __restrict__ qkv,
+                                                           int B, int T, int NH, int NKV, int hs,
+                                                           float scale) {
+    __shared__ float k_tile[FLASH_TILE][FLASH_HS_MAX];
+    __shared__ float v_tile[FLASH_TILE][FLASH_HS_MAX];
+    const int qtile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (NH / NKV);
+    const int W = (NH + 2 * NKV) * hs;  // qkv row width
+    const floatX* base = qkv + (long long)b * T * W;
+    const int t = qtile * FLASH_TILE + threadIdx.x;
+    const bool active = t < T;  // inactive threads still take part in the tile loads and barriers
+
+    float q[FLASH_HS_MAX], o[FLASH_HS_MAX];
+    for (int d = 0; d < hs; d++) {
+        q[d] = active ? to_float(base[(long long)t * W + h * hs + d]) * scale : 0.0f;
+        o[d] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;  // running max and sum of exp(s - m)
+
+    for (int kt = 0; kt <= qtile; kt++) {  // causal: key tiles after the diagonal are fully masked
+        for (int i = threadIdx.x; i < FLASH_TILE * hs; i += blockDim.x) {
+            int r = i / hs, d = i % hs, j = kt * FLASH_TILE + r;
+            long long row = (long long)j * W;
+            k_tile[r][d] = j < T ? to_float(base[row + (NH + kvh) * hs + d]) : 0.0f;
+            v_tile[r][d] = j < T ? to_float(base[row + (NH + NKV + kvh) * hs + d]) : 0.0f;
+        }
+        __syncthreads();
+        if (active) {
+            const int n = min(FLASH_TILE, t - kt * FLASH_TILE + 1);  // keys j <= t in this tile (>= 1)
+            float s[FLASH_TILE];
+            float m_new = m;
+            for (int jj = 0; jj < n; jj++) {
+                float dot = 0.0f;
+                for (int d = 0; d < hs; d++) { dot += q[d] * k_tile[jj][d]; }
+                s[jj] = dot;
+                m_new = fmaxf(m_new, dot);
+            }
+            const float correction = expf(m - m_new);  // 0 on the first tile (m = -inf)
+            l *= correction;
+            for (int d = 0; d < hs; d++) { o[d] *= correction; }
+            for (int jj = 0; jj < n; jj++) {
+                float p = expf(s[jj] - m_new);
+                l += p;
+                for (int d = 0; d < hs; d++) { o[d] += p * v_tile[jj][d]; }
+            }
+            m = m_new;
+        }
+        __syncthreads();  // everyone is done with the tile before the next load
+    }
+    if (active) {
+        const float inv = 1.0f / l;
+        floatX* y = out + ((long long)b * T + t) * NH * hs + h * hs;
+        for (int d = 0; d < hs; d++) { y[d] = from_float(o[d] * inv); }
+        lse[((long long)b * NH + h) * T + t] = m + logf(l);
+    }
+}
+
+extern "C" __global__ void attention_flash_backward_preprocess_kernel1(float* __restrict__ D,
+                                                                       const floatX* __restrict__ dout,
+                                                                       const floatX* __restrict__ out,
+                                                                       int B, int T, int NH, int hs) {
+    // one warp per row r = (b, h, t) of D (B,NH,T)
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (row >= B * NH * T) { return; }  // the whole warp leaves together
+    const int t = row % T, h = (row / T) % NH, b = row / (T * NH);
+    const long long off = ((long long)b * T + t) * NH * hs + h * hs;
+    float sum = 0.0f;
+    for (int d = lane; d < hs; d += WARP_SIZE) { sum += to_float(dout[off + d]) * to_float(out[off + d]); }
+    sum = warp_reduce_sum(sum);
+    if (lane == 0) { D[row] = sum; }
+}
+
+extern "C" __global__ void attention_flash_backward_dq_kernel1(floatX* __restrict__ dqkv,
+                                                               const floatX* __restrict__ dout,
+                                                               const floatX* __restrict__ qkv,
+                                                               const float* __restrict__ lse,
+                                                               const float* __restrict__ D,
+                                                               int B, int T, int NH, int NKV, int hs,
+                                                               float scale) {
+    // writes the query part of dqkv; the key and value parts are dkdv's
+    __shared__ float k_tile[FLASH_TILE][FLASH_HS_MAX];
+    __shared__ float v_tile[FLASH_TILE][FLASH_HS_MAX];
+    const int qtile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (NH / NKV);
+    const int W = (NH + 2 * NKV) * hs;
+    const floatX* base = qkv + (long long)b * T * W;
+    const int t = qtile * FLASH_TILE + threadIdx.x;
+    const bool active = t < T;
+
+    float q[FLASH_HS_MAX], dy[FLASH_HS_MAX], dq[FLASH_HS_MAX];
+    const long long yoff = ((long long)b * T + t) * NH * hs + h * hs;
+    for (int d = 0; d < hs; d++) {
+        q[d] = active ? to_float(base[(long long)t * W + h * hs + d]) * scale : 0.0f;
+        dy[d] = active ? to_float(dout[yoff + d]) : 0.0f;
+        dq[d] = 0.0f;
+    }
+    const long long srow = ((long long)b * NH + h) * T + t;
+    const float row_lse = active ? lse[srow] : 0.0f;
+    const float row_D = active ? D[srow] : 0.0f;
+
+    for (int kt = 0; kt <= qtile; kt++) {
+        for (int i = threadIdx.x; i < FLASH_TILE * hs; i += blockDim.x) {
+            int r = i / hs, d = i % hs, j = kt * FLASH_TILE + r;
+            long long row = (long long)j * W;
+            k_tile[r][d] = j < T ? to_float(base[row + (NH + kvh) * hs + d]) : 0.0f;
+            v_tile[r][d] = j < T ? to_float(base[row + (NH + NKV + kvh) * hs + d]) : 0.0f;
+        }
+        __syncthreads();
+        if (active) {
+            const int n = min(FLASH_TILE, t - kt * FLASH_TILE + 1);
+            for (int jj = 0; jj < n; jj++) {
+                float s = 0.0f, dp = 0.0f;
+                for (int d = 0; d < hs; d++) {
+                    s += q[d] * k_tile[jj][d];
+                    dp += dy[d] * v_tile[jj][d];
+                }
+                const float ds = expf(s - row_lse) * (dp - row_D);
+                for (int d = 0; d < hs; d++) { dq[d] += ds * k_tile[jj][d]; }
+            }
+        }
+        __syncthreads();
+    }
+    if (active) {
+        floatX* g = dqkv + ((long long)b * T + t) * W + h * hs;
+        for (int d = 0; d < hs; d++) { g[d] = from_float(dq[d] * scale); }
+    }
+}
+
+extern "C" __global__ void attention_flash_backward_dkdv_kernel1(floatX* __restrict__ dqkv,
+                                                                 const floatX* __restrict__ dout,
+                                                                 const floatX* __restrict__ qkv,
+                                                                 const float* __restrict__ lse,
+                                                                 const float* __restrict__ D,
+                                                                 int B, int T, int NH, int NKV, int hs,
+                                                                 float scale) {
+    // writes the key and value parts of dqkv for kv head blockIdx.y
+    __shared__ float q_tile[FLASH_TILE][FLASH_HS_MAX];   // scaled queries
+    __shared__ float dy_tile[FLASH_TILE][FLASH_HS_MAX];
+    __shared__ float lse_tile[FLASH_TILE];
+    __shared__ float D_tile[FLASH_TILE];
+    const int ktile = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+    const int G = NH / NKV;
+    const int W = (NH + 2 * NKV) * hs;
+    const floatX* base = qkv + (long long)b * T * W;
+    const int j = ktile * FLASH_TILE + threadIdx.x;
+    const bool active = j < T;
+    const int num_tiles = CEIL_DIV(T, FLASH_TILE);
+
+    float k[FLASH_HS_MAX], v[FLASH_HS_MAX], dk[FLASH_HS_MAX], dv[FLASH_HS_MAX];
+    for (int d = 0; d < hs; d++) {
+        k[d] = active ? to_float(base[(long long)j * W + (NH + kvh) * hs + d]) : 0.0f;
+        v[d] = active ? to_float(base[(long long)j * W + (NH + NKV + kvh) * hs + d]) : 0.0f;
+        dk[d] = 0.0f;
+        dv[d] = 0.0f;
+    }
+
+    for (int g = 0; g < G; g++) {
+        const int h = kvh * G + g;
+        for (int qt = ktile; qt < num_tiles; qt++) {  // causal: query tiles before the diagonal see no key here
+            for (int i = threadIdx.x; i < FLASH_TILE * hs; i += blockDim.x) {
+                int r = i / hs, d = i % hs, t = qt * FLASH_TILE + r;
+                q_tile[r][d] = t < T ? to_float(base[(long long)t * W + h * hs + d]) * scale : 0.0f;
+                dy_tile[r][d] = t < T ? to_float(dout[((long long)b * T + t) * NH * hs + h * hs + d]) : 0.0f;
+            }
+            for (int r = threadIdx.x; r < FLASH_TILE; r += blockDim.x) {
+                int t = qt * FLASH_TILE + r;
+                lse_tile[r] = t < T ? lse[((long long)b * NH + h) * T + t] : 0.0f;
+                D_tile[r] = t < T ? D[((long long)b * NH + h) * T + t] : 0.0f;
+            }
+            __syncthreads();
+            if (active) {
+                const int first = max(0, j - qt * FLASH_TILE);  // query rows t >= j
+                const int last = min(FLASH_TILE, T - qt * FLASH_TILE);
+                for (int ii = first; ii < last; ii++) {
+                    float s = 0.0f, dp = 0.0f;
+                    for (int d = 0; d < hs; d++) {
+                        s += q_tile[ii][d] * k[d];
+                        dp += dy_tile[ii][d] * v[d];
+                    }
+                    const float p = expf(s - lse_tile[ii]);
+                    const float ds = p * (dp - D_tile[ii]);
+                    for (int d = 0; d < hs; d++) {
+                        dv[d] += p * dy_tile[ii][d];
+                        dk[d] += ds * q_tile[ii][d];  // q_tile holds scale * q: dk = scale * sum ds q
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    if (active) {
+        floatX* g = dqkv + ((long long)b * T + j) * W;
+        for (int d = 0; d < hs; d++) {
+            g[(NH + kvh) * hs + d] = from_float(dk[d]);
+            g[(NH + NKV + kvh) * hs + d] = from_float(dv[d]);
+        }
+    }
+}
+
+// ============================================================================
+// Version 2: tensor cores (wmma, bf16 inputs, fp32 accumulation). GPU only.
+//
+// The element type is __nv_bfloat16 whatever floatX is (the bf16 tensor-core
+// instructions take 16-bit inputs); the wrapper launches them from the bf16
+// build (see the include note below) and passes bf16 arrays (uint16 bit patterns) for qkv, out, dout, dqkv and
+// float for lse. hs must be 64 or 128 (a multiple of the 16-wide mma tile; two
+// template instantiations). The CPU emulator models no tensor cores: under it
+// (LLMCU_EMU) flash2_warp_mma, the one function that uses them, is scalar code.
+//
+//   attention_flash_forward_kernel2, attention_flash_backward_dq_kernel2:
+//       grid (CEIL_DIV(T, 64), NH, B); attention_flash_backward_dkdv_kernel2:
+//       grid (CEIL_DIV(T, 64), NKV, B); block 128 (4 warps, 16 rows each of a
+//       64-row tile); dynamic shared memory FLASH2_*_SMEM(hs) bytes below (above
+//       48 KiB: the wrapper opts in): forward 64/104 KiB, dq 88.5/136.5 KiB, dkdv
+//       112.5/176.5 KiB at hs = 64/128 (hs = 128 backward exceeds an A100's
+//       164 KiB: H100/H200 only).
+//   attention_flash_backward_preprocess_kernel2: as kernel1, on bf16 arrays.
+//
+// Per tile, a warp computes its 16x64 block of scores with wmma (m16n16k16)
+// into shared memory, does the online softmax there in fp32 (one row at a time,
+// lanes over columns, warp shuffles for max and sum), rounds the probabilities
+// to bf16 and multiplies them into the output accumulator (fp32, in shared
+// memory, so the per-row rescaling can reach every element). The backward is
+// the same recomputation as version 1 with the four products on tensor cores.
+#define FLASH2_TILE 64
+#define FLASH2_THREADS 128
+
+// Version 2 needs two CUDA toolkit headers (bf16 and wmma). At run time the
+// wrapper launches it from the bf16 build (-DLLMCU_BF16), for which the runtime
+// gives NVRTC the CUDA include directory; the fp32 NVRTC build leaves it out, so
+// the kernels GPT-2's fp32 step needs never depend on those headers. Where they
+// cannot be found the version-2 kernels are left out (launching one then fails
+// with "kernel not found") instead of breaking version 1. nvcc (the compile
+// test) always builds them. The emulator needs neither header (the shim defines
+// __nv_bfloat16; no wmma there).
+#if defined(LLMCU_EMU)
+#define LLMCU_FLASH2 1
+#elif defined(__CUDACC_RTC__) && !defined(LLMCU_BF16)
+// NVRTC, fp32 build: no version 2
+#elif defined(__has_include)
+#if __has_include("cuda_bf16.h") && __has_include("mma.h")
+#include "cuda_bf16.h"
+#include "mma.h"
+#define LLMCU_FLASH2 1
+#endif
+#endif
+
+#ifdef LLMCU_FLASH2
+typedef __nv_bfloat16 bf16;
+
+// dynamic shared memory of each version-2 kernel, in bytes (the wrapper uses the same formulas)
+#define FLASH2_FWD_SMEM(hs) (3 * 64 * (hs) * 2 + 64 * 64 * 4 + 64 * 64 * 2 + 64 * (hs) * 4)
+#define FLASH2_DQ_SMEM(hs) (4 * 64 * (hs) * 2 + 2 * 64 * 64 * 4 + 64 * 64 * 2 + 64 * (hs) * 4 + 2 * 64 * 4)
+#define FLASH2_DKDV_SMEM(hs) (4 * 64 * (hs) * 2 + 2 * 64 * 64 * 4 + 2 * 64 * 64 * 2 + 2 * 64 * (hs) * 4 + 2 * 64 * 4)
+
+// The dynamic shared memory, declared with 128-byte alignment: wmma loads and
+// stores need 32-byte aligned addresses, and every region below starts at a
+// multiple of 2 KiB from the base.
+struct __align__(128) flash2_smem_unit { unsigned char bytes[128]; };
+
+// Rows [row0, row0 + 64) of a (rows, ld) bf16 matrix, HS columns from src (src
+// points at the head's first column), into a 64 x HS shared tile, 16 bytes at a time; rows >= T are zeros.
+template <int HS>
+__device__ __forceinline__ void flash2_load_tile(bf16* tile, const bf16* src, int row0, int T, long long ld) {
+    typedef Packed128<bf16> pack;
+    for (int i = threadIdx.x; i < FLASH2_TILE * HS / pack::size; i += blockDim.x) {
+        int r = i / (HS / pack::size), c = (i % (HS / pack::size)) * pack::size;
+        pack value;
+        if (row0 + r < T) {
+            value = *reinterpret_cast<const pack*>(src + (long long)(row0 + r) * ld + c);
+        } else {
+            for (int e = 0; e < pack::size; e++) { value[e] = __float2bfloat16(0.0f); }
+        }
+        *reinterpret_cast<pack*>(tile + r * HS + c) = value;
+    }
+}
+
+#ifndef LLMCU_EMU
+template <bool COL> struct flash2_b_layout { typedef nvcuda::wmma::row_major type; };
+template <> struct flash2_b_layout<true> { typedef nvcuda::wmma::col_major type; };
+
+// C (16 x N, fp32, row-major, ldc) = or += A (16 x K, bf16 row-major, lda) * B (K x N, bf16),
+// by one warp. B_COL: B is given transposed, element (k, n) at b[n * ldb + k] (B = M^T for a
+// row-major M); otherwise element (k, n) at b[k * ldb + n].
+template <int K, int N, bool B_COL>
+__device__ __forceinline__ void flash2_warp_mma(float* c, int ldc, bool accumulate, const bf16* a, int lda,
+                                                const bf16* b, int ldb) {
+    using namespace nvcuda;
+    typedef typename flash2_b_layout<B_COL>::type b_layout;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, b_layout> fb;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+#pragma unroll
+    for (int n = 0; n < N / 16; n++) {
+        if (accumulate) {
+            wmma::load_matrix_sync(acc, c + n * 16, ldc, wmma::mem_row_major);
+        } else {
+            wmma::fill_fragment(acc, 0.0f);
+        }
+#pragma unroll
+        for (int k = 0; k < K / 16; k++) {
+            wmma::load_matrix_sync(fa, a + k * 16, lda);
+            wmma::load_matrix_sync(fb, B_COL ? b + n * 16 * ldb + k * 16 : b + k * 16 * ldb + n * 16, ldb);
+            wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(c + n * 16, acc, ldc, wmma::mem_row_major);
+    }
+}
+#else
+// The emulator has no tensor cores: the same product in scalar fp32 (bf16 inputs,
+// fp32 sums), each lane owning whole elements of C. Everything else in the
+// version-2 kernels (tiling, masking, online softmax, bf16 rounding of P and dS)
+// runs unchanged, so the emulator tests it; only this function differs on the GPU.
+template <int K, int N, bool B_COL>
+__device__ __forceinline__ void flash2_warp_mma(float* c, int ldc, bool accumulate, const bf16* a, int lda,
+                                                const bf16* b, int ldb) {
+    for (int i = threadIdx.x % WARP_SIZE; i < 16 * N; i += WARP_SIZE) {
+        const int r = i / N, n = i % N;
+        float sum = 0.0f;
+        for (int k = 0; k < K; k++) {
+            sum += (float)a[r * lda + k] * (float)(B_COL ? b[n * ldb + k] : b[k * ldb + n]);
+        }
+        c[r * ldc + n] = accumulate ? c[r * ldc + n] + sum : sum;
+    }
+}
+#endif
+
+template <int HS>
+__device__ void flash2_forward(bf16* out, float* lse, const bf16* qkv, int T, int NH, int NKV, float scale) {
+    DYNAMIC_SHARED(flash2_smem_unit, smem_units);
+    unsigned char* smem = (unsigned char*)smem_units;
+    bf16* Qs = (bf16*)smem;                       // 64 x HS
+    bf16* Ks = Qs + FLASH2_TILE * HS;             // 64 x HS
+    bf16* Vs = Ks + FLASH2_TILE * HS;             // 64 x HS
+    float* Ss = (float*)(Vs + FLASH2_TILE * HS);  // 64 x 64 scores
+    bf16* Ps = (bf16*)(Ss + FLASH2_TILE * FLASH2_TILE);  // 64 x 64 probabilities
+    float* Os = (float*)(Ps + FLASH2_TILE * FLASH2_TILE);  // 64 x HS output accumulator
+    const int qtile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (NH / NKV);
+    const long long W = (long long)(NH + 2 * NKV) * HS;
+    const bf16* base = qkv + (long long)b * T * W;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const int row0 = warp * 16;  // this warp's rows of the tile
+
+    flash2_load_tile<HS>(Qs, base + h * HS, qtile * FLASH2_TILE, T, W);
+    for (int i = threadIdx.x; i < FLASH2_TILE * HS; i += blockDim.x) { Os[i] = 0.0f; }
+    float m[16], l[16];  // the warp's 16 rows' running max and sum (same on every lane)
+#pragma unroll
+    for (int r = 0; r < 16; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
+
+    for (int kt = 0; kt <= qtile; kt++) {
+        flash2_load_tile<HS>(Ks, base + (NH + kvh) * HS, kt * FLASH2_TILE, T, W);
+        flash2_load_tile<HS>(Vs, base + (NH + NKV + kvh) * HS, kt * FLASH2_TILE, T, W);
+        __syncthreads();
+        flash2_warp_mma<HS, FLASH2_TILE, true>(Ss + row0 * FLASH2_TILE, FLASH2_TILE, false,
+                                               Qs + row0 * HS, HS, Ks, HS);
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < 16; r++) {
+            const int t = qtile * FLASH2_TILE + row0 + r;
+            float s[2], p[2];
+            float mx = -INFINITY;
+            for (int e = 0; e < 2; e++) {
+                int c = lane + e * WARP_SIZE, j = kt * FLASH2_TILE + c;
+                s[e] = (j <= t) ? Ss[(row0 + r) * FLASH2_TILE + c] * scale : -INFINITY;
+                mx = fmaxf(mx, s[e]);
+            }
+            const float m_new = fmaxf(m[r], warp_reduce_max(mx));  // finite: key 0 <= t on tile 0
+            const float correction = expf(m[r] - m_new);
+            float sum = 0.0f;
+            for (int e = 0; e < 2; e++) {
+                p[e] = expf(s[e] - m_new);
+                sum += p[e];
+                Ps[(row0 + r) * FLASH2_TILE + lane + e * WARP_SIZE] = __float2bfloat16(p[e]);
+            }
+            l[r] = l[r] * correction + warp_reduce_sum(sum);
+            m[r] = m_new;
+            for (int d = lane; d < HS; d += WARP_SIZE) { Os[(row0 + r) * HS + d] *= correction; }
+        }
+        __syncthreads();
+        flash2_warp_mma<FLASH2_TILE, HS, false>(Os + row0 * HS, HS, true, Ps + row0 * FLASH2_TILE,
+                                                FLASH2_TILE, Vs, HS);
+        __syncthreads();  // Ks, Vs, Os settled before the next tile
+    }
+#pragma unroll
+    for (int r = 0; r < 16; r++) {
+        const int t = qtile * FLASH2_TILE + row0 + r;
+        if (t < T) {
+            const float inv = 1.0f / l[r];
+            bf16* y = out + ((long long)b * T + t) * NH * HS + h * HS;
+            for (int d = lane; d < HS; d += WARP_SIZE) { y[d] = __float2bfloat16(Os[(row0 + r) * HS + d] * inv); }
+            if (lane == 0) { lse[((long long)b * NH + h) * T + t] = m[r] + logf(l[r]); }
+        }
+    }
+}
+
+template <int HS>
+__device__ void flash2_backward_dq(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
+                                   const float* D, int T, int NH, int NKV, float scale) {
+    DYNAMIC_SHARED(flash2_smem_unit, smem_units);
+    unsigned char* smem = (unsigned char*)smem_units;
+    bf16* Qs = (bf16*)smem;                        // 64 x HS
+    bf16* dOs = Qs + FLASH2_TILE * HS;             // 64 x HS
+    bf16* Ks = dOs + FLASH2_TILE * HS;             // 64 x HS
+    bf16* Vs = Ks + FLASH2_TILE * HS;              // 64 x HS
+    float* Ss = (float*)(Vs + FLASH2_TILE * HS);   // 64 x 64 scores
+    float* dPs = Ss + FLASH2_TILE * FLASH2_TILE;   // 64 x 64 dout v^T
+    bf16* dSs = (bf16*)(dPs + FLASH2_TILE * FLASH2_TILE);  // 64 x 64
+    float* dQs = (float*)(dSs + FLASH2_TILE * FLASH2_TILE);  // 64 x HS accumulator
+    float* lse_s = dQs + FLASH2_TILE * HS;         // 64
+    float* D_s = lse_s + FLASH2_TILE;              // 64
+    const int qtile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (NH / NKV);
+    const long long W = (long long)(NH + 2 * NKV) * HS;
+    const bf16* base = qkv + (long long)b * T * W;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const int row0 = warp * 16;
+
+    flash2_load_tile<HS>(Qs, base + h * HS, qtile * FLASH2_TILE, T, W);
+    flash2_load_tile<HS>(dOs, dout + (long long)b * T * NH * HS + h * HS, qtile * FLASH2_TILE, T,
+                         (long long)NH * HS);
+    for (int i = threadIdx.x; i < FLASH2_TILE * HS; i += blockDim.x) { dQs[i] = 0.0f; }
+    for (int r = threadIdx.x; r < FLASH2_TILE; r += blockDim.x) {
+        int t = qtile * FLASH2_TILE + r;
+        lse_s[r] = t < T ? lse[((long long)b * NH + h) * T + t] : 0.0f;
+        D_s[r] = t < T ? D[((long long)b * NH + h) * T + t] : 0.0f;
+    }
+    for (int kt = 0; kt <= qtile; kt++) {
+        flash2_load_tile<HS>(Ks, base + (NH + kvh) * HS, kt * FLASH2_TILE, T, W);
+        flash2_load_tile<HS>(Vs, base + (NH + NKV + kvh) * HS, kt * FLASH2_TILE, T, W);
+        __syncthreads();
+        flash2_warp_mma<HS, FLASH2_TILE, true>(Ss + row0 * FLASH2_TILE, FLASH2_TILE, false,
+                                               Qs + row0 * HS, HS, Ks, HS);
+        flash2_warp_mma<HS, FLASH2_TILE, true>(dPs + row0 * FLASH2_TILE, FLASH2_TILE, false,
+                                               dOs + row0 * HS, HS, Vs, HS);
+        __syncthreads();
+        for (int i = lane; i < 16 * FLASH2_TILE; i += WARP_SIZE) {
+            int r = row0 + i / FLASH2_TILE, c = i % FLASH2_TILE;
+            int t = qtile * FLASH2_TILE + r, j = kt * FLASH2_TILE + c;
+            float ds = 0.0f;
+            if (j <= t && t < T) {
+                float p = expf(Ss[r * FLASH2_TILE + c] * scale - lse_s[r]);
+                ds = p * (dPs[r * FLASH2_TILE + c] - D_s[r]);
+            }
+            dSs[r * FLASH2_TILE + c] = __float2bfloat16(ds);
+        }
+        __syncthreads();
+        flash2_warp_mma<FLASH2_TILE, HS, false>(dQs + row0 * HS, HS, true, dSs + row0 * FLASH2_TILE,
+                                                FLASH2_TILE, Ks, HS);
+        __syncthreads();
+    }
+    for (int i = threadIdx.x; i < FLASH2_TILE * HS; i += blockDim.x) {
+        int r = i / HS, d = i % HS, t = qtile * FLASH2_TILE + r;
+        if (t < T) { dqkv[((long long)b * T + t) * W + h * HS + d] = __float2bfloat16(dQs[i] * scale); }
+    }
+}
+
+template <int HS>
+__device__ void flash2_backward_dkdv(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
+                                     const float* D, int T, int NH, int NKV, float scale) {
+    DYNAMIC_SHARED(flash2_smem_unit, smem_units);
+    unsigned char* smem = (unsigned char*)smem_units;
+    bf16* Ks = (bf16*)smem;                        // 64 x HS (this block's keys)
+    bf16* Vs = Ks + FLASH2_TILE * HS;
+    bf16* Qs = Vs + FLASH2_TILE * HS;              // 64 x HS (a query tile)
+    bf16* dOs = Qs + FLASH2_TILE * HS;
+    float* St = (float*)(dOs + FLASH2_TILE * HS);  // 64 keys x 64 queries: k q^T
+    float* dPt = St + FLASH2_TILE * FLASH2_TILE;   // v dout^T
+    bf16* Pt = (bf16*)(dPt + FLASH2_TILE * FLASH2_TILE);
+    bf16* dSt = Pt + FLASH2_TILE * FLASH2_TILE;
+    float* dKs = (float*)(dSt + FLASH2_TILE * FLASH2_TILE);  // 64 x HS accumulators
+    float* dVs = dKs + FLASH2_TILE * HS;
+    float* lse_s = dVs + FLASH2_TILE * HS;
+    float* D_s = lse_s + FLASH2_TILE;
+    const int ktile = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+    const int G = NH / NKV;
+    const long long W = (long long)(NH + 2 * NKV) * HS;
+    const bf16* base = qkv + (long long)b * T * W;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const int row0 = warp * 16;  // this warp's keys of the tile
+    const int num_tiles = CEIL_DIV(T, FLASH2_TILE);
+
+    flash2_load_tile<HS>(Ks, base + (NH + kvh) * HS, ktile * FLASH2_TILE, T, W);
+    flash2_load_tile<HS>(Vs, base + (NH + NKV + kvh) * HS, ktile * FLASH2_TILE, T, W);
+    for (int i = threadIdx.x; i < FLASH2_TILE * HS; i += blockDim.x) { dKs[i] = 0.0f; dVs[i] = 0.0f; }
+    for (int g = 0; g < G; g++) {
+        const int h = kvh * G + g;
+        for (int qt = ktile; qt < num_tiles; qt++) {
+            flash2_load_tile<HS>(Qs, base + h * HS, qt * FLASH2_TILE, T, W);
+            flash2_load_tile<HS>(dOs, dout + (long long)b * T * NH * HS + h * HS, qt * FLASH2_TILE, T,
+                                 (long long)NH * HS);
+            for (int r = threadIdx.x; r < FLASH2_TILE; r += blockDim.x) {
+                int t = qt * FLASH2_TILE + r;
+                lse_s[r] = t < T ? lse[((long long)b * NH + h) * T + t] : 0.0f;
+                D_s[r] = t < T ? D[((long long)b * NH + h) * T + t] : 0.0f;
+            }
+            __syncthreads();
+            flash2_warp_mma<HS, FLASH2_TILE, true>(St + row0 * FLASH2_TILE, FLASH2_TILE, false,
+                                                   Ks + row0 * HS, HS, Qs, HS);
+            flash2_warp_mma<HS, FLASH2_TILE, true>(dPt + row0 * FLASH2_TILE, FLASH2_TILE, false,
+                                                   Vs + row0 * HS, HS, dOs, HS);
+            __syncthreads();
+            for (int i = lane; i < 16 * FLASH2_TILE; i += WARP_SIZE) {
+                int r = row0 + i / FLASH2_TILE, c = i % FLASH2_TILE;
+                int j = ktile * FLASH2_TILE + r, t = qt * FLASH2_TILE + c;
+                float p = 0.0f, ds = 0.0f;
+                if (j <= t && t < T) {
+                    p = expf(St[r * FLASH2_TILE + c] * scale - lse_s[c]);
+                    ds = p * (dPt[r * FLASH2_TILE + c] - D_s[c]);
+                }
+                Pt[r * FLASH2_TILE + c] = __float2bfloat16(p);
+                dSt[r * FLASH2_TILE + c] = __float2bfloat16(ds);
+            }
+            __syncthreads();
+            flash2_warp_mma<FLASH2_TILE, HS, false>(dVs + row0 * HS, HS, true, Pt + row0 * FLASH2_TILE,
+                                                    FLASH2_TILE, dOs, HS);
+            flash2_warp_mma<FLASH2_TILE, HS, false>(dKs + row0 * HS, HS, true, dSt + row0 * FLASH2_TILE,
+                                                    FLASH2_TILE, Qs, HS);
+            __syncthreads();
+        }
+    }
+    for (int i = threadIdx.x; i < FLASH2_TILE * HS; i += blockDim.x) {
+        int r = i / HS, d = i % HS, j = ktile * FLASH2_TILE + r;
+        if (j < T) {
+            bf16* g = dqkv + ((long long)b * T + j) * W;
+            g[(NH + kvh) * HS + d] = __float2bfloat16(dKs[i] * scale);
+            g[(NH + NKV + kvh) * HS + d] = __float2bfloat16(dVs[i]);
+        }
+    }
+}
+
+extern "C" __global__ void attention_flash_forward_kernel2(bf16* __restrict__ out, float* __restrict__ lse,
+                                                           const bf16* __restrict__ qkv,
+                                                           int B, int T, int NH, int NKV, int hs,
+                                                           float scale) {
+    if (hs == 64) { flash2_forward<64>(out, lse, qkv, T, NH, NKV, scale); }
+    else { flash2_forward<128>(out, lse, qkv, T, NH, NKV, scale); }
+}
+
+extern "C" __global__ void attention_flash_backward_preprocess_kernel2(float* __restrict__ D,
+                                                                       const bf16* __restrict__ dout,
+                                                                       const bf16* __restrict__ out,
+                                                                       int B, int T, int NH, int hs) {
+    // as kernel1 (one warp per row of D), reading bf16
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (row >= B * NH * T) { return; }
+    const int t = row % T, h = (row / T) % NH, b = row / (T * NH);
+    const long long off = ((long long)b * T + t) * NH * hs + h * hs;
+    float sum = 0.0f;
+    for (int d = lane; d < hs; d += WARP_SIZE) { sum += (float)dout[off + d] * (float)out[off + d]; }
+    sum = warp_reduce_sum(sum);
+    if (lane == 0) { D[row] = sum; }
+}
+
+extern "C" __global__ void attention_flash_backward_dq_kernel2(bf16* __restrict__ dqkv,
+                                                               const bf16* __restrict__ dout,
+                                                               const bf16* __restrict__ qkv,
+                                                               const float* __restrict__ lse,
+                                                               const float* __restrict__ D,
+                                                               int B, int T, int NH, int NKV, int hs,
+                                                               float scale) {
+    if (hs == 64) { flash2_backward_dq<64>(dqkv, dout, qkv, lse, D, T, NH, NKV, scale); }
+    else { flash2_backward_dq<128>(dqkv, dout, qkv, lse, D, T, NH, NKV, scale); }
+}
+
+extern "C" __global__ void attention_flash_backward_dkdv_kernel2(bf16* __restrict__ dqkv,
+                                                                 const bf16* __restrict__ dout,
+                                                                 const bf16* __restrict__ qkv,
+                                                                 const float* __restrict__ lse,
+                                                                 const float* __restrict__ D,
+                                                                 int B, int T, int NH, int NKV, int hs,
+                                                                 float scale) {
+    if (hs == 64) { flash2_backward_dkdv<64>(dqkv, dout, qkv, lse, D, T, NH, NKV, scale); }
+    else { flash2_backward_dkdv<128>(dqkv, dout, qkv, lse, D, T, NH, NKV, scale); }
+}
+#endif  // LLMCU_FLASH2

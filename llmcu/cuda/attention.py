@@ -9,7 +9,10 @@ Activation gradients overwrite (=).
 
 import math
 
-from .runtime import backend_of, check_array, f32, i32, launch_config, warp_per_row
+import numpy as np
+
+from .runtime import (FLOATX_NAMES, backend_of, check_array, f32, floatx_dtype, i32, launch_config,
+                      warp_per_row)
 
 
 def _check(fn, be, qkv, num_heads, **named):
@@ -68,3 +71,93 @@ def attention_backward(dqkv, dout, qkv, att, num_heads):
     grid, block = launch_config(B * T * 3 * C)
     be.launch("attention", "attention_permute_backward_kernel1", grid, block,
               (dqkv, dq, dk, dv, i32(B), i32(T), i32(NH), i32(hs)))
+
+
+# --- fused ("flash") attention: kernels attention_flash_*_kernelN -------------
+#
+# Same functions and signatures as llmcu/cpu/attention.py's flash_attention_*:
+# qkv (B,T,(NH+2*NKV)*hs), out (B,T,NH*hs), lse (B,NH,T) float32. Nothing of
+# size T*T is allocated; the backward allocates one (B,NH,T) float32 scratch.
+
+FLASH_TILE = 32      # = FLASH_TILE in kernels/attention.cu: rows per tile = threads per block (version 1)
+FLASH_HS_MAX = 128   # = FLASH_HS_MAX there: the per-thread row buffers' size
+FLASH2_TILE, FLASH2_THREADS = 64, 128   # version 2: 64-row tiles, 4 warps
+FLASH2_HEAD_SIZES = (64, 128)
+FLASH_VERSIONS = (1, 2)
+
+
+def _flash2_smem(kernel: str, hs: int) -> int:
+    """Dynamic shared memory bytes of a version-2 kernel (FLASH2_*_SMEM in kernels/attention.cu)."""
+    tile, f32b, bf16b = FLASH2_TILE, 4, 2
+    if kernel == "forward":
+        return 3 * tile * hs * bf16b + tile * tile * f32b + tile * tile * bf16b + tile * hs * f32b
+    if kernel == "dq":
+        return (4 * tile * hs * bf16b + 2 * tile * tile * f32b + tile * tile * bf16b + tile * hs * f32b
+                + 2 * tile * f32b)
+    return (4 * tile * hs * bf16b + 2 * tile * tile * f32b + 2 * tile * tile * bf16b + 2 * tile * hs * f32b
+            + 2 * tile * f32b)
+
+
+def _flash_launch(be, kernel, version, floatX, T, heads, B, args, smem_kind=None, hs=None):
+    """Grid over (query or key tiles, heads, B); version 2 with its dynamic shared memory."""
+    name = f"attention_flash_{kernel}_kernel{version}"
+    if version == 1:
+        be.launch("attention", name, (math.ceil(T / FLASH_TILE), heads, B), (FLASH_TILE,), args,
+                  floatX=floatX)
+        return
+    smem = _flash2_smem(smem_kind, hs)
+    fn = be.module("attention", floatX).get_function(name)
+    if smem > 48 * 1024:  # CUDA's limit without an opt-in
+        fn.max_dynamic_shared_size_bytes = smem
+    be.launch("attention", name, (math.ceil(T / FLASH2_TILE), heads, B), (FLASH2_THREADS,), args,
+              shared_mem=smem, floatX=floatX)
+
+
+def _flash_check(fn, be, qkv, num_heads, num_kv_heads, version, **named):
+    """Version 1: floatX arrays (float32, or uint16 holding bf16: qkv's dtype picks the
+    build), hs <= 128. Version 2 (tensor cores): bf16 only (uint16 bit patterns, see
+    llmcu.formats.float32_to_bf16_bits), hs 64 or 128. lse is float32 in both.
+    Returns B, T, NH, NKV, hs and the floatX name of the module to launch."""
+    if version not in FLASH_VERSIONS:
+        raise ValueError(f"{fn}: version must be one of {FLASH_VERSIONS}, got {version!r}")
+    dtype = floatx_dtype(fn, "qkv", qkv) if version == 1 else np.dtype(np.uint16)
+    check_array(fn, "qkv", qkv, be, dtype=dtype)
+    NH = int(num_heads)
+    NKV = NH if num_kv_heads is None else int(num_kv_heads)
+    if NH <= 0 or NKV <= 0 or NH % NKV:
+        raise ValueError(f"{fn}: num_heads={NH} must be a positive multiple of num_kv_heads={NKV}")
+    if qkv.ndim != 3 or qkv.shape[-1] % (NH + 2 * NKV):
+        raise ValueError(f"{fn}: qkv must be (B,T,(NH+2*NKV)*hs) = (B,T,{NH + 2 * NKV}*hs) for "
+                         f"NH={NH}, NKV={NKV}, got shape {qkv.shape}")
+    B, T, W = qkv.shape
+    hs = W // (NH + 2 * NKV)
+    if version == 1 and not 0 < hs <= FLASH_HS_MAX:
+        raise ValueError(f"{fn}: head size hs must be in 1..{FLASH_HS_MAX}, got {hs}")
+    if version == 2 and hs not in FLASH2_HEAD_SIZES:
+        raise ValueError(f"{fn}: version 2 needs head size hs in {FLASH2_HEAD_SIZES}, got {hs}")
+    shapes = {"out": (B, T, NH * hs), "dout": (B, T, NH * hs), "dqkv": (B, T, W), "lse": (B, NH, T)}
+    for name, a in named.items():
+        check_array(fn, name, a, be, dtype=np.float32 if name == "lse" else dtype, shape=shapes[name])
+    return B, T, NH, NKV, hs, FLOATX_NAMES[dtype]
+
+
+def flash_attention_forward(out, lse, qkv, num_heads, num_kv_heads=None, version=1):
+    be = backend_of(qkv)
+    B, T, NH, NKV, hs, floatX = _flash_check("flash_attention_forward", be, qkv, num_heads, num_kv_heads,
+                                             version, out=out, lse=lse)
+    _flash_launch(be, "forward", version, floatX, T, NH, B,
+                  (out, lse, qkv, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), f32(1.0 / math.sqrt(hs))),
+                  "forward", hs)
+
+
+def flash_attention_backward(dqkv, dout, qkv, out, lse, num_heads, num_kv_heads=None, version=1):
+    be = backend_of(qkv)
+    B, T, NH, NKV, hs, floatX = _flash_check("flash_attention_backward", be, qkv, num_heads, num_kv_heads,
+                                             version, dqkv=dqkv, dout=dout, out=out, lse=lse)
+    D = be.xp.empty((B, NH, T), dtype=np.float32)
+    grid, block = warp_per_row(B * NH * T)
+    be.launch("attention", f"attention_flash_backward_preprocess_kernel{version}", grid, block,
+              (D, dout, out, i32(B), i32(T), i32(NH), i32(hs)), floatX=floatX)
+    args = (dqkv, dout, qkv, lse, D, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), f32(1.0 / math.sqrt(hs)))
+    _flash_launch(be, "backward_dq", version, floatX, T, NH, B, args, "dq", hs)
+    _flash_launch(be, "backward_dkdv", version, floatX, T, NKV, B, args, "dkdv", hs)
