@@ -3,10 +3,12 @@
 A checkpoint at step S in the output dir is three files, written in this order:
 
     model_%08d.bin        the parameters, llm.c's model format (formats.write_model)
-    state_%08d_00000.bin  AdamW m and v, the step, the train loader's position,
-                          the outlier windows and the sampling RNG (formats.write_train_state;
-                          llm.c writes one per process, we are rank 00000)
-    DONE_%08d             an empty completion marker, written last
+    state_%08d_%05d.bin   AdamW m and v, the step, the train loader's position,
+                          the outlier windows and the sampling RNG (formats.write_train_state),
+                          one per process and rank as llm.c writes them: with -z 1 each
+                          holds its rank's shard of m and v (llmcu/distributed.py)
+    DONE_%08d             an empty completion marker, written last (by rank 0, once
+                          every rank has written its state)
 
 Each file is written to a temporary name and renamed, so a run killed at any
 moment leaves every earlier checkpoint intact; a checkpoint without its DONE
@@ -20,23 +22,23 @@ through writing the state file of the checkpoint at step S.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import signal
 
 from . import formats
-from .config import GPT2Config, gpt2_config
+from .config import GPT2Config
 
 CRASH_ENV = "LLMCU_TEST_CRASH_IN_CHECKPOINT"
-RANK = 0  # one process
 
 
 def model_path(out_dir: str, step: int) -> str:
     return os.path.join(out_dir, f"model_{step:08d}.bin")
 
 
-def state_path(out_dir: str, step: int) -> str:
-    return os.path.join(out_dir, f"state_{step:08d}_{RANK:05d}.bin")
+def state_path(out_dir: str, step: int, rank: int = 0) -> str:
+    return os.path.join(out_dir, f"state_{step:08d}_{rank:05d}.bin")
 
 
 def done_path(out_dir: str, step: int) -> str:
@@ -64,20 +66,31 @@ def _crash_hook(step: int):
 
 
 def save(out_dir: str, step: int, model, train_loader, rng, loss_detector, norm_detector,
-         keep: int = 0, log=print) -> None:
+         keep: int = 0, log=print, comm=None) -> None:
     """Write the checkpoint at `step` (model, state, then DONE); then, with keep > 0,
-    delete the complete checkpoints older than the newest `keep`."""
+    delete the complete checkpoints older than the newest `keep`.
+
+    comm (data parallel): every rank writes its own state file, rank 0 the model
+    file, the DONE marker (after a barrier) and the deletions."""
     config = model.config
+    rank, world = (comm.rank, comm.world_size) if comm is not None else (0, 1)
     m, v = model.optimizer_state()
     state = formats.TrainState(
         step=step, m=m, v=v, loader=train_loader.state(), B=train_loader.B, T=train_loader.T,
         window=loss_detector.window, loss_window=list(loss_detector.values),
-        norm_window=list(norm_detector.values), rng_state=rng.bit_generator.state)
-    formats.write_model(model_path(out_dir, step), config, model.params_host())
-    formats.write_train_state(state_path(out_dir, step), state, _midway=_crash_hook(step))
+        norm_window=list(norm_detector.values), rng_state=rng.bit_generator.state,
+        num_processes=world, rank=rank)
+    if rank == 0:  # the parameters are the same on every rank
+        formats.write_model(model_path(out_dir, step), config, model.params_host())
+    formats.write_train_state(state_path(out_dir, step, rank), state, _midway=_crash_hook(step))
+    if comm is not None:
+        comm.barrier()  # every state file is in place before the marker
+    if rank != 0:
+        return
     with formats.atomic_write(done_path(out_dir, step)):
         pass
-    log(f"wrote checkpoint {model_path(out_dir, step)}, {state_path(out_dir, step)}")
+    log(f"wrote checkpoint {model_path(out_dir, step)}, {state_path(out_dir, step)}"
+        + (f" (and ranks 1..{world - 1})" if world > 1 else ""))
     if keep > 0:
         steps = complete_steps(out_dir)
         kept = set(steps[-keep:]) | {step}
@@ -85,7 +98,8 @@ def save(out_dir: str, step: int, model, train_loader, rng, loss_detector, norm_
             if old in kept:
                 continue
             # the marker goes first: a crash in between leaves an incomplete, ignored checkpoint
-            for path in (done_path(out_dir, old), state_path(out_dir, old), model_path(out_dir, old)):
+            states = sorted(glob.glob(os.path.join(out_dir, f"state_{old:08d}_*.bin")))
+            for path in (done_path(out_dir, old), *states, model_path(out_dir, old)):
                 try:
                     os.remove(path)
                 except FileNotFoundError:
@@ -102,18 +116,22 @@ def requested_config(spec: str, max_seq_len: int = 1024) -> GPT2Config:
         if not os.path.exists(spec):
             raise FileNotFoundError(f"model checkpoint {spec} not found; pass a .bin file written by "
                                     f"llmcu or llm.c, or a descriptor such as d6 or d12")
+        if formats._peek_magic(spec) == formats.LLAMA_MODEL_MAGIC:
+            return formats.read_llama_header(spec)
         with open(spec, "rb") as f:
             h = formats._read_header(f, spec, formats.MODEL_MAGIC,
                                      (formats.MODEL_VERSION_FP32, formats.MODEL_VERSION_BF16),
                                      "llm.c model checkpoint")
         return GPT2Config(max_seq_len=h[2], vocab_size=h[3], num_layers=h[4], num_heads=h[5],
                           channels=h[6], padded_vocab_size=h[7])
-    return gpt2_config(spec, max_seq_len=max_seq_len)
+    from .llama_config import model_config
+    return model_config(spec, max_seq_len=max_seq_len)  # GPT-2 or Llama descriptor
 
 
-def load_latest(out_dir: str, spec: str):
+def load_latest(out_dir: str, spec: str, rank: int = 0, num_processes: int = 1, zero_stage: int = 0):
     """(step, config, params, state) of the newest complete checkpoint in out_dir,
-    checked against the model that -e `spec` asks for."""
+    checked against the model that -e `spec` asks for; state is this rank's
+    (data parallel: its own state file; with zero_stage 1 its shard of m and v)."""
     steps = complete_steps(out_dir)
     if not steps:
         found = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else None
@@ -125,7 +143,7 @@ def load_latest(out_dir: str, spec: str):
                          f"Train without -y 1 to start afresh.")
     step = steps[-1]
     path = model_path(out_dir, step)
-    for p in (path, state_path(out_dir, step)):
+    for p in (path, state_path(out_dir, step, rank)):
         if not os.path.exists(p):
             raise ValueError(f"-y 1: checkpoint {step} in {out_dir} has a DONE marker but {p} is "
                              f"missing; delete {done_path(out_dir, step)} to resume from the one before")
@@ -135,9 +153,19 @@ def load_latest(out_dir: str, spec: str):
         raise ValueError(f"-y 1: the checkpoint {path} is another model: it holds {config}, "
                          f"but -e {spec} asks for {want}; pass the -e the run was started with, "
                          f"or another -o")
-    state = formats.read_train_state(state_path(out_dir, step), config.num_parameters())
+    spath = state_path(out_dir, step, rank)
+    size = config.num_parameters()
+    if zero_stage == 1:
+        from .distributed import shard_range
+        lo, hi, _ = shard_range(size, num_processes, rank)
+        size = hi - lo
+    try:
+        state = formats.read_train_state(spath, size, num_processes, rank)
+    except formats.FormatError as e:
+        raise ValueError(f"-y 1: {e}; resume with the number of processes and the -z the run was "
+                         f"started with") from None
     if state.step != step:
-        raise ValueError(f"-y 1: {state_path(out_dir, step)} holds step {state.step}, expected {step}")
+        raise ValueError(f"-y 1: {spath} holds step {state.step}, expected {step}")
     return step, config, params, state
 
 

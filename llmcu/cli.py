@@ -31,7 +31,9 @@ def _add_train(sub):
     p.add_argument("-e", "--model", default=d.model,
                    help="model to start from: an llm.c .bin checkpoint, hf:DIR_OR_NAME for pretrained Hugging Face "
                         "GPT-2 weights (hf:gpt2 downloads when the network allows), or a descriptor "
-                        "(d6, d12, d24, d36, d48, gpt2, ...) for a random init of that size")
+                        "(d6, d12, d24, d36, d48, gpt2, ...) for a random init of that size; Llama family: "
+                        "llama (= llama-d6), llama-d12, gemma-d6, ... (same depths), llama2-7b, llama3.2-1b, "
+                        "gemma-2b, a Llama .bin file (llm.c's Llama 3 layout) or hf:DIR of a Llama/Gemma")
     p.add_argument("-o", "--output-dir", default=d.output_dir, help="directory for main.log and the final model")
     p.add_argument("-b", "--batch-size", type=int, default=d.batch_size, help="micro-batch size B")
     p.add_argument("-t", "--seq-len", type=int, default=d.seq_len, help="sequence length T")
@@ -72,6 +74,18 @@ def _add_train(sub):
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda", "emu", "auto"],
                    help="cpu: the NumPy model; cuda: the CUDA kernels on a GPU; emu: the same kernels "
                         "emulated on the CPU (slow, for testing); auto: cuda if a GPU is usable, else cpu")
+    p.add_argument("-z", "--zero-stage", type=int, default=d.zero_stage, choices=[0, 1],
+                   help="data parallel (several processes, from torchrun/mpirun/srun): 0 all-reduces the "
+                        "gradients, 1 is ZeRO-1 (AdamW state sharded across ranks)")
+    p.add_argument("--dist-backend", default=d.dist_backend, choices=["auto", "gloo", "nccl"],
+                   help="data-parallel communicator: nccl (GPUs, cupy.cuda.nccl), gloo (CPU, "
+                        "torch.distributed); auto: nccl for --device cuda, gloo otherwise, none for "
+                        "one process")
+    p.add_argument("-pi", "--init-method", default=d.init_method, choices=["tcp", "mpi", "fs"],
+                   help="rendezvous of the processes: tcp (MASTER_ADDR/MASTER_PORT, torch's TCPStore), "
+                        "mpi (mpi4py), fs (a file on a shared filesystem, -pf)")
+    p.add_argument("-pf", "--init-file", default=d.init_file,
+                   help="with -pi fs: a new file name on a filesystem every node sees")
 
 
 def _add_tokenizer(sub):
@@ -106,8 +120,10 @@ def _run_sample(parser, a) -> int:
     from .sample import sample_text
     from .train import build_model
     model = build_model(a.model, device="cpu")  # a descriptor: the same random init every run
+    from .config import GPT2Config
+    cache = not a.no_cache and isinstance(model.config, GPT2Config)  # Llama: no KV cache, re-forward
     text = sample_text(model, a.prompt, a.tokens, temperature=a.temperature, top_k=a.top_k,
-                       seed=a.seed, use_cache=not a.no_cache)
+                       seed=a.seed, use_cache=cache)
     print(text)
     return 0
 
@@ -205,7 +221,8 @@ def _run_train(parser, a) -> int:
                       warmup_iters=a.warmup_iters, final_lr_frac=a.final_lr_frac,
                       skip_loss_z=a.skip_loss_z, skip_norm_z=a.skip_norm_z,
                       checkpoint_every=a.checkpoint_every, checkpoint_keep=a.checkpoint_keep,
-                      resume=a.resume, hellaswag=a.hellaswag)
+                      resume=a.resume, hellaswag=a.hellaswag, zero_stage=a.zero_stage,
+                      dist_backend=a.dist_backend, init_method=a.init_method, init_file=a.init_file)
     train(cfg, log=lambda s: print(s, flush=True))
     return 0
 

@@ -173,3 +173,7 @@ class TrainConfig:
     checkpoint_keep: int = 0     # -nk keep only the newest K complete checkpoints (0: all)
     resume: int = 0              # -y  1: resume from the newest complete checkpoint in -o
     hellaswag: str | None = None  # --hellaswag: llm.c eval file; HellaSwag accuracy at every val step
+    zero_stage: int = 0          # -z  data parallel: 0 all-reduce, 1 ZeRO-1 (sharded AdamW state)
+    dist_backend: str = "auto"   # --dist-backend auto | gloo | nccl (llmcu.distributed)
+    init_method: str = "tcp"     # -pi rendezvous: tcp (MASTER_ADDR/PORT) | mpi (mpi4py) | fs (-pf)
+    init_file: str | None = None  # -pf rendezvous file on a shared filesystem (-pi fs)

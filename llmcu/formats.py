@@ -9,6 +9,8 @@ token ids) and raise FormatError naming the file, what was expected and what
 was found. Writers go through atomic_write, so nothing is written half-way.
 
     model      20240326  v3 fp32 / v5 bf16  maxT V L NH C Vp | params (llm.c order)
+    llama      20240803  v3 fp32 / v5 bf16  llm.c's Llama 3 header (+ llmcu's fields) | params
+                                   (Llama/Gemma; see the section at the end)
     debug      20240327  v2                 B T            | x y logits loss grads
     tokenizer  20240328  v2                 n eot          | n x (len byte, bytes)
     shard      20240520  v1                 ntok           | ntok x uint16
@@ -133,23 +135,39 @@ def _read_array(f, dtype: str, count: int) -> np.ndarray:
 # ----------------------------------------------------------------------------
 # bfloat16: the top 16 bits of a float32, rounded to nearest even
 
+def _array_module(a):
+    """cupy for a CuPy array (the bf16 helpers also serve GPU arrays), else numpy."""
+    if type(a).__module__.startswith("cupy"):
+        import cupy
+        return cupy
+    return np
+
+
 def float32_to_bf16_bits(a) -> np.ndarray:
     """bf16 bit patterns (uint16) of float32 values, round to nearest even.
 
     inf stays inf; NaN becomes a quiet NaN of the same sign (rounding could
-    otherwise carry a NaN's payload into the exponent and make it inf)."""
-    bits = np.asarray(a, dtype=np.float32).view(np.uint32)
+    otherwise carry a NaN's payload into the exponent and make it inf).
+    NumPy in, NumPy out; CuPy in, CuPy out."""
+    xp = _array_module(a)
+    bits = xp.asarray(a, dtype=np.float32).view(np.uint32)
     lsb = (bits >> 16) & 1
     rounded = ((bits + (0x7FFF + lsb)) >> 16).astype(np.uint16)  # uint32 wraps; unused for NaN
-    is_nan = np.isnan(bits.view(np.float32))
+    is_nan = xp.isnan(bits.view(np.float32))
     quiet_nan = ((bits >> 16) | 0x0040).astype(np.uint16)
-    return np.where(is_nan, quiet_nan, rounded)
+    return xp.where(is_nan, quiet_nan, rounded)
 
 
 def bf16_bits_to_float32(b) -> np.ndarray:
-    """float32 values of bf16 bit patterns (exact)."""
-    bits = np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16
+    """float32 values of bf16 bit patterns (exact). NumPy or CuPy, like the input."""
+    xp = _array_module(b)
+    bits = xp.asarray(b, dtype=np.uint16).astype(np.uint32) << 16
     return bits.view(np.float32)
+
+
+def round_to_bf16(a) -> np.ndarray:
+    """float32 values rounded to the nearest bf16 (round to nearest even), as float32."""
+    return bf16_bits_to_float32(float32_to_bf16_bits(a))
 
 
 # ----------------------------------------------------------------------------
@@ -170,7 +188,10 @@ def write_model(path, config: GPT2Config, params: np.ndarray, dtype: str = "floa
     """Write an llm.c model checkpoint: version 3 (fp32) or 5 (bf16) params.
 
     params is the flat float32 array of config.num_parameters() elements in
-    llm.c's order (wte's padded rows V..Vp-1 should be zero, as llm.c keeps them)."""
+    llm.c's order (wte's padded rows V..Vp-1 should be zero, as llm.c keeps them).
+    A LlamaConfig goes to write_llama_model (llm.c's Llama 3 layout)."""
+    if not isinstance(config, GPT2Config):
+        return write_llama_model(path, config, params, dtype)
     if dtype not in _MODEL_DTYPES:
         raise ValueError(f"write_model: dtype must be one of {sorted(_MODEL_DTYPES)}, found {dtype!r}")
     _check_float32("write_model: params", params, size=config.num_parameters())
@@ -187,8 +208,11 @@ def write_model(path, config: GPT2Config, params: np.ndarray, dtype: str = "floa
 
 
 def read_model(path) -> tuple[GPT2Config, np.ndarray]:
-    """Read an llm.c model checkpoint: (config, flat float32 params)."""
+    """Read an llm.c model checkpoint: (config, flat float32 params); a Llama
+    file (magic 20240803) gives (LlamaConfig, params) through read_llama_model."""
     path = os.fspath(path)
+    if _peek_magic(path) == LLAMA_MODEL_MAGIC:
+        return read_llama_model(path)
     what = "llm.c model checkpoint"
     with open(path, "rb") as f:
         header = _read_header(f, path, MODEL_MAGIC, (MODEL_VERSION_FP32, MODEL_VERSION_BF16), what)
@@ -391,7 +415,7 @@ def read_tokenizer_bin(path) -> tuple[list[bytes], int]:
 # training state (llm.c's state_%08d_%05d.bin, plus what llmcu needs to resume exactly)
 #
 # header (int32 slots; u64 = two slots, little-endian), llm.c's fields first:
-#   [0] 20240527  [1] version 1  [2] num_processes (1)  [3] rank (0)
+#   [0] 20240527  [1] version 1  [2] num_processes  [3] rank (the file's, data parallel)
 #   [4] use_master_weights (0)  [5] should_shuffle (0: the DataLoader reads in order)
 #   [10] step     [20:22] u64 rng_state (0: unused)  [22:24] u64 rng_state_last_update (0)
 #   [30:32] u64 train loader shard index  [32:34] u64 sample index (-1 as 2**64-1)
@@ -417,6 +441,8 @@ class TrainState:
     loss_window: list = None   # the loss outlier detector's values, oldest first
     norm_window: list = None   # the grad-norm outlier detector's values, oldest first
     rng_state: dict | None = None  # numpy bit_generator.state of the sampling RNG
+    num_processes: int = 1     # data parallel: the world size and this file's rank (llm.c's
+    rank: int = 0              # state_%08d_%05d.bin); m and v are the rank's ZeRO-1 shard with -z 1
 
 
 def write_train_state(path, state: TrainState, _midway=None) -> None:
@@ -431,7 +457,7 @@ def write_train_state(path, state: TrainState, _midway=None) -> None:
     norm_w = np.asarray(state.norm_window or [], dtype="<f8")
     rng = json.dumps(state.rng_state).encode() if state.rng_state is not None else b""
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0:6] = TRAIN_STATE_MAGIC, TRAIN_STATE_VERSION, 1, 0, 0, 0
+    header[0:6] = TRAIN_STATE_MAGIC, TRAIN_STATE_VERSION, state.num_processes, state.rank, 0, 0
     header[10] = state.step
     u64 = header.view("<u8")
     u64[15] = int(state.loader["shard_index"])
@@ -451,8 +477,9 @@ def write_train_state(path, state: TrainState, _midway=None) -> None:
         f.write(rng)
 
 
-def read_train_state(path, num_parameters: int) -> TrainState:
-    """Read a training state file for a model of `num_parameters` parameters."""
+def read_train_state(path, num_parameters: int, num_processes: int = 1, rank: int = 0) -> TrainState:
+    """Read a training state file for a model of `num_parameters` parameters (the
+    elements of m and v: a ZeRO-1 shard's size), written by `rank` of `num_processes`."""
     import json
     path = os.fspath(path)
     what = "training state"
@@ -460,9 +487,9 @@ def read_train_state(path, num_parameters: int) -> TrainState:
         header = _read_header(f, path, TRAIN_STATE_MAGIC, (TRAIN_STATE_VERSION,), what)
         raw = np.array(header, dtype=np.int64).astype("<i4")
         u64 = raw.view("<u8")
-        if header[2] != 1 or header[3] != 0:
-            raise FormatError(f"{path}: expected a single-process state (num_processes 1, rank 0), "
-                              f"found num_processes {header[2]}, rank {header[3]}")
+        if header[2] != num_processes or header[3] != rank:
+            raise FormatError(f"{path}: expected the state of rank {rank} of {num_processes} "
+                              f"process(es), found rank {header[3]} of {header[2]}")
         if header[4] != 0 or header[5] != 0:
             raise FormatError(f"{path}: expected use_master_weights 0 and should_shuffle 0 "
                               f"(llmcu has neither), found {header[4]} and {header[5]}")
@@ -493,7 +520,8 @@ def read_train_state(path, num_parameters: int) -> TrainState:
                       loader={"shard_index": int(u64[15]),
                               "sample_index": -1 if sample == 2**64 - 1 else sample},
                       B=header[41], T=header[42], window=header[43],
-                      loss_window=loss_w, norm_window=norm_w, rng_state=rng_state)
+                      loss_window=loss_w, norm_window=norm_w, rng_state=rng_state,
+                      num_processes=header[2], rank=header[3])
 
 
 # ----------------------------------------------------------------------------
@@ -622,3 +650,182 @@ def read_evalfile(path) -> list[EvalExample]:
         raise FormatError(f"{path}: bad {what} header: longest example is {longest} bytes, "
                           f"the examples' longest is {found_longest}")
     return examples
+
+
+# ----------------------------------------------------------------------------
+# Llama model checkpoint: llm.c's Llama 3 layout (train_llama3.py write_model)
+#
+# 2048-byte header: 256 int32 then 256 float32, little-endian.
+#   int   [0] 20240803  [1] version 3 (fp32) / 5 (bf16)  [2] maxT  [3] V  [4] L  [5] NH
+#         [6] NKV  [7] C  [8] multiple_of  [9] use_scaled_rope (must be 0 here)
+#         [10] [11] llm.c's Llama major.minor version (written 3, 1; not read)
+#         llmcu's fields, 0 in llm.c's files: [12] 1 = present  [13] H  [14] hs
+#         [15] tied embeddings  [16] mlp (0 swiglu, 1 geglu)  [17] Vp
+#   float [0] ffn_dim_multiplier (0: none)  [1] norm_eps  [2] rope_theta
+#         llmcu's: [3] norm_weight_offset  [4] embed_scale
+# payload, llm.c's order and shapes: wte (V,C), ln1w (L,C), qkvw (L,(NH+2*NKV)*hs,C),
+#   attprojw (L,C,NH*hs), ln2w (L,C), fc = up (L,H,C), fc2 = gate (L,H,C), fcprojw (L,C,H),
+#   lnfw (C,), lm_head (V,C) (always written, as llm.c reads it; a copy of wte when tied).
+# The q and k rows of qkvw are stored in Meta's order, where RoPE pairs adjacent
+# elements (2i, 2i+1) of a head, as llm.c's train_llama3.py writes them (it
+# un-permutes Hugging Face weights); llmcu computes RoPE in Hugging Face's
+# rotate_half order (i, i + hs/2), so read and write permute those rows.
+# The vocabulary's padded rows V..Vp-1 (zero) are not stored.
+
+LLAMA_MODEL_MAGIC = 20240803
+LLAMA_HEADER_BYTES = 2 * HEADER_BYTES
+_LLAMA_MLPS = ("swiglu", "geglu")
+
+
+def _peek_magic(path) -> int | None:
+    with open(path, "rb") as f:
+        raw = f.read(4)
+    return int(np.frombuffer(raw, dtype="<i4")[0]) if len(raw) == 4 else None
+
+
+def _hf_to_meta_rows(w, n_heads: int, hs: int):
+    """(L, n_heads*hs, C) q or k rows from rotate_half order to Meta's interleaved order."""
+    L, _, C = w.shape
+    return w.reshape(L, n_heads, 2, hs // 2, C).transpose(0, 1, 3, 2, 4).reshape(L, n_heads * hs, C)
+
+
+def _meta_to_hf_rows(w, n_heads: int, hs: int):
+    L, _, C = w.shape
+    return w.reshape(L, n_heads, hs // 2, 2, C).transpose(0, 1, 3, 2, 4).reshape(L, n_heads * hs, C)
+
+
+def _llama_file_tensors(config, views):
+    """[(name, array)] in the file's order and layout (llm.c's) from llmcu's named views."""
+    V, NH, NKV, hs, H = (config.vocab_size, config.num_heads, config.num_kv_heads,
+                         config.head_dim, config.hidden_dim)
+    qkv = views["qkvw"]
+    q, k, v = qkv[:, :NH * hs], qkv[:, NH * hs:(NH + NKV) * hs], qkv[:, (NH + NKV) * hs:]
+    qkv_file = np.concatenate([_hf_to_meta_rows(q, NH, hs), _hf_to_meta_rows(k, NKV, hs), v], axis=1)
+    head = views["wte"] if config.tie_embeddings else views["lm_head"]
+    return [("wte", views["wte"][:V]), ("ln1w", views["ln1w"]), ("qkvw", qkv_file),
+            ("attprojw", views["attprojw"]), ("ln2w", views["ln2w"]),
+            ("fc (up)", views["fcw"][:, H:]), ("fc2 (gate)", views["fcw"][:, :H]),
+            ("fcprojw", views["fcprojw"]), ("lnfw", views["lnfw"]), ("lm_head", head[:V])]
+
+
+def write_llama_model(path, config, params: np.ndarray, dtype: str = "float32") -> None:
+    """Write a Llama/Gemma LlamaConfig model in llm.c's Llama 3 layout (above), atomically."""
+    from .config import parameter_views
+    if dtype not in _MODEL_DTYPES:
+        raise ValueError(f"write_llama_model: dtype must be one of {sorted(_MODEL_DTYPES)}, found {dtype!r}")
+    _check_float32("write_llama_model: params", params, size=config.num_parameters())
+    c = config
+    ints = np.zeros(HEADER_INTS, dtype="<i4")
+    ints[:18] = (LLAMA_MODEL_MAGIC, _MODEL_DTYPES[dtype], c.max_seq_len, c.vocab_size, c.num_layers,
+                 c.num_heads, c.num_kv_heads, c.channels, c.multiple_of, 0, 3, 1,
+                 1, c.hidden_dim, c.head_dim, int(c.tie_embeddings), _LLAMA_MLPS.index(c.mlp),
+                 c.padded_vocab_size)
+    floats = np.zeros(HEADER_INTS, dtype="<f4")
+    floats[:5] = (c.ffn_dim_multiplier or 0.0, c.norm_eps, c.rope_theta, c.norm_weight_offset,
+                  c.embed_scale)
+    tensors = _llama_file_tensors(c, parameter_views(c, params))
+    with atomic_write(path) as f:
+        f.write(ints.tobytes())
+        f.write(floats.tobytes())
+        for _, t in tensors:
+            t = np.ascontiguousarray(t)
+            if dtype == "bfloat16":
+                f.write(float32_to_bf16_bits(t).astype("<u2", copy=False).tobytes())
+            else:
+                f.write(t.astype("<f4", copy=False).tobytes())
+
+
+def _llama_config_from_header(path, ints, floats):
+    from .llama_config import LlamaConfig
+    maxT, V, L, NH, NKV, C, multiple_of, scaled_rope = ints[2:10]
+    for name, value in {"maxT": maxT, "V": V, "L": L, "NH": NH, "NKV": NKV, "C": C,
+                        "multiple_of": multiple_of}.items():
+        if value <= 0:
+            raise FormatError(f"{path}: bad Llama model header: expected {name} > 0, found {value}")
+    if scaled_rope != 0:
+        raise FormatError(f"{path}: the model uses Llama 3.1's scaled RoPE (use_scaled_rope="
+                          f"{scaled_rope}), which llmcu does not implement")
+    fields = dict(max_seq_len=maxT, vocab_size=V, num_layers=L, num_heads=NH, num_kv_heads=NKV,
+                  channels=C, multiple_of=multiple_of,
+                  ffn_dim_multiplier=float(floats[0]) if floats[0] != 0 else None,
+                  norm_eps=float(floats[1]), rope_theta=float(floats[2]), tie_embeddings=False)
+    if ints[12] == 1:  # llmcu's fields
+        if not 0 <= ints[16] < len(_LLAMA_MLPS):
+            raise FormatError(f"{path}: bad Llama model header: mlp kind {ints[16]}, expected 0 or 1")
+        fields.update(hidden_dim=ints[13], head_dim=ints[14], tie_embeddings=bool(ints[15]),
+                      mlp=_LLAMA_MLPS[ints[16]], padded_vocab_size=ints[17],
+                      norm_weight_offset=float(floats[3]), embed_scale=float(floats[4]))
+    elif ints[12] != 0:
+        raise FormatError(f"{path}: bad Llama model header: slot 12 is {ints[12]}, expected 0 "
+                          f"(llm.c) or 1 (llmcu's fields present)")
+    try:
+        return LlamaConfig(**fields)
+    except ValueError as e:
+        raise FormatError(f"{path}: bad Llama model header: {e}") from None
+
+
+def read_llama_header(path):
+    """The LlamaConfig of a Llama model file, from its header alone."""
+    path = os.fspath(path)
+    what = "llm.c Llama 3 model checkpoint"
+    with open(path, "rb") as f:
+        ints = _read_header(f, path, LLAMA_MODEL_MAGIC, (MODEL_VERSION_FP32, MODEL_VERSION_BF16), what)
+        raw = f.read(HEADER_BYTES)
+        if len(raw) < HEADER_BYTES:
+            raise FormatError(f"{path}: file is truncated: expected a {LLAMA_HEADER_BYTES}-byte "
+                              f"{what} header, found a {HEADER_BYTES + len(raw)}-byte file")
+    return _llama_config_from_header(path, ints, np.frombuffer(raw, dtype="<f4"))
+
+
+def read_llama_model(path):
+    """Read a Llama model file: (LlamaConfig, flat float32 params in llmcu's layout)."""
+    from .config import parameter_views
+    path = os.fspath(path)
+    config = read_llama_header(path)
+    version = _peek_header_version(path)
+    c = config
+    V, L, C, H, hs, NH, NKV = (c.vocab_size, c.num_layers, c.channels, c.hidden_dim, c.head_dim,
+                               c.num_heads, c.num_kv_heads)
+    sizes = [V * C, L * C, L * c.qkv_channels * C, L * C * c.attn_channels, L * C, L * H * C,
+             L * H * C, L * C * H, C, V * C]
+    total = sum(sizes)
+    itemsize = 2 if version == MODEL_VERSION_BF16 else 4
+    with open(path, "rb") as f:
+        _check_size(f, path, LLAMA_HEADER_BYTES + total * itemsize,
+                    f"{total} parameters (version {version}, {config})")
+        f.seek(LLAMA_HEADER_BYTES)
+        if version == MODEL_VERSION_BF16:
+            data = bf16_bits_to_float32(_read_array(f, "<u2", total))
+        else:
+            data = _read_array(f, "<f4", total)
+    parts, offset = [], 0
+    for n in sizes:
+        parts.append(data[offset:offset + n])
+        offset += n
+    wte, ln1, qkv, attproj, ln2, up, gate, fcproj, lnf, head = parts
+    params = np.zeros(config.num_parameters(), dtype=np.float32)
+    p = parameter_views(config, params)
+    p["wte"][:V] = wte.reshape(V, C)
+    p["ln1w"][...] = ln1.reshape(L, C)
+    qkv = qkv.reshape(L, c.qkv_channels, C)
+    p["qkvw"][:, :NH * hs] = _meta_to_hf_rows(qkv[:, :NH * hs], NH, hs)
+    p["qkvw"][:, NH * hs:(NH + NKV) * hs] = _meta_to_hf_rows(qkv[:, NH * hs:(NH + NKV) * hs], NKV, hs)
+    p["qkvw"][:, (NH + NKV) * hs:] = qkv[:, (NH + NKV) * hs:]
+    p["attprojw"][...] = attproj.reshape(L, C, c.attn_channels)
+    p["ln2w"][...] = ln2.reshape(L, C)
+    p["fcw"][:, :H] = gate.reshape(L, H, C)
+    p["fcw"][:, H:] = up.reshape(L, H, C)
+    p["fcprojw"][...] = fcproj.reshape(L, C, H)
+    p["lnfw"][...] = lnf
+    if config.tie_embeddings:
+        if not np.array_equal(head, wte):
+            raise FormatError(f"{path}: the header says the embeddings are tied, but lm_head "
+                              f"differs from wte")
+    else:
+        p["lm_head"][:V] = head.reshape(V, C)
+    return config, params
+
+
+def _peek_header_version(path) -> int:
+    with open(path, "rb") as f:
+        return int(np.frombuffer(f.read(8), dtype="<i4")[1])

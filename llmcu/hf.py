@@ -1,4 +1,5 @@
 """Hugging Face GPT-2 interop: import a checkpoint into llm.c's layout, export one back.
+(Llama and Gemma: the section at the end; import_hf and export_hf dispatch to it.)
 
     config, params = import_hf("path/to/gpt2")     # or a hub name: "gpt2", "openai-community/gpt2"
     export_hf("out/gpt2-hf", config, params)         # GPT2LMHeadModel.from_pretrained("out/gpt2-hf")
@@ -282,8 +283,16 @@ def resolve_hf(path_or_name) -> Path:
 
 def import_hf(path_or_name) -> tuple[GPT2Config, np.ndarray]:
     """(config, flat float32 params in llm.c's layout) from a Hugging Face GPT-2
-    checkpoint: a local directory or a hub name ("gpt2", "openai-community/gpt2")."""
+    checkpoint: a local directory or a hub name ("gpt2", "openai-community/gpt2").
+    A Llama or Gemma checkpoint (config.json model_type) gives a LlamaConfig."""
     path = resolve_hf(path_or_name)
+    cfg_path = path / "config.json"
+    model_type = json.loads(cfg_path.read_text()).get("model_type") if cfg_path.is_file() else None
+    if model_type in LLAMA_MODEL_TYPES:
+        return import_hf_llama(path)
+    if model_type not in (None, "gpt2"):
+        raise ValueError(f"Hugging Face checkpoint: {cfg_path} has model_type={model_type!r}; "
+                         f"llmcu imports gpt2, {', '.join(LLAMA_MODEL_TYPES)}")
     config = hf_config(path)
     return config, hf_to_flat(config, load_hf_state_dict(path))
 
@@ -330,7 +339,10 @@ def flat_to_hf(config: GPT2Config, flat) -> dict[str, np.ndarray]:
 
 def export_hf(out_dir, config: GPT2Config, flat_params) -> Path:
     """Write config.json and model.safetensors into out_dir (created if needed) so
-    that transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads the model."""
+    that transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads the model
+    (a LlamaConfig goes to export_hf_llama)."""
+    if not isinstance(config, GPT2Config):
+        return export_hf_llama(out_dir, config, flat_params)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"export_hf: {out} exists and is not a directory")
@@ -339,4 +351,215 @@ def export_hf(out_dir, config: GPT2Config, flat_params) -> Path:
     write_safetensors(out / "model.safetensors", state, metadata={"format": "pt"})
     with atomic_write(out / "config.json") as f:
         f.write((json.dumps(hf_config_dict(config), indent=2) + "\n").encode())
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Llama and Gemma (LlamaForCausalLM, GemmaForCausalLM)
+#
+# Hugging Face keeps q, k, v and gate, up as separate Linear weights (out, in);
+# llmcu stacks them: qkvw = [q_proj; k_proj; v_proj], fcw = [gate_proj; up_proj].
+# Hugging Face's q/k rows are already in the "rotate_half" order that llmcu's
+# RoPE computes, so no permutation is needed (unlike Meta's original
+# checkpoints, which pair adjacent elements and which HF's conversion script
+# permutes). The tied LM head is wte; an untied one is lm_head.
+
+LLAMA_MODEL_TYPES = {"llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM"}
+# A state-dict key that is neither a parameter nor a buffer to skip is an error.
+_HF_LLAMA_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def _hf_llama_keys(config, l=None):
+    """(llmcu name, HF key(s)) per tensor; per-layer keys for layer l."""
+    if l is None:
+        keys = [("wte", "model.embed_tokens.weight"), ("lnfw", "model.norm.weight")]
+        if not config.tie_embeddings:
+            keys.append(("lm_head", "lm_head.weight"))
+        return keys
+    pre = f"model.layers.{l}."
+    return [("ln1w", pre + "input_layernorm.weight"),
+            ("qkvw", (pre + "self_attn.q_proj.weight", pre + "self_attn.k_proj.weight",
+                      pre + "self_attn.v_proj.weight")),
+            ("attprojw", pre + "self_attn.o_proj.weight"),
+            ("ln2w", pre + "post_attention_layernorm.weight"),
+            ("fcw", (pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight")),
+            ("fcprojw", pre + "mlp.down_proj.weight")]
+
+
+def _llama_splits(config, name):
+    """Row counts of the HF tensors stacked into one llmcu tensor."""
+    hs = config.head_dim
+    if name == "qkvw":
+        return (config.num_heads * hs, config.num_kv_heads * hs, config.num_kv_heads * hs)
+    return (config.hidden_dim, config.hidden_dim)  # fcw: gate, up
+
+
+def hf_llama_config(hf: dict, where: str = "config.json"):
+    """LlamaConfig from a Hugging Face Llama or Gemma config.json dict; rejects
+    variants llmcu's Llama cannot express (biases, RoPE scaling, other activations)."""
+    from .llama_config import LlamaConfig, gemma_options
+    model_type = hf.get("model_type")
+    if model_type not in LLAMA_MODEL_TYPES:
+        raise ValueError(f"Hugging Face checkpoint: {where} has model_type={model_type!r}; "
+                         f"expected one of {sorted(LLAMA_MODEL_TYPES)}")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+        raise ValueError(f"Hugging Face checkpoint: {where} lacks {', '.join(missing)}")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    gemma = model_type == "gemma"
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    unsupported = []
+    if rope_type not in (None, "default"):
+        unsupported.append(f"rope_type={rope_type!r} (only the default RoPE is implemented)")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        unsupported.append("attention or MLP biases")
+    if hf.get("pretraining_tp", 1) not in (1, None):
+        unsupported.append(f"pretraining_tp={hf['pretraining_tp']}")
+    if gemma and act not in ("gelu_pytorch_tanh", "gelu_new"):
+        unsupported.append(f"activation {act!r} (Gemma: need the tanh GELU, gelu_pytorch_tanh)")
+    if not gemma and act != "silu":
+        unsupported.append(f"hidden_act={act!r} (Llama: need silu)")
+    if gemma and not hf.get("tie_word_embeddings", True):
+        unsupported.append("untied embeddings in a Gemma")
+    if hf.get("use_bidirectional_attention"):
+        unsupported.append("bidirectional attention")
+    if unsupported:
+        raise ValueError(f"Hugging Face checkpoint: {where} describes a {model_type} variant llmcu "
+                         f"does not support: {'; '.join(unsupported)}")
+    C, NH = hf["hidden_size"], hf["num_attention_heads"]
+    # absent keys take transformers' defaults (GemmaConfig: head_dim 256, 8192 positions)
+    fields = dict(max_seq_len=hf.get("max_position_embeddings", 8192 if gemma else 2048),
+                  vocab_size=hf["vocab_size"], num_layers=hf["num_hidden_layers"], num_heads=NH,
+                  num_kv_heads=hf.get("num_key_value_heads") or NH, channels=C,
+                  hidden_dim=hf["intermediate_size"],
+                  head_dim=hf.get("head_dim") or (256 if gemma else C // NH),
+                  norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta)
+    if gemma:
+        return LlamaConfig(**fields, **gemma_options(C))
+    return LlamaConfig(**fields, tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def hf_llama_to_flat(config, state: dict) -> np.ndarray:
+    """llmcu's flat float32 Llama parameters from a Hugging Face Llama/Gemma state
+    dict (NumPy arrays or torch tensors)."""
+    flat = np.zeros(config.num_parameters(), dtype=np.float32)
+    views = parameter_views(config, flat)
+    used = set()
+
+    def take(key, shape):
+        if key not in state:
+            raise KeyError(f"Hugging Face checkpoint: the checkpoint lacks {key!r}")
+        t = _to_numpy(state[key]).astype(np.float32, copy=False)
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"Hugging Face checkpoint: {key} has shape {tuple(t.shape)}, "
+                             f"expected {tuple(shape)}")
+        used.add(key)
+        return t
+
+    for name, key in _hf_llama_keys(config):
+        dst = views[name][:config.vocab_size] if name in ("wte", "lm_head") else views[name]
+        dst[...] = take(key, dst.shape)
+    for l in range(config.num_layers):
+        for name, key in _hf_llama_keys(config, l):
+            dst = views[name][l]
+            if isinstance(key, tuple):
+                row = 0
+                for k, rows in zip(key, _llama_splits(config, name)):
+                    dst[row:row + rows] = take(k, (rows, dst.shape[1]))
+                    row += rows
+            else:
+                dst[...] = take(key, dst.shape)
+    head = state.get("lm_head.weight")
+    if config.tie_embeddings and head is not None:
+        if not np.array_equal(_to_numpy(head).astype(np.float32), views["wte"][:config.vocab_size]):
+            raise ValueError("Hugging Face checkpoint: lm_head.weight differs from "
+                             "model.embed_tokens.weight, but the config ties them")
+        used.add("lm_head.weight")
+    extra = sorted(k for k in state if k not in used and not _HF_LLAMA_IGNORED.search(k))
+    if extra:
+        raise ValueError(f"Hugging Face checkpoint: unexpected tensors: {', '.join(extra[:10])}")
+    return flat
+
+
+def import_hf_llama(path_or_name):
+    """(LlamaConfig, flat float32 params) from a Hugging Face Llama or Gemma
+    checkpoint directory (config.json + model.safetensors, or a sharded index)."""
+    path = resolve_hf(path_or_name)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"Hugging Face checkpoint: no config.json in {path}; {_listing(path)}")
+    config = hf_llama_config(json.loads(cfg_path.read_text()), str(cfg_path))
+    return config, hf_llama_to_flat(config, load_hf_state_dict(path))
+
+
+def hf_llama_config_dict(config) -> dict:
+    """config.json for transformers' LlamaForCausalLM or GemmaForCausalLM."""
+    from .llama_config import gemma_options
+    gemma = gemma_options(config.channels)
+    is_gemma = (config.mlp, config.norm_weight_offset) == (gemma["mlp"], gemma["norm_weight_offset"])
+    is_llama = (config.mlp, config.norm_weight_offset, config.embed_scale) == ("swiglu", 0.0, 1.0)
+    if is_gemma and (np.float32(config.embed_scale) != np.float32(gemma["embed_scale"])
+                     or not config.tie_embeddings):
+        is_gemma = False
+    if not (is_gemma or is_llama):
+        raise ValueError(f"export_hf: {config} is neither a Llama (swiglu, no norm offset, no "
+                         f"embedding scale) nor a Gemma (geglu, norm offset 1, embeddings scaled by "
+                         f"sqrt(C), tied); transformers has no model for it")
+    model_type = "gemma" if is_gemma else "llama"
+    d = {"model_type": model_type, "architectures": [LLAMA_MODEL_TYPES[model_type]],
+         "vocab_size": config.vocab_size, "hidden_size": config.channels,
+         "intermediate_size": config.hidden_dim, "num_hidden_layers": config.num_layers,
+         "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+         "head_dim": config.head_dim, "max_position_embeddings": config.max_seq_len,
+         "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
+         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+         "tie_word_embeddings": config.tie_embeddings, "attention_bias": False,
+         "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+         "torch_dtype": "float32"}
+    if is_gemma:
+        d["hidden_act"] = d["hidden_activation"] = "gelu_pytorch_tanh"
+    else:
+        d.update(hidden_act="silu", mlp_bias=False, pretraining_tp=1)
+    return d
+
+
+def flat_to_hf_llama(config, flat) -> dict[str, np.ndarray]:
+    """HF Llama/Gemma state dict (float32, V rows, no lm_head when tied)."""
+    flat = np.asarray(flat)
+    if flat.dtype != np.float32:
+        raise ValueError(f"flat_to_hf_llama: params must be float32, found {flat.dtype}")
+    views = parameter_views(config, flat)
+    state = {}
+    for name, key in _hf_llama_keys(config):
+        t = views[name][:config.vocab_size] if name in ("wte", "lm_head") else views[name]
+        state[key] = np.ascontiguousarray(t)
+    for l in range(config.num_layers):
+        for name, key in _hf_llama_keys(config, l):
+            t = views[name][l]
+            if isinstance(key, tuple):
+                row = 0
+                for k, rows in zip(key, _llama_splits(config, name)):
+                    state[k] = np.ascontiguousarray(t[row:row + rows])
+                    row += rows
+            else:
+                state[key] = np.ascontiguousarray(t)
+    return state
+
+
+def export_hf_llama(out_dir, config, flat_params) -> Path:
+    """Write config.json and model.safetensors so that transformers'
+    AutoModelForCausalLM (LlamaForCausalLM / GemmaForCausalLM).from_pretrained(out_dir) loads it."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"export_hf: {out} exists and is not a directory")
+    config_json = hf_llama_config_dict(config)
+    state = flat_to_hf_llama(config, flat_params)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "model.safetensors", state, metadata={"format": "pt"})
+    with atomic_write(out / "config.json") as f:
+        f.write((json.dumps(config_json, indent=2) + "\n").encode())
     return out

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import checkpoint, formats, runlog
-from .config import GPT2Config, TrainConfig, gpt2_config
+from .config import GPT2Config, TrainConfig
 from .data import DataLoader
 from .schedule import check_schedule, grad_accum_steps, learning_rate
 
@@ -44,7 +44,9 @@ def build_model(spec: str, device: str = "cpu", seed: int = 42, max_seq_len: int
     device: "cpu" (the NumPy model), "cuda" (the kernels on a GPU) or "emu"
     (the same kernels emulated on the CPU: slow, for tests). 'hf:PATH_OR_NAME'
     loads pretrained Hugging Face GPT-2 weights (llmcu.hf.import_hf); a bare
-    descriptor such as 'gpt2' is a random init of that size."""
+    descriptor such as 'gpt2' is a random init of that size; 'llama', 'llama-d6',
+    'gemma-d6', ... (llmcu.llama_config) a Llama-family one. Llama and Gemma
+    files and Hugging Face checkpoints are recognised by their contents."""
     if spec.startswith("hf:"):
         from .hf import import_hf
         config, params = import_hf(spec[3:])
@@ -54,12 +56,19 @@ def build_model(spec: str, device: str = "cpu", seed: int = 42, max_seq_len: int
                                     f"llmcu or llm.c, or a descriptor such as d6 or d12")
         config, params = formats.read_model(spec)
     else:
-        config, params = gpt2_config(spec, max_seq_len=max_seq_len), None
+        from .llama_config import model_config
+        config, params = model_config(spec, max_seq_len=max_seq_len), None
     return make_model(config, params, device, seed)
 
 
 def make_model(config: GPT2Config, params, device: str = "cpu", seed: int = 42):
     """The backend model for `device` with these parameters (None: a random init)."""
+    if not isinstance(config, GPT2Config):  # a LlamaConfig
+        if device == "cpu":
+            from .cpu.llama import Llama
+            return Llama(config, params, seed=seed)
+        from .cuda.llama import Llama as KernelLlama
+        return KernelLlama(config, params, seed=seed, device=device)
     if device == "cpu":
         from .cpu.gpt2 import GPT2
         return GPT2(config, params, seed=seed)
@@ -72,13 +81,18 @@ def sample(model, prompt_tokens, n_tokens, rng, temperature=1.0, top_k=None):
 
     llmcu.sample.generate with its KV cache (on the NumPy parameters, so the
     training activations are left alone); prompt + n_tokens must fit the
-    model's max_seq_len.
+    model's max_seq_len. Llama models have no KV cache: each token re-runs the
+    whole prefix on the model's sampler() (llm.c's way).
     """
     from .sample import generate
-    return generate(model, prompt_tokens, n_tokens, temperature=temperature, top_k=top_k, rng=rng)
+    return generate(model, prompt_tokens, n_tokens, temperature=temperature, top_k=top_k, rng=rng,
+                    use_cache=isinstance(model.config, GPT2Config))
 
 
 def print_model_summary(config: GPT2Config, log=print):
+    if not isinstance(config, GPT2Config):
+        from .llama_config import print_llama_summary
+        return print_llama_summary(config, log)
     log("[GPT-2]")
     log(f"max_seq_len: {config.max_seq_len}")
     log(f"vocab_size: {config.vocab_size}")
@@ -154,6 +168,9 @@ def train_step(model, loader, step: int, cfg: TrainConfig, accum_steps: int = 1,
         total += model.forward(x, y)
         model.backward(loss_scale=1.0 / accum_steps)
     loss = total / accum_steps
+    comm = getattr(model, "comm", None)  # data parallel: the mean over every rank's micro-batches
+    if comm is not None:
+        loss = comm.average(loss)
     norm = model.grad_norm()
     zloss = loss_detector.update(loss) if loss_detector is not None else math.nan
     znorm = norm_detector.update(norm) if norm_detector is not None else math.nan
@@ -168,35 +185,52 @@ def train_step(model, loader, step: int, cfg: TrainConfig, accum_steps: int = 1,
     return StepResult(loss=loss, norm=norm, lr=lr, skipped=skipped)
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
-    """Run cfg.max_steps steps of AdamW; returns the losses for tests and callers."""
+def train(cfg: TrainConfig, log=print, comm=None) -> dict:
+    """Run cfg.max_steps steps of AdamW; returns the losses for tests and callers.
+
+    Data parallel (llmcu.distributed): comm=None takes the process group from the
+    launcher's environment; each rank reads its slice of every batch, only rank 0
+    logs, samples and writes the model file, every rank writes its optimizer state."""
+    from . import distributed
     from .tokenizer import EOT, decode
 
     B, T = cfg.batch_size, cfg.seq_len
     check_schedule(cfg.lr_schedule)
-    accum_steps = grad_accum_steps(cfg.total_batch_size, B, T)
+    own_comm = comm is None
+    if own_comm:
+        comm = distributed.init_communicator(cfg.dist_backend, cfg.device, cfg.init_method,
+                                             cfg.init_file)
+    rank, world = comm.rank, comm.world_size
+    if rank != 0:
+        log = lambda *args, **kwargs: None  # noqa: E731  (only rank 0 logs)
+    accum_steps = grad_accum_steps(cfg.total_batch_size, B, T, world)
     if (cfg.checkpoint_every > 0 or cfg.resume) and not cfg.output_dir:
         raise ValueError("-n (checkpoints) and -y 1 (resume) need an output dir: pass -o DIR")
     resumed = None
     if cfg.resume:
-        resumed = checkpoint.load_latest(cfg.output_dir, cfg.model)  # (step, config, params, state)
+        resumed = checkpoint.load_latest(cfg.output_dir, cfg.model, rank, world,
+                                         cfg.zero_stage)  # (step, config, params, state)
         if resumed[0] > cfg.max_steps:
             raise ValueError(f"-y 1: the newest checkpoint in {cfg.output_dir} is at step "
                              f"{resumed[0]}, past -x {cfg.max_steps}; pass -x >= {resumed[0]}")
         model = make_model(resumed[1], resumed[2], cfg.device, cfg.seed)
     else:
         model = build_model(cfg.model, cfg.device, cfg.seed)
+    if comm.backend != "none" or cfg.zero_stage:
+        model = distributed.DataParallel(model, comm, cfg.zero_stage)
+        distributed.check_same_config(comm, distributed.run_fingerprint(cfg, model, resumed))
+        log(f"data parallel: {world} process(es), {comm.backend}, -z {cfg.zero_stage}")
     config = model.config
     if T > config.max_seq_len:
         raise ValueError(f"seq_len T={T} exceeds the model's max_seq_len={config.max_seq_len}")
     print_model_summary(config, log)
-    train_loader = DataLoader(cfg.train_pattern, B, T)
-    val_loader = DataLoader(cfg.val_pattern, B, T) if cfg.val_pattern else None
+    train_loader = DataLoader(cfg.train_pattern, B, T, rank, world)
+    val_loader = DataLoader(cfg.val_pattern, B, T, rank, world) if cfg.val_pattern else None
     log(f"train dataset num_batches: {train_loader.num_tokens // (B * T)}")
     if val_loader is not None:
         log(f"val dataset num_batches: {val_loader.num_tokens // (B * T)}")
     val_batches = min(cfg.val_batches, val_loader.num_tokens // (B * T)) if val_loader else 0
-    log(f"total batch size: {B * T * accum_steps} tokens (B*T = {B * T}, "
+    log(f"total batch size: {B * T * accum_steps * world} tokens (B*T = {B * T}, processes {world}, "
         f"grad accumulation steps: {accum_steps})")
     log(f"learning rate schedule: {cfg.lr_schedule}, warmup {cfg.warmup_iters}, "
         f"final lr fraction {cfg.final_lr_frac}")
@@ -211,6 +245,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     logfile = jsonl = None
     if cfg.output_dir:
         os.makedirs(cfg.output_dir, exist_ok=True)
+    if cfg.output_dir and rank == 0:
         logfile = open(os.path.join(cfg.output_dir, "main.log"), "a" if resumed else "w")
         jsonl = runlog.RunLog(cfg.output_dir, "a" if resumed else "w")  # main.jsonl
     rng = np.random.default_rng(cfg.seed)
@@ -219,7 +254,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if resumed:
         start = resumed[0]
         checkpoint.restore(resumed[3], model, train_loader, rng, loss_detector, norm_detector,
-                           checkpoint.state_path(cfg.output_dir, start))
+                           checkpoint.state_path(cfg.output_dir, start, rank))
         log(f"resuming from step {start}: {checkpoint.model_path(cfg.output_dir, start)}")
     try:
         for step in range(start, cfg.max_steps + 1):
@@ -229,16 +264,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
             if cfg.checkpoint_every > 0 and step > 0 and step != start and (
                     step % cfg.checkpoint_every == 0 or last):
                 checkpoint.save(cfg.output_dir, step, model, train_loader, rng, loss_detector,
-                                norm_detector, keep=cfg.checkpoint_keep, log=log)
+                                norm_detector, keep=cfg.checkpoint_keep, log=log,
+                                comm=comm if comm.backend != "none" else None)
             if val_loader is not None and val_batches > 0 and cfg.val_every > 0 and (
                     step % cfg.val_every == 0 or last):
-                val_loss = evaluate(model, val_loader, val_batches)
+                val_loss = comm.average(evaluate(model, val_loader, val_batches))
                 log(f"val loss {val_loss:.6f}")
                 history["val"].append((step, val_loss))
                 if logfile:
                     logfile.write(f"s:{step} tel:{val_loss:.6f}\n")
                     jsonl.val(step, val_loss)
-            if cfg.hellaswag and cfg.val_every > 0 and (step % cfg.val_every == 0 or last):
+            if rank == 0 and cfg.hellaswag and cfg.val_every > 0 and (step % cfg.val_every == 0 or last):
                 from .hellaswag import evaluate_hellaswag
                 correct, total = evaluate_hellaswag(model, cfg.hellaswag)
                 acc = correct / total if total else 0.0
@@ -246,7 +282,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 history.setdefault("hellaswag", []).append((step, acc))
                 if logfile:
                     logfile.write(f"s:{step} eval:{acc:.4f}\n")
-            if cfg.sample_every > 0 and cfg.gen_tokens > 0 and step > 0 and (
+            if rank == 0 and cfg.sample_every > 0 and cfg.gen_tokens > 0 and step > 0 and (
                     step % cfg.sample_every == 0 or last):
                 gen_len = min(cfg.gen_tokens, config.max_seq_len - 1)
                 text = decode(sample(model, [EOT], gen_len, rng))
@@ -264,14 +300,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
             if r.skipped:
                 history["skipped"].append(step)
                 log(f"skipping update of step {step + 1} due to {r.skipped}")
-            tok_s = B * T * accum_steps / (ms / 1000.0)
+            tok_s = B * T * accum_steps * world / (ms / 1000.0)
             log(f"step {step + 1:4d}/{cfg.max_steps} | train loss {loss:.6f} | norm {r.norm:.4f} | "
                 f"lr {r.lr:.2e} | {ms:.2f} ms | {tok_s:.0f} tok/s")
             if logfile:
                 logfile.write(f"s:{step} trl:{loss:.6f} lr:{r.lr:.6f} norm:{r.norm:.2f}\n")
                 logfile.flush()
                 jsonl.train_step(step, loss, r.lr, r.norm, ms, tok_s, skipped=r.skipped)
-        if cfg.output_dir and cfg.checkpoint_every == 0:  # with -n the last checkpoint holds it
+        if cfg.output_dir and cfg.checkpoint_every == 0 and rank == 0:  # with -n the last checkpoint holds it
             path = checkpoint.model_path(cfg.output_dir, cfg.max_steps)
             formats.write_model(path, config, model.params_host())
             log(f"wrote {path}")
@@ -280,4 +316,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
             logfile.close()
         if jsonl:
             jsonl.close()
+        if own_comm:
+            comm.close()
     return history

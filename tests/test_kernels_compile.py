@@ -22,7 +22,8 @@ OPTIONS = ["-std=c++17", "-DfloatX=float", "-I", str(KERNELS_DIR)]
 
 KERNEL_DECL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(')
 # Kernels whose name does not carry the file's stem, by file.
-NAMING_EXCEPTIONS = {"classifier": {"softmax_forward_kernel1"}}
+NAMING_EXCEPTIONS = {"classifier": {"softmax_forward_kernel1"},
+                     "swiglu": {"geglu_forward_kernel1", "geglu_backward_kernel1"}}
 
 
 def find_nvcc():

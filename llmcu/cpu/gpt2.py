@@ -15,7 +15,8 @@ import numpy as np
 
 from ..config import GPT2Config, parameter_slices, parameter_views
 from .adamw import adamw_update, clip_scale, global_norm
-from .attention import attention_backward, attention_forward
+from .attention import (attention_backward, attention_forward, flash_attention_backward,
+                        flash_attention_forward)
 from .classifier import crossentropy_softmax_backward, fused_classifier
 from .encoder import encoder_backward, encoder_forward
 from .gelu import gelu_backward, gelu_forward
@@ -30,6 +31,7 @@ CPU_OPS = SimpleNamespace(
     layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
     matmul_forward=matmul_forward, matmul_backward=matmul_backward,
     attention_forward=attention_forward, attention_backward=attention_backward,
+    flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
     gelu_forward=gelu_forward, gelu_backward=gelu_backward,
     residual_forward=residual_forward, adamw_update=adamw_update)
 
@@ -70,7 +72,10 @@ def forward_layers(ops, config: GPT2Config, p, a, inputs):
     for l in range(config.num_layers):
         ops.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], residual, p["ln1w"][l], p["ln1b"][l])
         ops.matmul_forward(a.qkv[l], a.ln1[l], p["qkvw"][l], p["qkvb"][l])
-        ops.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH)
+        if getattr(a, "attention", "simple") == "flash":  # fused: saves lse (L,B,NH,T), not att
+            ops.flash_attention_forward(a.atty[l], a.lse[l], a.qkv[l], NH)
+        else:
+            ops.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH)
         ops.matmul_forward(a.attproj[l], a.atty[l], p["attprojw"][l], p["attprojb"][l])
         ops.residual_forward(a.residual2[l], residual, a.attproj[l])
         ops.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], p["ln2w"][l], p["ln2b"][l])
@@ -111,7 +116,10 @@ def backward_layers(ops, config: GPT2Config, p, g, a, dlogits, inputs, s):
                                a.ln2_mean[l], a.ln2_rstd[l])
         ops.residual_forward(dres, dres, dtmp)  # now d/d residual2[l]; the attention branch:
         ops.matmul_backward(s["datty"], g["attprojw"][l], g["attprojb"][l], dres, a.atty[l], p["attprojw"][l])
-        ops.attention_backward(s["dqkv"], s["datty"], a.qkv[l], a.att[l], NH)
+        if getattr(a, "attention", "simple") == "flash":
+            ops.flash_attention_backward(s["dqkv"], s["datty"], a.qkv[l], a.atty[l], a.lse[l], NH)
+        else:
+            ops.attention_backward(s["dqkv"], s["datty"], a.qkv[l], a.att[l], NH)
         ops.matmul_backward(dln, g["qkvw"][l], g["qkvb"][l], s["dqkv"], a.ln1[l], p["qkvw"][l])
         ops.layernorm_backward(dtmp, g["ln1w"][l], g["ln1b"][l], dln, res_in, p["ln1w"][l],
                                a.ln1_mean[l], a.ln1_rstd[l])
@@ -120,11 +128,27 @@ def backward_layers(ops, config: GPT2Config, p, g, a, dlogits, inputs, s):
 
 
 def update_parameters(ops, config: GPT2Config, params, grads, m, v, step, lr, beta1, beta2, eps,
-                      weight_decay, grad_scale):
-    """AdamW tensor by tensor: weight decay on the DECAYED tensors only."""
+                      weight_decay, grad_scale, shard=None):
+    """AdamW tensor by tensor: weight decay on the DECAYED tensors only.
+
+    shard=(lo, hi): update only params[lo:hi] (ZeRO-1, llmcu/distributed.py);
+    m and v then hold hi - lo elements, for the flat range [lo, hi), and each
+    tensor is updated on its intersection with that range."""
+    lo, hi = (0, params.size) if shard is None else shard
+    if not 0 <= lo <= hi <= params.size:
+        raise ValueError(f"update_parameters: shard must be (lo, hi) with 0 <= lo <= hi <= "
+                         f"{params.size}, got {shard}")
+    for name, a in (("m", m), ("v", v)):
+        if a.size != hi - lo:
+            raise ValueError(f"update_parameters: {name} must hold {hi - lo} elements (the shard "
+                             f"{lo}:{hi}), got {a.size}")
     for name, sl, _ in parameter_slices(config):
+        a, b = max(sl.start, lo), min(sl.stop, hi)
+        if a >= b:
+            continue
         wd = weight_decay if name in DECAYED else 0.0
-        ops.adamw_update(params[sl], grads[sl], m[sl], v[sl], step, lr, beta1, beta2, eps, wd, grad_scale)
+        ops.adamw_update(params[a:b], grads[a:b], m[a - lo:b - lo], v[a - lo:b - lo], step, lr,
+                         beta1, beta2, eps, wd, grad_scale)
 
 
 def _zeros(*shape):
@@ -213,12 +237,14 @@ class GPT2:
             return np.zeros_like(self.params), np.zeros_like(self.params)
         return self.m, self.v
 
-    def load_optimizer_state(self, m: np.ndarray, v: np.ndarray) -> None:
-        """Set AdamW's moments (from a checkpoint); the next update continues from them."""
+    def load_optimizer_state(self, m: np.ndarray, v: np.ndarray, shard=None) -> None:
+        """Set AdamW's moments (from a checkpoint); the next update continues from them.
+        shard=(lo, hi): m and v are ZeRO-1's shard of the moments (see update)."""
+        shape = self.params.shape if shard is None else (shard[1] - shard[0],)
         for name, a in (("m", m), ("v", v)):
-            if a.dtype != np.float32 or a.shape != self.params.shape:
+            if a.dtype != np.float32 or a.shape != shape:
                 raise ValueError(f"GPT2.load_optimizer_state: {name} must be float32 of shape "
-                                 f"{self.params.shape}, got {a.dtype} {a.shape}")
+                                 f"{shape}, got {a.dtype} {a.shape}")
         self.m, self.v = np.array(m), np.array(v)
 
     # -- forward ------------------------------------------------------------
@@ -283,20 +309,23 @@ class GPT2:
         return global_norm(self.grads)
 
     def update(self, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-               grad_clip=None, grad_norm=None):
+               grad_clip=None, grad_norm=None, shard=None):
         """AdamW at 1-based `step`; returns the gradient norm before clipping.
 
         Weight decay applies to matrices and embeddings only (DECAYED).
         grad_clip=None or <= 0 disables clipping. grad_norm: the norm from
         grad_norm(), if the caller has it already (saves a pass over the grads).
+        shard=(lo, hi): ZeRO-1, update params[lo:hi] only, with m and v of
+        hi - lo elements (update_parameters); pass the global grad_norm then.
         """
         if self.grads is None:
             raise RuntimeError("GPT2.update: no gradients; call backward first")
         if self.m is None:
-            self.m = np.zeros_like(self.params)
-            self.v = np.zeros_like(self.params)
+            n = self.params.size if shard is None else shard[1] - shard[0]
+            self.m = np.zeros(n, dtype=np.float32)
+            self.v = np.zeros(n, dtype=np.float32)
         norm = global_norm(self.grads) if grad_norm is None else float(grad_norm)
         scale = clip_scale(norm, grad_clip)
         update_parameters(CPU_OPS, self.config, self.params, self.grads, self.m, self.v, step, lr,
-                          beta1, beta2, eps, weight_decay, scale)
+                          beta1, beta2, eps, weight_decay, scale, shard=shard)
         return norm

@@ -9,6 +9,14 @@ same kernels on the CPU (llmcu.emu) on NumPy arrays, for tests.
 Differences from the NumPy oracle (llmcu/cpu/gpt2.py), all for speed or memory:
 no probabilities buffer; backward() overwrites acts.logits with dlogits
 (llm.c's fused classifier); attention scratch comes from the array library.
+
+Attention: GPT2(..., attention="flash") (the default) runs the fused kernels
+(kernels/attention.cu, attention_flash_*), which keep only each query row's
+log-sum-exp "lse" (L,B,NH,T) for the backward; attention="simple" runs the
+permute / GEMM / softmax path and keeps the probabilities "att" (L,B,NH,T,T).
+At d12, B=16, T=1024 att is 9.0 GiB and lse 9 MiB, so the activations
+shrink from 22.29 GiB to 13.30 GiB (activation_bytes below: arithmetic on the
+buffer shapes, not a GPU measurement).
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from ..cpu.gpt2 import (backward_layers, backward_scratch, forward_layers, init_
                          update_parameters)
 from . import runtime
 from .adamw import adamw_update, clip_scale, global_norm
-from .attention import attention_backward, attention_forward
+from .attention import (attention_backward, attention_forward, flash_attention_backward,
+                        flash_attention_forward)
 from .classifier import crossentropy_forward, fused_classifier_dlogits
 from .encoder import encoder_backward, encoder_forward
 from .gelu import gelu_backward, gelu_forward
@@ -37,6 +46,7 @@ KERNEL_OPS = SimpleNamespace(
     layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
     matmul_forward=matmul_forward, matmul_backward=matmul_backward,
     attention_forward=attention_forward, attention_backward=attention_backward,
+    flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
     gelu_forward=gelu_forward, gelu_backward=gelu_backward,
     residual_forward=residual_forward, adamw_update=adamw_update)
 
@@ -49,12 +59,26 @@ ACTIVATIONS = (  # name: shape in units of (L, B, T, NH, C, Vp); per-layer tenso
 )
 
 
-def activation_shapes(config: GPT2Config, B: int, T: int) -> list[tuple[str, tuple[int, ...]]]:
+# What each attention implementation saves for its backward, in place of ACTIVATIONS' "att".
+ATTENTION_STATE = {"simple": ("att", "LBNTT"), "flash": ("lse", "LBNT")}
+DEFAULT_ATTENTION = "flash"
+
+
+def _check_attention(fn, attention):
+    if attention not in ATTENTION_STATE:
+        raise ValueError(f"{fn}: attention must be one of {tuple(ATTENTION_STATE)}, got {attention!r}")
+
+
+def activation_shapes(config: GPT2Config, B: int, T: int,
+                      attention: str = DEFAULT_ATTENTION) -> list[tuple[str, tuple[int, ...]]]:
+    _check_attention("activation_shapes", attention)
     L, C, NH, Vp = config.num_layers, config.channels, config.num_heads, config.padded_vocab_size
     dims = {"L": (L,), "B": (B,), "T": (T,), "N": (NH,), "C": (C,), "3C": (3 * C,),
             "4C": (4 * C,), "V": (Vp,)}
     out = []
     for name, code in ACTIVATIONS:
+        if name == "att":
+            name, code = ATTENTION_STATE[attention]
         shape, i = (), 0
         while i < len(code):
             key = code[i:i + 2] if code[i] in "34" else code[i]
@@ -64,12 +88,20 @@ def activation_shapes(config: GPT2Config, B: int, T: int) -> list[tuple[str, tup
     return out
 
 
-class Activations:
-    """One flat buffer for every activation of a (B,T) step, with named views."""
+def activation_bytes(config: GPT2Config, B: int, T: int, attention: str = DEFAULT_ATTENTION) -> int:
+    """Bytes of the Activations buffer (float32) for a (B,T) step: arithmetic on the shapes."""
+    return 4 * sum(math.prod(s) for _, s in activation_shapes(config, B, T, attention))
 
-    def __init__(self, xp, config: GPT2Config, B: int, T: int):
+
+class Activations:
+    """One flat buffer for every activation of a (B,T) step, with named views.
+    `attention` ("flash" or "simple") picks lse (L,B,NH,T) or att (L,B,NH,T,T); the
+    shared layer sequence (llmcu/cpu/gpt2.py) reads it to pick the attention calls."""
+
+    def __init__(self, xp, config: GPT2Config, B: int, T: int, attention: str = DEFAULT_ATTENTION):
         self.B, self.T = B, T
-        shapes = activation_shapes(config, B, T)
+        self.attention = attention
+        shapes = activation_shapes(config, B, T, attention)
         total = sum(math.prod(s) for _, s in shapes)
         self.memory = xp.zeros(total, dtype=np.float32)
         offset = 0
@@ -85,7 +117,10 @@ class Activations:
 class GPT2:
     """GPT-2 whose every layer runs a kernel from kernels/ (device "cuda" or "emu")."""
 
-    def __init__(self, config: GPT2Config, params=None, seed: int = 42, device: str = "cuda"):
+    def __init__(self, config: GPT2Config, params=None, seed: int = 42, device: str = "cuda",
+                 attention: str = DEFAULT_ATTENTION):
+        _check_attention("GPT2", attention)
+        self.attention = attention
         self.backend = runtime.get_backend("cuda" if device == "cuda" else "emu")
         self.device = self.backend.name
         xp = self.xp = self.backend.xp
@@ -124,7 +159,7 @@ class GPT2:
             if targets.shape != inputs.shape:
                 raise ValueError(f"GPT2.forward: targets shape {targets.shape} != inputs shape {inputs.shape}")
         if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
-            self.acts = Activations(self.xp, cfg, B, T)
+            self.acts = Activations(self.xp, cfg, B, T, self.attention)
         a = self.acts
         forward_layers(KERNEL_OPS, cfg, p, a, inputs)
 
@@ -167,23 +202,25 @@ class GPT2:
         return global_norm(self.grads)
 
     def update(self, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=None,
-               grad_norm=None):
+               grad_norm=None, shard=None):
         """AdamW at 1-based `step`; returns the gradient norm before clipping
-        (grad_norm: the norm from grad_norm(), if the caller has it already)."""
+        (grad_norm: the norm from grad_norm(), if the caller has it already;
+        shard=(lo, hi): ZeRO-1, as llmcu/cpu/gpt2.GPT2.update)."""
         if self.grads is None:
             raise RuntimeError("GPT2.update: no gradients; call backward first")
         if self.m is None:
-            self.m = self.xp.zeros_like(self.params)
-            self.v = self.xp.zeros_like(self.params)
+            n = self.params.size if shard is None else shard[1] - shard[0]
+            self.m = self.xp.zeros(n, dtype=np.float32)
+            self.v = self.xp.zeros(n, dtype=np.float32)
         norm = global_norm(self.grads) if grad_norm is None else float(grad_norm)
         scale = clip_scale(norm, grad_clip)
         update_parameters(KERNEL_OPS, self.config, self.params, self.grads, self.m, self.v, step, lr,
-                          beta1, beta2, eps, weight_decay, scale)
+                          beta1, beta2, eps, weight_decay, scale, shard=shard)
         return norm
 
     def sampler(self) -> "GPT2":
         """A model sharing these parameters with its own activations (for sampling)."""
-        return GPT2(self.config, self.params, device=self.device)
+        return GPT2(self.config, self.params, device=self.device, attention=self.attention)
 
     def params_host(self) -> np.ndarray:
         """The parameters as a NumPy array (a copy on the GPU, the buffer itself under emu)."""
@@ -196,10 +233,12 @@ class GPT2:
             return zeros, zeros.copy()
         return tuple(a.get() if hasattr(a, "get") else a for a in (self.m, self.v))
 
-    def load_optimizer_state(self, m: np.ndarray, v: np.ndarray) -> None:
-        """Set AdamW's moments (from a checkpoint); the next update continues from them."""
+    def load_optimizer_state(self, m: np.ndarray, v: np.ndarray, shard=None) -> None:
+        """Set AdamW's moments (from a checkpoint); the next update continues from them
+        (shard=(lo, hi): ZeRO-1's shard of the moments)."""
+        shape = tuple(self.params.shape) if shard is None else (shard[1] - shard[0],)
         for name, a in (("m", m), ("v", v)):
-            if a.dtype != np.float32 or a.shape != tuple(self.params.shape):
+            if a.dtype != np.float32 or a.shape != shape:
                 raise ValueError(f"GPT2.load_optimizer_state: {name} must be float32 of shape "
-                                 f"{tuple(self.params.shape)}, got {a.dtype} {a.shape}")
+                                 f"{shape}, got {a.dtype} {a.shape}")
         self.m, self.v = self.xp.array(m), self.xp.array(v)

@@ -1,0 +1,159 @@
+"""Llama (and Gemma) training step on the kernels: the orchestrator.
+
+The same layer sequence as the NumPy oracle (forward_layers / backward_layers
+of llmcu/cpu/llama.py), called with the kernel wrappers of this package:
+kernels/rmsnorm.cu, rope.cu, swiglu.cu (SwiGLU and GeGLU), the fused
+grouped-query attention of attention.cu (attention_flash_*), and the GPT-2
+kernels for the embedding (encoder, with an all-zero position table),
+matmuls, residual adds, the fused classifier and AdamW. Parameters,
+gradients, AdamW moments and activations are flat buffers with named views
+on the device. device="cuda" runs on the GPU through CuPy; device="emu" runs
+the same kernels on the CPU (llmcu.emu) on NumPy arrays, for tests.
+
+Differences from the oracle, as llmcu/cuda/gpt2.py: no probabilities buffer;
+backward() overwrites acts.logits with dlogits (llm.c's fused classifier).
+Everything is float32 (floatX = float).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from ..config import parameter_views
+from ..cpu.llama import (Activations, backward_layers, backward_scratch, check_inputs, check_params,
+                         forward_layers, init_parameters, rope_tables, update_parameters)
+from ..llama_config import LlamaConfig
+from . import runtime
+from .adamw import adamw_update, clip_scale, global_norm
+from .attention import flash_attention_backward, flash_attention_forward
+from .classifier import crossentropy_forward, fused_classifier_dlogits
+from .encoder import encoder_backward, encoder_forward
+from .matmul import matmul_backward, matmul_forward
+from .residual import residual_forward
+from .rmsnorm import rmsnorm_backward, rmsnorm_forward
+from .rope import rope_backward, rope_forward
+from .swiglu import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
+
+LLAMA_KERNEL_OPS = SimpleNamespace(
+    encoder_forward=encoder_forward, encoder_backward=encoder_backward,
+    rmsnorm_forward=rmsnorm_forward, rmsnorm_backward=rmsnorm_backward,
+    matmul_forward=matmul_forward, matmul_backward=matmul_backward,
+    rope_forward=rope_forward, rope_backward=rope_backward,
+    flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
+    swiglu_forward=swiglu_forward, swiglu_backward=swiglu_backward,
+    geglu_forward=geglu_forward, geglu_backward=geglu_backward,
+    residual_forward=residual_forward, adamw_update=adamw_update)
+
+
+class Llama:
+    """Llama/Gemma whose every layer runs a kernel from kernels/ (device "cuda" or "emu")."""
+
+    def __init__(self, config: LlamaConfig, params=None, seed: int = 42, device: str = "cuda"):
+        if device not in ("cuda", "emu"):
+            raise ValueError(f"Llama: device must be 'cuda' or 'emu', got {device!r}")
+        self.backend = runtime.get_backend(device)
+        self.device = self.backend.name
+        xp = self.xp = self.backend.xp
+        if params is None and isinstance(config, LlamaConfig):
+            params = init_parameters(config, seed)
+        check_params("Llama", config, params)
+        self.config = config
+        self.params = xp.asarray(params)  # a device copy on the GPU; the array itself under emu
+        self.p = parameter_views(config, self.params)
+        self.tables = rope_tables(config, xp)
+        self.grads = self.g = None
+        self.m = self.v = None
+        self.acts: Activations | None = None
+        self._scratch = None
+        self._inputs = self._targets = None
+
+    def forward(self, inputs, targets=None):
+        cfg, xp = self.config, self.xp
+        inputs, targets = check_inputs("Llama", cfg, inputs, targets)
+        B, T = inputs.shape
+        inputs = xp.asarray(np.ascontiguousarray(inputs, dtype=np.int32))
+        if targets is not None:
+            targets = xp.asarray(np.ascontiguousarray(targets, dtype=np.int32))
+        if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
+            self.acts = Activations(xp, cfg, B, T)
+        a = self.acts
+        forward_layers(LLAMA_KERNEL_OPS, cfg, self.p, a, inputs, self.tables)
+        self._inputs, self._targets = inputs, targets
+        if targets is None:
+            return None
+        crossentropy_forward(a.losses, a.logits, targets, cfg.vocab_size)
+        return float(a.losses.mean(dtype=np.float64))
+
+    def zero_grad(self):
+        if self.grads is None:
+            self.grads = self.xp.zeros_like(self.params)
+            self.g = parameter_views(self.config, self.grads)
+        else:
+            self.grads.fill(0.0)
+
+    def _backward_scratch(self, B, T):
+        if self._scratch is None or self._scratch["dres"].shape[:2] != (B, T):
+            self._scratch = backward_scratch(lambda *shape: self.xp.zeros(shape, dtype=np.float32),
+                                             self.config, B, T)
+        return self._scratch
+
+    def backward(self, loss_scale=1.0):
+        """Accumulate loss_scale * d(mean loss)/d(params) into self.grads; acts.logits
+        becomes dlogits. loss_scale = 1/grad_accum_steps for gradient accumulation."""
+        if self._targets is None:
+            raise RuntimeError("Llama.backward: call forward(inputs, targets) with targets first")
+        if self.grads is None:
+            self.zero_grad()
+        cfg, a = self.config, self.acts
+        B, T = a.B, a.T
+        fused_classifier_dlogits(a.logits, a.losses, self._targets, cfg.vocab_size, loss_scale / (B * T))
+        backward_layers(LLAMA_KERNEL_OPS, cfg, self.p, self.g, a, a.logits, self._inputs,
+                        self._backward_scratch(B, T), self.tables)
+        self._targets = None  # the logits are gone: a second backward needs a new forward
+
+    def grad_norm(self) -> float:
+        if self.grads is None:
+            raise RuntimeError("Llama.grad_norm: no gradients; call backward first")
+        return global_norm(self.grads)
+
+    def update(self, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=None,
+               grad_norm=None, shard=None):
+        """AdamW at 1-based `step`; returns the gradient norm before clipping
+        (shard=(lo, hi): ZeRO-1, as llmcu/cpu/llama.Llama.update)."""
+        if self.grads is None:
+            raise RuntimeError("Llama.update: no gradients; call backward first")
+        if self.m is None:
+            n = self.params.size if shard is None else shard[1] - shard[0]
+            self.m = self.xp.zeros(n, dtype=np.float32)
+            self.v = self.xp.zeros(n, dtype=np.float32)
+        norm = global_norm(self.grads) if grad_norm is None else float(grad_norm)
+        scale = clip_scale(norm, grad_clip)
+        update_parameters(LLAMA_KERNEL_OPS, self.config, self.params, self.grads, self.m, self.v, step,
+                          lr, beta1, beta2, eps, weight_decay, scale, shard=shard)
+        return norm
+
+    def sampler(self) -> "Llama":
+        """A model sharing these parameters with its own activations (for sampling)."""
+        return Llama(self.config, self.params, device=self.device)
+
+    def params_host(self) -> np.ndarray:
+        """The parameters as a NumPy array (a copy on the GPU, the buffer itself under emu)."""
+        return self.params.get() if hasattr(self.params, "get") else self.params
+
+    def optimizer_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """AdamW's (m, v) as host arrays, zeros before the first update (for checkpoints)."""
+        if self.m is None:
+            zeros = np.zeros(self.params.shape, dtype=np.float32)
+            return zeros, zeros.copy()
+        return tuple(a.get() if hasattr(a, "get") else a for a in (self.m, self.v))
+
+    def load_optimizer_state(self, m: np.ndarray, v: np.ndarray, shard=None) -> None:
+        """Set AdamW's moments (from a checkpoint); shard=(lo, hi): ZeRO-1's shard."""
+        shape = tuple(self.params.shape) if shard is None else (shard[1] - shard[0],)
+        for name, a in (("m", m), ("v", v)):
+            if a.dtype != np.float32 or a.shape != shape:
+                raise ValueError(f"Llama.load_optimizer_state: {name} must be float32 of shape "
+                                 f"{shape}, got {a.dtype} {a.shape}")
+        self.m, self.v = self.xp.array(m), self.xp.array(v)
