@@ -1,4 +1,5 @@
-"""The Llama-family layer kernels on the GPU (rmsnorm, rope, swiglu, geglu;
+"""The Llama-family layer kernels on the GPU (rmsnorm, rope, swiglu, geglu,
+grouped-query attention;
 forward and backward) against a PyTorch peer doing the same work.
 
     python -m pytest benchmarks/bench_llama_layers.py            # needs CuPy and an NVIDIA GPU
@@ -210,3 +211,70 @@ def test_torch_peer(benchmark, host, torch_cuda, kind, direction):
     benchmark.pedantic(run, **ROUNDS)
     key = f"glu_{direction}" if kind in ("swiglu", "geglu") else f"{kind}_{direction}"
     report(benchmark, f"torch {kind} {direction}", key)
+
+
+# --- grouped-query attention (NH=32 query heads on NKV=8 kv heads) ---------------
+#
+# The fused kernel reads K/V of the kv head a query head maps to; the peer is
+# scaled_dot_product_attention(..., is_causal=True, enable_gqa=True) on strided
+# q, k, v views of the same (B,T,W) qkv. Napkin FLOPs of causal attention: the
+# two GEMMs of the forward over the lower triangle, 2 * 2*B*NH*T*T*hs / 2; the
+# backward does 2.5x that (dS, dQ, dK, dV and the score recomputation).
+
+ATT_FWD_FLOPS = 2 * B * NH * T * T * HS
+ATT_BWD_FLOPS = 2.5 * ATT_FWD_FLOPS
+
+
+def report_flops(benchmark, name, flops):
+    seconds = benchmark.stats.stats.median
+    tflops = flops / seconds / 1e12
+    benchmark.extra_info.update(flops=flops, tflop_per_s=round(tflops, 2))
+    print(f"\n{name}: median {seconds * 1e6:.1f} us, {tflops:.2f} TFLOP/s ({flops / 1e9:.1f} GFLOP napkin)")
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_llmcu_gqa_attention(benchmark, host, direction):
+    import cupy
+    from llmcu.cuda.attention import flash_attention_backward, flash_attention_forward
+    qkv, dout = cupy.asarray(host["qkv"]), cupy.asarray(host["dqkv"][..., :NH * HS].copy())
+    out, lse = cupy.full((B, T, NH * HS), np.nan, np.float32), cupy.full((B, NH, T), np.nan, np.float32)
+    if direction == "forward":
+        benchmark.pedantic(lambda: (flash_attention_forward(out, lse, qkv, NH, NKV), sync()), **ROUNDS)
+        assert bool(cupy.isfinite(out).all())
+        report_flops(benchmark, "llmcu flash attention forward (GQA 32/8)", ATT_FWD_FLOPS)
+    else:
+        flash_attention_forward(out, lse, qkv, NH, NKV)
+        dqkv = cupy.full((B, T, W), np.nan, np.float32)
+        benchmark.pedantic(lambda: (flash_attention_backward(dqkv, dout, qkv, out, lse, NH, NKV), sync()),
+                           **ROUNDS)
+        assert bool(cupy.isfinite(dqkv).all())
+        report_flops(benchmark, "llmcu flash attention backward (GQA 32/8)", ATT_BWD_FLOPS)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_torch_gqa_attention(benchmark, host, torch_cuda, direction):
+    torch = torch_cuda
+    import torch.nn.functional as F
+    qkv = torch.from_numpy(host["qkv"]).cuda().requires_grad_()
+    dout = torch.from_numpy(host["dqkv"][..., :NH * HS].copy()).cuda().view(B, T, NH, HS).transpose(1, 2)
+
+    def forward():
+        x = qkv.view(B, T, NH + 2 * NKV, HS).transpose(1, 2)  # (B, heads, T, hs)
+        q, k, v = x[:, :NH], x[:, NH:NH + NKV], x[:, NH + NKV:]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    if direction == "forward":
+        def run():
+            with torch.no_grad():
+                forward()
+            torch.cuda.synchronize()
+        flops, name = ATT_FWD_FLOPS, "torch sdpa forward (GQA 32/8, fp32)"
+    else:
+        y = forward()
+
+        def run():
+            torch.autograd.grad(y, (qkv,), dout, retain_graph=True)
+            torch.cuda.synchronize()
+        flops, name = ATT_BWD_FLOPS, "torch sdpa backward (GQA 32/8, fp32)"
+    benchmark.pedantic(run, **ROUNDS)
+    report_flops(benchmark, name, flops)

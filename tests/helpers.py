@@ -77,6 +77,33 @@ def assert_close(name, actual, expected, atol, rtol, max_report=8):
     return max_diff
 
 
+BF16_NAN = 0x7FC0  # a quiet-NaN bf16 bit pattern: the poison for bf16 (uint16) outputs
+
+
+class Device:
+    """Moves NumPy arrays to the kernel backend under test ("emu" or "cuda") and back."""
+
+    def __init__(self, name):
+        self.name = name
+        if name == "cuda":
+            import cupy
+            self.xp = cupy
+        else:
+            self.xp = np
+
+    def put(self, a):
+        return self.xp.array(a, dtype=a.dtype, copy=True, order="C")  # never alias the reference input
+
+    def poisoned(self, shape, dtype=np.float32):
+        """An output buffer the kernel must overwrite: NaN (float), bf16 NaN (uint16), -1 (ints)."""
+        dtype = np.dtype(dtype)
+        fill = np.nan if dtype.kind == "f" else BF16_NAN if dtype == np.uint16 else -1
+        return self.xp.full(shape, fill, dtype=dtype)
+
+    def get(self, a):
+        return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.array(a)
+
+
 def poisoned(shape, dtype=np.float32):
     """An output buffer filled with NaN, so an element the code never writes fails."""
     return np.full(shape, np.nan, dtype=dtype)

@@ -125,28 +125,7 @@ def test_flash_oracle_rejects_bad_input():
 
 # --- the kernels (version 1: fp32, runs under the emulator) -----------------------
 
-from helpers import KERNEL_BACKENDS  # noqa: E402
-
-
-class Device:
-    """Moves NumPy arrays to the backend under test and back."""
-
-    def __init__(self, name):
-        self.name = name
-        if name == "cuda":
-            import cupy
-            self.xp = cupy
-        else:
-            self.xp = np
-
-    def put(self, a):
-        return self.xp.array(a, dtype=a.dtype, copy=True, order="C")
-
-    def poisoned(self, shape, dtype=np.float32):
-        return self.xp.full(shape, np.nan, dtype=dtype)
-
-    def get(self, a):
-        return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.array(a)
+from helpers import KERNEL_BACKENDS, Device  # noqa: E402
 
 
 @pytest.fixture(params=KERNEL_BACKENDS)

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pytest
 
-from helpers import KERNEL_BACKENDS, assert_close
+from helpers import KERNEL_BACKENDS, Device, assert_close
 from llmcu.config import GPT2Config
 from llmcu.cpu import adamw as cpu_adamw
 from llmcu.cpu import attention as cpu_attention
@@ -40,25 +40,6 @@ BACKENDS = KERNEL_BACKENDS
 def dev(request):
     """Moves NumPy arrays to the backend under test and back."""
     return Device(request.param)
-
-
-class Device:
-    def __init__(self, name):
-        self.name = name
-        if name == "cuda":
-            import cupy
-            self.xp = cupy
-        else:
-            self.xp = np
-
-    def put(self, a):
-        return self.xp.array(a, dtype=a.dtype, copy=True, order="C")  # never alias the reference input
-
-    def poisoned(self, shape, dtype=np.float32):
-        return self.xp.full(shape, np.nan if np.dtype(dtype).kind == "f" else -1, dtype=dtype)
-
-    def get(self, a):
-        return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.array(a)
 
 
 def rand(rng, *shape, scale=1.0):

@@ -28,7 +28,7 @@ import math
 import numpy as np
 import pytest
 
-from helpers import KERNEL_BACKENDS, assert_close
+from helpers import KERNEL_BACKENDS, Device, assert_close
 from llmcu.cpu import adamw as cpu_adamw
 from llmcu.cpu import classifier as cpu_classifier
 from llmcu.cpu import encoder as cpu_encoder
@@ -40,33 +40,12 @@ from llmcu.formats import float32_to_bf16_bits as to_bits
 
 U = 2.0 ** -8            # bf16 unit roundoff: one rounding is <= U relative
 F32 = 1e-5               # fp32 tolerance of test_kernels.py (summation order, libm ulps)
-BF16_NAN = 0x7FC0        # a quiet NaN bf16 pattern, the poison for bf16 outputs
 DTYPES = [pytest.param(np.float32, id="fp32"), pytest.param(np.uint16, id="bf16")]
 
 
 @pytest.fixture(params=KERNEL_BACKENDS)
 def dev(request):
     return Device(request.param)
-
-
-class Device:
-    def __init__(self, name):
-        self.name = name
-        if name == "cuda":
-            import cupy
-            self.xp = cupy
-        else:
-            self.xp = np
-
-    def put(self, a):
-        return self.xp.array(a, dtype=a.dtype, copy=True, order="C")
-
-    def poisoned(self, shape, dtype=np.float32):
-        dtype = np.dtype(dtype)
-        return self.xp.full(shape, BF16_NAN if dtype == np.uint16 else np.nan, dtype=dtype)
-
-    def get(self, a):
-        return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.array(a)
 
 
 def rand(rng, *shape, scale=1.0):

@@ -29,32 +29,13 @@ Tolerances (fp32, u = 6e-8):
 import numpy as np
 import pytest
 
-from helpers import KERNEL_BACKENDS, assert_close
+from helpers import KERNEL_BACKENDS, Device, assert_close
 from llmcu.cpu import rmsnorm as cpu_rmsnorm
 from llmcu.cpu import rope as cpu_rope
 from llmcu.cpu import swiglu as cpu_swiglu
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 ROPE_TOL = dict(atol=1e-6, rtol=1e-6)
-
-
-class Device:
-    def __init__(self, name):
-        self.name = name
-        if name == "cuda":
-            import cupy
-            self.xp = cupy
-        else:
-            self.xp = np
-
-    def put(self, a):
-        return self.xp.array(a, dtype=a.dtype, copy=True, order="C")  # never alias the reference
-
-    def poisoned(self, shape, dtype=np.float32):
-        return self.xp.full(shape, np.nan, dtype=dtype)
-
-    def get(self, a):
-        return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.array(a)
 
 
 @pytest.fixture(params=KERNEL_BACKENDS)
@@ -199,7 +180,6 @@ def test_glu_extreme_gates(dev, kind):
 # indexing error fails. rstd and the cos/sin tables stay fp32.
 
 U = 2.0 ** -8
-BF16_NAN = 0x7FC0
 
 
 def bf16(rng, *shape, scale=1.0, shift=0.0):
@@ -219,10 +199,6 @@ def bf16_tol(ref, atol=1e-5):
     return dict(atol=atol * scale, rtol=U + 1e-5)
 
 
-def bf16_poisoned(dev, shape):
-    return dev.xp.full(shape, BF16_NAN, dtype=np.uint16)
-
-
 @pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama", "gemma"])
 @pytest.mark.parametrize("B,T,C", [(2, 7, 48), (1, 3, 1023)])
 def test_rmsnorm_bf16(dev, B, T, C, offset):
@@ -231,14 +207,14 @@ def test_rmsnorm_bf16(dev, B, T, C, offset):
     (x, x_f), (w, w_f), (dout, dout_f), (dw0, dw0_f) = (
         bf16(rng, B, T, C, scale=3.0, shift=0.5), bf16(rng, C, scale=0.5, shift=1.0 - offset),
         bf16(rng, B, T, C), bf16(rng, C))
-    out, rstd = bf16_poisoned(dev, (B, T, C)), dev.poisoned((B, T))
+    out, rstd = dev.poisoned((B, T, C), np.uint16), dev.poisoned((B, T))
     k.rmsnorm_forward(out, rstd, dev.put(x), dev.put(w), weight_offset=offset)
     rout, rrstd = np.empty((B, T, C), np.float32), np.empty((B, T), np.float32)
     cpu_rmsnorm.rmsnorm_forward(rout, rrstd, x_f, w_f, weight_offset=offset)
     assert_close("rmsnorm bf16 rstd", dev.get(rstd), rrstd, **TOL)  # fp32 statistic of exact inputs
     assert_close("rmsnorm bf16 out", widened(dev.get(out)), rout, **bf16_tol(rout))
 
-    dinp, dw = bf16_poisoned(dev, (B, T, C)), dev.put(dw0)
+    dinp, dw = dev.poisoned((B, T, C), np.uint16), dev.put(dw0)
     k.rmsnorm_backward(dinp, dw, dev.put(dout), dev.put(x), dev.put(w), dev.put(rrstd),
                        weight_offset=offset)
     rdinp, rdw = np.empty((B, T, C), np.float32), dw0_f.copy()
@@ -255,7 +231,7 @@ def test_rope_bf16(dev, B, T, NH, NKV, hs):
     cos, sin = cpu_rope.rope_frequencies(hs, T, 10000.0)
     (x, x_f), (dout, dout_f) = bf16(rng, B, T, W), bf16(rng, B, T, W)
     for direction, src, src_f in (("forward", x, x_f), ("backward", dout, dout_f)):
-        out = bf16_poisoned(dev, (B, T, W))
+        out = dev.poisoned((B, T, W), np.uint16)
         getattr(k, f"rope_{direction}")(out, dev.put(src), dev.put(cos), dev.put(sin), NH, NKV)
         ref = np.empty((B, T, W), np.float32)
         getattr(cpu_rope, f"rope_{direction}")(ref, src_f, cos, sin, NH, NKV)
@@ -274,12 +250,12 @@ def test_glu_bf16(dev, kind, shape):
     (g, g_f), (u, u_f), (dout, dout_f) = (bf16(rng, *lead, H, scale=3.0), bf16(rng, *lead, H, scale=2.0),
                                           bf16(rng, *shape))
     inp, inp_f = np.concatenate([g, u], axis=-1), np.concatenate([g_f, u_f], axis=-1)
-    out = bf16_poisoned(dev, shape)
+    out = dev.poisoned(shape, np.uint16)
     getattr(k, f"{kind}_forward")(out, dev.put(inp))
     ref = np.empty(shape, np.float32)
     getattr(cpu_swiglu, f"{kind}_forward")(ref, inp_f)
     assert_close(f"{kind} bf16 out", widened(dev.get(out)), ref, **bf16_tol(ref))
-    dinp = bf16_poisoned(dev, inp.shape)
+    dinp = dev.poisoned(inp.shape, np.uint16)
     getattr(k, f"{kind}_backward")(dinp, dev.put(dout), dev.put(inp))
     rdinp = np.empty(inp.shape, np.float32)
     getattr(cpu_swiglu, f"{kind}_backward")(rdinp, dout_f, inp_f)
