@@ -413,8 +413,18 @@ def hf_llama_config(hf: dict, where: str = "config.json"):
     gemma = model_type == "gemma"
     act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
     unsupported = []
-    if rope_type not in (None, "default"):
-        unsupported.append(f"rope_type={rope_type!r} (only the default RoPE is implemented)")
+    rope_scaling = None
+    if rope_type == "llama3":  # Llama 3.1+: factor, low/high frequency factors, original context
+        spec = {**scaling, **rope}
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        lacking = [k for k in keys if k not in spec]
+        if lacking:
+            unsupported.append(f"rope_type='llama3' without {', '.join(lacking)}")
+        else:
+            rope_scaling = tuple(spec[k] for k in keys)
+    elif rope_type not in (None, "default"):
+        unsupported.append(f"rope_type={rope_type!r} (only the default RoPE and Llama 3's 'llama3' "
+                           f"scaling are implemented)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         unsupported.append("attention or MLP biases")
     if hf.get("pretraining_tp", 1) not in (1, None):
@@ -437,7 +447,7 @@ def hf_llama_config(hf: dict, where: str = "config.json"):
                   num_kv_heads=hf.get("num_key_value_heads") or NH, channels=C,
                   hidden_dim=hf["intermediate_size"],
                   head_dim=hf.get("head_dim") or (256 if gemma else C // NH),
-                  norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta)
+                  norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=rope_scaling)
     if gemma:
         return LlamaConfig(**fields, **gemma_options(C))
     return LlamaConfig(**fields, tie_embeddings=hf.get("tie_word_embeddings", False))
@@ -520,6 +530,12 @@ def hf_llama_config_dict(config) -> dict:
          "tie_word_embeddings": config.tie_embeddings, "attention_bias": False,
          "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
          "torch_dtype": "float32"}
+    if config.rope_scaling is not None:
+        factor, low, high, original = config.rope_scaling
+        d["rope_parameters"] = d["rope_scaling"] = {
+            "rope_type": "llama3", "rope_theta": config.rope_theta, "factor": factor,
+            "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": original}
     if is_gemma:
         d["hidden_act"] = d["hidden_activation"] = "gelu_pytorch_tanh"
     else:

@@ -69,6 +69,9 @@ class LlamaConfig:
     head_dim: int = 0                # hs; 0: C / NH
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Llama 3's RoPE frequency scaling (rope_type "llama3"): (factor, low_freq_factor,
+    # high_freq_factor, original_max_seq_len), or None for plain RoPE
+    rope_scaling: tuple | None = None
     tie_embeddings: bool = True
     mlp: str = "swiglu"              # "swiglu" (Llama) | "geglu" (Gemma)
     norm_weight_offset: float = 0.0  # 1.0 for Gemma: RMSNorm scales by (1 + weight)
@@ -104,6 +107,12 @@ class LlamaConfig:
         if not (self.norm_eps > 0 and self.rope_theta > 0 and self.embed_scale > 0):
             raise ValueError(f"LlamaConfig: norm_eps, rope_theta and embed_scale must be > 0, got "
                              f"{self.norm_eps}, {self.rope_theta}, {self.embed_scale}")
+        if self.rope_scaling is not None:
+            rs = tuple(self.rope_scaling)
+            if len(rs) != 4 or not (rs[0] > 0 and 0 < rs[1] < rs[2] and rs[3] > 0):
+                raise ValueError(f"LlamaConfig: rope_scaling must be (factor > 0, 0 < low_freq_factor "
+                                 f"< high_freq_factor, original_max_seq_len > 0), got {self.rope_scaling!r}")
+            object.__setattr__(self, "rope_scaling", (_f32(rs[0]), _f32(rs[1]), _f32(rs[2]), int(rs[3])))
         object.__setattr__(self, "tie_embeddings", bool(self.tie_embeddings))
         if self.hidden_dim == 0:
             object.__setattr__(self, "hidden_dim", llama_hidden_dim(
@@ -172,11 +181,11 @@ REFERENCE = {
     "llama2-7b": dict(max_seq_len=4096, vocab_size=32000, num_layers=32, num_heads=32,
                       num_kv_heads=32, channels=4096, multiple_of=256, norm_eps=1e-5,
                       rope_theta=10000.0, tie_embeddings=False),
-    # meta-llama/Llama-3.2-1B: 1,235,814,400 parameters (its RoPE frequency scaling,
-    # rope_type "llama3", is not implemented: the shape is for reference)
+    # meta-llama/Llama-3.2-1B: 1,235,814,400 parameters, RoPE scaled as rope_type "llama3"
     "llama3.2-1b": dict(max_seq_len=131072, vocab_size=128256, num_layers=16, num_heads=32,
                         num_kv_heads=8, channels=2048, multiple_of=256, ffn_dim_multiplier=1.5,
-                        norm_eps=1e-5, rope_theta=500000.0, tie_embeddings=True),
+                        norm_eps=1e-5, rope_theta=500000.0, rope_scaling=(32.0, 1.0, 4.0, 8192),
+                        tie_embeddings=True),
     # google/gemma-2b: 2,506,172,416 parameters
     "gemma-2b": dict(max_seq_len=8192, vocab_size=256000, num_layers=18, num_heads=8,
                      num_kv_heads=1, channels=2048, hidden_dim=16384, head_dim=256, norm_eps=1e-6,
@@ -236,6 +245,6 @@ def print_llama_summary(config: LlamaConfig, log=print) -> None:
     log("[Gemma]" if gemma else "[Llama]")
     for name in ("max_seq_len", "vocab_size", "padded_vocab_size", "num_layers", "num_heads",
                  "num_kv_heads", "channels", "head_dim", "hidden_dim", "mlp", "norm_eps",
-                 "rope_theta", "tie_embeddings", "norm_weight_offset", "embed_scale"):
+                 "rope_theta", "rope_scaling", "tie_embeddings", "norm_weight_offset", "embed_scale"):
         log(f"{name}: {getattr(config, name)}")
     log(f"num_parameters: {config.num_parameters()}")

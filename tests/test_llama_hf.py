@@ -258,8 +258,8 @@ def test_model_file_bad_inputs(tmp_path):
         formats.read_model(tmp_path / "head.bin")
     with pytest.raises(formats.FormatError, match="version"):
         formats.read_model(_patched(tmp_path, "v.bin", 4, 4))
-    with pytest.raises(formats.FormatError, match="scaled RoPE"):
-        formats.read_model(_patched(tmp_path, "r.bin", 9 * 4, 1))
+    with pytest.raises(formats.FormatError, match="use_scaled_rope is 3"):
+        formats.read_model(_patched(tmp_path, "r.bin", 9 * 4, 3))
     with pytest.raises(formats.FormatError, match="NKV > 0"):
         formats.read_model(_patched(tmp_path, "k.bin", 6 * 4, 0))
     with pytest.raises(formats.FormatError, match="multiple of num_kv_heads"):
@@ -298,3 +298,82 @@ def test_model_file_write_is_atomic(tmp_path, monkeypatch):
         formats.write_model(tmp_path / "m.bin", c, params * 2, dtype="bfloat16")
     assert (tmp_path / "m.bin").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin"]
+
+
+# --- Llama 3's RoPE frequency scaling (rope_type "llama3") ------------------------
+
+# hs = 8 and theta 1e4 give wavelengths 6.3, 63, 628, 6283 positions; with an
+# original context of 256, low_freq_factor 1 and high_freq_factor 8 these fall
+# in all three bands (kept below 32, blended between 32 and 256, divided by the
+# factor above 256), so each branch of the formula is exercised.
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=4.0, low_freq_factor=1.0,
+                   high_freq_factor=8.0, original_max_position_embeddings=256)
+SCALING = (4.0, 1.0, 8.0, 256)
+
+
+def test_scaled_rope_tables_match_transformers():
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from llmcu.cpu.rope import rope_frequencies
+    cfg = transformers.LlamaConfig(hidden_size=32, num_attention_heads=4, max_position_embeddings=64,
+                                   rope_parameters=dict(LLAMA3_ROPE))
+    rot = LlamaRotaryEmbedding(cfg)
+    pos = torch.arange(64)[None]
+    cos_ref, sin_ref = rot(torch.zeros(1, 64, 8), pos)
+    cos, sin = rope_frequencies(8, 64, 10000.0, SCALING)
+    # the same float32 operations in the same order: equal up to libm's cos/sin (a few ulp)
+    assert_close("scaled cos", cos, cos_ref[0, :, :4], atol=2e-6, rtol=0)
+    assert_close("scaled sin", sin, sin_ref[0, :, :4], atol=2e-6, rtol=0)
+    plain_cos, _ = rope_frequencies(8, 64, 10000.0)
+    assert np.abs(plain_cos - cos).max() > 1e-2  # the scaling changed the slow frequencies
+    assert np.array_equal(plain_cos[:, 0], cos[:, 0])  # and kept the fastest one
+
+
+def test_import_export_llama3_scaled_rope(tmp_path):
+    from llmcu.hf import export_hf, import_hf
+    model = tiny_hf("llama", seed=5, rope_parameters=dict(LLAMA3_ROPE))
+    model.save_pretrained(tmp_path / "hf")
+    config, params = import_hf(tmp_path / "hf")
+    assert config.rope_scaling == SCALING
+    x = np.random.default_rng(3).integers(0, V, size=(B, 32)).astype(np.int32)  # every position
+    ref = hf_logits(model, x)
+    assert_close("scaled-rope logits", our_logits(config, params, x), ref, atol=1e-5, rtol=0)
+    # without the scaling the logits differ by far more than the tolerance above
+    import dataclasses
+    plain = dataclasses.replace(config, rope_scaling=None)
+    assert np.abs(our_logits(plain, params, x) - ref).max() > 1e-3
+    export_hf(tmp_path / "out", config, params)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    assert_close("exported scaled-rope logits", hf_logits(back.float().eval(), x), ref, atol=1e-5, rtol=0)
+    assert import_hf(tmp_path / "out")[0] == config
+
+
+def test_model_file_keeps_rope_scaling(tmp_path):
+    import dataclasses
+
+    from llmcu.cpu.rope import LLAMA31_SCALING
+    c = dataclasses.replace(CONFIGS["llama-untied"], rope_scaling=(32.0, 1.0, 4.0, 8192))
+    params = random_params(c, seed=6)
+    formats.write_model(tmp_path / "m.bin", c, params)
+    raw = (tmp_path / "m.bin").read_bytes()
+    assert np.frombuffer(raw[36:40], "<i4")[0] == 1  # llm.c's use_scaled_rope
+    got_config, got = formats.read_model(tmp_path / "m.bin")
+    assert got_config == c
+    np.testing.assert_array_equal(got, params)
+    # as llm.c writes it (no llmcu fields): use_scaled_rope=1 means Llama 3.1's fixed numbers
+    llmc = bytearray(raw)
+    llmc[12 * 4:18 * 4] = bytes(24)
+    llmc[1024 + 3 * 4:1024 + 9 * 4] = bytes(24)
+    (tmp_path / "llmc.bin").write_bytes(bytes(llmc))
+    assert formats.read_model(tmp_path / "llmc.bin")[0].rope_scaling == LLAMA31_SCALING
+    llmc[36:40] = np.array([2], "<i4").tobytes()
+    (tmp_path / "bad.bin").write_bytes(bytes(llmc))
+    with pytest.raises(formats.FormatError, match="use_scaled_rope is 2"):
+        formats.read_model(tmp_path / "bad.bin")
+
+
+def test_llama_config_rejects_bad_rope_scaling():
+    with pytest.raises(ValueError, match="rope_scaling"):
+        LlamaConfig(rope_scaling=(8.0, 4.0, 1.0, 8192))  # low >= high
+    with pytest.raises(ValueError, match="rope_scaling"):
+        LlamaConfig(rope_scaling=(8.0, 1.0, 4.0))

@@ -17,11 +17,39 @@ import numpy as np
 THETA = 10000.0
 
 
-def rope_frequencies(head_dim, max_seq_len, theta=THETA):
+# Llama 3.1's frequency scaling as llm.c fixes it (use_scaled_rope=1 in its model
+# file): (factor, low_freq_factor, high_freq_factor, original context length).
+LLAMA31_SCALING = (8.0, 1.0, 4.0, 8192)
+
+
+def scale_frequencies(inv_freq, scaling):
+    """Llama 3's "llama3" RoPE scaling of the inverse frequencies (float32).
+
+    scaling = (factor, low_freq_factor, high_freq_factor, original_max_seq_len).
+    With wavelength 2*pi/inv_freq: wavelengths shorter than original/high are
+    kept, those longer than original/low are divided by factor, and those in
+    between blend the two with weight (original/wavelength - low) / (high - low)
+    on the kept one -- Hugging Face's _compute_llama3_parameters, in float32.
+    """
+    factor, low, high, original = (np.float32(x) for x in scaling)
+    if not (factor > 0 and 0 < low < high and original > 0):
+        raise ValueError(f"scale_frequencies: scaling must be (factor > 0, 0 < low_freq_factor < "
+                         f"high_freq_factor, original_max_seq_len > 0), got {tuple(scaling)}")
+    wavelen = (np.float32(2 * np.pi) / inv_freq).astype(np.float32)
+    low_wavelen, high_wavelen = original / low, original / high
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+    smooth = ((original / wavelen - low) / (high - low)).astype(np.float32)
+    blended = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rope_frequencies(head_dim, max_seq_len, theta=THETA, scaling=None):
     """(cos, sin), each float32 (max_seq_len, head_dim // 2), as Hugging Face Llama.
 
-    inv_freq = 1 / theta ** (arange(0, hs, 2) / hs) in float32, positions in
-    float32, their outer product, then cos and sin in float32.
+    inv_freq = 1 / theta ** (arange(0, hs, 2) / hs) in float32 (then Llama 3's
+    scale_frequencies when `scaling` is given), positions in float32, their
+    outer product, then cos and sin in float32.
     """
     if head_dim <= 0 or head_dim % 2 != 0:
         raise ValueError(f"rope_frequencies: head_dim must be a positive even number, got {head_dim}")
@@ -29,6 +57,8 @@ def rope_frequencies(head_dim, max_seq_len, theta=THETA):
         raise ValueError(f"rope_frequencies: max_seq_len must be positive, got {max_seq_len}")
     exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
     inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+    if scaling is not None:
+        inv_freq = scale_frequencies(inv_freq, scaling)
     positions = np.arange(max_seq_len, dtype=np.float32)
     angles = np.outer(positions, inv_freq).astype(np.float32)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
