@@ -1,6 +1,12 @@
-"""GPU benchmark (fp32, TF32 off): llmcu's kernel step against PyTorch, and per-kernel times.
+"""GPU benchmark (fp32 with TF32 off, or bf16): llmcu's kernel step against PyTorch, and per-kernel times.
 
     python benchmarks/bench_gpu_step.py [--model d12] [-b 4] [-t 1024] [--steps 20] [--json out.json]
+                                        [--dtype fp32|bf16]
+
+--dtype bf16: llmcu's mixed precision (GPT2(dtype="bf16"), fp32 master weights)
+against PyTorch under bf16 autocast (fp32 parameters and AdamW), with MFU by
+llm.c's formula (config.flops_per_token) against --peak-tflops (H100 SXM bf16:
+989). GPU-only; not measured yet.
 
 Needs CuPy and a CUDA build of PyTorch on an NVIDIA GPU. Step times are
 medians of CUDA-event timings after warm-up; per-kernel rows give time and the
@@ -37,9 +43,9 @@ def cuda_time(fn, reps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def bench_llmcu_step(config, params, x, y, steps):
+def bench_llmcu_step(config, params, x, y, steps, dtype="fp32"):
     from llmcu.cuda.gpt2 import GPT2
-    model = GPT2(config, params, device="cuda")
+    model = GPT2(config, params, device="cuda", dtype=dtype)
 
     def step():
         model.zero_grad()
@@ -49,7 +55,9 @@ def bench_llmcu_step(config, params, x, y, steps):
     return cuda_time(step, steps)
 
 
-def bench_torch_step(config, params, x, y, steps):
+def bench_torch_step(config, params, x, y, steps, dtype="fp32"):
+    import contextlib
+
     import torch
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -59,9 +67,15 @@ def bench_torch_step(config, params, x, y, steps):
     xt = torch.from_numpy(x).long().cuda()
     yt = torch.from_numpy(y).long().cuda()
 
+    def autocast():
+        if dtype == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def step():
         opt.zero_grad(set_to_none=False)
-        _, loss = model(xt, yt)
+        with autocast():
+            _, loss = model(xt, yt)
         loss.backward()
         opt.step()
     for _ in range(3):
@@ -121,6 +135,9 @@ def main(argv=None) -> int:
     ap.add_argument("-t", "--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="the card's dense bf16 peak for MFU (H100 SXM: 989)")
     a = ap.parse_args(argv)
     import cupy
     from llmcu.config import gpt2_config
@@ -133,19 +150,23 @@ def main(argv=None) -> int:
     y = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
     props = cupy.cuda.runtime.getDeviceProperties(0)
     card = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    print(f"card: {card}; GPT-2 {a.model}, B={B}, T={T}, fp32 (TF32 off), median of {a.steps} steps")
-    ours = bench_llmcu_step(config, params.copy(), x, y, a.steps)
-    theirs = bench_torch_step(config, params.copy(), x, y, a.steps)
+    precision = "fp32 (TF32 off)" if a.dtype == "fp32" else "bf16 (llmcu mixed precision; PyTorch autocast)"
+    print(f"card: {card}; GPT-2 {a.model}, B={B}, T={T}, {precision}, median of {a.steps} steps")
+    ours = bench_llmcu_step(config, params.copy(), x, y, a.steps, a.dtype)
+    theirs = bench_torch_step(config, params.copy(), x, y, a.steps, a.dtype)
     tok = B * T
-    print(f"llmcu   {ours:9.2f} ms/step {tok / ours * 1e3:10.0f} tok/s")
-    print(f"pytorch {theirs:9.2f} ms/step {tok / theirs * 1e3:10.0f} tok/s")
+    flops = config.flops_per_token(T) * tok  # llm.c's 6N + 6LCT per token
+    for name, ms in (("llmcu  ", ours), ("pytorch", theirs)):
+        mfu = flops / (ms * 1e-3) / (a.peak_tflops * 1e12)
+        print(f"{name} {ms:9.2f} ms/step {tok / ms * 1e3:10.0f} tok/s  MFU {100 * mfu:5.1f}% "
+              f"of {a.peak_tflops:g} TFLOP/s")
     print(f"ratio llmcu / pytorch (time): {ours / theirs:.3f}")
     kernels = bench_kernels(config, B, T, reps=20)
     print(f"{'kernel':34s} {'ms':>9s} {'GB/s':>8s}")
     for name, ms, gbs in kernels:
         print(f"{name:34s} {ms:9.3f} {gbs:8.1f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"card": card, "args": vars(a), "llmcu_ms": ours,
+        Path(a.json).write_text(json.dumps({"card": card, "args": vars(a), "dtype": a.dtype, "llmcu_ms": ours,
                                             "torch_ms": theirs, "kernels": kernels}, indent=1))
     return 0
 

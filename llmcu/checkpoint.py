@@ -79,9 +79,10 @@ def save(out_dir: str, step: int, model, train_loader, rng, loss_detector, norm_
         step=step, m=m, v=v, loader=train_loader.state(), B=train_loader.B, T=train_loader.T,
         window=loss_detector.window, loss_window=list(loss_detector.values),
         norm_window=list(norm_detector.values), rng_state=rng.bit_generator.state,
-        num_processes=world, rank=rank)
+        num_processes=world, rank=rank, master=master_weights(model))
     if rank == 0:  # the parameters are the same on every rank
-        formats.write_model(model_path(out_dir, step), config, model.params_host())
+        formats.write_model(model_path(out_dir, step), config, model.params_host(),
+                            dtype=model_file_dtype(model))
     formats.write_train_state(state_path(out_dir, step, rank), state, _midway=_crash_hook(step))
     if comm is not None:
         comm.barrier()  # every state file is in place before the marker
@@ -104,6 +105,17 @@ def save(out_dir: str, step: int, model, train_loader, rng, loss_detector, norm_
                     os.remove(path)
                 except FileNotFoundError:
                     pass
+
+
+def model_file_dtype(model) -> str:
+    """The model file's dtype: llm.c's version 5 (bfloat16) for a bf16 model, else 3."""
+    return "bfloat16" if getattr(model, "dtype", "fp32") == "bf16" else "float32"
+
+
+def master_weights(model):
+    """A bf16 model's fp32 master weights as a host array, None for any other model."""
+    get = getattr(model, "master_host", None)
+    return get() if get is not None else None
 
 
 def requested_config(spec: str, max_seq_len: int = 1024) -> GPT2Config:
@@ -178,7 +190,13 @@ def restore(state: formats.TrainState, model, train_loader, rng, loss_detector, 
     if state.window and state.window != loss_detector.window:
         raise ValueError(f"-y 1: {path} has outlier windows of {state.window} steps, this run "
                          f"uses {loss_detector.window}")
-    model.load_optimizer_state(state.m, state.v)
+    if state.master is not None:  # a bf16 run's fp32 master weights (llm.c's -w 1)
+        if master_weights(model) is None:
+            raise ValueError(f"-y 1: {path} holds fp32 master weights (a --dtype bf16 -w 1 run); "
+                             f"resume with --dtype bf16 -w 1")
+        model.load_optimizer_state(state.m, state.v, master=state.master)
+    else:
+        model.load_optimizer_state(state.m, state.v)
     train_loader.load_state(state.loader)
     for det, values in ((loss_detector, state.loss_window), (norm_detector, state.norm_window)):
         det.values.clear()

@@ -74,6 +74,13 @@ def _add_train(sub):
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda", "emu", "auto"],
                    help="cpu: the NumPy model; cuda: the CUDA kernels on a GPU; emu: the same kernels "
                         "emulated on the CPU (slow, for testing); auto: cuda if a GPU is usable, else cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="precision: bf16 is mixed precision (bf16 parameters, activations and "
+                        "gradients; fp32 statistics, losses and AdamW moments) on --device cuda or emu; "
+                        "auto: bf16 on a GPU of compute capability >= 8.0, fp32 otherwise")
+    p.add_argument("-w", "--master-weights", type=int, default=d.master_weights, choices=[0, 1],
+                   help="bf16: 1 keeps fp32 master weights and writes the bf16 parameters by stochastic "
+                        "rounding (llm.c's -w); 0 updates the bf16 parameters in place")
     p.add_argument("-z", "--zero-stage", type=int, default=d.zero_stage, choices=[0, 1],
                    help="data parallel (several processes, from torchrun/mpirun/srun): 0 all-reduces the "
                         "gradients, 1 is ZeRO-1 (AdamW state sharded across ranks)")
@@ -120,10 +127,8 @@ def _run_sample(parser, a) -> int:
     from .sample import sample_text
     from .train import build_model
     model = build_model(a.model, device="cpu")  # a descriptor: the same random init every run
-    from .config import GPT2Config
-    cache = not a.no_cache and isinstance(model.config, GPT2Config)  # Llama: no KV cache, re-forward
     text = sample_text(model, a.prompt, a.tokens, temperature=a.temperature, top_k=a.top_k,
-                       seed=a.seed, use_cache=cache)
+                       seed=a.seed, use_cache=not a.no_cache)
     print(text)
     return 0
 
@@ -208,8 +213,10 @@ def _run_train(parser, a) -> int:
     except ValueError as e:
         parser.error(str(e))
     from .train import resolve_device
+    from .train import resolve_dtype
     try:
         device = resolve_device(a.device)
+        resolve_dtype(a.dtype, device)  # checks it; "auto" is resolved per model and launch
     except ValueError as e:
         parser.error(str(e))
     cfg = TrainConfig(train_pattern=a.train_data, val_pattern=a.val_data, model=a.model,
@@ -222,7 +229,8 @@ def _run_train(parser, a) -> int:
                       skip_loss_z=a.skip_loss_z, skip_norm_z=a.skip_norm_z,
                       checkpoint_every=a.checkpoint_every, checkpoint_keep=a.checkpoint_keep,
                       resume=a.resume, hellaswag=a.hellaswag, zero_stage=a.zero_stage,
-                      dist_backend=a.dist_backend, init_method=a.init_method, init_file=a.init_file)
+                      dist_backend=a.dist_backend, init_method=a.init_method, init_file=a.init_file,
+                      dtype=a.dtype, master_weights=a.master_weights)
     train(cfg, log=lambda s: print(s, flush=True))
     return 0
 

@@ -177,3 +177,5 @@ class TrainConfig:
     dist_backend: str = "auto"   # --dist-backend auto | gloo | nccl (llmcu.distributed)
     init_method: str = "tcp"     # -pi rendezvous: tcp (MASTER_ADDR/PORT) | mpi (mpi4py) | fs (-pf)
     init_file: str | None = None  # -pf rendezvous file on a shared filesystem (-pi fs)
+    dtype: str = "fp32"          # --dtype fp32 | bf16 (mixed precision; cuda and emu) | auto (bf16 where available)
+    master_weights: int = 1      # -w  bf16: 1 keeps fp32 master weights (llm.c's -w), 0 updates bf16 in place

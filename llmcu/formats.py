@@ -416,14 +416,15 @@ def read_tokenizer_bin(path) -> tuple[list[bytes], int]:
 #
 # header (int32 slots; u64 = two slots, little-endian), llm.c's fields first:
 #   [0] 20240527  [1] version 1  [2] num_processes  [3] rank (the file's, data parallel)
-#   [4] use_master_weights (0)  [5] should_shuffle (0: the DataLoader reads in order)
+#   [4] use_master_weights (1: master float32[N] follows v, as in llm.c; bf16 runs with -w 1)
+#   [5] should_shuffle (0: the DataLoader reads in order)
 #   [10] step     [20:22] u64 rng_state (0: unused)  [22:24] u64 rng_state_last_update (0)
 #   [30:32] u64 train loader shard index  [32:34] u64 sample index (-1 as 2**64-1)
 # llmcu's fields (all 0 in a file from llm.c):
 #   [40] extension version (1)  [41] B  [42] T  [43] outlier window size
 #   [44:46] u64 num_parameters  [46] nL  [47] nN (values in the loss / grad-norm
 #   outlier windows)  [48] nR (bytes of the sampling RNG's state, JSON)
-# payload: m float32[N], v float32[N] (llm.c's order; llm.c reads up to here),
+# payload: m float32[N], v float32[N], master float32[N] if [4] is 1 (llm.c's order; llm.c reads up to here),
 #   loss window float64[nL], norm window float64[nN], RNG state JSON bytes[nR]
 
 TRAIN_STATE_EXTENSION = 1
@@ -443,6 +444,7 @@ class TrainState:
     rng_state: dict | None = None  # numpy bit_generator.state of the sampling RNG
     num_processes: int = 1     # data parallel: the world size and this file's rank (llm.c's
     rank: int = 0              # state_%08d_%05d.bin); m and v are the rank's ZeRO-1 shard with -z 1
+    master: np.ndarray | None = None  # fp32 master weights of a bf16 run (llm.c's -w 1), flat float32
 
 
 def write_train_state(path, state: TrainState, _midway=None) -> None:
@@ -453,11 +455,15 @@ def write_train_state(path, state: TrainState, _midway=None) -> None:
     import json
     m = _check_float32("write_train_state: m", state.m)
     v = _check_float32("write_train_state: v", state.v, size=m.size)
+    master = state.master
+    if master is not None:
+        master = _check_float32("write_train_state: master", master, size=m.size)
     loss_w = np.asarray(state.loss_window or [], dtype="<f8")
     norm_w = np.asarray(state.norm_window or [], dtype="<f8")
     rng = json.dumps(state.rng_state).encode() if state.rng_state is not None else b""
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0:6] = TRAIN_STATE_MAGIC, TRAIN_STATE_VERSION, state.num_processes, state.rank, 0, 0
+    header[0:6] = (TRAIN_STATE_MAGIC, TRAIN_STATE_VERSION, state.num_processes, state.rank,
+                   int(master is not None), 0)
     header[10] = state.step
     u64 = header.view("<u8")
     u64[15] = int(state.loader["shard_index"])
@@ -472,6 +478,8 @@ def write_train_state(path, state: TrainState, _midway=None) -> None:
             f.flush()
             _midway()
         f.write(v.astype("<f4", copy=False).tobytes())
+        if master is not None:
+            f.write(master.astype("<f4", copy=False).tobytes())
         f.write(loss_w.tobytes())
         f.write(norm_w.tobytes())
         f.write(rng)
@@ -490,9 +498,10 @@ def read_train_state(path, num_parameters: int, num_processes: int = 1, rank: in
         if header[2] != num_processes or header[3] != rank:
             raise FormatError(f"{path}: expected the state of rank {rank} of {num_processes} "
                               f"process(es), found rank {header[3]} of {header[2]}")
-        if header[4] != 0 or header[5] != 0:
-            raise FormatError(f"{path}: expected use_master_weights 0 and should_shuffle 0 "
-                              f"(llmcu has neither), found {header[4]} and {header[5]}")
+        if header[4] not in (0, 1) or header[5] != 0:
+            raise FormatError(f"{path}: expected use_master_weights 0 or 1 and should_shuffle 0 "
+                              f"(llmcu does not shuffle), found {header[4]} and {header[5]}")
+        nM = num_parameters if header[4] == 1 else 0  # master weights follow v
         ext = header[40]
         if ext not in (0, TRAIN_STATE_EXTENSION):
             raise FormatError(f"{path}: unknown llmcu state extension: expected "
@@ -503,11 +512,12 @@ def read_train_state(path, num_parameters: int, num_processes: int = 1, rank: in
         nL, nN, nR = (header[46], header[47], header[48]) if ext else (0, 0, 0)
         if min(nL, nN, nR) < 0:
             raise FormatError(f"{path}: bad state header: negative lengths {nL}, {nN}, {nR}")
-        _check_size(f, path, HEADER_BYTES + 8 * num_parameters + 8 * (nL + nN) + nR,
-                    f"{num_parameters} parameters' m and v, {nL}+{nN} window values, "
-                    f"{nR} RNG bytes")
+        _check_size(f, path, HEADER_BYTES + 8 * num_parameters + 4 * nM + 8 * (nL + nN) + nR,
+                    f"{num_parameters} parameters' m and v, {nM} master weights, {nL}+{nN} "
+                    f"window values, {nR} RNG bytes")
         m = _read_array(f, "<f4", num_parameters)
         v = _read_array(f, "<f4", num_parameters)
+        master = _read_array(f, "<f4", nM) if nM else None
         loss_w = [float(x) for x in _read_array(f, "<f8", nL)]
         norm_w = [float(x) for x in _read_array(f, "<f8", nN)]
         rng = f.read(nR)
@@ -521,7 +531,7 @@ def read_train_state(path, num_parameters: int, num_processes: int = 1, rank: in
                               "sample_index": -1 if sample == 2**64 - 1 else sample},
                       B=header[41], T=header[42], window=header[43],
                       loss_window=loss_w, norm_window=norm_w, rng_state=rng_state,
-                      num_processes=header[2], rank=header[3])
+                      num_processes=header[2], rank=header[3], master=master)
 
 
 # ----------------------------------------------------------------------------
@@ -657,12 +667,14 @@ def read_evalfile(path) -> list[EvalExample]:
 #
 # 2048-byte header: 256 int32 then 256 float32, little-endian.
 #   int   [0] 20240803  [1] version 3 (fp32) / 5 (bf16)  [2] maxT  [3] V  [4] L  [5] NH
-#         [6] NKV  [7] C  [8] multiple_of  [9] use_scaled_rope (must be 0 here)
+#         [6] NKV  [7] C  [8] multiple_of  [9] use_scaled_rope (1: Llama 3's RoPE scaling)
 #         [10] [11] llm.c's Llama major.minor version (written 3, 1; not read)
 #         llmcu's fields, 0 in llm.c's files: [12] 1 = present  [13] H  [14] hs
 #         [15] tied embeddings  [16] mlp (0 swiglu, 1 geglu)  [17] Vp
 #   float [0] ffn_dim_multiplier (0: none)  [1] norm_eps  [2] rope_theta
-#         llmcu's: [3] norm_weight_offset  [4] embed_scale
+#         llmcu's: [3] norm_weight_offset  [4] embed_scale  [5:9] the RoPE scaling (factor,
+#         low_freq_factor, high_freq_factor, original context); llm.c always applies
+#         Llama 3.1's (8, 1, 4, 8192), which is what a file without llmcu's fields means
 # payload, llm.c's order and shapes: wte (V,C), ln1w (L,C), qkvw (L,(NH+2*NKV)*hs,C),
 #   attprojw (L,C,NH*hs), ln2w (L,C), fc = up (L,H,C), fc2 = gate (L,H,C), fcprojw (L,C,H),
 #   lnfw (C,), lm_head (V,C) (always written, as llm.c reads it; a copy of wte when tied).
@@ -717,12 +729,15 @@ def write_llama_model(path, config, params: np.ndarray, dtype: str = "float32") 
     c = config
     ints = np.zeros(HEADER_INTS, dtype="<i4")
     ints[:18] = (LLAMA_MODEL_MAGIC, _MODEL_DTYPES[dtype], c.max_seq_len, c.vocab_size, c.num_layers,
-                 c.num_heads, c.num_kv_heads, c.channels, c.multiple_of, 0, 3, 1,
+                 c.num_heads, c.num_kv_heads, c.channels, c.multiple_of,
+                 int(c.rope_scaling is not None), 3, 1,
                  1, c.hidden_dim, c.head_dim, int(c.tie_embeddings), _LLAMA_MLPS.index(c.mlp),
                  c.padded_vocab_size)
     floats = np.zeros(HEADER_INTS, dtype="<f4")
     floats[:5] = (c.ffn_dim_multiplier or 0.0, c.norm_eps, c.rope_theta, c.norm_weight_offset,
                   c.embed_scale)
+    if c.rope_scaling is not None:
+        floats[5:9] = c.rope_scaling
     tensors = _llama_file_tensors(c, parameter_views(c, params))
     with atomic_write(path) as f:
         f.write(ints.tobytes())
@@ -742,13 +757,18 @@ def _llama_config_from_header(path, ints, floats):
                         "multiple_of": multiple_of}.items():
         if value <= 0:
             raise FormatError(f"{path}: bad Llama model header: expected {name} > 0, found {value}")
-    if scaled_rope != 0:
-        raise FormatError(f"{path}: the model uses Llama 3.1's scaled RoPE (use_scaled_rope="
-                          f"{scaled_rope}), which llmcu does not implement")
+    if scaled_rope not in (0, 1):
+        raise FormatError(f"{path}: bad Llama model header: use_scaled_rope is {scaled_rope}, "
+                          f"expected 0 or 1")
     fields = dict(max_seq_len=maxT, vocab_size=V, num_layers=L, num_heads=NH, num_kv_heads=NKV,
                   channels=C, multiple_of=multiple_of,
                   ffn_dim_multiplier=float(floats[0]) if floats[0] != 0 else None,
                   norm_eps=float(floats[1]), rope_theta=float(floats[2]), tie_embeddings=False)
+    if scaled_rope:
+        from .cpu.rope import LLAMA31_SCALING
+        llmcu_scaling = ints[12] == 1 and floats[5] > 0
+        fields["rope_scaling"] = (tuple(float(x) for x in floats[5:8]) + (int(floats[8]),)
+                                  if llmcu_scaling else LLAMA31_SCALING)
     if ints[12] == 1:  # llmcu's fields
         if not 0 <= ints[16] < len(_LLAMA_MLPS):
             raise FormatError(f"{path}: bad Llama model header: mlp kind {ints[16]}, expected 0 or 1")

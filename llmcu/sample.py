@@ -1,4 +1,4 @@
-"""Autoregressive sampling from a GPT-2, with and without a KV cache.
+"""Autoregressive sampling from a GPT-2 or a Llama/Gemma, with and without a KV cache.
 
 llm.c recomputes the whole sequence for every new token. Here the default is
 incremental decoding: a prefill runs the prompt through the model once and
@@ -8,6 +8,12 @@ keys (the past only, so causality needs no mask). Only the last position's
 logits are computed. The uncached path (use_cache=False) recomputes the full
 prefix for every token on the model's own forward; both give the same logits
 (to float32 rounding; tests/test_sample.py checks 1e-5).
+
+Llama and Gemma (LlamaConfig) take forward_cached_llama, the same scheme on
+llmcu/cpu/llama.py's layers: each new token's query and key are rotated at its
+absolute position (rows pos.. of the model's RoPE tables), and the cache holds
+the NKV key/value heads only; the NH query heads attend over them in groups of
+NH/NKV (grouped-query attention; NKV = 1 is multi-query). tests/test_llama_sample.py.
 
 Context: the prompt plus the new tokens must fit the model's max_seq_len.
 A longer request is refused before anything runs (no silent truncation, no
@@ -24,33 +30,42 @@ import numpy as np
 
 from .cpu.gelu import gelu_forward
 from .cpu.layernorm import layernorm_forward
+from .cpu.llama import lm_head_name, rope_tables
 from .cpu.matmul import matmul_forward
 from .cpu.residual import residual_forward
+from .cpu.rmsnorm import rmsnorm_forward
+from .cpu.rope import rope_forward
+from .cpu.swiglu import geglu_forward, swiglu_forward
+from .llama_config import LlamaConfig
 
 
 class KVCache:
     """Keys and values of every layer for a batch of B sequences.
 
-    k, v: (L, B, NH, maxlen, hs); positions [0, pos) are filled.
+    k, v: (L, B, NKV, maxlen, hs) with NKV = NH for GPT-2 and a Llama config's
+    num_kv_heads; positions [0, pos) are filled. A Llama config's cache also
+    holds its RoPE tables (rope, from llmcu/cpu/llama.rope_tables).
     """
 
     def __init__(self, config, B: int = 1, maxlen: int | None = None):
         maxlen = config.max_seq_len if maxlen is None else maxlen
         if not 0 < maxlen <= config.max_seq_len:
             raise ValueError(f"KVCache: maxlen must be in 1..{config.max_seq_len}, got {maxlen}")
-        shape = (config.num_layers, B, config.num_heads, maxlen, config.head_size)
+        kv_heads = getattr(config, "num_kv_heads", config.num_heads)
+        shape = (config.num_layers, B, kv_heads, maxlen, config.head_size)
         self.config, self.B, self.maxlen = config, B, maxlen
         self.k = np.zeros(shape, dtype=np.float32)
         self.v = np.zeros(shape, dtype=np.float32)
         self.pos = 0
+        self.rope = rope_tables(config) if isinstance(config, LlamaConfig) else None
 
 
 def _host_params(model) -> dict:
     """Named NumPy parameter views of a cpu model, or of any model's params_host()."""
     from .config import parameter_views
     p = getattr(model, "p", None)
-    if p is not None and isinstance(p.get("wte"), np.ndarray):
-        return p
+    if p is not None and isinstance(p.get("wte"), np.ndarray) and p["wte"].dtype == np.float32:
+        return p  # (a bf16 model's views hold bf16 bits: its params_host() widens them)
     return parameter_views(model.config, np.asarray(model.params_host(), dtype=np.float32))
 
 
@@ -60,35 +75,58 @@ def _check_tokens(config, tokens, where):
                          f"found {tokens.min()}..{tokens.max()}")
 
 
+def _check_cached_call(fn, config, cache: KVCache, tokens):
+    """tokens as a (B,Tn) array and the positions [pos, end) they take, after the checks."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[0] != cache.B or tokens.shape[1] == 0:
+        raise ValueError(f"{fn}: tokens must be (B={cache.B}, Tn>0), got shape {tokens.shape}")
+    _check_tokens(config, tokens, fn)
+    pos, end = cache.pos, cache.pos + tokens.shape[1]
+    if end > cache.maxlen:
+        raise ValueError(f"{fn}: {pos} cached + {tokens.shape[1]} new positions exceed the cache "
+                         f"length {cache.maxlen} (model max_seq_len {config.max_seq_len})")
+    return tokens, pos, end
+
+
+def _buf(*shape):
+    return np.empty(shape, dtype=np.float32)
+
+
+def _attend(q, keys, values, pos, hs):
+    """Causal softmax(q k^T / sqrt(hs)) v of queries at positions pos.. over the cached
+    keys/values 0..end: q (..., Tn, hs) against keys, values (..., end, hs), broadcast
+    over the leading axes (GPT-2: (B,NH); Llama: (B,NKV,G) against (B,NKV,1))."""
+    Tn, end = q.shape[-2], keys.shape[-2]
+    # query i sits at position pos+i and sees keys 0..pos+i
+    future = np.arange(end)[None, :] > (pos + np.arange(Tn))[:, None]  # (Tn, end)
+    att = q @ np.swapaxes(keys, -1, -2)                          # (..., Tn, end)
+    att *= np.float32(1.0 / np.sqrt(hs))
+    att[..., future] = -np.inf
+    att -= att.max(axis=-1, keepdims=True)
+    np.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    return att @ values                                          # (..., Tn, hs)
+
+
 def forward_cached(params: dict, config, cache: KVCache, tokens) -> np.ndarray:
     """Run tokens (B,Tn) at positions cache.pos.. through the model, appending
     their keys and values to the cache; returns the logits (B, V) of the last
-    of them. The per-position math is the model's own layer functions."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or tokens.shape[0] != cache.B or tokens.shape[1] == 0:
-        raise ValueError(f"forward_cached: tokens must be (B={cache.B}, Tn>0), got shape {tokens.shape}")
-    _check_tokens(config, tokens, "forward_cached")
+    of them. The per-position math is the model's own layer functions.
+    GPT-2 only: a Llama config goes to forward_cached_llama."""
+    if isinstance(config, LlamaConfig):
+        raise TypeError("forward_cached: config is a LlamaConfig; use forward_cached_llama")
+    tokens, pos, end = _check_cached_call("forward_cached", config, cache, tokens)
     B, Tn = tokens.shape
-    pos, end = cache.pos, cache.pos + Tn
-    if end > cache.maxlen:
-        raise ValueError(f"forward_cached: {pos} cached + {Tn} new positions exceed the cache "
-                         f"length {cache.maxlen} (model max_seq_len {config.max_seq_len})")
     p, C, NH, hs = params, config.channels, config.num_heads, config.head_size
 
-    def buf(*shape):
-        return np.empty(shape, dtype=np.float32)
-
     # encoder, as encoder_forward but at positions pos..end
-    x = buf(B, Tn, C)
+    x = _buf(B, Tn, C)
     np.take(p["wte"], tokens, axis=0, out=x)
     x += p["wpe"][pos:end]
-    ln, mean, rstd = buf(B, Tn, C), buf(B, Tn), buf(B, Tn)
-    qkv, atty, proj = buf(B, Tn, 3 * C), buf(B, Tn, C), buf(B, Tn, C)
-    fch, fch_gelu = buf(B, Tn, 4 * C), buf(B, Tn, 4 * C)
-    res2, res3 = buf(B, Tn, C), buf(B, Tn, C)
-    # query i sits at position pos+i and sees keys 0..pos+i
-    future = np.arange(end)[None, :] > (pos + np.arange(Tn))[:, None]  # (Tn, end)
-    scale = np.float32(1.0 / np.sqrt(hs))
+    ln, mean, rstd = _buf(B, Tn, C), _buf(B, Tn), _buf(B, Tn)
+    qkv, atty, proj = _buf(B, Tn, 3 * C), _buf(B, Tn, C), _buf(B, Tn, C)
+    fch, fch_gelu = _buf(B, Tn, 4 * C), _buf(B, Tn, 4 * C)
+    res2, res3 = _buf(B, Tn, C), _buf(B, Tn, C)
     for l in range(config.num_layers):
         layernorm_forward(ln, mean, rstd, x, p["ln1w"][l], p["ln1b"][l])
         matmul_forward(qkv, ln, p["qkvw"][l], p["qkvb"][l])
@@ -96,14 +134,7 @@ def forward_cached(params: dict, config, cache: KVCache, tokens) -> np.ndarray:
         q = split[:, :, 0].transpose(0, 2, 1, 3)                  # (B,NH,Tn,hs)
         cache.k[l, :, :, pos:end] = split[:, :, 1].transpose(0, 2, 1, 3)
         cache.v[l, :, :, pos:end] = split[:, :, 2].transpose(0, 2, 1, 3)
-        keys, values = cache.k[l, :, :, :end], cache.v[l, :, :, :end]
-        att = q @ keys.transpose(0, 1, 3, 2)                       # (B,NH,Tn,end)
-        att *= scale
-        att[..., future] = -np.inf
-        att -= att.max(axis=-1, keepdims=True)
-        np.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)
-        y = att @ values                                           # (B,NH,Tn,hs)
+        y = _attend(q, cache.k[l, :, :, :end], cache.v[l, :, :, :end], pos, hs)  # (B,NH,Tn,hs)
         atty.reshape(B, Tn, NH, hs)[...] = y.transpose(0, 2, 1, 3)
         matmul_forward(proj, atty, p["attprojw"][l], p["attprojb"][l])
         residual_forward(res2, x, proj)
@@ -115,10 +146,66 @@ def forward_cached(params: dict, config, cache: KVCache, tokens) -> np.ndarray:
         x, res3 = res3, x  # x is the layer's output; the old x buffer is reused
     cache.pos = end
     last = np.ascontiguousarray(x[:, -1:])                         # (B,1,C)
-    lnf = buf(B, 1, C)
-    layernorm_forward(lnf, buf(B, 1), buf(B, 1), last, p["lnfw"], p["lnfb"])
-    logits = buf(B, 1, config.padded_vocab_size)
+    lnf = _buf(B, 1, C)
+    layernorm_forward(lnf, _buf(B, 1), _buf(B, 1), last, p["lnfw"], p["lnfb"])
+    logits = _buf(B, 1, config.padded_vocab_size)
     matmul_forward(logits, lnf, p["wte"])  # weight tying
+    return logits[:, 0, :config.vocab_size]
+
+
+def forward_cached_llama(params: dict, config: LlamaConfig, cache: KVCache, tokens) -> np.ndarray:
+    """forward_cached for a Llama/Gemma config: the layers of llmcu/cpu/llama.py's
+    forward_layers at positions cache.pos.. only. RoPE rotates the new queries and
+    keys by the angles of their absolute positions; the cache keeps the NKV rotated
+    key heads and the value heads; query head h attends over kv head h // (NH/NKV)
+    (the fused attention's grouping). Gemma's options come from the config: the
+    embedding scale, the norms' (1 + weight) and GeGLU. Returns the (B, V) logits of
+    the last token."""
+    if not isinstance(config, LlamaConfig):
+        raise TypeError(f"forward_cached_llama: config must be a LlamaConfig, found "
+                        f"{type(config).__name__} (GPT-2 uses forward_cached)")
+    tokens, pos, end = _check_cached_call("forward_cached_llama", config, cache, tokens)
+    B, Tn = tokens.shape
+    p, C, H = params, config.channels, config.hidden_dim
+    NH, NKV, hs = config.num_heads, config.num_kv_heads, config.head_size
+    G = NH // NKV
+    eps, off = config.norm_eps, config.norm_weight_offset
+    act_forward = swiglu_forward if config.mlp == "swiglu" else geglu_forward
+    cos, sin = cache.rope.cos[pos:end], cache.rope.sin[pos:end]  # row i: position pos+i
+
+    x = _buf(B, Tn, C)
+    np.take(p["wte"], tokens, axis=0, out=x)
+    if config.embed_scale != 1.0:
+        x *= np.float32(config.embed_scale)
+    ln, rstd = _buf(B, Tn, C), _buf(B, Tn)
+    qkv, atty, proj = _buf(B, Tn, config.qkv_channels), _buf(B, Tn, config.attn_channels), _buf(B, Tn, C)
+    fch, fch_act = _buf(B, Tn, 2 * H), _buf(B, Tn, H)
+    res2, res3 = _buf(B, Tn, C), _buf(B, Tn, C)
+    for l in range(config.num_layers):
+        rmsnorm_forward(ln, rstd, x, p["ln1w"][l], eps, off)
+        matmul_forward(qkv, ln, p["qkvw"][l])
+        rope_forward(qkv, qkv, cos, sin, NH, NKV)  # in place (rope_forward allows out is inp)
+        q = qkv[..., :NH * hs].reshape(B, Tn, NKV, G, hs).transpose(0, 2, 3, 1, 4)  # (B,NKV,G,Tn,hs)
+        kv = qkv[..., NH * hs:].reshape(B, Tn, 2, NKV, hs)
+        cache.k[l, :, :, pos:end] = kv[:, :, 0].transpose(0, 2, 1, 3)
+        cache.v[l, :, :, pos:end] = kv[:, :, 1].transpose(0, 2, 1, 3)
+        keys, values = cache.k[l, :, :, None, :end], cache.v[l, :, :, None, :end]  # (B,NKV,1,end,hs)
+        y = _attend(q, keys, values, pos, hs)                      # (B,NKV,G,Tn,hs)
+        atty.reshape(B, Tn, NKV, G, hs)[...] = y.transpose(0, 3, 1, 2, 4)
+        matmul_forward(proj, atty, p["attprojw"][l])
+        residual_forward(res2, x, proj)
+        rmsnorm_forward(ln, rstd, res2, p["ln2w"][l], eps, off)
+        matmul_forward(fch, ln, p["fcw"][l])
+        act_forward(fch_act, fch)
+        matmul_forward(proj, fch_act, p["fcprojw"][l])
+        residual_forward(res3, res2, proj)
+        x, res3 = res3, x  # x is the layer's output; the old x buffer is reused
+    cache.pos = end
+    last = np.ascontiguousarray(x[:, -1:])                         # (B,1,C)
+    lnf = _buf(B, 1, C)
+    rmsnorm_forward(lnf, _buf(B, 1), last, p["lnfw"], eps, off)
+    logits = _buf(B, 1, config.padded_vocab_size)
+    matmul_forward(logits, lnf, p[lm_head_name(config)])
     return logits[:, 0, :config.vocab_size]
 
 
@@ -176,12 +263,13 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=None, 
     if use_cache:
         params = _host_params(model)
         cache = KVCache(cfg, B=1, maxlen=len(tokens) + max_new_tokens)
+        forward = forward_cached_llama if isinstance(cfg, LlamaConfig) else forward_cached
     else:
         sampler = model.sampler()
     pending = tokens  # what the cache has not seen yet: the prompt, then the last new token
     for _ in range(max_new_tokens):
         if use_cache:
-            logits = forward_cached(params, cfg, cache, np.asarray([pending], dtype=np.int32))[0]
+            logits = forward(params, cfg, cache, np.asarray([pending], dtype=np.int32))[0]
         else:
             sampler.forward(np.asarray(tokens, dtype=np.int32)[None, :])
             logits = sampler.acts.logits[0, -1, :cfg.vocab_size]

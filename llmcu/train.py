@@ -38,7 +38,39 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def build_model(spec: str, device: str = "cpu", seed: int = 42, max_seq_len: int = 1024):
+DTYPES = ("fp32", "bf16")
+
+
+def gpu_supports_bf16() -> bool:
+    """True when the current CUDA device has bf16 tensor cores (compute capability >= 8.0)."""
+    try:
+        import cupy
+        return int(cupy.cuda.Device().compute_capability) >= 80
+    except Exception:
+        return False
+
+
+def resolve_dtype(dtype: str, device: str, config=None, data_parallel: bool = False) -> str:
+    """'auto' -> 'bf16' where mixed precision is available: a GPU that supports it
+    (cuda, compute capability >= 8.0), a GPT-2 model (config None: not known yet)
+    and one process; else 'fp32'. An explicit dtype is checked against the
+    (resolved) device."""
+    if dtype == "auto":
+        gpt2 = config is None or isinstance(config, GPT2Config)
+        return "bf16" if (device == "cuda" and gpt2 and not data_parallel
+                          and gpu_supports_bf16()) else "fp32"
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)} or auto")
+    if dtype == "bf16" and device not in ("cuda", "emu"):
+        raise ValueError(f"--dtype bf16 is not supported on --device {device} (the NumPy model is "
+                         f"fp32); bf16 runs on --device cuda (a GPU of compute capability >= 8.0) "
+                         f"or --device emu (the kernels emulated on the CPU, for testing); "
+                         f"or pass --dtype fp32")
+    return dtype
+
+
+def build_model(spec: str, device: str = "cpu", seed: int = 42, max_seq_len: int = 1024,
+                dtype: str = "fp32", master_weights: bool = True):
     """A model from a checkpoint file (llm.c format) or a descriptor like 'd12'.
 
     device: "cpu" (the NumPy model), "cuda" (the kernels on a GPU) or "emu"
@@ -58,11 +90,19 @@ def build_model(spec: str, device: str = "cpu", seed: int = 42, max_seq_len: int
     else:
         from .llama_config import model_config
         config, params = model_config(spec, max_seq_len=max_seq_len), None
-    return make_model(config, params, device, seed)
+    return make_model(config, params, device, seed, dtype, master_weights)
 
 
-def make_model(config: GPT2Config, params, device: str = "cpu", seed: int = 42):
-    """The backend model for `device` with these parameters (None: a random init)."""
+def make_model(config: GPT2Config, params, device: str = "cpu", seed: int = 42,
+               dtype: str = "fp32", master_weights: bool = True):
+    """The backend model for `device` with these parameters (None: a random init).
+    dtype "bf16" (GPT-2 on the kernels, cuda or emu): mixed precision, with fp32
+    master weights unless master_weights is False (llmcu/cuda/gpt2.py); "auto"
+    picks bf16 where it is available for this model (resolve_dtype)."""
+    dtype = resolve_dtype(dtype, device, config)
+    if dtype != "fp32" and not isinstance(config, GPT2Config):
+        raise ValueError(f"--dtype {dtype}: mixed precision is GPT-2 only for now; train Llama-family "
+                         f"models with --dtype fp32")
     if not isinstance(config, GPT2Config):  # a LlamaConfig
         if device == "cpu":
             from .cpu.llama import Llama
@@ -73,7 +113,10 @@ def make_model(config: GPT2Config, params, device: str = "cpu", seed: int = 42):
         from .cpu.gpt2 import GPT2
         return GPT2(config, params, seed=seed)
     from .cuda.gpt2 import GPT2 as KernelGPT2
-    return KernelGPT2(config, params, seed=seed, device=device)
+    if dtype == "fp32":
+        return KernelGPT2(config, params, seed=seed, device=device)
+    return KernelGPT2(config, params, seed=seed, device=device, dtype=dtype,
+                      master_weights=bool(master_weights))
 
 
 def sample(model, prompt_tokens, n_tokens, rng, temperature=1.0, top_k=None):
@@ -81,12 +124,10 @@ def sample(model, prompt_tokens, n_tokens, rng, temperature=1.0, top_k=None):
 
     llmcu.sample.generate with its KV cache (on the NumPy parameters, so the
     training activations are left alone); prompt + n_tokens must fit the
-    model's max_seq_len. Llama models have no KV cache: each token re-runs the
-    whole prefix on the model's sampler() (llm.c's way).
+    model's max_seq_len. GPT-2 and Llama/Gemma alike (forward_cached_llama).
     """
     from .sample import generate
-    return generate(model, prompt_tokens, n_tokens, temperature=temperature, top_k=top_k, rng=rng,
-                    use_cache=isinstance(model.config, GPT2Config))
+    return generate(model, prompt_tokens, n_tokens, temperature=temperature, top_k=top_k, rng=rng)
 
 
 def print_model_summary(config: GPT2Config, log=print):
@@ -196,6 +237,7 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
 
     B, T = cfg.batch_size, cfg.seq_len
     check_schedule(cfg.lr_schedule)
+    resolve_dtype(cfg.dtype, cfg.device)  # checks it; "auto" is resolved per model below
     own_comm = comm is None
     if own_comm:
         comm = distributed.init_communicator(cfg.dist_backend, cfg.device, cfg.init_method,
@@ -206,6 +248,9 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
     accum_steps = grad_accum_steps(cfg.total_batch_size, B, T, world)
     if (cfg.checkpoint_every > 0 or cfg.resume) and not cfg.output_dir:
         raise ValueError("-n (checkpoints) and -y 1 (resume) need an output dir: pass -o DIR")
+    data_parallel = comm.backend != "none" or bool(cfg.zero_stage)
+    # "auto" means bf16 where it is available: one process (here), a GPU and a GPT-2 (make_model)
+    dtype = "fp32" if cfg.dtype == "auto" and data_parallel else cfg.dtype
     resumed = None
     if cfg.resume:
         resumed = checkpoint.load_latest(cfg.output_dir, cfg.model, rank, world,
@@ -213,9 +258,15 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
         if resumed[0] > cfg.max_steps:
             raise ValueError(f"-y 1: the newest checkpoint in {cfg.output_dir} is at step "
                              f"{resumed[0]}, past -x {cfg.max_steps}; pass -x >= {resumed[0]}")
-        model = make_model(resumed[1], resumed[2], cfg.device, cfg.seed)
+        model = make_model(resumed[1], resumed[2], cfg.device, cfg.seed, dtype, cfg.master_weights)
     else:
-        model = build_model(cfg.model, cfg.device, cfg.seed)
+        model = build_model(cfg.model, cfg.device, cfg.seed, dtype=dtype,
+                            master_weights=cfg.master_weights)
+    dtype = getattr(model, "dtype", "fp32")  # what "auto" became
+    if dtype != "fp32" and data_parallel:
+        raise ValueError(f"--dtype {dtype} with data parallel ({world} process(es), -z "
+                         f"{cfg.zero_stage}) is not supported yet (the communicators and ZeRO-1 "
+                         f"work on fp32 gradients); run one process with -z 0, or --dtype fp32")
     if comm.backend != "none" or cfg.zero_stage:
         model = distributed.DataParallel(model, comm, cfg.zero_stage)
         distributed.check_same_config(comm, distributed.run_fingerprint(cfg, model, resumed))
@@ -224,6 +275,8 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
     if T > config.max_seq_len:
         raise ValueError(f"seq_len T={T} exceeds the model's max_seq_len={config.max_seq_len}")
     print_model_summary(config, log)
+    if dtype != "fp32":
+        log(f"precision: {dtype}, fp32 master weights: {'yes' if cfg.master_weights else 'no'}")
     train_loader = DataLoader(cfg.train_pattern, B, T, rank, world)
     val_loader = DataLoader(cfg.val_pattern, B, T, rank, world) if cfg.val_pattern else None
     log(f"train dataset num_batches: {train_loader.num_tokens // (B * T)}")
@@ -309,7 +362,8 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
                 jsonl.train_step(step, loss, r.lr, r.norm, ms, tok_s, skipped=r.skipped)
         if cfg.output_dir and cfg.checkpoint_every == 0 and rank == 0:  # with -n the last checkpoint holds it
             path = checkpoint.model_path(cfg.output_dir, cfg.max_steps)
-            formats.write_model(path, config, model.params_host())
+            formats.write_model(path, config, model.params_host(),
+                                dtype=checkpoint.model_file_dtype(model))
             log(f"wrote {path}")
     finally:
         if logfile:

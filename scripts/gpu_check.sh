@@ -33,7 +33,7 @@ if [ "$stage" != bench ]; then
   timeout 420 python -m pytest -m cuda -v -rs -s -p no:cacheprovider \
     tests/test_kernels.py tests/test_kernels_bf16.py tests/test_layernorm_versions.py \
     tests/test_flash_attention.py tests/test_llama_kernels.py tests/test_llama_kernels_model.py \
-    tests/test_gpu_parity.py tests/test_distributed.py \
+    tests/test_gpu_parity.py tests/test_distributed.py tests/test_bf16_training.py \
     2>&1 | tee "$out/tests.log" || status=1
 fi
 

@@ -13,12 +13,14 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..config import GPT2Config, parameter_slices, parameter_views
-from .adamw import adamw_update, clip_scale, global_norm
+from ..config import GPT2Config, parameter_views
+from .adamw import adamw_update, global_norm
 from .attention import (attention_backward, attention_forward, flash_attention_backward,
                         flash_attention_forward)
 from .classifier import crossentropy_softmax_backward, fused_classifier
 from .encoder import encoder_backward, encoder_forward
+from .flat_adamw import FlatAdamW
+from .flat_adamw import update_parameters as update_flat_parameters
 from .gelu import gelu_backward, gelu_forward
 from .layernorm import layernorm_backward, layernorm_forward
 from .matmul import matmul_backward, matmul_forward
@@ -33,7 +35,7 @@ CPU_OPS = SimpleNamespace(
     attention_forward=attention_forward, attention_backward=attention_backward,
     flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
     gelu_forward=gelu_forward, gelu_backward=gelu_backward,
-    residual_forward=residual_forward, adamw_update=adamw_update)
+    residual_forward=residual_forward, adamw_update=adamw_update, global_norm=global_norm)
 
 INIT_STD = 0.02
 
@@ -129,26 +131,10 @@ def backward_layers(ops, config: GPT2Config, p, g, a, dlogits, inputs, s):
 
 def update_parameters(ops, config: GPT2Config, params, grads, m, v, step, lr, beta1, beta2, eps,
                       weight_decay, grad_scale, shard=None):
-    """AdamW tensor by tensor: weight decay on the DECAYED tensors only.
-
-    shard=(lo, hi): update only params[lo:hi] (ZeRO-1, llmcu/distributed.py);
-    m and v then hold hi - lo elements, for the flat range [lo, hi), and each
-    tensor is updated on its intersection with that range."""
-    lo, hi = (0, params.size) if shard is None else shard
-    if not 0 <= lo <= hi <= params.size:
-        raise ValueError(f"update_parameters: shard must be (lo, hi) with 0 <= lo <= hi <= "
-                         f"{params.size}, got {shard}")
-    for name, a in (("m", m), ("v", v)):
-        if a.size != hi - lo:
-            raise ValueError(f"update_parameters: {name} must hold {hi - lo} elements (the shard "
-                             f"{lo}:{hi}), got {a.size}")
-    for name, sl, _ in parameter_slices(config):
-        a, b = max(sl.start, lo), min(sl.stop, hi)
-        if a >= b:
-            continue
-        wd = weight_decay if name in DECAYED else 0.0
-        ops.adamw_update(params[a:b], grads[a:b], m[a - lo:b - lo], v[a - lo:b - lo], step, lr,
-                         beta1, beta2, eps, wd, grad_scale)
+    """AdamW tensor by tensor, weight decay on the DECAYED tensors only; shard=(lo, hi):
+    ZeRO-1's range of params (llmcu/cpu/flat_adamw.update_parameters)."""
+    update_flat_parameters(ops, config, DECAYED, params, grads, m, v, step, lr, beta1, beta2, eps,
+                           weight_decay, grad_scale, shard=shard)
 
 
 def _zeros(*shape):
@@ -202,13 +188,17 @@ class Activations:
         return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))
 
 
-class GPT2:
+class GPT2(FlatAdamW):
     """GPT-2 with a hand-written forward, backward and AdamW update.
 
     model.forward(inputs, targets) -> mean loss (or None without targets; the
     logits are in model.acts.logits); model.zero_grad(); model.backward();
-    model.update(lr, step=...).
+    model.update(lr, step=...). The gradient and optimizer bookkeeping
+    (zero_grad, grad_norm, update, optimizer_state, ...) is FlatAdamW's.
     """
+
+    OPS = CPU_OPS
+    DECAYED = DECAYED
 
     def __init__(self, config: GPT2Config, params: np.ndarray | None = None, seed: int = 42):
         self.config = config
@@ -227,25 +217,6 @@ class GPT2:
     def sampler(self) -> "GPT2":
         """A model sharing these parameters with its own activations (for sampling)."""
         return GPT2(self.config, self.params)
-
-    def params_host(self) -> np.ndarray:
-        return self.params
-
-    def optimizer_state(self) -> tuple[np.ndarray, np.ndarray]:
-        """AdamW's (m, v) as host arrays, zeros before the first update (for checkpoints)."""
-        if self.m is None:
-            return np.zeros_like(self.params), np.zeros_like(self.params)
-        return self.m, self.v
-
-    def load_optimizer_state(self, m: np.ndarray, v: np.ndarray, shard=None) -> None:
-        """Set AdamW's moments (from a checkpoint); the next update continues from them.
-        shard=(lo, hi): m and v are ZeRO-1's shard of the moments (see update)."""
-        shape = self.params.shape if shard is None else (shard[1] - shard[0],)
-        for name, a in (("m", m), ("v", v)):
-            if a.dtype != np.float32 or a.shape != shape:
-                raise ValueError(f"GPT2.load_optimizer_state: {name} must be float32 of shape "
-                                 f"{shape}, got {a.dtype} {a.shape}")
-        self.m, self.v = np.array(m), np.array(v)
 
     # -- forward ------------------------------------------------------------
     def forward(self, inputs, targets=None):
@@ -275,13 +246,6 @@ class GPT2:
         return float(a.losses.mean(dtype=np.float64))
 
     # -- backward -----------------------------------------------------------
-    def zero_grad(self):
-        if self.grads is None:
-            self.grads = np.zeros_like(self.params)
-            self.g = parameter_views(self.config, self.grads)
-        else:
-            self.grads.fill(0.0)
-
     def backward(self, loss_scale=1.0):
         """Accumulate loss_scale * d(mean loss)/d(params) into self.grads.
 
@@ -300,32 +264,3 @@ class GPT2:
 
         scratch = backward_scratch(_zeros, B, T, C)
         backward_layers(CPU_OPS, cfg, p, g, a, dlogits, self._inputs, scratch)
-
-    # -- update -------------------------------------------------------------
-    def grad_norm(self) -> float:
-        """The global gradient norm (what update() clips)."""
-        if self.grads is None:
-            raise RuntimeError("GPT2.grad_norm: no gradients; call backward first")
-        return global_norm(self.grads)
-
-    def update(self, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-               grad_clip=None, grad_norm=None, shard=None):
-        """AdamW at 1-based `step`; returns the gradient norm before clipping.
-
-        Weight decay applies to matrices and embeddings only (DECAYED).
-        grad_clip=None or <= 0 disables clipping. grad_norm: the norm from
-        grad_norm(), if the caller has it already (saves a pass over the grads).
-        shard=(lo, hi): ZeRO-1, update params[lo:hi] only, with m and v of
-        hi - lo elements (update_parameters); pass the global grad_norm then.
-        """
-        if self.grads is None:
-            raise RuntimeError("GPT2.update: no gradients; call backward first")
-        if self.m is None:
-            n = self.params.size if shard is None else shard[1] - shard[0]
-            self.m = np.zeros(n, dtype=np.float32)
-            self.v = np.zeros(n, dtype=np.float32)
-        norm = global_norm(self.grads) if grad_norm is None else float(grad_norm)
-        scale = clip_scale(norm, grad_clip)
-        update_parameters(CPU_OPS, self.config, self.params, self.grads, self.m, self.v, step, lr,
-                          beta1, beta2, eps, weight_decay, scale, shard=shard)
-        return norm

@@ -26,12 +26,13 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..config import parameter_slices, parameter_views
+from ..config import parameter_views
 from ..llama_config import LlamaConfig
-from .adamw import adamw_update, clip_scale, global_norm
+from .adamw import adamw_update, global_norm
 from .attention import flash_attention_backward, flash_attention_forward
 from .classifier import crossentropy_softmax_backward, fused_classifier
 from .encoder import encoder_backward, encoder_forward
+from .flat_adamw import FlatAdamW
 from .matmul import matmul_backward, matmul_forward
 from .residual import residual_forward
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
@@ -46,7 +47,7 @@ LLAMA_CPU_OPS = SimpleNamespace(
     flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
     swiglu_forward=swiglu_forward, swiglu_backward=swiglu_backward,
     geglu_forward=geglu_forward, geglu_backward=geglu_backward,
-    residual_forward=residual_forward, adamw_update=adamw_update)
+    residual_forward=residual_forward, adamw_update=adamw_update, global_norm=global_norm)
 
 INIT_STD = 0.02
 
@@ -76,7 +77,8 @@ def init_parameters(config: LlamaConfig, seed: int = 42) -> np.ndarray:
 def rope_tables(config: LlamaConfig, xp=np):
     """Constants of the step: RoPE cos/sin (maxT, hs/2) and the zero position table
     (maxT, C) the GPT-2 encoder adds, as arrays of xp."""
-    cos, sin = rope_frequencies(config.head_dim, config.max_seq_len, config.rope_theta)
+    cos, sin = rope_frequencies(config.head_dim, config.max_seq_len, config.rope_theta,
+                                config.rope_scaling)
     return SimpleNamespace(cos=xp.asarray(cos), sin=xp.asarray(sin),
                            no_wpe=xp.zeros((config.max_seq_len, config.channels), dtype=np.float32))
 
@@ -154,30 +156,6 @@ def backward_layers(ops, config: LlamaConfig, p, g, a, dlogits, inputs, s, table
     ops.encoder_backward(g["wte"], s["dwpe"], dres, inputs)
 
 
-def update_parameters(ops, config: LlamaConfig, params, grads, m, v, step, lr, beta1, beta2, eps,
-                      weight_decay, grad_scale, shard=None):
-    """AdamW tensor by tensor: weight decay on the DECAYED tensors only.
-
-    shard=(lo, hi): update only params[lo:hi] (ZeRO-1, llmcu/distributed.py), with
-    m and v of hi - lo elements, each tensor on its intersection with the range
-    (as llmcu/cpu/gpt2.update_parameters)."""
-    lo, hi = (0, params.size) if shard is None else shard
-    if not 0 <= lo <= hi <= params.size:
-        raise ValueError(f"update_parameters: shard must be (lo, hi) with 0 <= lo <= hi <= "
-                         f"{params.size}, got {shard}")
-    for name, a in (("m", m), ("v", v)):
-        if a.size != hi - lo:
-            raise ValueError(f"update_parameters: {name} must hold {hi - lo} elements (the shard "
-                             f"{lo}:{hi}), got {a.size}")
-    for name, sl, _ in parameter_slices(config):
-        a, b = max(sl.start, lo), min(sl.stop, hi)
-        if a >= b:
-            continue
-        wd = weight_decay if name in DECAYED else 0.0
-        ops.adamw_update(params[a:b], grads[a:b], m[a - lo:b - lo], v[a - lo:b - lo], step, lr,
-                         beta1, beta2, eps, wd, grad_scale)
-
-
 ACTIVATIONS = (  # name: shape in units of (L, B, T, C, NH, QKV, A = NH*hs, H, Vp)
     ("encoded", "BTC"), ("ln1", "LBTC"), ("ln1_rstd", "LBT"), ("qkv_pre", "BTQ"),
     ("qkv", "LBTQ"), ("att_lse", "LBNT"), ("atty", "LBTA"), ("attproj", "LBTC"),
@@ -245,13 +223,17 @@ def check_params(cls_name: str, config, params):
                          f"got {params.dtype} {tuple(params.shape)}")
 
 
-class Llama:
+class Llama(FlatAdamW):
     """Llama/Gemma with a hand-written forward, backward and AdamW update (NumPy).
 
     model.forward(inputs, targets) -> mean loss (or None without targets; the
     logits are in model.acts.logits); model.zero_grad(); model.backward();
-    model.update(lr, step=...).
+    model.update(lr, step=...). The gradient and optimizer bookkeeping
+    (zero_grad, grad_norm, update, optimizer_state, ...) is FlatAdamW's.
     """
+
+    OPS = LLAMA_CPU_OPS
+    DECAYED = DECAYED
 
     def __init__(self, config: LlamaConfig, params: np.ndarray | None = None, seed: int = 42):
         if params is None and isinstance(config, LlamaConfig):
@@ -270,25 +252,6 @@ class Llama:
         """A model sharing these parameters with its own activations (for sampling)."""
         return Llama(self.config, self.params)
 
-    def params_host(self) -> np.ndarray:
-        return self.params
-
-    def optimizer_state(self) -> tuple[np.ndarray, np.ndarray]:
-        """AdamW's (m, v) as host arrays, zeros before the first update (for checkpoints)."""
-        if self.m is None:
-            return np.zeros_like(self.params), np.zeros_like(self.params)
-        return self.m, self.v
-
-    def load_optimizer_state(self, m: np.ndarray, v: np.ndarray, shard=None) -> None:
-        """Set AdamW's moments (from a checkpoint); the next update continues from them.
-        shard=(lo, hi): m and v are ZeRO-1's shard of the moments (see update)."""
-        shape = self.params.shape if shard is None else (shard[1] - shard[0],)
-        for name, a in (("m", m), ("v", v)):
-            if a.dtype != np.float32 or a.shape != shape:
-                raise ValueError(f"Llama.load_optimizer_state: {name} must be float32 of shape "
-                                 f"{shape}, got {a.dtype} {a.shape}")
-        self.m, self.v = np.array(m), np.array(v)
-
     # -- forward ------------------------------------------------------------
     def forward(self, inputs, targets=None):
         cfg = self.config
@@ -305,13 +268,6 @@ class Llama:
         return float(a.losses.mean(dtype=np.float64))
 
     # -- backward -----------------------------------------------------------
-    def zero_grad(self):
-        if self.grads is None:
-            self.grads = np.zeros_like(self.params)
-            self.g = parameter_views(self.config, self.grads)
-        else:
-            self.grads.fill(0.0)
-
     def backward(self, loss_scale=1.0):
         """Accumulate loss_scale * d(mean loss)/d(params) into self.grads
         (loss_scale = 1/grad_accum_steps for gradient accumulation)."""
@@ -326,28 +282,3 @@ class Llama:
         crossentropy_softmax_backward(dlogits, dlosses, a.probs, self._targets, cfg.vocab_size)
         scratch = backward_scratch(lambda *shape: np.zeros(shape, np.float32), cfg, B, T)
         backward_layers(LLAMA_CPU_OPS, cfg, self.p, self.g, a, dlogits, self._inputs, scratch, self.tables)
-
-    # -- update -------------------------------------------------------------
-    def grad_norm(self) -> float:
-        """The global gradient norm (what update() clips)."""
-        if self.grads is None:
-            raise RuntimeError("Llama.grad_norm: no gradients; call backward first")
-        return global_norm(self.grads)
-
-    def update(self, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-               grad_clip=None, grad_norm=None, shard=None):
-        """AdamW at 1-based `step`; returns the gradient norm before clipping.
-
-        Weight decay applies to matrices and embeddings only (DECAYED).
-        shard=(lo, hi): ZeRO-1 (update_parameters); pass the global grad_norm then."""
-        if self.grads is None:
-            raise RuntimeError("Llama.update: no gradients; call backward first")
-        if self.m is None:
-            n = self.params.size if shard is None else shard[1] - shard[0]
-            self.m = np.zeros(n, dtype=np.float32)
-            self.v = np.zeros(n, dtype=np.float32)
-        norm = global_norm(self.grads) if grad_norm is None else float(grad_norm)
-        scale = clip_scale(norm, grad_clip)
-        update_parameters(LLAMA_CPU_OPS, self.config, self.params, self.grads, self.m, self.v, step, lr,
-                          beta1, beta2, eps, weight_decay, scale, shard=shard)
-        return norm

@@ -17,6 +17,19 @@ permute / GEMM / softmax path and keeps the probabilities "att" (L,B,NH,T,T).
 At d12, B=16, T=1024 att is 9.0 GiB and lse 9 MiB, so the activations
 shrink from 22.29 GiB to 13.30 GiB (activation_bytes below: arithmetic on the
 buffer shapes, not a GPU measurement).
+
+Precision: GPT2(..., dtype="fp32") (the default) keeps everything float32, as
+the oracle. dtype="bf16" is llm.c's mixed precision: parameters, gradients
+and activations are bf16 (uint16 arrays of bf16 bit patterns, llmcu.formats;
+the kernels' floatX = __nv_bfloat16), logits and dlogits included; the
+layernorm statistics, the losses, attention's lse, the AdamW moments and
+every reduction stay float32 (FP32_ACTIVATIONS). With master_weights=True (the
+default, llm.c's -w 1) AdamW updates an fp32 master copy of the parameters and
+writes the bf16 parameters as its stochastic rounding; master_weights=False
+updates the bf16 parameters in place, stochastically rounded. The rounding's
+random bits are a hash of (seed, step, tensor, element) (_rounding_seed), so
+a resumed run repeats them without any RNG state. bf16 needs the fused
+attention (the "simple" path's kernels are fp32 only) and no ZeRO-1 shard.
 """
 
 from __future__ import annotations
@@ -26,9 +39,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..config import GPT2Config, parameter_views
-from ..cpu.gpt2 import (backward_layers, backward_scratch, forward_layers, init_parameters,
-                         update_parameters)
+from ..config import GPT2Config, parameter_slices, parameter_views
+from ..cpu.gpt2 import (DECAYED, backward_layers, backward_scratch, forward_layers,
+                         init_parameters, update_parameters)
+from ..formats import bf16_bits_to_float32, float32_to_bf16_bits
 from . import runtime
 from .adamw import adamw_update, clip_scale, global_norm
 from .attention import (attention_backward, attention_forward, flash_attention_backward,
@@ -59,6 +73,12 @@ ACTIVATIONS = (  # name: shape in units of (L, B, T, NH, C, Vp); per-layer tenso
 )
 
 
+# Activations that stay float32 whatever the dtype: statistics, losses, attention's lse.
+FP32_ACTIVATIONS = frozenset({"ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean",
+                              "lnf_rstd", "losses", "lse"})
+
+DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(np.uint16)}  # floatX of each dtype
+
 # What each attention implementation saves for its backward, in place of ACTIVATIONS' "att".
 ATTENTION_STATE = {"simple": ("att", "LBNTT"), "flash": ("lse", "LBNT")}
 DEFAULT_ATTENTION = "flash"
@@ -67,6 +87,11 @@ DEFAULT_ATTENTION = "flash"
 def _check_attention(fn, attention):
     if attention not in ATTENTION_STATE:
         raise ValueError(f"{fn}: attention must be one of {tuple(ATTENTION_STATE)}, got {attention!r}")
+
+
+def _check_dtype(fn, dtype):
+    if dtype not in DTYPES:
+        raise ValueError(f"{fn}: dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
 
 
 def activation_shapes(config: GPT2Config, B: int, T: int,
@@ -88,55 +113,110 @@ def activation_shapes(config: GPT2Config, B: int, T: int,
     return out
 
 
-def activation_bytes(config: GPT2Config, B: int, T: int, attention: str = DEFAULT_ATTENTION) -> int:
-    """Bytes of the Activations buffer (float32) for a (B,T) step: arithmetic on the shapes."""
-    return 4 * sum(math.prod(s) for _, s in activation_shapes(config, B, T, attention))
+def activation_bytes(config: GPT2Config, B: int, T: int, attention: str = DEFAULT_ATTENTION,
+                     dtype: str = "fp32") -> int:
+    """Bytes of the Activations buffers for a (B,T) step (floatX of `dtype`, the
+    FP32_ACTIVATIONS float32): arithmetic on the shapes."""
+    _check_dtype("activation_bytes", dtype)
+    return sum(math.prod(s) * (4 if name in FP32_ACTIVATIONS else DTYPES[dtype].itemsize)
+               for name, s in activation_shapes(config, B, T, attention))
 
 
 class Activations:
-    """One flat buffer for every activation of a (B,T) step, with named views.
+    """One flat buffer per element type for every activation of a (B,T) step, with
+    named views: `memory` (floatX: float32, or uint16 for bf16) and, in bf16,
+    `stats` (float32: FP32_ACTIVATIONS); in fp32 everything is in `memory`.
     `attention` ("flash" or "simple") picks lse (L,B,NH,T) or att (L,B,NH,T,T); the
     shared layer sequence (llmcu/cpu/gpt2.py) reads it to pick the attention calls."""
 
-    def __init__(self, xp, config: GPT2Config, B: int, T: int, attention: str = DEFAULT_ATTENTION):
+    def __init__(self, xp, config: GPT2Config, B: int, T: int, attention: str = DEFAULT_ATTENTION,
+                 floatx=np.float32):
         self.B, self.T = B, T
         self.attention = attention
+        floatx = np.dtype(floatx)
         shapes = activation_shapes(config, B, T, attention)
-        total = sum(math.prod(s) for _, s in shapes)
-        self.memory = xp.zeros(total, dtype=np.float32)
-        offset = 0
+        kind = {name: np.dtype(np.float32) if name in FP32_ACTIVATIONS else floatx
+                for name, _ in shapes}
+        totals: dict = {}
         for name, shape in shapes:
-            size = math.prod(shape)
-            setattr(self, name, self.memory[offset:offset + size].reshape(shape))
-            offset += size
+            totals[kind[name]] = totals.get(kind[name], 0) + math.prod(shape)
+        buffers = {dt: xp.zeros(n, dtype=dt) for dt, n in totals.items()}
+        self.memory = buffers[floatx]
+        self.stats = buffers.get(np.dtype(np.float32)) if floatx != np.float32 else None
+        offsets = dict.fromkeys(buffers, 0)
+        for name, shape in shapes:
+            dt, size = kind[name], math.prod(shape)
+            setattr(self, name, buffers[dt][offsets[dt]:offsets[dt] + size].reshape(shape))
+            offsets[dt] += size
 
     def nbytes(self) -> int:
-        return self.memory.nbytes
+        return self.memory.nbytes + (self.stats.nbytes if self.stats is not None else 0)
+
+
+def _mix32(h: int) -> int:
+    """A 32-bit integer hash (the finaliser of kernels/common.cuh's mix32)."""
+    h &= 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h ^= h >> 15
+    h = (h * 0x846CA68B) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def _rounding_seed(seed: int, step: int, tensor: int) -> int:
+    """The stochastic-rounding seed of parameter tensor `tensor` at `step`: distinct
+    per tensor and step (llm.c draws one per tensor from its RNG), a pure function
+    of them so a resumed run rounds exactly as the uninterrupted one."""
+    return _mix32(_mix32(_mix32(seed) ^ step) ^ (tensor + 1))
 
 
 class GPT2:
-    """GPT-2 whose every layer runs a kernel from kernels/ (device "cuda" or "emu")."""
+    """GPT-2 whose every layer runs a kernel from kernels/ (device "cuda" or "emu").
+
+    dtype "fp32" or "bf16" (module doc); params: float32 values (a bf16 model rounds
+    them to nearest for its bf16 copy and keeps them as the fp32 master copy), or, for
+    dtype "bf16" only, a uint16 array of bf16 bits, which the model then shares."""
 
     def __init__(self, config: GPT2Config, params=None, seed: int = 42, device: str = "cuda",
-                 attention: str = DEFAULT_ATTENTION):
+                 attention: str = DEFAULT_ATTENTION, dtype: str = "fp32", master_weights: bool = True):
         _check_attention("GPT2", attention)
+        _check_dtype("GPT2", dtype)
+        if dtype == "bf16" and attention != "flash":
+            raise ValueError(f"GPT2: dtype 'bf16' needs attention='flash' (the 'simple' attention "
+                             f"kernels are fp32 only), got attention={attention!r}")
         self.attention = attention
+        self.dtype = dtype
+        self.floatx = DTYPES[dtype]
+        self.seed = seed
         self.backend = runtime.get_backend("cuda" if device == "cuda" else "emu")
         self.device = self.backend.name
         xp = self.xp = self.backend.xp
         if params is None:
             params = init_parameters(config, seed)
-        if params.shape != (config.num_parameters(),) or params.dtype != np.float32:
-            raise ValueError(f"GPT2: params must be float32 of shape ({config.num_parameters()},), "
-                             f"got {params.dtype} {params.shape}")
+        allowed = (np.dtype(np.float32),) + ((self.floatx,) if dtype == "bf16" else ())
+        if tuple(params.shape) != (config.num_parameters(),) or params.dtype not in allowed:
+            want = " or ".join(str(d) for d in allowed)
+            raise ValueError(f"GPT2: params must be {want} of shape ({config.num_parameters()},), "
+                             f"got {params.dtype} {tuple(params.shape)}")
         self.config = config
-        self.params = xp.asarray(params)  # on the GPU a device copy; under emu the array itself, as on the CPU
+        self.master = None  # the fp32 master copy of a bf16 model (master_weights=True)
+        if dtype == "fp32" or params.dtype == self.floatx:
+            self.params = xp.asarray(params)  # on the GPU a device copy; under emu the array itself
+        else:
+            self.params = xp.asarray(float32_to_bf16_bits(params))
+        if dtype == "bf16" and master_weights:
+            self.master = (xp.array(params) if params.dtype == np.float32
+                           else bf16_bits_to_float32(self.params).copy())
         self.p = parameter_views(config, self.params)
         self.grads = self.g = None
         self.m = self.v = None
         self.acts: Activations | None = None
         self._scratch = None
         self._inputs = self._targets = None
+
+    @property
+    def master_weights(self) -> bool:
+        return self.master is not None
 
     def _to_device(self, a, name):
         a = np.asarray(a.get() if hasattr(a, "get") else a)
@@ -159,7 +239,7 @@ class GPT2:
             if targets.shape != inputs.shape:
                 raise ValueError(f"GPT2.forward: targets shape {targets.shape} != inputs shape {inputs.shape}")
         if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
-            self.acts = Activations(self.xp, cfg, B, T, self.attention)
+            self.acts = Activations(self.xp, cfg, B, T, self.attention, self.floatx)
         a = self.acts
         forward_layers(KERNEL_OPS, cfg, p, a, inputs)
 
@@ -174,12 +254,13 @@ class GPT2:
             self.grads = self.xp.zeros_like(self.params)
             self.g = parameter_views(self.config, self.grads)
         else:
-            self.grads.fill(0.0)
+            self.grads.fill(0)  # +0.0 in fp32 and in bf16 bits alike
 
     def _backward_scratch(self, B, T):
         C = self.config.channels
         if self._scratch is None or self._scratch["dres"].shape != (B, T, C):
-            self._scratch = backward_scratch(lambda *shape: self.xp.zeros(shape, dtype=np.float32), B, T, C)
+            self._scratch = backward_scratch(lambda *shape: self.xp.zeros(shape, dtype=self.floatx),
+                                             B, T, C)
         return self._scratch
 
     def backward(self, loss_scale=1.0):
@@ -196,7 +277,7 @@ class GPT2:
         self._targets = None  # the logits are gone: a second backward needs a new forward
 
     def grad_norm(self) -> float:
-        """The global gradient norm (what update() clips)."""
+        """The global gradient norm (what update() clips), summed in fp32 whatever the dtype."""
         if self.grads is None:
             raise RuntimeError("GPT2.grad_norm: no gradients; call backward first")
         return global_norm(self.grads)
@@ -205,40 +286,76 @@ class GPT2:
                grad_norm=None, shard=None):
         """AdamW at 1-based `step`; returns the gradient norm before clipping
         (grad_norm: the norm from grad_norm(), if the caller has it already;
-        shard=(lo, hi): ZeRO-1, as llmcu/cpu/gpt2.GPT2.update)."""
+        shard=(lo, hi): ZeRO-1, as llmcu/cpu/gpt2.GPT2.update, fp32 only)."""
         if self.grads is None:
             raise RuntimeError("GPT2.update: no gradients; call backward first")
+        if shard is not None and self.dtype != "fp32":
+            raise ValueError(f"GPT2.update: shard= (ZeRO-1, -z 1) is fp32 only, this model is "
+                             f"{self.dtype}; use -z 0 or --dtype fp32")
         if self.m is None:
             n = self.params.size if shard is None else shard[1] - shard[0]
             self.m = self.xp.zeros(n, dtype=np.float32)
             self.v = self.xp.zeros(n, dtype=np.float32)
         norm = global_norm(self.grads) if grad_norm is None else float(grad_norm)
         scale = clip_scale(norm, grad_clip)
-        update_parameters(KERNEL_OPS, self.config, self.params, self.grads, self.m, self.v, step, lr,
-                          beta1, beta2, eps, weight_decay, scale, shard=shard)
+        if self.dtype == "fp32":
+            update_parameters(KERNEL_OPS, self.config, self.params, self.grads, self.m, self.v, step,
+                              lr, beta1, beta2, eps, weight_decay, scale, shard=shard)
+            return norm
+        # bf16: llmcu/cpu/gpt2.update_parameters' loop, with the master copy and a
+        # stochastic-rounding seed per tensor
+        for t, (name, sl, _) in enumerate(parameter_slices(self.config)):
+            master = self.master[sl] if self.master is not None else None
+            adamw_update(self.params[sl], self.grads[sl], self.m[sl], self.v[sl], step, lr, beta1,
+                         beta2, eps, weight_decay if name in DECAYED else 0.0, scale,
+                         master_params=master, seed=_rounding_seed(self.seed, step, t))
         return norm
 
     def sampler(self) -> "GPT2":
-        """A model sharing these parameters with its own activations (for sampling)."""
-        return GPT2(self.config, self.params, device=self.device, attention=self.attention)
+        """A model sharing these parameters with its own activations (for sampling).
+        A bf16 model's sampler runs in bf16 (acts.logits holds bf16 bits) without a master copy."""
+        return GPT2(self.config, self.params, device=self.device, attention=self.attention,
+                    dtype=self.dtype, master_weights=False)
+
+    def _host(self, a) -> np.ndarray:
+        return a.get() if hasattr(a, "get") else a
 
     def params_host(self) -> np.ndarray:
-        """The parameters as a NumPy array (a copy on the GPU, the buffer itself under emu)."""
-        return self.params.get() if hasattr(self.params, "get") else self.params
+        """The parameters as a float32 NumPy array: fp32, the buffer itself under emu and
+        a copy on the GPU; bf16, the bf16 parameters widened exactly (a new array): what
+        the forward computes with and what a version 5 checkpoint stores."""
+        if self.dtype == "bf16":
+            return self._host(bf16_bits_to_float32(self.params))
+        return self._host(self.params)
+
+    def master_host(self) -> np.ndarray | None:
+        """The fp32 master parameters as a NumPy array (a copy), None without them."""
+        return None if self.master is None else np.array(self._host(self.master))
 
     def optimizer_state(self) -> tuple[np.ndarray, np.ndarray]:
         """AdamW's (m, v) as host arrays, zeros before the first update (for checkpoints)."""
         if self.m is None:
             zeros = np.zeros(self.params.shape, dtype=np.float32)
             return zeros, zeros.copy()
-        return tuple(a.get() if hasattr(a, "get") else a for a in (self.m, self.v))
+        return tuple(self._host(a) for a in (self.m, self.v))
 
-    def load_optimizer_state(self, m: np.ndarray, v: np.ndarray, shard=None) -> None:
+    def load_optimizer_state(self, m: np.ndarray, v: np.ndarray, shard=None, master=None) -> None:
         """Set AdamW's moments (from a checkpoint); the next update continues from them
-        (shard=(lo, hi): ZeRO-1's shard of the moments)."""
+        (shard=(lo, hi): ZeRO-1's shard of the moments). master: the fp32 master
+        parameters a bf16 run with master weights saved; None keeps the current ones
+        (those made from the parameters the model was built with)."""
         shape = tuple(self.params.shape) if shard is None else (shard[1] - shard[0],)
         for name, a in (("m", m), ("v", v)):
             if a.dtype != np.float32 or a.shape != shape:
                 raise ValueError(f"GPT2.load_optimizer_state: {name} must be float32 of shape "
                                  f"{shape}, got {a.dtype} {a.shape}")
+        if master is not None:
+            if self.master is None:
+                raise ValueError(f"GPT2.load_optimizer_state: master weights given, but this "
+                                 f"model ({self.dtype}, master_weights=False) keeps none; resume a "
+                                 f"run with master weights as --dtype bf16 -w 1")
+            if master.dtype != np.float32 or tuple(master.shape) != tuple(self.params.shape):
+                raise ValueError(f"GPT2.load_optimizer_state: master must be float32 of shape "
+                                 f"{tuple(self.params.shape)}, got {master.dtype} {master.shape}")
+            self.master[...] = self.xp.asarray(master)
         self.m, self.v = self.xp.array(m), self.xp.array(v)

@@ -22,11 +22,12 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..config import parameter_views
-from ..cpu.llama import (Activations, backward_layers, backward_scratch, check_inputs, check_params,
-                         forward_layers, init_parameters, rope_tables, update_parameters)
+from ..cpu.flat_adamw import FlatAdamW
+from ..cpu.llama import (DECAYED, Activations, backward_layers, backward_scratch, check_inputs,
+                         check_params, forward_layers, init_parameters, rope_tables)
 from ..llama_config import LlamaConfig
 from . import runtime
-from .adamw import adamw_update, clip_scale, global_norm
+from .adamw import adamw_update, global_norm
 from .attention import flash_attention_backward, flash_attention_forward
 from .classifier import crossentropy_forward, fused_classifier_dlogits
 from .encoder import encoder_backward, encoder_forward
@@ -44,11 +45,17 @@ LLAMA_KERNEL_OPS = SimpleNamespace(
     flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
     swiglu_forward=swiglu_forward, swiglu_backward=swiglu_backward,
     geglu_forward=geglu_forward, geglu_backward=geglu_backward,
-    residual_forward=residual_forward, adamw_update=adamw_update)
+    residual_forward=residual_forward, adamw_update=adamw_update, global_norm=global_norm)
 
 
-class Llama:
-    """Llama/Gemma whose every layer runs a kernel from kernels/ (device "cuda" or "emu")."""
+class Llama(FlatAdamW):
+    """Llama/Gemma whose every layer runs a kernel from kernels/ (device "cuda" or "emu").
+
+    The gradient and optimizer bookkeeping (zero_grad, grad_norm, update with
+    ZeRO-1 shards, optimizer_state, ...) is FlatAdamW's, on the device arrays."""
+
+    OPS = LLAMA_KERNEL_OPS
+    DECAYED = DECAYED
 
     def __init__(self, config: LlamaConfig, params=None, seed: int = 42, device: str = "cuda"):
         if device not in ("cuda", "emu"):
@@ -86,13 +93,6 @@ class Llama:
         crossentropy_forward(a.losses, a.logits, targets, cfg.vocab_size)
         return float(a.losses.mean(dtype=np.float64))
 
-    def zero_grad(self):
-        if self.grads is None:
-            self.grads = self.xp.zeros_like(self.params)
-            self.g = parameter_views(self.config, self.grads)
-        else:
-            self.grads.fill(0.0)
-
     def _backward_scratch(self, B, T):
         if self._scratch is None or self._scratch["dres"].shape[:2] != (B, T):
             self._scratch = backward_scratch(lambda *shape: self.xp.zeros(shape, dtype=np.float32),
@@ -113,47 +113,6 @@ class Llama:
                         self._backward_scratch(B, T), self.tables)
         self._targets = None  # the logits are gone: a second backward needs a new forward
 
-    def grad_norm(self) -> float:
-        if self.grads is None:
-            raise RuntimeError("Llama.grad_norm: no gradients; call backward first")
-        return global_norm(self.grads)
-
-    def update(self, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=None,
-               grad_norm=None, shard=None):
-        """AdamW at 1-based `step`; returns the gradient norm before clipping
-        (shard=(lo, hi): ZeRO-1, as llmcu/cpu/llama.Llama.update)."""
-        if self.grads is None:
-            raise RuntimeError("Llama.update: no gradients; call backward first")
-        if self.m is None:
-            n = self.params.size if shard is None else shard[1] - shard[0]
-            self.m = self.xp.zeros(n, dtype=np.float32)
-            self.v = self.xp.zeros(n, dtype=np.float32)
-        norm = global_norm(self.grads) if grad_norm is None else float(grad_norm)
-        scale = clip_scale(norm, grad_clip)
-        update_parameters(LLAMA_KERNEL_OPS, self.config, self.params, self.grads, self.m, self.v, step,
-                          lr, beta1, beta2, eps, weight_decay, scale, shard=shard)
-        return norm
-
     def sampler(self) -> "Llama":
         """A model sharing these parameters with its own activations (for sampling)."""
         return Llama(self.config, self.params, device=self.device)
-
-    def params_host(self) -> np.ndarray:
-        """The parameters as a NumPy array (a copy on the GPU, the buffer itself under emu)."""
-        return self.params.get() if hasattr(self.params, "get") else self.params
-
-    def optimizer_state(self) -> tuple[np.ndarray, np.ndarray]:
-        """AdamW's (m, v) as host arrays, zeros before the first update (for checkpoints)."""
-        if self.m is None:
-            zeros = np.zeros(self.params.shape, dtype=np.float32)
-            return zeros, zeros.copy()
-        return tuple(a.get() if hasattr(a, "get") else a for a in (self.m, self.v))
-
-    def load_optimizer_state(self, m: np.ndarray, v: np.ndarray, shard=None) -> None:
-        """Set AdamW's moments (from a checkpoint); shard=(lo, hi): ZeRO-1's shard."""
-        shape = tuple(self.params.shape) if shard is None else (shard[1] - shard[0],)
-        for name, a in (("m", m), ("v", v)):
-            if a.dtype != np.float32 or a.shape != shape:
-                raise ValueError(f"Llama.load_optimizer_state: {name} must be float32 of shape "
-                                 f"{shape}, got {a.dtype} {a.shape}")
-        self.m, self.v = self.xp.array(m), self.xp.array(v)
