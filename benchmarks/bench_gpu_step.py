@@ -44,7 +44,11 @@ def cuda_time(fn, reps: int, warmup: int = 3) -> float:
 
 
 def bench_llmcu_step(config, params, x, y, steps, dtype="fp32"):
+    """(median ms, peak bytes held by CuPy's memory pool) of one llmcu step."""
+    import cupy
     from llmcu.cuda.gpt2 import GPT2
+    pool = cupy.get_default_memory_pool()
+    pool.free_all_blocks()
     model = GPT2(config, params, device="cuda", dtype=dtype)
 
     def step():
@@ -52,18 +56,23 @@ def bench_llmcu_step(config, params, x, y, steps, dtype="fp32"):
         model.forward(x, y)
         model.backward()
         model.update(1e-4, 1)
-    return cuda_time(step, steps)
+    ms = cuda_time(step, steps)
+    return ms, pool.total_bytes()  # llmcu allocates once, so what the pool holds is the peak
 
 
-def bench_torch_step(config, params, x, y, steps, dtype="fp32"):
+def bench_torch_step(config, params, x, y, steps, dtype="fp32", compile=False):
+    """(median ms, peak bytes allocated) of one PyTorch step, eager or torch.compile'd."""
     import contextlib
 
     import torch
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     from llmcu import torch_gpt2
     model = torch_gpt2.from_flat(config, params, device="cuda")
     opt = torch_gpt2.configure_optimizer(model, lr=1e-4)
+    run = torch.compile(model) if compile else model
     xt = torch.from_numpy(x).long().cuda()
     yt = torch.from_numpy(y).long().cuda()
 
@@ -75,7 +84,7 @@ def bench_torch_step(config, params, x, y, steps, dtype="fp32"):
     def step():
         opt.zero_grad(set_to_none=False)
         with autocast():
-            _, loss = model(xt, yt)
+            _, loss = run(xt, yt)
         loss.backward()
         opt.step()
     for _ in range(3):
@@ -89,7 +98,7 @@ def bench_torch_step(config, params, x, y, steps, dtype="fp32"):
         e.record()
         e.synchronize()
         times.append(s.elapsed_time(e))
-    return statistics.median(times)
+    return statistics.median(times), torch.cuda.max_memory_allocated()
 
 
 def bench_kernels(config, B, T, reps):
@@ -136,6 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--compile", action="store_true", help="also time PyTorch with torch.compile")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="the card's dense bf16 peak for MFU (H100 SXM: 989)")
     a = ap.parse_args(argv)
@@ -152,22 +162,29 @@ def main(argv=None) -> int:
     card = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     precision = "fp32 (TF32 off)" if a.dtype == "fp32" else "bf16 (llmcu mixed precision; PyTorch autocast)"
     print(f"card: {card}; GPT-2 {a.model}, B={B}, T={T}, {precision}, median of {a.steps} steps")
-    ours = bench_llmcu_step(config, params.copy(), x, y, a.steps, a.dtype)
-    theirs = bench_torch_step(config, params.copy(), x, y, a.steps, a.dtype)
+    results = {"llmcu": bench_llmcu_step(config, params.copy(), x, y, a.steps, a.dtype),
+               "pytorch": bench_torch_step(config, params.copy(), x, y, a.steps, a.dtype)}
+    if a.compile:
+        results["pytorch+compile"] = bench_torch_step(config, params.copy(), x, y, a.steps, a.dtype,
+                                                      compile=True)
     tok = B * T
     flops = config.flops_per_token(T) * tok  # llm.c's 6N + 6LCT per token
-    for name, ms in (("llmcu  ", ours), ("pytorch", theirs)):
+    for name, (ms, peak) in results.items():
         mfu = flops / (ms * 1e-3) / (a.peak_tflops * 1e12)
-        print(f"{name} {ms:9.2f} ms/step {tok / ms * 1e3:10.0f} tok/s  MFU {100 * mfu:5.1f}% "
-              f"of {a.peak_tflops:g} TFLOP/s")
-    print(f"ratio llmcu / pytorch (time): {ours / theirs:.3f}")
+        print(f"{name:16s} {ms:9.2f} ms/step {tok / ms * 1e3:10.0f} tok/s  MFU {100 * mfu:5.1f}% "
+              f"of {a.peak_tflops:g} TFLOP/s  peak memory {peak / 2**30:6.2f} GiB")
+    ours = results["llmcu"][0]
+    for peer in [k for k in results if k != "llmcu"]:
+        print(f"ratio llmcu / {peer} (time): {ours / results[peer][0]:.3f}")
     kernels = bench_kernels(config, B, T, reps=20)
     print(f"{'kernel':34s} {'ms':>9s} {'GB/s':>8s}")
     for name, ms, gbs in kernels:
         print(f"{name:34s} {ms:9.3f} {gbs:8.1f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"card": card, "args": vars(a), "dtype": a.dtype, "llmcu_ms": ours,
-                                            "torch_ms": theirs, "kernels": kernels}, indent=1))
+        Path(a.json).write_text(json.dumps({"card": card, "args": vars(a), "dtype": a.dtype,
+                                            "steps": {k: {"ms": ms, "peak_bytes": peak}
+                                                      for k, (ms, peak) in results.items()},
+                                            "kernels": kernels}, indent=1))
     return 0
 
 

@@ -38,13 +38,16 @@ if [ "$stage" != bench ]; then
 fi
 
 if [ "$stage" != tests ]; then
-  timeout 150 python benchmarks/bench_gpu_step.py --json "$out/bench_step.json" 2>&1 \
+  # the headline first: bf16 d12 at T=1024 against PyTorch autocast, eager and torch.compile
+  timeout 200 python benchmarks/bench_gpu_step.py --dtype bf16 -b 16 --compile \
+    --json "$out/bench_step_bf16.json" 2>&1 | tee "$out/bench_step_bf16.log" || status=1
+  timeout 120 python benchmarks/bench_gpu_step.py --json "$out/bench_step.json" 2>&1 \
     | tee "$out/bench_step.log" || status=1
   timeout 90 python benchmarks/bench_attention.py --json "$out/bench_attention.json" 2>&1 \
     | tee "$out/bench_attention.log" || status=1
-  timeout 120 python -m pytest -s -q -p no:cacheprovider benchmarks/bench_kernels.py \
+  timeout 90 python -m pytest -s -q -p no:cacheprovider benchmarks/bench_kernels.py \
     --benchmark-json "$out/bench_kernels.json" 2>&1 | tee "$out/bench_kernels.log" || status=1
-  timeout 60 python -m pytest -s -q -p no:cacheprovider benchmarks/bench_llama_layers.py \
+  timeout 40 python -m pytest -s -q -p no:cacheprovider benchmarks/bench_llama_layers.py \
     benchmarks/bench_layernorm.py 2>&1 | tee "$out/bench_layers.log" || status=1
 fi
 exit $status
