@@ -35,7 +35,7 @@ the norm and the update:
           last one padded); a reduce-scatter (mean) gives each rank the
           averaged gradient of its shard, AdamW runs on the shard only (each
           parameter tensor's intersection with it, so weight decay still
-          follows the tensor: cpu/gpt2.update_parameters(shard=)), m and v
+          follows the tensor: cpu/flat_adamw.update_parameters(shard=)), m and v
           hold the shard's elements only (its rank's state file too), and an
           all-gather puts the updated shards back together on every rank.
           The grad norm is the square root of the all-reduced sum of the

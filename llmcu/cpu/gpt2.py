@@ -20,7 +20,6 @@ from .attention import (attention_backward, attention_forward, flash_attention_b
 from .classifier import crossentropy_softmax_backward, fused_classifier
 from .encoder import encoder_backward, encoder_forward
 from .flat_adamw import FlatAdamW
-from .flat_adamw import update_parameters as update_flat_parameters
 from .gelu import gelu_backward, gelu_forward
 from .layernorm import layernorm_backward, layernorm_forward
 from .matmul import matmul_backward, matmul_forward
@@ -127,14 +126,6 @@ def backward_layers(ops, config: GPT2Config, p, g, a, dlogits, inputs, s):
                                a.ln1_mean[l], a.ln1_rstd[l])
         ops.residual_forward(dres, dres, dtmp)  # now d/d res_in
     ops.encoder_backward(g["wte"], g["wpe"], dres, inputs)
-
-
-def update_parameters(ops, config: GPT2Config, params, grads, m, v, step, lr, beta1, beta2, eps,
-                      weight_decay, grad_scale, shard=None):
-    """AdamW tensor by tensor, weight decay on the DECAYED tensors only; shard=(lo, hi):
-    ZeRO-1's range of params (llmcu/cpu/flat_adamw.update_parameters)."""
-    update_flat_parameters(ops, config, DECAYED, params, grads, m, v, step, lr, beta1, beta2, eps,
-                           weight_decay, grad_scale, shard=shard)
 
 
 def _zeros(*shape):

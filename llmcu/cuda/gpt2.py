@@ -40,8 +40,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..config import GPT2Config, parameter_slices, parameter_views
-from ..cpu.gpt2 import (DECAYED, backward_layers, backward_scratch, forward_layers,
-                         init_parameters, update_parameters)
+from ..cpu.flat_adamw import FlatAdamW, _host
+from ..cpu.gpt2 import DECAYED, backward_layers, backward_scratch, forward_layers, init_parameters
 from ..formats import bf16_bits_to_float32, float32_to_bf16_bits
 from . import runtime
 from .adamw import adamw_update, clip_scale, global_norm
@@ -62,7 +62,7 @@ KERNEL_OPS = SimpleNamespace(
     attention_forward=attention_forward, attention_backward=attention_backward,
     flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
     gelu_forward=gelu_forward, gelu_backward=gelu_backward,
-    residual_forward=residual_forward, adamw_update=adamw_update)
+    residual_forward=residual_forward, adamw_update=adamw_update, global_norm=global_norm)
 
 ACTIVATIONS = (  # name: shape in units of (L, B, T, NH, C, Vp); per-layer tensors lead with L
     ("encoded", "BTC"), ("ln1", "LBTC"), ("ln1_mean", "LBT"), ("ln1_rstd", "LBT"),
@@ -170,12 +170,14 @@ def _rounding_seed(seed: int, step: int, tensor: int) -> int:
     return _mix32(_mix32(_mix32(seed) ^ step) ^ (tensor + 1))
 
 
-class GPT2:
+class GPT2(FlatAdamW):
     """GPT-2 whose every layer runs a kernel from kernels/ (device "cuda" or "emu").
 
     dtype "fp32" or "bf16" (module doc); params: float32 values (a bf16 model rounds
     them to nearest for its bf16 copy and keeps them as the fp32 master copy), or, for
     dtype "bf16" only, a uint16 array of bf16 bits, which the model then shares."""
+
+    OPS, DECAYED = KERNEL_OPS, DECAYED  # for FlatAdamW: the kernel AdamW and global norm
 
     def __init__(self, config: GPT2Config, params=None, seed: int = 42, device: str = "cuda",
                  attention: str = DEFAULT_ATTENTION, dtype: str = "fp32", master_weights: bool = True):
@@ -249,13 +251,6 @@ class GPT2:
         crossentropy_forward(a.losses, a.logits, targets, cfg.vocab_size)
         return float(a.losses.mean(dtype=np.float64))
 
-    def zero_grad(self):
-        if self.grads is None:
-            self.grads = self.xp.zeros_like(self.params)
-            self.g = parameter_views(self.config, self.grads)
-        else:
-            self.grads.fill(0)  # +0.0 in fp32 and in bf16 bits alike
-
     def _backward_scratch(self, B, T):
         C = self.config.channels
         if self._scratch is None or self._scratch["dres"].shape != (B, T, C):
@@ -276,20 +271,17 @@ class GPT2:
         backward_layers(KERNEL_OPS, cfg, p, g, a, a.logits, self._inputs, self._backward_scratch(B, T))
         self._targets = None  # the logits are gone: a second backward needs a new forward
 
-    def grad_norm(self) -> float:
-        """The global gradient norm (what update() clips), summed in fp32 whatever the dtype."""
-        if self.grads is None:
-            raise RuntimeError("GPT2.grad_norm: no gradients; call backward first")
-        return global_norm(self.grads)
-
     def update(self, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=None,
                grad_norm=None, shard=None):
         """AdamW at 1-based `step`; returns the gradient norm before clipping
         (grad_norm: the norm from grad_norm(), if the caller has it already;
         shard=(lo, hi): ZeRO-1, as llmcu/cpu/gpt2.GPT2.update, fp32 only)."""
+        if self.dtype == "fp32":  # FlatAdamW's, as the NumPy model
+            return super().update(lr, step, beta1, beta2, eps, weight_decay, grad_clip, grad_norm,
+                                  shard)
         if self.grads is None:
             raise RuntimeError("GPT2.update: no gradients; call backward first")
-        if shard is not None and self.dtype != "fp32":
+        if shard is not None:
             raise ValueError(f"GPT2.update: shard= (ZeRO-1, -z 1) is fp32 only, this model is "
                              f"{self.dtype}; use -z 0 or --dtype fp32")
         if self.m is None:
@@ -298,11 +290,7 @@ class GPT2:
             self.v = self.xp.zeros(n, dtype=np.float32)
         norm = global_norm(self.grads) if grad_norm is None else float(grad_norm)
         scale = clip_scale(norm, grad_clip)
-        if self.dtype == "fp32":
-            update_parameters(KERNEL_OPS, self.config, self.params, self.grads, self.m, self.v, step,
-                              lr, beta1, beta2, eps, weight_decay, scale, shard=shard)
-            return norm
-        # bf16: llmcu/cpu/gpt2.update_parameters' loop, with the master copy and a
+        # bf16: llmcu/cpu/flat_adamw.update_parameters' loop, with the master copy and a
         # stochastic-rounding seed per tensor
         for t, (name, sl, _) in enumerate(parameter_slices(self.config)):
             master = self.master[sl] if self.master is not None else None
@@ -317,38 +305,23 @@ class GPT2:
         return GPT2(self.config, self.params, device=self.device, attention=self.attention,
                     dtype=self.dtype, master_weights=False)
 
-    def _host(self, a) -> np.ndarray:
-        return a.get() if hasattr(a, "get") else a
-
     def params_host(self) -> np.ndarray:
         """The parameters as a float32 NumPy array: fp32, the buffer itself under emu and
         a copy on the GPU; bf16, the bf16 parameters widened exactly (a new array): what
         the forward computes with and what a version 5 checkpoint stores."""
         if self.dtype == "bf16":
-            return self._host(bf16_bits_to_float32(self.params))
-        return self._host(self.params)
+            return _host(bf16_bits_to_float32(self.params))
+        return super().params_host()
 
     def master_host(self) -> np.ndarray | None:
         """The fp32 master parameters as a NumPy array (a copy), None without them."""
-        return None if self.master is None else np.array(self._host(self.master))
-
-    def optimizer_state(self) -> tuple[np.ndarray, np.ndarray]:
-        """AdamW's (m, v) as host arrays, zeros before the first update (for checkpoints)."""
-        if self.m is None:
-            zeros = np.zeros(self.params.shape, dtype=np.float32)
-            return zeros, zeros.copy()
-        return tuple(self._host(a) for a in (self.m, self.v))
+        return None if self.master is None else np.array(_host(self.master))
 
     def load_optimizer_state(self, m: np.ndarray, v: np.ndarray, shard=None, master=None) -> None:
         """Set AdamW's moments (from a checkpoint); the next update continues from them
         (shard=(lo, hi): ZeRO-1's shard of the moments). master: the fp32 master
         parameters a bf16 run with master weights saved; None keeps the current ones
         (those made from the parameters the model was built with)."""
-        shape = tuple(self.params.shape) if shard is None else (shard[1] - shard[0],)
-        for name, a in (("m", m), ("v", v)):
-            if a.dtype != np.float32 or a.shape != shape:
-                raise ValueError(f"GPT2.load_optimizer_state: {name} must be float32 of shape "
-                                 f"{shape}, got {a.dtype} {a.shape}")
         if master is not None:
             if self.master is None:
                 raise ValueError(f"GPT2.load_optimizer_state: master weights given, but this "
@@ -357,5 +330,6 @@ class GPT2:
             if master.dtype != np.float32 or tuple(master.shape) != tuple(self.params.shape):
                 raise ValueError(f"GPT2.load_optimizer_state: master must be float32 of shape "
                                  f"{tuple(self.params.shape)}, got {master.dtype} {master.shape}")
+        super().load_optimizer_state(m, v, shard)  # checks m and v before the master is set
+        if master is not None:
             self.master[...] = self.xp.asarray(master)
-        self.m, self.v = self.xp.array(m), self.xp.array(v)
