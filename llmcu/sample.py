@@ -36,6 +36,7 @@ from .cpu.residual import residual_forward
 from .cpu.rmsnorm import rmsnorm_forward
 from .cpu.rope import rope_forward
 from .cpu.swiglu import geglu_forward, swiglu_forward
+from .formats import bf16_bits_to_float32
 from .llama_config import LlamaConfig
 
 
@@ -274,6 +275,8 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=None, 
             sampler.forward(np.asarray(tokens, dtype=np.int32)[None, :])
             logits = sampler.acts.logits[0, -1, :cfg.vocab_size]
             logits = logits.get() if hasattr(logits, "get") else logits
+            if logits.dtype == np.uint16:  # a bf16 model's logits: bf16 bits, widened exactly
+                logits = bf16_bits_to_float32(logits)
         if return_logits:
             all_logits.append(np.array(logits, dtype=np.float32))
         nxt = pick(logits, rng, temperature, top_k)

@@ -52,12 +52,11 @@ def gpu_supports_bf16() -> bool:
 
 def resolve_dtype(dtype: str, device: str, config=None, data_parallel: bool = False) -> str:
     """'auto' -> 'bf16' where mixed precision is available: a GPU that supports it
-    (cuda, compute capability >= 8.0), a GPT-2 model (config None: not known yet)
-    and one process; else 'fp32'. An explicit dtype is checked against the
-    (resolved) device."""
+    (cuda, compute capability >= 8.0) and one process (GPT-2 and Llama-family
+    models alike; config is not consulted); else 'fp32'. An explicit dtype is
+    checked against the (resolved) device."""
     if dtype == "auto":
-        gpt2 = config is None or isinstance(config, GPT2Config)
-        return "bf16" if (device == "cuda" and gpt2 and not data_parallel
+        return "bf16" if (device == "cuda" and not data_parallel
                           and gpu_supports_bf16()) else "fp32"
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)} or auto")
@@ -96,19 +95,17 @@ def build_model(spec: str, device: str = "cpu", seed: int = 42, max_seq_len: int
 def make_model(config: GPT2Config, params, device: str = "cpu", seed: int = 42,
                dtype: str = "fp32", master_weights: bool = True):
     """The backend model for `device` with these parameters (None: a random init).
-    dtype "bf16" (GPT-2 on the kernels, cuda or emu): mixed precision, with fp32
-    master weights unless master_weights is False (llmcu/cuda/gpt2.py); "auto"
+    dtype "bf16" (GPT-2 or Llama on the kernels, cuda or emu): mixed precision, with
+    fp32 master weights unless master_weights is False (llmcu/cuda/gpt2.py); "auto"
     picks bf16 where it is available for this model (resolve_dtype)."""
     dtype = resolve_dtype(dtype, device, config)
-    if dtype != "fp32" and not isinstance(config, GPT2Config):
-        raise ValueError(f"--dtype {dtype}: mixed precision is GPT-2 only for now; train Llama-family "
-                         f"models with --dtype fp32")
     if not isinstance(config, GPT2Config):  # a LlamaConfig
         if device == "cpu":
             from .cpu.llama import Llama
             return Llama(config, params, seed=seed)
         from .cuda.llama import Llama as KernelLlama
-        return KernelLlama(config, params, seed=seed, device=device)
+        return KernelLlama(config, params, seed=seed, device=device, dtype=dtype,
+                           master_weights=bool(master_weights))
     if device == "cpu":
         from .cpu.gpt2 import GPT2
         return GPT2(config, params, seed=seed)
@@ -249,7 +246,7 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
     if (cfg.checkpoint_every > 0 or cfg.resume) and not cfg.output_dir:
         raise ValueError("-n (checkpoints) and -y 1 (resume) need an output dir: pass -o DIR")
     data_parallel = comm.backend != "none" or bool(cfg.zero_stage)
-    # "auto" means bf16 where it is available: one process (here), a GPU and a GPT-2 (make_model)
+    # "auto" means bf16 where it is available: one process (here) and a bf16 GPU (make_model)
     dtype = "fp32" if cfg.dtype == "auto" and data_parallel else cfg.dtype
     resumed = None
     if cfg.resume:

@@ -34,6 +34,7 @@ if [ "$stage" != bench ]; then
     tests/test_kernels.py tests/test_kernels_bf16.py tests/test_layernorm_versions.py \
     tests/test_flash_attention.py tests/test_llama_kernels.py tests/test_llama_kernels_model.py \
     tests/test_gpu_parity.py tests/test_distributed.py tests/test_bf16_training.py \
+    tests/test_llama_bf16.py \
     2>&1 | tee "$out/tests.log" || status=1
 fi
 

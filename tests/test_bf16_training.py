@@ -311,7 +311,8 @@ def test_dtype_bf16_on_cpu_is_a_clear_error(capsys):
 
 def test_auto_dtype_picks_bf16_only_where_it_is_available(monkeypatch):
     """--dtype auto (the CLI default) must not turn a run bf16 can't do into an
-    error: Llama-family models and data-parallel launches stay fp32 on a GPU."""
+    error: data-parallel launches stay fp32 on a GPU; GPT-2 and Llama-family
+    models alike go bf16 on a bf16 GPU (tests/test_llama_bf16.py)."""
     from llmcu import train as train_mod
     from llmcu.config import gpt2_config
     from llmcu.llama_config import model_config
@@ -319,7 +320,8 @@ def test_auto_dtype_picks_bf16_only_where_it_is_available(monkeypatch):
     r = train_mod.resolve_dtype
     assert r("auto", "cuda") == "bf16"
     assert r("auto", "cuda", gpt2_config("d6")) == "bf16"
-    assert r("auto", "cuda", model_config("llama-d6")) == "fp32"
+    assert r("auto", "cuda", model_config("llama-d6")) == "bf16"
+    assert r("auto", "cuda", model_config("llama-d6"), data_parallel=True) == "fp32"
     assert r("auto", "cuda", gpt2_config("d6"), data_parallel=True) == "fp32"
     assert r("auto", "emu", gpt2_config("d6")) == "fp32"
     monkeypatch.setattr(train_mod, "gpu_supports_bf16", lambda: False)  # e.g. a V100
@@ -340,7 +342,10 @@ def test_auto_dtype_builds_the_model_it_resolves_to(monkeypatch):
 def test_bf16_unsupported_combinations_are_clear_errors(files, tmp_path):
     from llmcu.llama_config import model_config
     from llmcu.train import make_model, train
-    with pytest.raises(ValueError, match="GPT-2 only"):
-        make_model(model_config("llama-d6", max_seq_len=32), None, "emu", dtype="bf16")
+    # Llama-family models train in bf16 too (tests/test_llama_bf16.py); the cpu model is fp32
+    llama = make_model(model_config("llama-d6", max_seq_len=32), None, "emu", dtype="bf16")
+    assert llama.dtype == "bf16" and llama.params.dtype == np.uint16
+    with pytest.raises(ValueError, match="not supported on --device cpu"):
+        make_model(model_config("llama-d6", max_seq_len=32), None, "cpu", dtype="bf16")
     with pytest.raises(ValueError, match="data parallel .* not supported"):
         train(_cfg(files, tmp_path / "z", zero_stage=1, checkpoint_every=0), log=_quiet)

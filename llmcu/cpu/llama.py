@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..config import parameter_views
+from ..formats import bf16_bits_to_float32, float32_to_bf16_bits
 from ..llama_config import LlamaConfig
 from .adamw import adamw_update, global_norm
 from .attention import flash_attention_backward, flash_attention_forward
@@ -87,6 +88,15 @@ def lm_head_name(config: LlamaConfig) -> str:
     return "wte" if config.tie_embeddings else "lm_head"
 
 
+def scale_(x, s):
+    """x *= s in place: float32, or uint16 bf16 bits (the kernel model in bf16),
+    rounded to nearest; NumPy or CuPy."""
+    if x.dtype == np.uint16:
+        x[...] = float32_to_bf16_bits(bf16_bits_to_float32(x) * np.float32(s))
+    else:
+        x *= np.float32(s)
+
+
 def forward_layers(ops, config: LlamaConfig, p, a, inputs, tables):
     """The forward from token ids to a.logits through the layer functions in `ops`.
 
@@ -96,7 +106,7 @@ def forward_layers(ops, config: LlamaConfig, p, a, inputs, tables):
     act_forward = ops.swiglu_forward if config.mlp == "swiglu" else ops.geglu_forward
     ops.encoder_forward(a.encoded, inputs, p["wte"], tables.no_wpe)
     if config.embed_scale != 1.0:
-        a.encoded *= np.float32(config.embed_scale)
+        scale_(a.encoded, config.embed_scale)
     residual = a.encoded
     for l in range(config.num_layers):
         ops.rmsnorm_forward(a.ln1[l], a.ln1_rstd[l], residual, p["ln1w"][l], eps, off)
@@ -152,7 +162,7 @@ def backward_layers(ops, config: LlamaConfig, p, g, a, dlogits, inputs, s, table
         ops.rmsnorm_backward(dtmp, g["ln1w"][l], dln, res_in, p["ln1w"][l], a.ln1_rstd[l], off)
         ops.residual_forward(dres, dres, dtmp)  # now d/d res_in
     if config.embed_scale != 1.0:
-        dres *= np.float32(config.embed_scale)
+        scale_(dres, config.embed_scale)
     ops.encoder_backward(g["wte"], s["dwpe"], dres, inputs)
 
 

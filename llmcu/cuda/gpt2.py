@@ -27,8 +27,9 @@ every reduction stay float32 (FP32_ACTIVATIONS). With master_weights=True (the
 default, llm.c's -w 1) AdamW updates an fp32 master copy of the parameters and
 writes the bf16 parameters as its stochastic rounding; master_weights=False
 updates the bf16 parameters in place, stochastically rounded. The rounding's
-random bits are a hash of (seed, step, tensor, element) (_rounding_seed), so
-a resumed run repeats them without any RNG state. bf16 needs the fused
+random bits are a hash of (seed, step, tensor, element), so a resumed run
+repeats them without any RNG state (the update, shared with llmcu/cuda/llama.py,
+is llmcu/cuda/mixed_precision.py's). bf16 needs the fused
 attention (the "simple" path's kernels are fp32 only) and no ZeRO-1 shard.
 """
 
@@ -39,12 +40,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..config import GPT2Config, parameter_slices, parameter_views
-from ..cpu.flat_adamw import FlatAdamW, _host
+from ..config import GPT2Config, parameter_views
 from ..cpu.gpt2 import DECAYED, backward_layers, backward_scratch, forward_layers, init_parameters
-from ..formats import bf16_bits_to_float32, float32_to_bf16_bits
 from . import runtime
-from .adamw import adamw_update, clip_scale, global_norm
+from .adamw import adamw_update, global_norm
 from .attention import (attention_backward, attention_forward, flash_attention_backward,
                         flash_attention_forward)
 from .classifier import crossentropy_forward, fused_classifier_dlogits
@@ -52,6 +51,8 @@ from .encoder import encoder_backward, encoder_forward
 from .gelu import gelu_backward, gelu_forward
 from .layernorm import layernorm_backward, layernorm_forward
 from .matmul import matmul_backward, matmul_forward
+from .mixed_precision import (DTYPES, MixedPrecisionAdamW, allocate_views, check_dtype,
+                              check_params_dtype)
 from .residual import residual_forward
 
 # The same layer sequence as the oracle (llmcu/cpu/gpt2.py), on the kernel wrappers.
@@ -77,8 +78,6 @@ ACTIVATIONS = (  # name: shape in units of (L, B, T, NH, C, Vp); per-layer tenso
 FP32_ACTIVATIONS = frozenset({"ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean",
                               "lnf_rstd", "losses", "lse"})
 
-DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(np.uint16)}  # floatX of each dtype
-
 # What each attention implementation saves for its backward, in place of ACTIVATIONS' "att".
 ATTENTION_STATE = {"simple": ("att", "LBNTT"), "flash": ("lse", "LBNT")}
 DEFAULT_ATTENTION = "flash"
@@ -89,9 +88,7 @@ def _check_attention(fn, attention):
         raise ValueError(f"{fn}: attention must be one of {tuple(ATTENTION_STATE)}, got {attention!r}")
 
 
-def _check_dtype(fn, dtype):
-    if dtype not in DTYPES:
-        raise ValueError(f"{fn}: dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+_check_dtype = check_dtype  # llmcu/cuda/mixed_precision.py
 
 
 def activation_shapes(config: GPT2Config, B: int, T: int,
@@ -133,44 +130,14 @@ class Activations:
                  floatx=np.float32):
         self.B, self.T = B, T
         self.attention = attention
-        floatx = np.dtype(floatx)
-        shapes = activation_shapes(config, B, T, attention)
-        kind = {name: np.dtype(np.float32) if name in FP32_ACTIVATIONS else floatx
-                for name, _ in shapes}
-        totals: dict = {}
-        for name, shape in shapes:
-            totals[kind[name]] = totals.get(kind[name], 0) + math.prod(shape)
-        buffers = {dt: xp.zeros(n, dtype=dt) for dt, n in totals.items()}
-        self.memory = buffers[floatx]
-        self.stats = buffers.get(np.dtype(np.float32)) if floatx != np.float32 else None
-        offsets = dict.fromkeys(buffers, 0)
-        for name, shape in shapes:
-            dt, size = kind[name], math.prod(shape)
-            setattr(self, name, buffers[dt][offsets[dt]:offsets[dt] + size].reshape(shape))
-            offsets[dt] += size
+        self.memory, self.stats = allocate_views(self, xp, activation_shapes(config, B, T, attention),
+                                                 floatx, FP32_ACTIVATIONS)
 
     def nbytes(self) -> int:
         return self.memory.nbytes + (self.stats.nbytes if self.stats is not None else 0)
 
 
-def _mix32(h: int) -> int:
-    """A 32-bit integer hash (the finaliser of kernels/common.cuh's mix32)."""
-    h &= 0xFFFFFFFF
-    h ^= h >> 16
-    h = (h * 0x7FEB352D) & 0xFFFFFFFF
-    h ^= h >> 15
-    h = (h * 0x846CA68B) & 0xFFFFFFFF
-    return h ^ (h >> 16)
-
-
-def _rounding_seed(seed: int, step: int, tensor: int) -> int:
-    """The stochastic-rounding seed of parameter tensor `tensor` at `step`: distinct
-    per tensor and step (llm.c draws one per tensor from its RNG), a pure function
-    of them so a resumed run rounds exactly as the uninterrupted one."""
-    return _mix32(_mix32(_mix32(seed) ^ step) ^ (tensor + 1))
-
-
-class GPT2(FlatAdamW):
+class GPT2(MixedPrecisionAdamW):
     """GPT-2 whose every layer runs a kernel from kernels/ (device "cuda" or "emu").
 
     dtype "fp32" or "bf16" (module doc); params: float32 values (a bf16 model rounds
@@ -187,38 +154,21 @@ class GPT2(FlatAdamW):
             raise ValueError(f"GPT2: dtype 'bf16' needs attention='flash' (the 'simple' attention "
                              f"kernels are fp32 only), got attention={attention!r}")
         self.attention = attention
-        self.dtype = dtype
-        self.floatx = DTYPES[dtype]
         self.seed = seed
         self.backend = runtime.get_backend("cuda" if device == "cuda" else "emu")
         self.device = self.backend.name
-        xp = self.xp = self.backend.xp
+        self.xp = self.backend.xp
         if params is None:
             params = init_parameters(config, seed)
-        allowed = (np.dtype(np.float32),) + ((self.floatx,) if dtype == "bf16" else ())
-        if tuple(params.shape) != (config.num_parameters(),) or params.dtype not in allowed:
-            want = " or ".join(str(d) for d in allowed)
-            raise ValueError(f"GPT2: params must be {want} of shape ({config.num_parameters()},), "
-                             f"got {params.dtype} {tuple(params.shape)}")
+        check_params_dtype("GPT2", params, config.num_parameters(), dtype)
         self.config = config
-        self.master = None  # the fp32 master copy of a bf16 model (master_weights=True)
-        if dtype == "fp32" or params.dtype == self.floatx:
-            self.params = xp.asarray(params)  # on the GPU a device copy; under emu the array itself
-        else:
-            self.params = xp.asarray(float32_to_bf16_bits(params))
-        if dtype == "bf16" and master_weights:
-            self.master = (xp.array(params) if params.dtype == np.float32
-                           else bf16_bits_to_float32(self.params).copy())
+        self.set_parameters(params, dtype, master_weights)  # self.params, self.master
         self.p = parameter_views(config, self.params)
         self.grads = self.g = None
         self.m = self.v = None
         self.acts: Activations | None = None
         self._scratch = None
         self._inputs = self._targets = None
-
-    @property
-    def master_weights(self) -> bool:
-        return self.master is not None
 
     def _to_device(self, a, name):
         a = np.asarray(a.get() if hasattr(a, "get") else a)
@@ -271,65 +221,8 @@ class GPT2(FlatAdamW):
         backward_layers(KERNEL_OPS, cfg, p, g, a, a.logits, self._inputs, self._backward_scratch(B, T))
         self._targets = None  # the logits are gone: a second backward needs a new forward
 
-    def update(self, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=None,
-               grad_norm=None, shard=None):
-        """AdamW at 1-based `step`; returns the gradient norm before clipping
-        (grad_norm: the norm from grad_norm(), if the caller has it already;
-        shard=(lo, hi): ZeRO-1, as llmcu/cpu/gpt2.GPT2.update, fp32 only)."""
-        if self.dtype == "fp32":  # FlatAdamW's, as the NumPy model
-            return super().update(lr, step, beta1, beta2, eps, weight_decay, grad_clip, grad_norm,
-                                  shard)
-        if self.grads is None:
-            raise RuntimeError("GPT2.update: no gradients; call backward first")
-        if shard is not None:
-            raise ValueError(f"GPT2.update: shard= (ZeRO-1, -z 1) is fp32 only, this model is "
-                             f"{self.dtype}; use -z 0 or --dtype fp32")
-        if self.m is None:
-            n = self.params.size if shard is None else shard[1] - shard[0]
-            self.m = self.xp.zeros(n, dtype=np.float32)
-            self.v = self.xp.zeros(n, dtype=np.float32)
-        norm = global_norm(self.grads) if grad_norm is None else float(grad_norm)
-        scale = clip_scale(norm, grad_clip)
-        # bf16: llmcu/cpu/flat_adamw.update_parameters' loop, with the master copy and a
-        # stochastic-rounding seed per tensor
-        for t, (name, sl, _) in enumerate(parameter_slices(self.config)):
-            master = self.master[sl] if self.master is not None else None
-            adamw_update(self.params[sl], self.grads[sl], self.m[sl], self.v[sl], step, lr, beta1,
-                         beta2, eps, weight_decay if name in DECAYED else 0.0, scale,
-                         master_params=master, seed=_rounding_seed(self.seed, step, t))
-        return norm
-
     def sampler(self) -> "GPT2":
         """A model sharing these parameters with its own activations (for sampling).
         A bf16 model's sampler runs in bf16 (acts.logits holds bf16 bits) without a master copy."""
         return GPT2(self.config, self.params, device=self.device, attention=self.attention,
                     dtype=self.dtype, master_weights=False)
-
-    def params_host(self) -> np.ndarray:
-        """The parameters as a float32 NumPy array: fp32, the buffer itself under emu and
-        a copy on the GPU; bf16, the bf16 parameters widened exactly (a new array): what
-        the forward computes with and what a version 5 checkpoint stores."""
-        if self.dtype == "bf16":
-            return _host(bf16_bits_to_float32(self.params))
-        return super().params_host()
-
-    def master_host(self) -> np.ndarray | None:
-        """The fp32 master parameters as a NumPy array (a copy), None without them."""
-        return None if self.master is None else np.array(_host(self.master))
-
-    def load_optimizer_state(self, m: np.ndarray, v: np.ndarray, shard=None, master=None) -> None:
-        """Set AdamW's moments (from a checkpoint); the next update continues from them
-        (shard=(lo, hi): ZeRO-1's shard of the moments). master: the fp32 master
-        parameters a bf16 run with master weights saved; None keeps the current ones
-        (those made from the parameters the model was built with)."""
-        if master is not None:
-            if self.master is None:
-                raise ValueError(f"GPT2.load_optimizer_state: master weights given, but this "
-                                 f"model ({self.dtype}, master_weights=False) keeps none; resume a "
-                                 f"run with master weights as --dtype bf16 -w 1")
-            if master.dtype != np.float32 or tuple(master.shape) != tuple(self.params.shape):
-                raise ValueError(f"GPT2.load_optimizer_state: master must be float32 of shape "
-                                 f"{tuple(self.params.shape)}, got {master.dtype} {master.shape}")
-        super().load_optimizer_state(m, v, shard)  # checks m and v before the master is set
-        if master is not None:
-            self.master[...] = self.xp.asarray(master)

@@ -12,7 +12,14 @@ the same kernels on the CPU (llmcu.emu) on NumPy arrays, for tests.
 
 Differences from the oracle, as llmcu/cuda/gpt2.py: no probabilities buffer;
 backward() overwrites acts.logits with dlogits (llm.c's fused classifier).
-Everything is float32 (floatX = float).
+
+Precision: Llama(..., dtype="fp32") (the default) keeps everything float32, as
+the oracle. dtype="bf16" is GPT-2's mixed precision (llmcu/cuda/gpt2.py,
+llmcu/cuda/mixed_precision.py): parameters, gradients, activations, logits
+in bf16 (uint16 bits); the RMSNorm rstd, attention's lse, the losses
+(FP32_ACTIVATIONS), the RoPE tables, the AdamW moments and, with
+master_weights=True, an fp32 master copy of the parameters (stochastically
+rounded to bf16 after each update) in float32. No ZeRO-1 shard in bf16.
 """
 
 from __future__ import annotations
@@ -22,9 +29,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..config import parameter_views
-from ..cpu.flat_adamw import FlatAdamW
-from ..cpu.llama import (DECAYED, Activations, backward_layers, backward_scratch, check_inputs,
-                         check_params, forward_layers, init_parameters, rope_tables)
+from ..cpu.llama import (DECAYED, activation_shapes, backward_layers, backward_scratch,
+                         check_inputs, check_params, forward_layers, init_parameters, rope_tables)
 from ..llama_config import LlamaConfig
 from . import runtime
 from .adamw import adamw_update, global_norm
@@ -32,6 +38,7 @@ from .attention import flash_attention_backward, flash_attention_forward
 from .classifier import crossentropy_forward, fused_classifier_dlogits
 from .encoder import encoder_backward, encoder_forward
 from .matmul import matmul_backward, matmul_forward
+from .mixed_precision import MixedPrecisionAdamW, allocate_views, check_dtype, check_params_dtype
 from .residual import residual_forward
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .rope import rope_backward, rope_forward
@@ -47,29 +54,58 @@ LLAMA_KERNEL_OPS = SimpleNamespace(
     geglu_forward=geglu_forward, geglu_backward=geglu_backward,
     residual_forward=residual_forward, adamw_update=adamw_update, global_norm=global_norm)
 
+# Activations that stay float32 whatever the dtype: norm statistics, attention's lse, losses.
+FP32_ACTIVATIONS = frozenset({"ln1_rstd", "ln2_rstd", "lnf_rstd", "att_lse", "losses"})
 
-class Llama(FlatAdamW):
+
+class Activations:
+    """The activations of a (B,T) step (llmcu/cpu/llama.activation_shapes) as named
+    views of one floatX buffer `memory` (float32, or uint16 bf16 bits) and, in bf16,
+    one float32 buffer `stats` for FP32_ACTIVATIONS."""
+
+    def __init__(self, xp, config: LlamaConfig, B: int, T: int, floatx=np.float32):
+        self.B, self.T = B, T
+        self.memory, self.stats = allocate_views(self, xp, activation_shapes(config, B, T),
+                                                 floatx, FP32_ACTIVATIONS)
+
+    def nbytes(self) -> int:
+        return self.memory.nbytes + (self.stats.nbytes if self.stats is not None else 0)
+
+
+class Llama(MixedPrecisionAdamW):
     """Llama/Gemma whose every layer runs a kernel from kernels/ (device "cuda" or "emu").
 
+    dtype "fp32" or "bf16" (module doc); params: float32 values (a bf16 model rounds
+    them to nearest for its bf16 copy and keeps them as the fp32 master copy), or, for
+    dtype "bf16" only, a uint16 array of bf16 bits, which the model then shares.
     The gradient and optimizer bookkeeping (zero_grad, grad_norm, update with
-    ZeRO-1 shards, optimizer_state, ...) is FlatAdamW's, on the device arrays."""
+    ZeRO-1 shards in fp32, optimizer_state, ...) is FlatAdamW's, on the device
+    arrays, with the bf16 update of llmcu/cuda/mixed_precision.py."""
 
     OPS = LLAMA_KERNEL_OPS
     DECAYED = DECAYED
 
-    def __init__(self, config: LlamaConfig, params=None, seed: int = 42, device: str = "cuda"):
+    def __init__(self, config: LlamaConfig, params=None, seed: int = 42, device: str = "cuda",
+                 dtype: str = "fp32", master_weights: bool = True):
         if device not in ("cuda", "emu"):
             raise ValueError(f"Llama: device must be 'cuda' or 'emu', got {device!r}")
+        check_dtype("Llama", dtype)
+        self.seed = seed
         self.backend = runtime.get_backend(device)
         self.device = self.backend.name
         xp = self.xp = self.backend.xp
         if params is None and isinstance(config, LlamaConfig):
             params = init_parameters(config, seed)
-        check_params("Llama", config, params)
+        if dtype == "bf16" and getattr(params, "dtype", None) == np.uint16 and isinstance(config, LlamaConfig):
+            check_params_dtype("Llama", params, config.num_parameters(), dtype)  # shared bf16 bits
+        else:
+            check_params("Llama", config, params)
         self.config = config
-        self.params = xp.asarray(params)  # a device copy on the GPU; the array itself under emu
+        self.set_parameters(params, dtype, master_weights)  # self.params, self.master
         self.p = parameter_views(config, self.params)
         self.tables = rope_tables(config, xp)
+        if dtype == "bf16":  # the encoder's zero position table in floatX (bf16 zero: bits 0)
+            self.tables.no_wpe = xp.zeros(self.tables.no_wpe.shape, dtype=self.floatx)
         self.grads = self.g = None
         self.m = self.v = None
         self.acts: Activations | None = None
@@ -84,7 +120,7 @@ class Llama(FlatAdamW):
         if targets is not None:
             targets = xp.asarray(np.ascontiguousarray(targets, dtype=np.int32))
         if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
-            self.acts = Activations(xp, cfg, B, T)
+            self.acts = Activations(xp, cfg, B, T, self.floatx)
         a = self.acts
         forward_layers(LLAMA_KERNEL_OPS, cfg, self.p, a, inputs, self.tables)
         self._inputs, self._targets = inputs, targets
@@ -95,7 +131,7 @@ class Llama(FlatAdamW):
 
     def _backward_scratch(self, B, T):
         if self._scratch is None or self._scratch["dres"].shape[:2] != (B, T):
-            self._scratch = backward_scratch(lambda *shape: self.xp.zeros(shape, dtype=np.float32),
+            self._scratch = backward_scratch(lambda *shape: self.xp.zeros(shape, dtype=self.floatx),
                                              self.config, B, T)
         return self._scratch
 
@@ -114,5 +150,7 @@ class Llama(FlatAdamW):
         self._targets = None  # the logits are gone: a second backward needs a new forward
 
     def sampler(self) -> "Llama":
-        """A model sharing these parameters with its own activations (for sampling)."""
-        return Llama(self.config, self.params, device=self.device)
+        """A model sharing these parameters with its own activations (for sampling).
+        A bf16 model's sampler runs in bf16 without a master copy."""
+        return Llama(self.config, self.params, device=self.device, dtype=self.dtype,
+                     master_weights=False)
