@@ -435,13 +435,16 @@ def test_nccl_world_size_1_matches_plain_cuda_run(files, zero):
     """The NCCL path on one GPU (torchrun, world size 1): the same run as without a
     communicator, bit for bit (a 1-rank all-reduce / reduce-scatter / all-gather copies, the
     mean multiplies by 1.0, the shard is the whole buffer). Multi-GPU: not measured here.
-    Written without a GPU at hand: not yet run on one."""
+    Passed on an H200 (2026-11-28) once both runs were pinned to fp32."""
     plain = files / f"cuda_plain_z{zero}"
-    r = subprocess.run([sys.executable, *_train_cmd(files, plain, "--device", "cuda")], env=ENV,
+    # --dtype fp32 on both: "auto" would make the single-process run bf16 on a bf16 GPU and
+    # the data-parallel one fp32 (seen on an H200, 2026-11-28: losses differed at step 0)
+    r = subprocess.run([sys.executable, *_train_cmd(files, plain, "--device", "cuda", "--dtype", "fp32")], env=ENV,
                        capture_output=True, text=True, timeout=300, cwd=files)
     assert r.returncode == 0, r.stderr[-3000:]
     nccl = files / f"cuda_nccl_z{zero}"
-    r = _torchrun(files, nccl, "--device", "cuda", "--dist-backend", "nccl", "-z", zero, nproc=1)
+    r = _torchrun(files, nccl, "--device", "cuda", "--dtype", "fp32", "--dist-backend", "nccl", "-z", zero,
+                  nproc=1)
     assert f"data parallel: 1 process(es), nccl, -z {zero}" in r.stdout
     (loss, norm, _), (ref_loss, ref_norm, _) = _run_log(nccl), _run_log(plain)
     assert loss == ref_loss

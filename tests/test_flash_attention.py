@@ -395,3 +395,19 @@ def test_flash_kernels_deterministic(dev, version):
     second = run(dev, qkv, dout, 4, 2)
     for a, b in zip(first, second):
         assert np.array_equal(a, b, equal_nan=False)
+
+
+def test_auto_version_picks_tensor_cores_only_for_bf16_hs64_on_a_gpu():
+    """version="auto" (the default): version 2 where it is faster and fits (bf16, hs=64,
+    a GPU); version 1 everywhere else, including every emulated call."""
+    from llmcu import cuda as llmcu_cuda
+    from llmcu.cuda.attention import pick_flash_version
+    bf16 = np.zeros((1, 4, 3 * 2 * 64), np.uint16)
+    fp32 = np.zeros((1, 4, 3 * 2 * 64), np.float32)
+    assert pick_flash_version(bf16, 2) == 1 and pick_flash_version(fp32, 2) == 1  # emu arrays
+    assert pick_flash_version(bf16, 2, version=2) == 2  # explicit wins
+    if llmcu_cuda.is_available():
+        import cupy
+        assert pick_flash_version(cupy.asarray(bf16), 2) == 2
+        assert pick_flash_version(cupy.asarray(fp32), 2) == 1
+        assert pick_flash_version(cupy.zeros((1, 4, 3 * 2 * 128), np.uint16), 2) == 1

@@ -20,9 +20,9 @@ before that one rounding, cuBLAS's beta = 1):
 - cuda: cublasGemmEx / cublasGemmStridedBatchedEx with CUDA_R_16BF inputs and
   output and CUBLAS_COMPUTE_32F, on the raw device pointers, through CuPy's
   cuBLAS bindings (cupy_backends.cuda.libs.cublas) and CuPy's per-device
-  handle on the current stream. NOT TESTED: written from the cuBLAS
-  documentation on a machine without a GPU; tests/test_kernels_bf16.py runs it
-  (the "cuda" parameter) on the first machine with one.
+  handle on the current stream. tests/test_kernels_bf16.py's "cuda" cases
+  passed on an H200 (2026-11-28) once accumulate went through an fp32 product
+  (gemm's comment says why).
 
 cuBLAS is column-major. A row-major (R,S) array is, to cuBLAS, its (S,R)
 transpose with leading dimension S. So the row-major product
@@ -88,8 +88,16 @@ def gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False):
             xp.matmul(_op(a, transpose_a), _op(b, transpose_b), out=out)
     elif be.name == "emu":
         _emu_bf16(out, a, b, transpose_a, transpose_b, accumulate)
+    elif accumulate:
+        # out += product with ONE rounding: the product in fp32 (bf16 inputs, fp32 output),
+        # then the sum in fp32, rounded once. cuBLAS's own beta = 1 on a bf16 out rounded
+        # twice on an H200 (2026-11-28: dweight up to one bf16 ulp off, tests/test_kernels_bf16.py).
+        product = xp.empty((M, N), dtype=np.float32)
+        _cublas_bf16(product, a, b, M, K, N, transpose_a, transpose_b, False, batch=None,
+                     out_type=CUDA_R_32F)
+        out[...] = float32_to_bf16_bits(bf16_bits_to_float32(out) + product)
     else:
-        _cublas_bf16(out, a, b, M, K, N, transpose_a, transpose_b, accumulate, batch=None)
+        _cublas_bf16(out, a, b, M, K, N, transpose_a, transpose_b, False, batch=None)
 
 
 def gemm_strided_batched(out, a, b, transpose_a=False, transpose_b=False):
@@ -112,13 +120,15 @@ def _emu_bf16(out, a, b, transpose_a, transpose_b, accumulate):
     out[...] = float32_to_bf16_bits(product)
 
 
-def _cublas_bf16(out, a, b, M, K, N, transpose_a, transpose_b, accumulate, batch):
-    """cublasGemmEx / cublasGemmStridedBatchedEx, bf16 in and out, fp32 compute (GPU only)."""
+def _cublas_bf16(out, a, b, M, K, N, transpose_a, transpose_b, accumulate, batch, out_type=CUDA_R_16BF):
+    """cublasGemmEx / cublasGemmStridedBatchedEx, bf16 in, bf16 (or fp32: out_type) out,
+    fp32 compute (GPU only)."""
     import cupy
     from cupy_backends.cuda.libs import cublas
 
-    if out.dtype != BF16:
-        raise TypeError(f"gemm: out must have dtype uint16 (bf16), got {out.dtype}")
+    want = BF16 if out_type == CUDA_R_16BF else FLOAT32
+    if out.dtype != want:
+        raise TypeError(f"gemm: out must have dtype {want}, got {out.dtype}")
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)  # alpha/beta are host floats
     alpha, beta = _ONE.ctypes.data, (_ONE if accumulate else _ZERO).ctypes.data
@@ -132,11 +142,11 @@ def _cublas_bf16(out, a, b, M, K, N, transpose_a, transpose_b, accumulate, batch
         cublas.gemmEx(handle, op_b, op_a, N, M, K,
                       alpha, b.data.ptr, CUDA_R_16BF, ld_b,
                       a.data.ptr, CUDA_R_16BF, ld_a,
-                      beta, out.data.ptr, CUDA_R_16BF, ld_out,
+                      beta, out.data.ptr, out_type, ld_out,
                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
     else:
         cublas.gemmStridedBatchedEx(handle, op_b, op_a, N, M, K,
                                     alpha, b.data.ptr, CUDA_R_16BF, ld_b, b.shape[1] * b.shape[2],
                                     a.data.ptr, CUDA_R_16BF, ld_a, a.shape[1] * a.shape[2],
-                                    beta, out.data.ptr, CUDA_R_16BF, ld_out, M * N,
+                                    beta, out.data.ptr, out_type, ld_out, M * N,
                                     batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)

@@ -153,10 +153,13 @@ class Backend:
 
 
 def _cuda_header_options(floatX: str) -> tuple[str, ...]:
-    """NVRTC include path for cuda_bf16.h (common.cuh includes it for bf16).
-    CuPy cannot bundle that header, so it comes from the CUDA toolkit CuPy
-    finds, else from NVIDIA's pip packages (nvidia/*/include). None found:
-    rely on CuPy's own include paths. Untested without a GPU."""
+    """NVRTC include path for cuda_bf16.h (common.cuh includes it for bf16) and, for
+    the tensor-core attention, mma.h with its crt/mma.h. CuPy cannot bundle these, so
+    they come from the CUDA toolkit CuPy finds, $CUDA_HOME / $CUDA_PATH,
+    /usr/local/cuda, or NVIDIA's pip packages (nvidia/*/include); a directory holding
+    both headers wins over one with cuda_bf16.h alone (on an H200 machine, 2026-11-28,
+    the CUDA 13 pip headers lacked crt/ and the toolkit's had it). None found: rely on
+    CuPy's own include paths."""
     if floatX != "__nv_bfloat16":
         return ()
     import cupy
@@ -167,16 +170,21 @@ def _cuda_header_options(floatX: str) -> tuple[str, ...]:
             candidates.append(Path(root) / "include")
     except Exception:  # an old CuPy without get_cuda_path
         pass
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
     try:
         import nvidia  # namespace package of the nvidia-*-cu12/cu13 wheels
         for base in nvidia.__path__:
             candidates += sorted(Path(base).glob("*/include"))
     except ImportError:
         pass
-    for include in candidates:
-        if (include / "cuda_bf16.h").is_file():
+    with_bf16 = [c for c in candidates if (c / "cuda_bf16.h").is_file()]
+    for include in with_bf16:
+        if (include / "crt" / "mma.h").is_file():
             return (f"--include-path={include}",)
-    return ()
+    return (f"--include-path={with_bf16[0]}",) if with_bf16 else ()
 
 
 @functools.lru_cache(maxsize=None)
