@@ -246,8 +246,7 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
     if (cfg.checkpoint_every > 0 or cfg.resume) and not cfg.output_dir:
         raise ValueError("-n (checkpoints) and -y 1 (resume) need an output dir: pass -o DIR")
     data_parallel = comm.backend != "none" or bool(cfg.zero_stage)
-    # "auto" means bf16 where it is available: one process (here) and a bf16 GPU (make_model)
-    dtype = "fp32" if cfg.dtype == "auto" and data_parallel else cfg.dtype
+    dtype = resolve_dtype(cfg.dtype, cfg.device, data_parallel=data_parallel)  # "auto" resolved once
     resumed = None
     if cfg.resume:
         resumed = checkpoint.load_latest(cfg.output_dir, cfg.model, rank, world,
