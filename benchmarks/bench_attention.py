@@ -9,6 +9,7 @@ warm-up, one row per implementation:
 
   llmcu flash v1 fp32    attention_flash_*_kernel1 (scalar fp32, the readable version)
   llmcu flash v2 bf16    attention_flash_*_kernel2 (wmma tensor cores, bf16 in, fp32 accumulate)
+  llmcu flash v3 bf16    attention_flash_*_kernel3 (mma.sync, scores and output in registers)
   llmcu simple fp32      permute + cuBLAS GEMMs (CuPy) + softmax kernels, (B,NH,T,T) stored
   torch sdpa flash bf16  F.scaled_dot_product_attention, SDPBackend.FLASH_ATTENTION, is_causal
   torch sdpa efficient fp32  the same with SDPBackend.EFFICIENT_ATTENTION (flash has no fp32):
@@ -93,18 +94,20 @@ def llmcu_rows(qkv32, dout32, NH, reps):
     rows["llmcu flash v1 fp32"] = (cuda_time(v1_fwd, reps), cuda_time(v1_both, reps), out.get())
 
     qkv16, dout16 = float32_to_bf16_bits(qkv), float32_to_bf16_bits(dout)
-    out16, dqkv16 = cupy.empty((B, T, C), np.uint16), cupy.empty_like(qkv16)
+    for version, how in ((2, "wmma"), (3, "mma.sync")):
+        out16, dqkv16 = cupy.empty((B, T, C), np.uint16), cupy.empty_like(qkv16)
 
-    def v2_fwd():
-        k.flash_attention_forward(out16, lse, qkv16, NH, version=2)
+        def fwd(version=version, out16=out16):
+            k.flash_attention_forward(out16, lse, qkv16, NH, version=version)
 
-    def v2_both():
-        v2_fwd()
-        k.flash_attention_backward(dqkv16, dout16, qkv16, out16, lse, NH, version=2)
-    try:
-        rows["llmcu flash v2 bf16"] = (cuda_time(v2_fwd, reps), cuda_time(v2_both, reps), out16)
-    except Exception as e:  # e.g. the module was built without the version-2 kernels
-        print(f"llmcu flash v2 bf16: failed: {type(e).__name__}: {e}")
+        def both(version=version, out16=out16, dqkv16=dqkv16):
+            fwd()
+            k.flash_attention_backward(dqkv16, dout16, qkv16, out16, lse, NH, version=version)
+        name = f"llmcu flash v{version} bf16 ({how})"
+        try:
+            rows[name] = (cuda_time(fwd, reps), cuda_time(both, reps), out16)
+        except Exception as e:  # e.g. the module was built without the tensor-core kernels
+            print(f"{name}: failed: {type(e).__name__}: {e}")
 
     att = cupy.empty((B, NH, T, T), np.float32)
 
@@ -190,7 +193,7 @@ def main(argv=None) -> int:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"\ncausal attention B={B} NH={NH} T={T} hs={hs} on {card}, {date}, commit {commit}")
     print(f"FLOPs: forward {fwd_flops / 1e9:.1f} G, forward+backward {both_flops / 1e9:.1f} G")
-    print(f"{'implementation':<28} {'fwd ms':>8} {'TFLOP/s':>8} {'fwd+bwd ms':>11} {'TFLOP/s':>8}  max|out - fp32 ref|")
+    print(f"{'implementation':<34} {'fwd ms':>8} {'TFLOP/s':>8} {'fwd+bwd ms':>11} {'TFLOP/s':>8}  max|out - fp32 ref|")
     ref = rows["llmcu simple fp32"][2]
     results = []
     for name, (t_fwd, t_both, out) in rows.items():
@@ -198,7 +201,7 @@ def main(argv=None) -> int:
             from llmcu.formats import bf16_bits_to_float32
             out = bf16_bits_to_float32(out.get())
         err = float(np.abs(out - ref).max())
-        print(f"{name:<28} {t_fwd:>8.3f} {fwd_flops / t_fwd / 1e9:>8.1f} {t_both:>11.3f} "
+        print(f"{name:<34} {t_fwd:>8.3f} {fwd_flops / t_fwd / 1e9:>8.1f} {t_both:>11.3f} "
               f"{both_flops / t_both / 1e9:>8.1f}  {err:.2e}")
         results.append(dict(name=name, fwd_ms=t_fwd, fwd_tflops=fwd_flops / t_fwd / 1e9, fwd_bwd_ms=t_both,
                             fwd_bwd_tflops=both_flops / t_both / 1e9, max_abs_diff_vs_simple_fp32=err))

@@ -41,7 +41,11 @@
 //      of a 32-row tile; never stores T*T scores (d12 B=16 T=1024: 9 GiB of
 //      att -> 9 MiB of lse, arithmetic); speed not measured.
 //   flash 2 (attention_flash_*_kernel2): the same on tensor cores (wmma, bf16 in,
-//      fp32 accumulate), 64-row tiles, 4 warps; speed not measured.
+//      fp32 accumulate), 64-row tiles, 4 warps, scores and output accumulator in
+//      shared memory. H200, B=16 NH=12 T=1024: 6.8 ms fwd+bwd, 10x PyTorch's flash.
+//   flash 3 (attention_flash_*_kernel3): FlashAttention-2 style, mma.sync with
+//      scores, probabilities and accumulators in registers, cp.async tile loads,
+//      hs = 64 only; speed not measured on a GPU yet.
 #include "common.cuh"
 
 extern "C" __global__ void attention_permute_kernel1(floatX* __restrict__ q,
@@ -772,4 +776,455 @@ extern "C" __global__ void attention_flash_backward_dkdv_kernel2(bf16* __restric
     if (hs == 64) { flash2_backward_dkdv<64>(dqkv, dout, qkv, lse, D, T, NH, NKV, scale); }
     else { flash2_backward_dkdv<128>(dqkv, dout, qkv, lse, D, T, NH, NKV, scale); }
 }
+// ============================================================================
+// Version 3: FlashAttention-2-style tensor-core kernels, bf16 in, fp32
+// accumulate, head size 64 only (GPT-2 124M..1.5B, Llama 3.2 1B).
+//
+// What changes against version 2: the scores, probabilities and the output
+// accumulator never leave registers. Each warp owns 16 query rows (forward, dq)
+// or 16 key rows (dkdv) of a 64-row tile and keeps them as mma.sync.m16n8k16
+// fragments: S = Q K^T lands in the accumulator fragment layout, the online
+// softmax works on it in place (a row's 64 scores sit on the 4 lanes of a quad,
+// so a row max or sum is two shuffles), and the rounded probabilities are
+// repacked as the A operand of the next product without a trip through shared
+// memory. Shared memory only holds the K/V (or Q/dO) tiles, with rows padded to
+// 72 elements so the 8 rows an ldmatrix reads fall in different banks; tiles come in
+// with cp.async (16 bytes per instruction). Query tiles run longest-first.
+//
+//   attention_flash_forward_kernel3, attention_flash_backward_dq_kernel3:
+//       grid (CEIL_DIV(T, 64), NH, B); attention_flash_backward_dkdv_kernel3:
+//       grid (CEIL_DIV(T, 64), NKV, B); block 128 (4 warps); static shared
+//       memory only: forward 27 KiB, dq 36 KiB, dkdv 36.5 KiB.
+//   The backward preprocess (D = rowsum(dout * out)) is version 2's kernel.
+//
+// Three PTX instructions do the tensor-core work (mma.sync, ldmatrix, cp.async),
+// each behind one small function (flash3_mma, flash3_ldmatrix[_trans],
+// flash3_cp16). Under the emulator (LLMCU_EMU) those functions are written out
+// with warp shuffles from the fragment layouts in the PTX ISA manual ("Matrix
+// fragments for mma.m16n8k16 with floating point type", "ldmatrix"), so every
+// index computation of the kernels around them runs and is tested on the CPU;
+// only the three functions' GPU versions are GPU-only.
+//
+// Fragment layouts (lane = 4 * g + t, g = lane / 4, t = lane % 4), two bf16 per
+// 32-bit register, the lower column/row index in the low half:
+//   A (16x16, row): a[0] = A[g][2t, 2t+1], a[1] = A[g+8][2t, 2t+1],
+//                   a[2] = A[g][2t+8, 2t+9], a[3] = A[g+8][2t+8, 2t+9]
+//   B (16x8, col):  b[0] = B[2t, 2t+1][g], b[1] = B[2t+8, 2t+9][g]
+//   C/D (16x8 fp32): c[0], c[1] = C[g][2t, 2t+1]; c[2], c[3] = C[g+8][2t, 2t+1]
+// ldmatrix.x4: lanes 8m..8m+7 give the row addresses of 8x8 matrix m; each
+// lane gets, in register m, row g of matrix m at columns 2t, 2t+1 (.trans: rows
+// 2t and 2t+1 at column g).
+//
+// Speed: not measured on a GPU yet (benchmarks/bench_attention.py).
+#define FLASH3_TILE 64
+#define FLASH3_HS 64
+#define FLASH3_LD (FLASH3_HS + 8)  // padded shared row: 144 bytes
+#define FLASH3_THREADS 128
+#define FLASH3_LOG2E 1.4426950408889634f
+#define FLASH3_LN2 0.6931471805599453f
+
+typedef bf16 flash3_tile[FLASH3_TILE][FLASH3_LD];
+
+__device__ __forceinline__ unsigned flash3_pack(float lo, float hi) {
+    return (unsigned)__bfloat16_as_ushort(__float2bfloat16(lo)) |
+           ((unsigned)__bfloat16_as_ushort(__float2bfloat16(hi)) << 16);
+}
+__device__ __forceinline__ float flash3_lo(unsigned x) { return __uint_as_float(x << 16); }
+__device__ __forceinline__ float flash3_hi(unsigned x) { return __uint_as_float(x & 0xffff0000u); }
+
+#ifndef LLMCU_EMU
+// d (16x8 fp32) += a (16x16 bf16) * b (16x8 bf16), one warp.
+__device__ __forceinline__ void flash3_mma(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// Four 8x8 bf16 matrices from shared memory; p is this lane's row address.
+__device__ __forceinline__ void flash3_ldmatrix(unsigned* r, const bf16* p) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+__device__ __forceinline__ void flash3_ldmatrix_trans(unsigned* r, const bf16* p) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+// 16 bytes global -> shared without passing through registers; flash3_cp_wait
+// waits for all of this thread's copies (then a __syncthreads publishes them).
+__device__ __forceinline__ void flash3_cp16(bf16* smem, const bf16* gmem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void flash3_cp_wait() {
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void flash3_store2(bf16* p, unsigned v) { *reinterpret_cast<unsigned*>(p) = v; }
+#else
+// The emulator's versions: the same results from the layouts above, gathered
+// with shuffles (fp32 sums in a fixed order; the tensor core's order is its own).
+__device__ __forceinline__ void flash3_mma(float* d, const unsigned* a, const unsigned* b) {
+    const int lane = threadIdx.x % WARP_SIZE, g = lane / 4, t = lane % 4;
+    for (int half = 0; half < 2; half++) {  // k in [8 half, 8 half + 8)
+        for (int q = 0; q < 4; q++) {       // the pair k = 8 half + 2q, +1
+            const unsigned a_top = __shfl_sync(0xffffffff, a[2 * half], 4 * g + q);      // A[g][k..]
+            const unsigned a_bot = __shfl_sync(0xffffffff, a[2 * half + 1], 4 * g + q);  // A[g+8][k..]
+            const unsigned b_c0 = __shfl_sync(0xffffffff, b[half], 4 * (2 * t) + q);     // B[k..][2t]
+            const unsigned b_c1 = __shfl_sync(0xffffffff, b[half], 4 * (2 * t + 1) + q); // B[k..][2t+1]
+            d[0] += flash3_lo(a_top) * flash3_lo(b_c0) + flash3_hi(a_top) * flash3_hi(b_c0);
+            d[1] += flash3_lo(a_top) * flash3_lo(b_c1) + flash3_hi(a_top) * flash3_hi(b_c1);
+            d[2] += flash3_lo(a_bot) * flash3_lo(b_c0) + flash3_hi(a_bot) * flash3_hi(b_c0);
+            d[3] += flash3_lo(a_bot) * flash3_lo(b_c1) + flash3_hi(a_bot) * flash3_hi(b_c1);
+        }
+    }
+}
+__device__ __forceinline__ unsigned flash3_bits2(const bf16* lo, const bf16* hi) {
+    return (unsigned)__bfloat16_as_ushort(*lo) | ((unsigned)__bfloat16_as_ushort(*hi) << 16);
+}
+__device__ __forceinline__ void flash3_ldmatrix(unsigned* r, const bf16* p) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    for (int m = 0; m < 4; m++) {
+        const bf16* row = __shfl_sync(0xffffffff, p, 8 * m + lane / 4);
+        r[m] = flash3_bits2(row + 2 * (lane % 4), row + 2 * (lane % 4) + 1);
+    }
+}
+__device__ __forceinline__ void flash3_ldmatrix_trans(unsigned* r, const bf16* p) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    for (int m = 0; m < 4; m++) {
+        const bf16* row0 = __shfl_sync(0xffffffff, p, 8 * m + 2 * (lane % 4));
+        const bf16* row1 = __shfl_sync(0xffffffff, p, 8 * m + 2 * (lane % 4) + 1);
+        r[m] = flash3_bits2(row0 + lane / 4, row1 + lane / 4);
+    }
+}
+__device__ __forceinline__ void flash3_cp16(bf16* smem, const bf16* gmem) {
+    for (int e = 0; e < 8; e++) { smem[e] = gmem[e]; }
+}
+__device__ __forceinline__ void flash3_cp_wait() {}
+__device__ __forceinline__ void flash3_store2(bf16* p, unsigned v) {
+    p[0] = __ushort_as_bfloat16((unsigned short)(v & 0xffffu));
+    p[1] = __ushort_as_bfloat16((unsigned short)(v >> 16));
+}
+#endif
+
+// Rows [row0, row0 + 64) of a (rows, ld) bf16 matrix, 64 columns from src, into a
+// padded shared tile (cp.async); rows >= T become zeros. The caller waits
+// (flash3_cp_wait) and synchronises.
+__device__ __forceinline__ void flash3_load_tile(flash3_tile tile, const bf16* src, int row0, int T, long long ld) {
+    for (int i = threadIdx.x; i < FLASH3_TILE * FLASH3_HS / 8; i += blockDim.x) {
+        const int r = i / (FLASH3_HS / 8), c = (i % (FLASH3_HS / 8)) * 8;
+        if (row0 + r < T) {
+            flash3_cp16(&tile[r][c], src + (long long)(row0 + r) * ld + c);
+        } else {
+            for (int e = 0; e < 8; e++) { tile[r][c + e] = __float2bfloat16(0.0f); }
+        }
+    }
+}
+
+// A fragments (16 rows x 64 columns, 4 k-steps of 16) of this warp's rows [row0, row0 + 16).
+__device__ __forceinline__ void flash3_load_a(unsigned (*frag)[4], const flash3_tile tile, int row0) {
+    const int lane = threadIdx.x % WARP_SIZE;
+#pragma unroll
+    for (int kk = 0; kk < FLASH3_HS / 16; kk++) {
+        flash3_ldmatrix(frag[kk], &tile[row0 + lane % 16][kk * 16 + (lane / 16) * 8]);
+    }
+}
+
+// acc (16 x 64: 8 n-tiles) += A (16 x 64, fragments) * M^T for a 64 x 64 shared tile M:
+// B[k][n] = M[n][k] (M's rows are the output columns; non-transposed ldmatrix).
+__device__ __forceinline__ void flash3_mma_abt(float (*acc)[4], const unsigned (*a)[4], const flash3_tile m) {
+    const int lane = threadIdx.x % WARP_SIZE;
+#pragma unroll
+    for (int kk = 0; kk < FLASH3_HS / 16; kk++) {
+#pragma unroll
+        for (int np = 0; np < FLASH3_TILE / 16; np++) {
+            unsigned b[4];
+            flash3_ldmatrix(b, &m[np * 16 + (lane / 16) * 8 + lane % 8][kk * 16 + ((lane / 8) % 2) * 8]);
+            flash3_mma(acc[2 * np], a[kk], b);
+            flash3_mma(acc[2 * np + 1], a[kk], b + 2);
+        }
+    }
+}
+
+// acc (16 x 64: 8 n-tiles) += A (16 x 64, fragments) * M for a 64 x 64 shared tile M:
+// B[k][n] = M[k][n] (transposed ldmatrix).
+__device__ __forceinline__ void flash3_mma_ab(float (*acc)[4], const unsigned (*a)[4], const flash3_tile m) {
+    const int lane = threadIdx.x % WARP_SIZE;
+#pragma unroll
+    for (int kk = 0; kk < FLASH3_TILE / 16; kk++) {
+#pragma unroll
+        for (int np = 0; np < FLASH3_HS / 16; np++) {
+            unsigned b[4];
+            flash3_ldmatrix_trans(b, &m[kk * 16 + ((lane / 8) % 2) * 8 + lane % 8][np * 16 + (lane / 16) * 8]);
+            flash3_mma(acc[2 * np], a[kk], b);
+            flash3_mma(acc[2 * np + 1], a[kk], b + 2);
+        }
+    }
+}
+
+// The accumulator fragments (16 x 64) rounded to bf16 as A fragments (16 x 64, k = the 64 columns).
+__device__ __forceinline__ void flash3_acc_to_a(unsigned (*a)[4], const float (*acc)[4]) {
+#pragma unroll
+    for (int kk = 0; kk < FLASH3_TILE / 16; kk++) {
+        a[kk][0] = flash3_pack(acc[2 * kk][0], acc[2 * kk][1]);
+        a[kk][1] = flash3_pack(acc[2 * kk][2], acc[2 * kk][3]);
+        a[kk][2] = flash3_pack(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+        a[kk][3] = flash3_pack(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+    }
+}
+
+// Store the accumulator (16 x 64, times mul) as bf16 rows [row0, row0 + 16) of a
+// (rows, ld) matrix at dst; rows >= T are skipped.
+__device__ __forceinline__ void flash3_store_rows(bf16* dst, long long ld, int row0, int T, const float (*acc)[4],
+                                                  float mul_top, float mul_bot) {
+    const int lane = threadIdx.x % WARP_SIZE, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int nd = 0; nd < FLASH3_HS / 8; nd++) {
+        if (row0 + g < T) {
+            flash3_store2(dst + (long long)(row0 + g) * ld + nd * 8 + 2 * t,
+                          flash3_pack(acc[nd][0] * mul_top, acc[nd][1] * mul_top));
+        }
+        if (row0 + g + 8 < T) {
+            flash3_store2(dst + (long long)(row0 + g + 8) * ld + nd * 8 + 2 * t,
+                          flash3_pack(acc[nd][2] * mul_bot, acc[nd][3] * mul_bot));
+        }
+    }
+}
+
+extern "C" __global__ void attention_flash_forward_kernel3(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv,
+                                int B, int T, int NH, int NKV, int hs, float scale) {
+    __shared__ __align__(16) flash3_tile Qs;
+    __shared__ __align__(16) flash3_tile Ks;
+    __shared__ __align__(16) flash3_tile Vs;
+    const int qtile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (NH / NKV);
+    const long long W = (long long)(NH + 2 * NKV) * FLASH3_HS;
+    const bf16* base = qkv + (long long)b * T * W;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4, t = lane % 4;
+    const int q0 = qtile * FLASH3_TILE + warp * 16 + g;  // this lane's query rows: q0 and q0 + 8
+    const float sl2 = scale * FLASH3_LOG2E;              // scores in log2 units: exp(x) = exp2(x log2 e)
+
+    flash3_load_tile(Qs, base + h * FLASH3_HS, qtile * FLASH3_TILE, T, W);
+    flash3_cp_wait();
+    __syncthreads();
+    unsigned qf[FLASH3_HS / 16][4];
+    flash3_load_a(qf, Qs, warp * 16);
+
+    float o[FLASH3_HS / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < FLASH3_HS / 8; nd++) { o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f; }
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};  // per row, log2 units; l per lane
+
+    for (int kt = 0; kt <= qtile; kt++) {
+        __syncthreads();  // every warp is done with the previous K/V tile
+        flash3_load_tile(Ks, base + (NH + kvh) * FLASH3_HS, kt * FLASH3_TILE, T, W);
+        flash3_load_tile(Vs, base + (NH + NKV + kvh) * FLASH3_HS, kt * FLASH3_TILE, T, W);
+        flash3_cp_wait();
+        __syncthreads();
+
+        float s[FLASH3_TILE / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < FLASH3_TILE / 8; nt++) { s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f; }
+        flash3_mma_abt(s, qf, Ks);
+
+        const bool diag = kt == qtile;  // the only tile with keys after a query (and keys >= T)
+        float mx[2] = {m_run[0], m_run[1]};
+#pragma unroll
+        for (int nt = 0; nt < FLASH3_TILE / 8; nt++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int key = kt * FLASH3_TILE + nt * 8 + 2 * t + (i & 1), q = q0 + 8 * (i / 2);
+                float v = s[nt][i] * sl2;
+                if (diag && key > q) { v = -INFINITY; }
+                s[nt][i] = v;
+                mx[i / 2] = fmaxf(mx[i / 2], v);
+            }
+        }
+        float corr[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {  // a row's 64 scores are on the 4 lanes of a quad
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
+            corr[r] = exp2f(m_run[r] - mx[r]);  // 0 on the first tile (m_run = -inf); key kt*64 <= q keeps mx finite
+            m_run[r] = mx[r];
+            l_run[r] *= corr[r];
+        }
+#pragma unroll
+        for (int nd = 0; nd < FLASH3_HS / 8; nd++) {
+            o[nd][0] *= corr[0]; o[nd][1] *= corr[0];
+            o[nd][2] *= corr[1]; o[nd][3] *= corr[1];
+        }
+#pragma unroll
+        for (int nt = 0; nt < FLASH3_TILE / 8; nt++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                s[nt][i] = exp2f(s[nt][i] - mx[i / 2]);
+                l_run[i / 2] += s[nt][i];
+            }
+        }
+        unsigned pf[FLASH3_TILE / 16][4];
+        flash3_acc_to_a(pf, s);
+        flash3_mma_ab(o, pf, Vs);
+    }
+
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l_run[r] += __shfl_xor_sync(0xffffffff, l_run[r], 1);
+        l_run[r] += __shfl_xor_sync(0xffffffff, l_run[r], 2);
+        inv[r] = 1.0f / l_run[r];
+        const int q = q0 + 8 * r;
+        if (t == 0 && q < T) {
+            lse[((long long)b * NH + h) * T + q] = (m_run[r] + log2f(l_run[r])) * FLASH3_LN2;
+        }
+    }
+    flash3_store_rows(out + (long long)b * T * NH * FLASH3_HS + h * FLASH3_HS, (long long)NH * FLASH3_HS,
+                      qtile * FLASH3_TILE + warp * 16, T, o, inv[0], inv[1]);
+}
+
+extern "C" __global__ void attention_flash_backward_dq_kernel3(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
+                                    const bf16* __restrict__ qkv, const float* __restrict__ lse,
+                                    const float* __restrict__ D, int B, int T, int NH, int NKV, int hs,
+                                    float scale) {
+    __shared__ __align__(16) flash3_tile Qs;   // Q, then K
+    __shared__ __align__(16) flash3_tile dOs;  // dO, then V
+    const int qtile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (NH / NKV);
+    const long long W = (long long)(NH + 2 * NKV) * FLASH3_HS, WO = (long long)NH * FLASH3_HS;
+    const bf16* base = qkv + (long long)b * T * W;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4, t = lane % 4;
+    const int q0 = qtile * FLASH3_TILE + warp * 16 + g;
+    const float sl2 = scale * FLASH3_LOG2E;
+
+    flash3_load_tile(Qs, base + h * FLASH3_HS, qtile * FLASH3_TILE, T, W);
+    flash3_load_tile(dOs, dout + (long long)b * T * WO + h * FLASH3_HS, qtile * FLASH3_TILE, T, WO);
+    flash3_cp_wait();
+    __syncthreads();
+    unsigned qf[FLASH3_HS / 16][4], dof[FLASH3_HS / 16][4];
+    flash3_load_a(qf, Qs, warp * 16);
+    flash3_load_a(dof, dOs, warp * 16);
+    float lse2[2], Dr[2];  // per row: lse in log2 units, D
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int q = q0 + 8 * r;
+        lse2[r] = q < T ? lse[((long long)b * NH + h) * T + q] * FLASH3_LOG2E : INFINITY;
+        Dr[r] = q < T ? D[((long long)b * NH + h) * T + q] : 0.0f;
+    }
+    flash3_tile& Ks = Qs;
+    flash3_tile& Vs = dOs;
+
+    float dq[FLASH3_HS / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < FLASH3_HS / 8; nd++) { dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.0f; }
+
+    for (int kt = 0; kt <= qtile; kt++) {
+        __syncthreads();  // fragments loaded / the previous tile consumed by every warp
+        flash3_load_tile(Ks, base + (NH + kvh) * FLASH3_HS, kt * FLASH3_TILE, T, W);
+        flash3_load_tile(Vs, base + (NH + NKV + kvh) * FLASH3_HS, kt * FLASH3_TILE, T, W);
+        flash3_cp_wait();
+        __syncthreads();
+
+        float s[FLASH3_TILE / 8][4], dp[FLASH3_TILE / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < FLASH3_TILE / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+        }
+        flash3_mma_abt(s, qf, Ks);    // S = Q K^T
+        flash3_mma_abt(dp, dof, Vs);  // dP = dO V^T
+        const bool diag = kt == qtile;
+#pragma unroll
+        for (int nt = 0; nt < FLASH3_TILE / 8; nt++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int key = kt * FLASH3_TILE + nt * 8 + 2 * t + (i & 1), q = q0 + 8 * (i / 2);
+                const float p = (diag && key > q) ? 0.0f : exp2f(s[nt][i] * sl2 - lse2[i / 2]);
+                s[nt][i] = p * (dp[nt][i] - Dr[i / 2]);  // dS (without the scale)
+            }
+        }
+        unsigned dsf[FLASH3_TILE / 16][4];
+        flash3_acc_to_a(dsf, s);
+        flash3_mma_ab(dq, dsf, Ks);  // dQ += dS K
+    }
+    flash3_store_rows(dqkv + (long long)b * T * W + h * FLASH3_HS, W, qtile * FLASH3_TILE + warp * 16, T, dq,
+                      scale, scale);
+}
+
+extern "C" __global__ void attention_flash_backward_dkdv_kernel3(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
+                                      const bf16* __restrict__ qkv, const float* __restrict__ lse,
+                                      const float* __restrict__ D, int B, int T, int NH, int NKV, int hs,
+                                      float scale) {
+    __shared__ __align__(16) flash3_tile Qs;   // K, then query tiles
+    __shared__ __align__(16) flash3_tile dOs;  // V, then dO tiles
+    __shared__ float lse_s[FLASH3_TILE], D_s[FLASH3_TILE];
+    const int ktile = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;  // tile 0 has the most query tiles: first
+    const int group = NH / NKV;
+    const long long W = (long long)(NH + 2 * NKV) * FLASH3_HS, WO = (long long)NH * FLASH3_HS;
+    const bf16* base = qkv + (long long)b * T * W;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4, t = lane % 4;
+    const int k0 = ktile * FLASH3_TILE + warp * 16 + g;  // this lane's key rows: k0 and k0 + 8
+    const int ntiles = gridDim.x;
+    const float sl2 = scale * FLASH3_LOG2E;
+
+    flash3_load_tile(Qs, base + (NH + kvh) * FLASH3_HS, ktile * FLASH3_TILE, T, W);
+    flash3_load_tile(dOs, base + (NH + NKV + kvh) * FLASH3_HS, ktile * FLASH3_TILE, T, W);
+    flash3_cp_wait();
+    __syncthreads();
+    unsigned kf[FLASH3_HS / 16][4], vf[FLASH3_HS / 16][4];
+    flash3_load_a(kf, Qs, warp * 16);
+    flash3_load_a(vf, dOs, warp * 16);
+
+    float dk[FLASH3_HS / 8][4], dv[FLASH3_HS / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < FLASH3_HS / 8; nd++) {
+        dk[nd][0] = dk[nd][1] = dk[nd][2] = dk[nd][3] = 0.0f;
+        dv[nd][0] = dv[nd][1] = dv[nd][2] = dv[nd][3] = 0.0f;
+    }
+
+    for (int hg = 0; hg < group; hg++) {  // the query heads sharing this kv head, in order
+        const int h = kvh * group + hg;
+        for (int qt = ktile; qt < ntiles; qt++) {
+            __syncthreads();
+            flash3_load_tile(Qs, base + h * FLASH3_HS, qt * FLASH3_TILE, T, W);
+            flash3_load_tile(dOs, dout + (long long)b * T * WO + h * FLASH3_HS, qt * FLASH3_TILE, T, WO);
+            for (int r = threadIdx.x; r < FLASH3_TILE; r += blockDim.x) {
+                const int q = qt * FLASH3_TILE + r;
+                lse_s[r] = q < T ? lse[((long long)b * NH + h) * T + q] * FLASH3_LOG2E : INFINITY;  // p = 0
+                D_s[r] = q < T ? D[((long long)b * NH + h) * T + q] : 0.0f;
+            }
+            flash3_cp_wait();
+            __syncthreads();
+
+            float s[FLASH3_TILE / 8][4], dp[FLASH3_TILE / 8][4];  // transposed: rows = keys, columns = queries
+#pragma unroll
+            for (int nt = 0; nt < FLASH3_TILE / 8; nt++) {
+                s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+                dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+            }
+            flash3_mma_abt(s, kf, Qs);    // S^T = K Q^T
+            flash3_mma_abt(dp, vf, dOs);  // dP^T = V dO^T
+            const bool diag = qt == ktile;
+            unsigned pf[FLASH3_TILE / 16][4];
+#pragma unroll
+            for (int nt = 0; nt < FLASH3_TILE / 8; nt++) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int c = nt * 8 + 2 * t + (i & 1);
+                    const int q = qt * FLASH3_TILE + c, key = k0 + 8 * (i / 2);
+                    const float p = (diag && key > q) ? 0.0f : exp2f(s[nt][i] * sl2 - lse_s[c]);
+                    s[nt][i] = p;
+                    dp[nt][i] = p * (dp[nt][i] - D_s[c]);  // dS^T (without the scale)
+                }
+            }
+            flash3_acc_to_a(pf, s);
+            flash3_mma_ab(dv, pf, dOs);  // dV += P^T dO
+            flash3_acc_to_a(pf, dp);
+            flash3_mma_ab(dk, pf, Qs);   // dK += dS^T Q
+        }
+    }
+    bf16* dst = dqkv + (long long)b * T * W;
+    flash3_store_rows(dst + (NH + kvh) * FLASH3_HS, W, ktile * FLASH3_TILE + warp * 16, T, dk, scale, scale);
+    flash3_store_rows(dst + (NH + NKV + kvh) * FLASH3_HS, W, ktile * FLASH3_TILE + warp * 16, T, dv, 1.0f, 1.0f);
+}
+
 #endif  // LLMCU_FLASH2

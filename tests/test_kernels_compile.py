@@ -133,9 +133,40 @@ FORBIDDEN = [
     (r"\b(float|int|half|bfloat16)[24]\b|__nv_bfloat162\b", "vector types (version-1 kernels use scalar loads)"),
     (r"extern\s+__shared__", "extern __shared__ (use DYNAMIC_SHARED from common.cuh)"),
     (r"#\s*include\s*<", "system headers (NVRTC has none)"),
-    (r"__shfl_(up_)?sync\b|__syncwarp|__ballot_sync|__any_sync|__all_sync", "warp primitives "
-     "other than __shfl_xor_sync/__shfl_down_sync"),
+    (r"__shfl_up_sync\b|__syncwarp|__ballot_sync|__any_sync|__all_sync", "warp primitives "
+     "other than __shfl_sync/__shfl_xor_sync/__shfl_down_sync"),
 ]
+
+
+def _drop_gpu_only_branches(code):
+    """The code without the lines of `#ifndef LLMCU_EMU` branches that have an `#else`
+    (the emulator's version of the same helper): GPU-only code such as tensor-core
+    instructions may live there, as kernels/README.md says. The #else branch stays and
+    is linted like everything else; an `#ifndef LLMCU_EMU` without an #else stays too
+    (GPU-only code with no emulated counterpart is not allowed)."""
+    lines = code.splitlines()
+    keep = [True] * len(lines)
+    stack = []  # per open #if: [is "#ifndef LLMCU_EMU", line of the #if, line of its #else or None]
+    for i, line in enumerate(lines):
+        d = line.strip()
+        if d.startswith("#if"):
+            stack.append([d.split()[:2] == ["#ifndef", "LLMCU_EMU"], i, None])
+        elif d.startswith("#else") and stack:
+            stack[-1][2] = i
+        elif d.startswith("#endif") and stack:
+            emu_guard, start, other = stack.pop()
+            if emu_guard and other is not None:
+                keep[start:other] = [False] * (other - start)
+    return "\n".join(line for line, k in zip(lines, keep) if k)
+
+
+def test_gpu_only_branches_need_an_emulated_counterpart():
+    gpu = 'asm volatile("mma.sync ...");'
+    with_else = f"#ifndef LLMCU_EMU\n{gpu}\n#else\nemulated();\n#endif\n"
+    assert "asm" not in _drop_gpu_only_branches(with_else) and "emulated" in _drop_gpu_only_branches(with_else)
+    assert "asm" in _drop_gpu_only_branches(f"#ifndef LLMCU_EMU\n{gpu}\n#endif\n")  # no emulated version
+    assert "asm" in _drop_gpu_only_branches(f"#ifdef LLMCU_EMU\nx();\n#else\n{gpu}\n#endif\n")
+    assert "asm" in _drop_gpu_only_branches(gpu)
 
 
 def _strip_comments(text):
@@ -145,11 +176,11 @@ def _strip_comments(text):
 
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
 def test_kernel_cuda_subset(source):
-    code = _strip_comments(source.read_text())
+    code = _drop_gpu_only_branches(_strip_comments(source.read_text()))
     found = [why for pattern, why in FORBIDDEN if re.search(pattern, code)]
     assert not found, f"{source.name} uses {found}, outside the CUDA subset in kernels/README.md"
     assert '#include "common.cuh"' in code, f'{source.name} must #include "common.cuh"'
-    for m in re.finditer(r"__shfl_(xor|down)_sync\s*\(\s*([^,]+),", code):
+    for m in re.finditer(r"__shfl_(xor_|down_)?sync\s*\(\s*([^,]+),", code):
         assert m.group(2).strip() == "0xffffffff", (
             f"{source.name}: shuffles must use the full-warp mask 0xffffffff, found {m.group(2)}")
 

@@ -83,7 +83,8 @@ FLASH_TILE = 32      # = FLASH_TILE in kernels/attention.cu: rows per tile = thr
 FLASH_HS_MAX = 128   # = FLASH_HS_MAX there: the per-thread row buffers' size
 FLASH2_TILE, FLASH2_THREADS = 64, 128   # version 2: 64-row tiles, 4 warps
 FLASH2_HEAD_SIZES = (64, 128)
-FLASH_VERSIONS = (1, 2)
+FLASH3_TILE, FLASH3_THREADS, FLASH3_HS = 64, 128, 64   # version 3 (mma.sync): 64-row tiles, 4 warps, hs 64
+FLASH_VERSIONS = (1, 2, 3)
 
 
 def _flash2_smem(kernel: str, hs: int) -> int:
@@ -103,6 +104,10 @@ def _flash_launch(be, kernel, version, floatX, T, heads, B, args, smem_kind=None
     name = f"attention_flash_{kernel}_kernel{version}"
     if version == 1:
         be.launch("attention", name, (math.ceil(T / FLASH_TILE), heads, B), (FLASH_TILE,), args,
+                  floatX=floatX)
+        return
+    if version == 3:  # static shared memory only
+        be.launch("attention", name, (math.ceil(T / FLASH3_TILE), heads, B), (FLASH3_THREADS,), args,
                   floatX=floatX)
         return
     smem = _flash2_smem(smem_kind, hs)
@@ -135,6 +140,8 @@ def _flash_check(fn, be, qkv, num_heads, num_kv_heads, version, **named):
         raise ValueError(f"{fn}: head size hs must be in 1..{FLASH_HS_MAX}, got {hs}")
     if version == 2 and hs not in FLASH2_HEAD_SIZES:
         raise ValueError(f"{fn}: version 2 needs head size hs in {FLASH2_HEAD_SIZES}, got {hs}")
+    if version == 3 and hs != FLASH3_HS:
+        raise ValueError(f"{fn}: version 3 needs head size hs = {FLASH3_HS}, got {hs}")
     shapes = {"out": (B, T, NH * hs), "dout": (B, T, NH * hs), "dqkv": (B, T, W), "lse": (B, NH, T)}
     for name, a in named.items():
         check_array(fn, name, a, be, dtype=np.float32 if name == "lse" else dtype, shape=shapes[name])
@@ -174,7 +181,7 @@ def flash_attention_backward(dqkv, dout, qkv, out, lse, num_heads, num_kv_heads=
                                              version, dqkv=dqkv, dout=dout, out=out, lse=lse)
     D = be.xp.empty((B, NH, T), dtype=np.float32)
     grid, block = warp_per_row(B * NH * T)
-    be.launch("attention", f"attention_flash_backward_preprocess_kernel{version}", grid, block,
+    be.launch("attention", f"attention_flash_backward_preprocess_kernel{min(version, 2)}", grid, block,
               (D, dout, out, i32(B), i32(T), i32(NH), i32(hs)), floatX=floatX)
     args = (dqkv, dout, qkv, lse, D, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), f32(1.0 / math.sqrt(hs)))
     _flash_launch(be, "backward_dq", version, floatX, T, NH, B, args, "dq", hs)
