@@ -28,3 +28,11 @@ def check_vectorized(fn: str, count: int, arrays: dict, what: str = "elements") 
             raise ValueError(f"{fn}: the 16-byte-load version needs {name} 16-byte aligned, got "
                              f"address {address(a):#x}; pass a fresh array or use version=1")
     return count // size
+
+
+def vectorizable(count: int, arrays: dict) -> bool:
+    """Whether check_vectorized would accept these: `count` splits into whole packets of
+    the arrays' dtype and every array given is 16-byte aligned (version="auto" picks the
+    16-byte-load version exactly then)."""
+    first = next(iter(arrays.values()))
+    return count % packet_size(first) == 0 and all(a is None or address(a) % 16 == 0 for a in arrays.values())
