@@ -19,7 +19,14 @@
 //
 // Versions:
 //   1: plain port; the row is read three times (max, sum, write) from global
-//      memory, exp computed twice per element.
+//      memory, exp computed twice per element. H200 (2026-11-28): 32% of copy.
+//   2 (fused_classifier_kernel2): one read pass for both the max and the sum
+//      (online softmax: each thread keeps a running max m and the sum s of
+//      exp(x - m), rescaling s when m grows; threads, then warps merge their
+//      (m, s) pairs in a fixed tree, so the result is deterministic), then the
+//      read+write pass for dlogits: 3 row-sized transfers instead of 4, and 16-byte
+//      loads and stores (x128). Needs Vp % x128::size == 0 and 16-byte aligned
+//      logits (the wrapper checks). Same launch as 1. Speed not measured yet.
 #include "common.cuh"
 
 extern "C" __global__ void fused_classifier_kernel1(floatX* logits, float* __restrict__ losses,
@@ -54,6 +61,69 @@ extern "C" __global__ void fused_classifier_kernel1(floatX* logits, float* __res
                 g = dloss * (p - (j == target ? 1.0f : 0.0f));
             }
             x[j] = from_float(g);
+        }
+    }
+}
+
+// (m, s) <- the merge of two online-softmax states (running max, sum of exp(x - max)).
+// Symmetric in its two arguments, so both lanes of a shuffle pair agree; a state with
+// m = -inf (no elements yet) has s = 0 and merges as the identity.
+__device__ __forceinline__ void online_softmax_merge(float& m, float& s, float m2, float s2) {
+    const float mx = fmaxf(m, m2);
+    s = (m == mx ? s : s * expf(m - mx)) + (m2 == mx ? s2 : s2 * expf(m2 - mx));
+    m = mx;
+}
+
+extern "C" __global__ void fused_classifier_kernel2(floatX* logits, float* __restrict__ losses,
+                                                    const int* __restrict__ targets,
+                                                    float dloss, int N, int V, int Vp,
+                                                    int write_dlogits) {
+    __shared__ float shared_m[WARP_SIZE];
+    __shared__ float shared_s[WARP_SIZE];
+    const int row = blockIdx.x;
+    if (row >= N) { return; }  // the whole block leaves together
+    floatX* x = logits + (long long)row * Vp;
+    const int target = targets[row];
+    const float target_logit = to_float(x[target]);  // read before the barriers below, so before any write
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    const int stride = blockDim.x * x128::size;
+
+    float m = -INFINITY, s = 0.0f;
+    for (int j0 = threadIdx.x * x128::size; j0 < V; j0 += stride) {
+        const x128 packet = load128(x + j0);
+        for (int k = 0; k < x128::size; k++) {
+            if (j0 + k < V) {
+                const float v = to_float(packet[k]);
+                if (v > m) { s = s * expf(m - v) + 1.0f; m = v; }  // one exp per element
+                else { s += expf(v - m); }
+            }
+        }
+    }
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
+        online_softmax_merge(m, s, __shfl_xor_sync(0xffffffff, m, offset), __shfl_xor_sync(0xffffffff, s, offset));
+    }
+    if (lane == 0) { shared_m[warp] = m; shared_s[warp] = s; }
+    __syncthreads();
+    const int num_warps = blockDim.x / WARP_SIZE;
+    m = lane < num_warps ? shared_m[lane] : -INFINITY;
+    s = lane < num_warps ? shared_s[lane] : 0.0f;
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
+        online_softmax_merge(m, s, __shfl_xor_sync(0xffffffff, m, offset), __shfl_xor_sync(0xffffffff, s, offset));
+    }
+    if (threadIdx.x == 0) { losses[row] = logf(s) + m - target_logit; }
+
+    if (write_dlogits) {
+        const float inv = 1.0f / s;
+        for (int j0 = threadIdx.x * x128::size; j0 < Vp; j0 += stride) {  // the columns this thread read
+            const x128 packet = load128(x + j0);
+            x128 result;
+            for (int k = 0; k < x128::size; k++) {
+                const int j = j0 + k;
+                float g = 0.0f;
+                if (j < V) { g = dloss * (expf(to_float(packet[k]) - m) * inv - (j == target ? 1.0f : 0.0f)); }
+                result[k] = from_float(g);
+            }
+            store128(x + j0, result);
         }
     }
 }

@@ -301,7 +301,8 @@ def test_vectorized_versions_check_size_and_alignment():
 # ---------------------------------------------------------------------- classifier
 
 @pytest.mark.parametrize("B,T,V,Vp", [(2, 7, 1000, 1024), (1, 3, 101, 128)])
-def test_classifier_bf16(dev, B, T, V, Vp):
+@pytest.mark.parametrize("version", [1, 2])  # 2: online softmax, 16-byte loads
+def test_classifier_bf16(dev, B, T, V, Vp, version):
     k = _mods()["classifier"]
     rng = np.random.default_rng(18)
     logits, logits_f = rand_x(rng, np.uint16, B, T, Vp, scale=3.0)
@@ -310,7 +311,7 @@ def test_classifier_bf16(dev, B, T, V, Vp):
     targets = rng.integers(0, V, (B, T)).astype(np.int32)
     probs, losses = dev.poisoned((B, T, Vp)), dev.poisoned((B, T))
     k.softmax_forward(probs, dev.put(logits), V)
-    k.crossentropy_forward(losses, dev.put(logits), dev.put(targets), V)
+    k.crossentropy_forward(losses, dev.put(logits), dev.put(targets), V, version=version)
     rprobs, rlosses = np.empty_like(logits_f), np.empty((B, T), np.float32)
     cpu_classifier.softmax_forward(rprobs, logits_f, V)
     cpu_classifier.crossentropy_forward(rlosses, logits_f, targets, V)
@@ -321,7 +322,7 @@ def test_classifier_bf16(dev, B, T, V, Vp):
 
     dloss = 1.0 / (B * T)
     dlogits, losses2 = dev.put(logits), dev.poisoned((B, T))
-    k.fused_classifier_dlogits(dlogits, losses2, dev.put(targets), V, dloss)
+    k.fused_classifier_dlogits(dlogits, losses2, dev.put(targets), V, dloss, version=version)
     rdlogits, rlosses2 = logits_f.copy(), np.empty((B, T), np.float32)
     cpu_classifier.fused_classifier_dlogits(rdlogits, rlosses2, targets, V, dloss)
     assert_close("fused losses (bf16)", dev.get(losses2), rlosses2, **tol(np.float32, rlosses2))

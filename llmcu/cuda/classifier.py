@@ -5,13 +5,21 @@ Same functions and signatures as llmcu/cpu/classifier.py. Shapes: logits
 losses (B,T) float32. Activation gradients overwrite (=). logits (and the
 dlogits written over them) are floatX: float32, or uint16 holding bf16 (the
 dtype of logits picks the build); probs and losses are always float32.
+
+crossentropy_forward and fused_classifier_dlogits take one keyword the CPU
+version lacks, version=: 1 (three passes over the row, the default), 2 (one
+online-softmax pass and one write pass with 16-byte loads; needs Vp a multiple
+of 16 // itemsize and 16-byte aligned logits), "auto" (2 where it applies, else
+1: what the GPT-2 kernel model uses).
 """
 
 import numpy as np
 
 from .runtime import FLOATX_NAMES, backend_of, block_per_row, check_array, f32, floatx_dtype, i32
+from .vectorized import check_vectorized, vectorizable
 
 CLASSIFIER_BLOCK = 1024
+VERSIONS = (1, 2)
 
 
 def _check(fn, be, logits, V, targets=None, **named):
@@ -37,17 +45,23 @@ def softmax_forward(probs, logits, V):
               (probs, logits, i32(N), i32(V), i32(Vp)), floatX=floatX)
 
 
-def _fused(fn, logits, losses, targets, V, dloss, write_dlogits):
+def _fused(fn, logits, losses, targets, V, dloss, write_dlogits, version):
+    if version not in VERSIONS + ("auto",):
+        raise ValueError(f"{fn}: version must be one of {VERSIONS} or 'auto', got {version!r}")
     be = backend_of(logits)
     N, Vp, floatX = _check(fn, be, logits, V, targets=targets, losses=losses)
+    if version == "auto":
+        version = 2 if vectorizable(Vp, dict(logits=logits)) else 1
+    if version == 2:
+        check_vectorized(fn, Vp, dict(logits=logits), what="padded vocabulary columns Vp")
     grid, block = block_per_row(N, CLASSIFIER_BLOCK)
-    be.launch("classifier", "fused_classifier_kernel1", grid, block,
+    be.launch("classifier", f"fused_classifier_kernel{version}", grid, block,
               (logits, losses, targets, f32(dloss), i32(N), i32(V), i32(Vp), i32(write_dlogits)),
               floatX=floatX)
 
 
-def crossentropy_forward(losses, logits, targets, V):
-    _fused("crossentropy_forward", logits, losses, targets, V, 0.0, 0)
+def crossentropy_forward(losses, logits, targets, V, version=1):
+    _fused("crossentropy_forward", logits, losses, targets, V, 0.0, 0, version)
 
 
 def fused_classifier(losses, probs, logits, targets, V):
@@ -55,7 +69,7 @@ def fused_classifier(losses, probs, logits, targets, V):
     crossentropy_forward(losses, logits, targets, V)
 
 
-def fused_classifier_dlogits(logits, losses, targets, V, dloss):
+def fused_classifier_dlogits(logits, losses, targets, V, dloss, version=1):
     """llm.c's fused classifier: losses, and logits overwritten in place by
     dlogits = dloss * (softmax - onehot(targets)), 0 on padded columns."""
-    _fused("fused_classifier_dlogits", logits, losses, targets, V, dloss, 1)
+    _fused("fused_classifier_dlogits", logits, losses, targets, V, dloss, 1, version)
