@@ -17,6 +17,12 @@
 //       no shared memory. Warps past the last row return as a whole.
 //   layernorm_param_backward_kernel1: one thread per column c; block 256,
 //       grid CEIL_DIV(C, 256), no shared memory.
+//   layernorm_backward_kernel2 (pass 1): one warp per row, rows grid-strided;
+//       block 32 * W with W = min(8, 48 KiB / (8 * CP)) warps (8 at C = 768),
+//       grid min(CEIL_DIV(N, W), PARTIAL_SUM_BLOCKS = 528), dynamic shared memory
+//       W * 2 * CP floats (CP = C rounded up to 32 * V); scratch (grid, 2C) float.
+//   layernorm_param_backward_reduce_kernel2 (pass 2): block 256 (8 warps x 32
+//       columns), grid CEIL_DIV(2C, 32), 4 KiB static shared memory.
 //
 // Versions (the forward has three; llmcu.cuda.layernorm.layernorm_forward(version=)):
 //   0: one thread per row, a loop over C exactly like the oracle's row: kept for
@@ -29,6 +35,23 @@
 //   2 (forward): as 1, but every load and store moves 16 bytes (x128, 4 floats)
 //      instead of 4; needs C % x128::size == 0 and 16-byte aligned pointers.
 //      Bought: pending (not measured on a GPU yet; benchmarks/bench_layernorm.py).
+//   2 (backward): two passes, deterministic (fixed summation order, no atomics).
+//      Version 1's parameter kernel runs C threads (768: under 1% of an H200's
+//      ~270k resident threads), each walking all N rows serially: 1.2-1.8 ms at
+//      N = 8192, 30-42 GB/s (H200, benchmarks/RESULTS.md). Version 2 folds the
+//      dweight/dbias terms into the dinp kernel, which reads dout and inp anyway
+//      (one warp per row, 16-byte loads when C % x128::size == 0): each warp keeps
+//      fp32 partial sums for its lanes' columns in shared memory, each block
+//      writes one partial row, and a small second kernel adds the <= 528 rows per
+//      column in a fixed order. Grid: at most 4 blocks per SM of 132 (one wave):
+//      at C = 768 a block of 8 warps holds 48 KiB of accumulators, 4 blocks use
+//      192 of the 228 KiB of an SM, 32 warps per SM keep enough 16-byte loads in
+//      flight for DRAM, and 528 partial rows (3.2 MB of fp32 at C = 768) cost the
+//      second pass ~4% of the 75 MB (dout, inp, dinp) the first moves at
+//      N = 16384 in bf16 (its second read of the row should hit L1/L2). A
+//      constant, not the SM count, so the summation order is the same on every card.
+//      Should buy: the whole backward near the copy ceiling, from 1% of it; GPU
+//      speed not measured yet (benchmarks/bench_kernels.py runs 1 and 2 side by side).
 #include "common.cuh"
 
 // Version 0: one thread per row. Thread `row` walks its row three times
@@ -209,4 +232,173 @@ extern "C" __global__ void layernorm_param_backward_kernel1(floatX* __restrict__
     }
     dweight[c] = from_float(to_float(dweight[c]) + dw);
     dbias[c] = from_float(to_float(dbias[c]) + db);
+}
+
+// ----------------------------------------------------------------------------
+// Version 2 of the backward: two passes, deterministic, no atomics.
+//
+// Pass 1, layernorm_backward_kernel2: one warp per row as in version 1 (dinp
+// overwritten), rows grid-strided over a fixed grid of at most
+// llmcu.cuda.runtime.PARTIAL_SUM_BLOCKS blocks. While a warp reads its row it
+// also adds the row's dout * n and dout into per-warp fp32 accumulators in
+// dynamic shared memory (each lane owns its columns, so no two lanes touch one
+// slot); at the end the block adds its warps' accumulators in warp order and
+// writes one row of partial sums, scratch[blockIdx.x] = [dweight (C) | dbias (C)].
+// Pass 2, layernorm_param_backward_reduce_kernel2: for each of the 2C columns
+// the partial rows are summed in a fixed order (warp w of the block takes rows
+// w, w + warps, ... in order; then the warps' sums in warp order), and one +=
+// goes into the floatX gradient (one rounding for bf16).
+//
+// Packets: `wide` (set by the wrapper) selects 16-byte loads and stores (V =
+// x128::size elements per lane and step; needs C % x128::size == 0 and 16-byte
+// aligned dinp, dout, inp, weight), else V = 1 (scalar loads, any C).
+// Lane l, step p handles columns c = (p * 32 + l) * V + k, k < V, and keeps their
+// partial sums at slot p * 32 * V + k * 32 + l: consecutive lanes hit consecutive
+// shared-memory banks. A warp's accumulators are 2 * CP floats, CP = C rounded
+// up to a multiple of 32 * V (the last step's slots past C stay zero).
+
+// V floats from V consecutive floatX values (one 16-byte load when V > 1).
+template <int V>
+__device__ __forceinline__ void layernorm_load(float* dst, const floatX* src) {
+    if constexpr (V == 1) {
+        dst[0] = to_float(src[0]);
+    } else {
+        static_assert(V == x128::size, "V is 1 or x128::size");
+        const x128 packet = load128(src);
+#pragma unroll
+        for (int k = 0; k < V; k++) { dst[k] = to_float(packet[k]); }
+    }
+}
+
+template <int V>
+__device__ __forceinline__ void layernorm_store(floatX* dst, const float* src) {
+    if constexpr (V == 1) {
+        dst[0] = from_float(src[0]);
+    } else {
+        x128 packet;
+#pragma unroll
+        for (int k = 0; k < V; k++) { packet[k] = from_float(src[k]); }
+        store128(dst, packet);
+    }
+}
+
+// The rows of one warp: dinp, and the dweight/dbias partial sums into acc.
+template <int V>
+__device__ void layernorm_backward2_rows(floatX* __restrict__ dinp, float* acc,
+                                         const floatX* __restrict__ dout,
+                                         const floatX* __restrict__ inp,
+                                         const floatX* __restrict__ weight,
+                                         const float* __restrict__ mean,
+                                         const float* __restrict__ rstd,
+                                         int N, int C) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int warps = blockDim.x / WARP_SIZE;
+    const int step = WARP_SIZE * V;
+    const int CP = CEIL_DIV(C, step) * step;
+    float* dw_acc = acc + (long long)warp * 2 * CP;
+    float* db_acc = dw_acc + CP;
+    for (int row = blockIdx.x * warps + warp; row < N; row += gridDim.x * warps) {
+        const floatX* x = inp + (long long)row * C;
+        const floatX* d = dout + (long long)row * C;
+        const float m = mean[row];
+        const float s = rstd[row];
+
+        float g_sum = 0.0f;   // sum_c g
+        float gn_sum = 0.0f;  // sum_c g * n
+        for (int c = lane * V, slot = lane; c < C; c += step, slot += step) {
+            float xs[V], ds[V], ws[V];
+            layernorm_load<V>(xs, x + c);
+            layernorm_load<V>(ds, d + c);
+            layernorm_load<V>(ws, weight + c);
+#pragma unroll
+            for (int k = 0; k < V; k++) {
+                const float n = (xs[k] - m) * s;
+                const float g = ds[k] * ws[k];
+                g_sum += g;
+                gn_sum += g * n;
+                dw_acc[slot + k * WARP_SIZE] += ds[k] * n;
+                db_acc[slot + k * WARP_SIZE] += ds[k];
+            }
+        }
+        const float g_mean = warp_reduce_sum(g_sum) / C;
+        const float gn_mean = warp_reduce_sum(gn_sum) / C;
+
+        floatX* dx = dinp + (long long)row * C;
+        for (int c = lane * V; c < C; c += step) {
+            float xs[V], ds[V], ws[V], result[V];
+            layernorm_load<V>(xs, x + c);
+            layernorm_load<V>(ds, d + c);
+            layernorm_load<V>(ws, weight + c);
+#pragma unroll
+            for (int k = 0; k < V; k++) {
+                const float n = (xs[k] - m) * s;
+                const float g = ds[k] * ws[k];
+                result[k] = (g - g_mean - n * gn_mean) * s;
+            }
+            layernorm_store<V>(dx + c, result);
+        }
+    }
+}
+
+// Pass 1. scratch: (gridDim.x, 2C) float, every element written. Dynamic shared
+// memory: (blockDim.x / 32) * 2 * CP floats (the wrapper computes it).
+extern "C" __global__ void layernorm_backward_kernel2(floatX* __restrict__ dinp,
+                                                      float* __restrict__ scratch,
+                                                      const floatX* __restrict__ dout,
+                                                      const floatX* __restrict__ inp,
+                                                      const floatX* __restrict__ weight,
+                                                      const float* __restrict__ mean,
+                                                      const float* __restrict__ rstd,
+                                                      int N, int C, int wide) {
+    DYNAMIC_SHARED(float, acc);
+    const int V = wide ? x128::size : 1;
+    const int step = WARP_SIZE * V;
+    const int CP = CEIL_DIV(C, step) * step;
+    const int warps = blockDim.x / WARP_SIZE;
+    for (int i = threadIdx.x; i < warps * 2 * CP; i += blockDim.x) { acc[i] = 0.0f; }
+    __syncthreads();
+    if (wide) {
+        layernorm_backward2_rows<x128::size>(dinp, acc, dout, inp, weight, mean, rstd, N, C);
+    } else {
+        layernorm_backward2_rows<1>(dinp, acc, dout, inp, weight, mean, rstd, N, C);
+    }
+    __syncthreads();
+    float* partial = scratch + (long long)blockIdx.x * 2 * C;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        const int slot = (c / step) * step + (c % V) * WARP_SIZE + (c % step) / V;
+        float dw = 0.0f;
+        float db = 0.0f;
+        for (int w = 0; w < warps; w++) {  // warp order: fixed
+            dw += acc[w * 2 * CP + slot];
+            db += acc[w * 2 * CP + CP + slot];
+        }
+        partial[c] = dw;
+        partial[C + c] = db;
+    }
+}
+
+// Pass 2. Column j of the (P, 2C) partials: j < C adds to dweight[j], else to
+// dbias[j - C]. Block: 32 columns (lane) x warps slices of the P rows.
+extern "C" __global__ void layernorm_param_backward_reduce_kernel2(floatX* __restrict__ dweight,
+                                                                   floatX* __restrict__ dbias,
+                                                                   const float* __restrict__ scratch,
+                                                                   int P, int C) {
+    __shared__ float sums[WARP_SIZE][WARP_SIZE];  // [warp][lane]
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int warps = blockDim.x / WARP_SIZE;
+    const int j = blockIdx.x * WARP_SIZE + lane;
+    float sum = 0.0f;
+    if (j < 2 * C) {
+        for (int p = warp; p < P; p += warps) { sum += scratch[(long long)p * 2 * C + j]; }
+    }
+    sums[warp][lane] = sum;
+    __syncthreads();
+    if (warp == 0 && j < 2 * C) {
+        float total = 0.0f;
+        for (int w = 0; w < warps; w++) { total += sums[w][lane]; }
+        floatX* grad = j < C ? dweight + j : dbias + (j - C);
+        *grad = from_float(to_float(*grad) + total);
+    }
 }

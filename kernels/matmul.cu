@@ -10,11 +10,29 @@
 //   matmul_bias_forward_kernel1:  grid CEIL_DIV(N*OC, 256), block 256, no shared memory.
 //   matmul_bias_backward_kernel1: one thread per column; grid CEIL_DIV(OC, 256),
 //                                 block 256, no shared memory.
+//   matmul_bias_backward_kernel2 (pass 1): block 256 (8 warps), grid
+//       (CEIL_DIV(OC, 32 * V), P) with P = min(CEIL_DIV(N, 8), max(1, 528 / grid.x)),
+//       dynamic shared memory 8 * 32 * V floats (8 KiB in bf16); scratch (P, OC) float.
+//   matmul_bias_backward_reduce_kernel2 (pass 2): block 256 (8 warps x 32 columns),
+//       grid CEIL_DIV(OC, 32), 4 KiB static shared memory.
 //
 // Versions:
 //   1: plain port of the oracle. The bias gradient walks the rows in order, one
 //      thread per column (coalesced across the warp): deterministic and the
 //      oracle's order, but only OC threads.
+//   2: two passes, deterministic (fixed order, no atomics). Version 1 runs OC
+//      threads (768-3072), each walking all N rows serially, which made the bf16
+//      matmul backward 4-14% of the GEMM ceiling on an H200 (benchmarks/RESULTS.md).
+//      Version 2 gives each block 32 * V columns (V = 8 bf16 / 4 fp32 per 16-byte
+//      load: a warp reads 512 contiguous bytes of a row) and a slice of the rows,
+//      fp32 sums in registers, the block's 8 warps combined in warp order, one
+//      partial row per row-slice; pass 2 adds the partial rows per column in a
+//      fixed order. Grid: about 528 blocks (4 per SM of 132, one wave) split as
+//      column tiles x row slices, e.g. OC = 768 bf16: 3 x 176, 12 rows per warp
+//      at N = 16384; the partials (176 x 768 fp32, 0.5 MB) are ~2% of dout's
+//      25 MB. The cap is a constant, so the summation order is the same on every card.
+//      Should buy: the bias gradient at a fraction of the GEMMs' time instead of
+//      most of it; GPU speed not measured yet (benchmarks/bench_kernels.py).
 #include "common.cuh"
 
 extern "C" __global__ void matmul_bias_forward_kernel1(floatX* __restrict__ out,
@@ -35,4 +53,95 @@ extern "C" __global__ void matmul_bias_backward_kernel1(floatX* __restrict__ dbi
         sum += to_float(dout[(long long)n * OC + oc]);
     }
     dbias[oc] = from_float(to_float(dbias[oc]) + sum);
+}
+
+// ----------------------------------------------------------------------------
+// Version 2 of the bias backward: two passes, deterministic, no atomics.
+//
+// Pass 1, matmul_bias_backward_kernel2: grid (CEIL_DIV(OC, 32 * V), P). A block
+// owns 32 * V columns: lane l reads the V columns starting at
+// (blockIdx.x * 32 + l) * V of a row (one 16-byte load when V = x128::size, so a
+// warp reads 512 contiguous bytes per row), and its warps take the rows
+// blockIdx.y * warps + warp, then every gridDim.y * warps, summing in fp32
+// registers. The warps' sums are added in warp order through dynamic shared
+// memory (warps * 32 * V floats) and written to scratch[blockIdx.y, columns].
+// `wide` (set by the wrapper) selects V = x128::size (needs OC % x128::size == 0
+// and 16-byte aligned dout), else V = 1.
+// Pass 2, matmul_bias_backward_reduce_kernel2: sums the P partial rows of each
+// column in a fixed order and does one += into dbias (one rounding for bf16);
+// with accumulate == 0 it writes dbias = sum instead (the first backward after
+// zero_grad, matmul_backward(accumulate_weight=False)).
+
+template <int V>
+__device__ __forceinline__ void matmul_bias_partial_sums(float* __restrict__ scratch, float* shared,
+                                                         const floatX* __restrict__ dout,
+                                                         int N, int OC) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int warps = blockDim.x / WARP_SIZE;
+    const int tile = WARP_SIZE * V;
+    const int c = (blockIdx.x * WARP_SIZE + lane) * V;
+    float sum[V];
+#pragma unroll
+    for (int k = 0; k < V; k++) { sum[k] = 0.0f; }
+    if (c < OC) {
+#pragma unroll 4
+        for (int n = blockIdx.y * warps + warp; n < N; n += gridDim.y * warps) {
+            const floatX* row = dout + (long long)n * OC + c;
+            if constexpr (V == 1) {
+                sum[0] += to_float(row[0]);
+            } else {
+                const x128 packet = load128(row);
+#pragma unroll
+                for (int k = 0; k < V; k++) { sum[k] += to_float(packet[k]); }
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < V; k++) { shared[warp * tile + k * WARP_SIZE + lane] = sum[k]; }
+    __syncthreads();
+    for (int t = threadIdx.x; t < tile; t += blockDim.x) {
+        const int col = blockIdx.x * tile + t;
+        if (col >= OC) { continue; }
+        const int slot = (t % V) * WARP_SIZE + t / V;
+        float total = 0.0f;
+        for (int w = 0; w < warps; w++) { total += shared[w * tile + slot]; }  // warp order
+        scratch[(long long)blockIdx.y * OC + col] = total;
+    }
+}
+
+// Pass 1. scratch: (gridDim.y, OC) float, every element written. Dynamic shared
+// memory: (blockDim.x / 32) * 32 * V floats.
+extern "C" __global__ void matmul_bias_backward_kernel2(float* __restrict__ scratch,
+                                                        const floatX* __restrict__ dout,
+                                                        int N, int OC, int wide) {
+    DYNAMIC_SHARED(float, shared);
+    if (wide) {
+        matmul_bias_partial_sums<x128::size>(scratch, shared, dout, N, OC);
+    } else {
+        matmul_bias_partial_sums<1>(scratch, shared, dout, N, OC);
+    }
+}
+
+// Pass 2. Block: 32 columns (lane) x warps slices of the P partial rows; grid
+// CEIL_DIV(OC, 32).
+extern "C" __global__ void matmul_bias_backward_reduce_kernel2(floatX* __restrict__ dbias,
+                                                               const float* __restrict__ scratch,
+                                                               int P, int OC, int accumulate) {
+    __shared__ float sums[WARP_SIZE][WARP_SIZE];  // [warp][lane]
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int warps = blockDim.x / WARP_SIZE;
+    const int oc = blockIdx.x * WARP_SIZE + lane;
+    float sum = 0.0f;
+    if (oc < OC) {
+        for (int p = warp; p < P; p += warps) { sum += scratch[(long long)p * OC + oc]; }
+    }
+    sums[warp][lane] = sum;
+    __syncthreads();
+    if (warp == 0 && oc < OC) {
+        float total = 0.0f;
+        for (int w = 0; w < warps; w++) { total += sums[w][lane]; }
+        dbias[oc] = from_float(accumulate ? to_float(dbias[oc]) + total : total);
+    }
 }

@@ -4,14 +4,26 @@ Same functions and signatures as llmcu/cpu/encoder.py. Shapes: inp (B,T)
 int32, wte (Vp,C), wpe (maxT,C), out (B,T,C), all floatX (float32, or uint16
 holding bf16: the dtype of wte picks the kernel build). Parameter gradients
 accumulate (+=).
+
+encoder_backward(..., version=) picks the kernels (kernels/encoder.cu):
+  1: one thread per channel walks all B*T positions (2*C threads in all);
+  2 (the default): deterministic and parallel. dwpe: one thread per (t, packet
+     of channels) sums over b in order. dwte: the positions are sorted stably
+     by token here (NumPy argsort(kind="stable") under emulation; cupy.argsort,
+     which CuPy documents as a stable sort, on the GPU), and the block at the
+     start of each token's run sums that token's dout rows in position order in
+     fp32, then does one += into dwte. 16-byte loads when C % (16 // itemsize)
+     == 0 and the arrays are 16-byte aligned, scalar loads otherwise.
 """
 
 import numpy as np
 
-from .runtime import FLOATX_NAMES, backend_of, check_array, floatx_dtype, i32, launch_config
-from .vectorized import check_vectorized
+from .runtime import (FLOATX_NAMES, WARP, backend_of, check_array, floatx_dtype, i32,
+                      launch_config)
+from .vectorized import address, check_vectorized, vectorizable
 
 FORWARD_VERSIONS = (1, 2)
+BACKWARD_VERSIONS = (1, 2)
 
 
 def _check(fn, be, x, inp, wte, wpe):
@@ -33,12 +45,15 @@ def _check(fn, be, x, inp, wte, wpe):
 
 def encoder_forward(out, inp, wte, wpe, version=1):
     """version=1: one element per thread (the default); version=2: 16-byte loads
-    and stores, needs C % (16 // itemsize) == 0 and 16-byte aligned out, wte, wpe."""
+    and stores, needs C % (16 // itemsize) == 0 and 16-byte aligned out, wte, wpe;
+    version="auto": 2 where it applies, else 1 (what the GPT-2 kernel model uses)."""
     fn = "encoder_forward"
-    if version not in FORWARD_VERSIONS:
-        raise ValueError(f"{fn}: version must be one of {FORWARD_VERSIONS}, got {version!r}")
+    if version not in FORWARD_VERSIONS + ("auto",):
+        raise ValueError(f"{fn}: version must be one of {FORWARD_VERSIONS} or 'auto', got {version!r}")
     be = backend_of(out)
     B, T, C, floatX = _check(fn, be, out, inp, wte, wpe)
+    if version == "auto":
+        version = 2 if vectorizable(C, dict(out=out, wte=wte, wpe=wpe)) else 1
     threads = B * T * C
     if version == 2:
         check_vectorized(fn, C, dict(out=out, wte=wte, wpe=wpe), what="channels (C)")
@@ -48,9 +63,39 @@ def encoder_forward(out, inp, wte, wpe, version=1):
               (out, inp, wte, wpe, i32(B), i32(T), i32(C)), floatX=floatX)
 
 
-def encoder_backward(dwte, dwpe, dout, inp):
+def encoder_backward(dwte, dwpe, dout, inp, version=2):
+    fn = "encoder_backward"
+    if version not in BACKWARD_VERSIONS:
+        raise ValueError(f"{fn}: version must be one of {BACKWARD_VERSIONS}, got {version!r}")
     be = backend_of(dout)
-    B, T, C, floatX = _check("encoder_backward", be, dout, inp, dwte, dwpe)
-    grid, block = launch_config(C, grid_y=2)  # blockIdx.y: 0 -> dwte, 1 -> dwpe
-    be.launch("encoder", "encoder_backward_kernel1", grid, block,
-              (dwte, dwpe, dout, inp, i32(B), i32(T), i32(C)), floatX=floatX)
+    B, T, C, floatX = _check(fn, be, dout, inp, dwte, dwpe)
+    if version == 1:
+        grid, block = launch_config(C, grid_y=2)  # blockIdx.y: 0 -> dwte, 1 -> dwpe
+        be.launch("encoder", "encoder_backward_kernel1", grid, block,
+                  (dwte, dwpe, dout, inp, i32(B), i32(T), i32(C)), floatX=floatX)
+        return
+    vec = 16 // dout.dtype.itemsize  # x128::size
+    wide = C % vec == 0 and all(address(a) % 16 == 0 for a in (dwte, dwpe, dout))
+    V = vec if wide else 1
+    grid, block = launch_config(T * C // V)
+    be.launch("encoder", "encoder_wpe_backward_kernel2", grid, block,
+              (dwpe, dout, i32(B), i32(T), i32(C), i32(wide)), floatX=floatX)
+    order, end = _token_runs(be, inp)
+    (tiles,), (block,) = launch_config(C // V, block=WARP)  # one warp per 32 packets of channels
+    be.launch("encoder", "encoder_wte_backward_kernel2", (B * T, tiles), (block,),
+              (dwte, dout, inp, order, end, i32(C), i32(wide)), floatX=floatX)
+
+
+def _token_runs(be, inp):
+    """(order, end), both (B*T,) int32: order = the positions (b*T + t) sorted stably
+    by token id (one token's positions together, increasing); end[i] = one past the
+    last sorted index whose token is the token at sorted index i."""
+    xp = be.xp
+    flat = inp.reshape(-1)
+    if be.name == "cuda":
+        order = xp.argsort(flat)  # CuPy documents argsort as a stable sort (thrust)
+    else:
+        order = np.argsort(flat, kind="stable")
+    tokens = flat[order]
+    end = xp.searchsorted(tokens, tokens, side="right")
+    return order.astype(np.int32), end.astype(np.int32)

@@ -100,6 +100,33 @@ def block_per_row(rows: int, block: int = DEFAULT_BLOCK):
     return (rows,), (block,)
 
 
+# Two-pass deterministic reductions over rows (layernorm, matmul bias backward):
+# pass 1 runs at most this many blocks, each writing one row of fp32 partial
+# sums, pass 2 sums those rows in a fixed order. 4 blocks on each of the 132
+# SMs of an H100/H200: one wave. A constant, not the device's SM count, so the
+# summation order is the same on every card and under the emulator (bits may
+# still differ where the GPU compiler fuses a multiply and an add).
+PARTIAL_SUM_BLOCKS = 4 * 132
+
+
+def partial_sums_grid(work: int, per_block: int, max_blocks: int | None = None) -> int:
+    """Blocks of pass 1 of a two-pass reduction: enough for `work` items at
+    `per_block` per block, capped at max_blocks (default PARTIAL_SUM_BLOCKS);
+    the kernels grid-stride over what remains."""
+    if work <= 0 or per_block <= 0:
+        raise ValueError(f"partial_sums_grid: work and per_block must be > 0, got {work}, {per_block}")
+    cap = PARTIAL_SUM_BLOCKS if max_blocks is None else max_blocks
+    return max(1, min(cap, (work + per_block - 1) // per_block))
+
+
+def column_tiles(columns: int, width: int = WARP, block: int = DEFAULT_BLOCK):
+    """(grid, block) for kernels whose block owns `width` columns (lane = column or
+    packet of columns) and whose warps split the rows: grid.x = CEIL_DIV(columns, width)."""
+    if columns <= 0 or width <= 0:
+        raise ValueError(f"column_tiles: columns and width must be > 0, got {columns}, {width}")
+    return ((columns + width - 1) // width,), (block,)
+
+
 # -- backends ----------------------------------------------------------------
 
 class Backend:
