@@ -43,13 +43,13 @@ def cuda_time(fn, reps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def bench_llmcu_step(config, params, x, y, steps, dtype="fp32"):
+def bench_llmcu_step(config, params, x, y, steps, dtype="fp32", flash_version="auto"):
     """(median ms, peak bytes held by CuPy's memory pool) of one llmcu step."""
     import cupy
     from llmcu.cuda.gpt2 import GPT2
     pool = cupy.get_default_memory_pool()
     pool.free_all_blocks()
-    model = GPT2(config, params, device="cuda", dtype=dtype)
+    model = GPT2(config, params, device="cuda", dtype=dtype, flash_version=flash_version)
 
     def step():
         model.zero_grad()
@@ -148,7 +148,12 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="also time PyTorch with torch.compile")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="the card's dense bf16 peak for MFU (H100 SXM: 989)")
+    ap.add_argument("--flash-versions", default="auto",
+                    help="comma-separated fused-attention versions to time llmcu with, each its own "
+                         "row (auto, 1, 2, 3; e.g. 2,3), in the same run")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the per-kernel rows")
     a = ap.parse_args(argv)
+    versions = [v if v == "auto" else int(v) for v in a.flash_versions.split(",")]
     import cupy
     from llmcu.config import gpt2_config
     from llmcu.cpu.gpt2 import init_parameters
@@ -162,8 +167,11 @@ def main(argv=None) -> int:
     card = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     precision = "fp32 (TF32 off)" if a.dtype == "fp32" else "bf16 (llmcu mixed precision; PyTorch autocast)"
     print(f"card: {card}; GPT-2 {a.model}, B={B}, T={T}, {precision}, median of {a.steps} steps")
-    results = {"llmcu": bench_llmcu_step(config, params.copy(), x, y, a.steps, a.dtype),
-               "pytorch": bench_torch_step(config, params.copy(), x, y, a.steps, a.dtype)}
+    results = {}
+    for v in versions:
+        name = "llmcu" if v == "auto" else f"llmcu flash v{v}"
+        results[name] = bench_llmcu_step(config, params.copy(), x, y, a.steps, a.dtype, flash_version=v)
+    results["pytorch"] = bench_torch_step(config, params.copy(), x, y, a.steps, a.dtype)
     if a.compile:
         results["pytorch+compile"] = bench_torch_step(config, params.copy(), x, y, a.steps, a.dtype,
                                                       compile=True)
@@ -171,13 +179,14 @@ def main(argv=None) -> int:
     flops = config.flops_per_token(T) * tok  # llm.c's 6N + 6LCT per token
     for name, (ms, peak) in results.items():
         mfu = flops / (ms * 1e-3) / (a.peak_tflops * 1e12)
-        print(f"{name:16s} {ms:9.2f} ms/step {tok / ms * 1e3:10.0f} tok/s  MFU {100 * mfu:5.1f}% "
+        print(f"{name:18s} {ms:9.2f} ms/step {tok / ms * 1e3:10.0f} tok/s  MFU {100 * mfu:5.1f}% "
               f"of {a.peak_tflops:g} TFLOP/s  peak memory {peak / 2**30:6.2f} GiB")
-    ours = results["llmcu"][0]
-    for peer in [k for k in results if k != "llmcu"]:
-        print(f"ratio llmcu / {peer} (time): {ours / results[peer][0]:.3f}")
-    kernels = bench_kernels(config, B, T, reps=20)
-    print(f"{'kernel':34s} {'ms':>9s} {'GB/s':>8s}")
+    for ours in [k for k in results if k.startswith("llmcu")]:
+        for peer in [k for k in results if k.startswith("pytorch")]:
+            print(f"ratio {ours} / {peer} (time): {results[ours][0] / results[peer][0]:.3f}")
+    kernels = [] if a.no_kernels else bench_kernels(config, B, T, reps=20)
+    if kernels:
+        print(f"{'kernel':34s} {'ms':>9s} {'GB/s':>8s}")
     for name, ms, gbs in kernels:
         print(f"{name:34s} {ms:9.3f} {gbs:8.1f}")
     if a.json:

@@ -77,9 +77,9 @@ def _empty(shape, dtype):
     return cupy.empty(shape, dtype)
 
 
-@pytest.fixture(scope="module")
-def ceilings():
-    """Copy bandwidth and GEMM rates of this card, measured once per run."""
+def measure_ceilings():
+    """Copy bandwidth and GEMM rates of this card, measured once per process (a dict:
+    copy_gb_s, gemm_fp32_tflops, gemm_bf16_tflops; benchmarks/bench_step_breakdown.py too)."""
     if CEILINGS:
         return CEILINGS
     import cupy
@@ -101,6 +101,12 @@ def ceilings():
     print("\nceilings (this card, this run): copy {copy_gb_s:.0f} GB/s, GEMM fp32 "
           "{gemm_fp32_tflops:.1f} TFLOP/s, GEMM bf16 {gemm_bf16_tflops:.1f} TFLOP/s".format(**CEILINGS))
     return CEILINGS
+
+
+@pytest.fixture(scope="module")
+def ceilings():
+    """Copy bandwidth and GEMM rates of this card, measured once per run."""
+    return measure_ceilings()
 
 
 def _run(benchmark, fn):
@@ -152,16 +158,22 @@ def test_encoder_forward(benchmark, ceilings, dtype, version):
                  N * 4 + 2 * N * C * s + T * C * s)
 
 
+# version 1: encoder_backward_kernel1 (2*C threads walk every position); version 2:
+# encoder_wpe_backward_kernel2 + encoder_wte_backward_kernel2 after a stable sort of
+# the token ids (the sort, a gather and a searchsorted are CuPy calls inside the time).
+# Same napkin bytes for both, so the GB/s compare directly.
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_encoder_backward(benchmark, ceilings, dtype):
+@pytest.mark.parametrize("version", [1, 2])
+def test_encoder_backward(benchmark, ceilings, dtype, version):
     import cupy
     from llmcu.cuda.encoder import encoder_backward
     s = np.dtype(dtype).itemsize
     inp = cupy.asarray(np.random.default_rng(0).integers(0, V, (B, T)), dtype=np.int32)
     dwte, dwpe, dout = _rand((Vp, C), dtype, 0.0), _rand((1024, C), dtype, 0.0), _rand((B, T, C), dtype)
+    name = "encoder_backward_kernel1" if version == 1 else "encoder_w{pe,te}_backward_kernel2 + sort"
     # dout and inp read; a dwte row read and written per position; dwpe (T,C) read+written
-    report_bytes(benchmark, ceilings, f"encoder_backward_kernel1 {_name(dtype)}",
-                 lambda: encoder_backward(dwte, dwpe, dout, inp),
+    report_bytes(benchmark, ceilings, f"{name} {_name(dtype)}",
+                 lambda: encoder_backward(dwte, dwpe, dout, inp, version=version),
                  N * C * s + N * 4 + 2 * N * C * s + 2 * T * C * s)
 
 
@@ -177,8 +189,13 @@ def test_layernorm_forward(benchmark, ceilings, dtype, version):
                  2 * N * C * s + 2 * N * 4 + 2 * C * s)
 
 
+# version 1: layernorm_backward_kernel1 (warp per row) + layernorm_param_backward_kernel1
+# (thread per column); version 2: layernorm_backward_kernel2 (rows + partial sums) +
+# layernorm_param_backward_reduce_kernel2. Same napkin bytes (the partial sums, 3 MB, not
+# counted), so the GB/s compare directly.
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_layernorm_backward(benchmark, ceilings, dtype):
+@pytest.mark.parametrize("version", [1, 2])
+def test_layernorm_backward(benchmark, ceilings, dtype, version):
     import cupy
     from llmcu.cuda.layernorm import layernorm_backward
     s = np.dtype(dtype).itemsize
@@ -186,8 +203,8 @@ def test_layernorm_backward(benchmark, ceilings, dtype):
     dinp, dw, db = _empty((B, T, C), dtype), _rand((C,), dtype, 0.0), _rand((C,), dtype, 0.0)
     mean, rstd = cupy.zeros((B, T), np.float32), cupy.ones((B, T), np.float32)
     # dout, inp read and dinp written (the row kernel), mean/rstd, weights once
-    report_bytes(benchmark, ceilings, f"layernorm_backward (row + param kernels) {_name(dtype)}",
-                 lambda: layernorm_backward(dinp, dw, db, dout, x, w, mean, rstd),
+    report_bytes(benchmark, ceilings, f"layernorm_backward v{version} (row + param kernels) {_name(dtype)}",
+                 lambda: layernorm_backward(dinp, dw, db, dout, x, w, mean, rstd, version=version),
                  3 * N * C * s + 2 * N * 4 + 5 * C * s)
 
 
@@ -205,14 +222,48 @@ def test_matmul_forward(benchmark, ceilings, dtype, OC, IC):
                  lambda: matmul_forward(out, x, w, bias), 2 * N * IC * OC, _name(dtype))
 
 
+# The peer for the GEMM rows: the same product (no bias) through PyTorch (cuBLASLt with its
+# own heuristics and workspace) in the same run, to tell llmcu's cuBLAS calls from the shape.
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("OC,IC", MATMULS)
-def test_matmul_backward(benchmark, ceilings, dtype, OC, IC):
+def test_torch_matmul_forward(benchmark, ceilings, dtype, OC, IC):
+    torch = pytest.importorskip("torch")
+    tdt = torch.bfloat16 if _name(dtype) == "bf16" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x = torch.randn(N, IC, device="cuda", dtype=tdt)
+    w = torch.randn(OC, IC, device="cuda", dtype=tdt) * 0.02
+    out = torch.empty(N, OC, device="cuda", dtype=tdt)
+    report_flops(benchmark, ceilings, f"torch.matmul {IC}->{OC} (peer, no bias) {_name(dtype)}",
+                 lambda: torch.matmul(x, w.t(), out=out), 2 * N * IC * OC, _name(dtype))
+
+
+# version: the bias-gradient kernels (1: thread per column; 2: two-pass partial sums).
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("OC,IC", MATMULS)
+@pytest.mark.parametrize("version", [1, 2])
+def test_matmul_backward(benchmark, ceilings, dtype, OC, IC, version):
     from llmcu.cuda.matmul import matmul_backward
     x, w, dout = _rand((B, T, IC), dtype), _rand((OC, IC), dtype, 0.02), _rand((B, T, OC), dtype)
     dinp, dw, db = _empty((B, T, IC), dtype), _rand((OC, IC), dtype, 0.0), _rand((OC,), dtype, 0.0)
-    report_flops(benchmark, ceilings, f"matmul_backward {IC}->{OC} (dinp, dweight, dbias) {_name(dtype)}",
-                 lambda: matmul_backward(dinp, dw, db, dout, x, w), 4 * N * IC * OC, _name(dtype))
+    report_flops(benchmark, ceilings,
+                 f"matmul_backward {IC}->{OC} (dinp, dweight, dbias v{version}) {_name(dtype)}",
+                 lambda: matmul_backward(dinp, dw, db, dout, x, w, version=version), 4 * N * IC * OC,
+                 _name(dtype))
+
+
+# The bias gradient alone: 1 = matmul_bias_backward_kernel1, 2 = matmul_bias_backward_kernel2
+# + _reduce_kernel2 (the fp32 partials, under 1 MB, not counted).
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("OC", [pytest.param(C, id="768"), pytest.param(3 * C, id="2304"),
+                                pytest.param(4 * C, id="3072")])
+@pytest.mark.parametrize("version", [1, 2])
+def test_matmul_bias_backward(benchmark, ceilings, dtype, OC, version):
+    from llmcu.cuda.matmul import matmul_bias_backward
+    s = np.dtype(dtype).itemsize
+    dout, db = _rand((B, T, OC), dtype), _rand((OC,), dtype, 0.0)
+    # dout read once, dbias read and written
+    report_bytes(benchmark, ceilings, f"matmul_bias_backward v{version} OC={OC} {_name(dtype)}",
+                 lambda: matmul_bias_backward(db, dout, version=version), N * OC * s + 2 * OC * s)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -246,7 +297,8 @@ def test_residual_forward(benchmark, ceilings, dtype, version):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_classifier(benchmark, ceilings, dtype):
+@pytest.mark.parametrize("version", [1, 2])  # 2: one online-softmax pass + one 16-byte write pass
+def test_fused_classifier(benchmark, ceilings, dtype, version):
     import cupy
     from llmcu.cuda.classifier import fused_classifier_dlogits
     s = np.dtype(dtype).itemsize
@@ -256,10 +308,11 @@ def test_fused_classifier(benchmark, ceilings, dtype):
     losses = _empty((B, T), np.float32)
 
     def run():  # the kernel overwrites logits with dlogits: start each round from the same logits
-        fused_classifier_dlogits(logits, losses, targets, V, 1.0 / N)
+        fused_classifier_dlogits(logits, losses, targets, V, 1.0 / N, version=version)
     logits[...] = logits0
-    # logits read once and dlogits written once at the minimum (kernel1 reads the row 3 times)
-    report_bytes(benchmark, ceilings, f"fused_classifier_kernel1 (dlogits in place) {_name(dtype)}",
+    # logits read once and dlogits written once at the minimum (kernel1 reads the row 3 times,
+    # kernel2 twice)
+    report_bytes(benchmark, ceilings, f"fused_classifier_kernel{version} (dlogits in place) {_name(dtype)}",
                  run, 2 * N * Vp * s + N * 8)
 
 

@@ -7,7 +7,10 @@
 #
 # The device lease allows 10 minutes per command and 15 in all, so the two
 # stages are sized to run as separate commands: "tests" (every cuda-marked
-# test, under 7 minutes) and "bench" (every GPU benchmark, under 7 minutes).
+# test) and "bench" (every GPU benchmark), each stage's timeouts summing to at
+# most 8 minutes: a command that reaches the lease's limit comes back with
+# none of its files (2026-11-28: a 590 s command whose timeouts summed to
+# 570 s lost every log).
 # Writes OUTDIR/env.txt and, per stage, OUTDIR/tests.log or the bench_*.log
 # and *.json files.
 set -uo pipefail
@@ -17,38 +20,51 @@ case "$stage" in tests|bench|all) ;; *) echo "unknown stage '$stage': expected t
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The device image's python3 is a venv's (/opt/torch/.venv) holding CuPy and PyTorch; a bare
+# `python` may be absent there, and a symlink to the venv's python3 from elsewhere loses
+# the venv (2026-11-28: "No module named numpy"). PYTHON overrides.
+PY=${PYTHON:-python3}
 {
   date -u; git rev-parse HEAD 2>/dev/null || echo "commit: unknown (no git)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
-  python -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1
+  "$PY" -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1
 } > "$out/env.txt"
 cat "$out/env.txt"
 status=0
 
 if [ "$stage" != bench ]; then
   # Fail fast if CuPy cannot compile and launch one kernel file, fp32 and bf16.
-  timeout 90 python scripts/gpu_smoke.py --device cuda 2>&1 | tee "$out/smoke.log" || status=1
+  timeout 90 "$PY" scripts/gpu_smoke.py --device cuda 2>&1 | tee "$out/smoke.log" || status=1
   # tests/test_distributed.py: the NCCL path at world size 1 (-z 0 and -z 1) against the
   # same run without a communicator; multi-GPU is not measured here.
-  timeout 420 python -m pytest -m cuda -v -rs -s -p no:cacheprovider \
+  timeout 360 "$PY" -m pytest -m cuda -v -rs -s -p no:cacheprovider \
     tests/test_kernels.py tests/test_kernels_bf16.py tests/test_layernorm_versions.py \
-    tests/test_flash_attention.py tests/test_llama_kernels.py tests/test_llama_kernels_model.py \
+    tests/test_flash_attention.py tests/test_flash_attention_v3.py tests/test_llama_kernels.py tests/test_llama_kernels_model.py \
     tests/test_gpu_parity.py tests/test_distributed.py tests/test_bf16_training.py \
-    tests/test_llama_bf16.py \
+    tests/test_llama_bf16.py tests/test_step_breakdown.py tests/test_reductions_v2.py \
     2>&1 | tee "$out/tests.log" || status=1
 fi
 
 if [ "$stage" != tests ]; then
-  # the headline first: bf16 d12 at T=1024 against PyTorch autocast, eager and torch.compile
-  timeout 200 python benchmarks/bench_gpu_step.py --dtype bf16 -b 16 --compile \
+  # first, so it runs even if a later entry times out: where one bf16 d12 step (B=16, T=1024)
+  # goes, op by op, beside the copy and GEMM ceilings of this run (about 30 s once the
+  # kernels are compiled: 2 + 10 + 3 steps; the compile it does is cached for the entries below)
+  timeout 100 "$PY" benchmarks/bench_step_breakdown.py --dtype bf16 -b 16 -t 1024 \
+    --json "$out/bench_step_breakdown.json" 2>&1 | tee "$out/bench_step_breakdown.log" || status=1
+  # the headline: bf16 d12 at T=1024 against PyTorch autocast, eager and torch.compile
+  # (llmcu with the fused attention's version 2 and version 3, each its own row)
+  timeout 150 "$PY" benchmarks/bench_gpu_step.py --dtype bf16 -b 16 --compile --flash-versions 2,3 \
     --json "$out/bench_step_bf16.json" 2>&1 | tee "$out/bench_step_bf16.log" || status=1
-  timeout 120 python benchmarks/bench_gpu_step.py --json "$out/bench_step.json" 2>&1 \
-    | tee "$out/bench_step.log" || status=1
-  timeout 90 python benchmarks/bench_attention.py --json "$out/bench_attention.json" 2>&1 \
+  # d24 (350M) at one batch size, against PyTorch eager (the fp32 d12 step was measured on
+  # 2026-11-28: benchmarks/gpu_runs/2026-11-28-h200/step_fp32.log)
+  timeout 80 "$PY" benchmarks/bench_gpu_step.py --model d24 --dtype bf16 -b 8 --no-kernels --steps 10 \
+    --json "$out/bench_step_d24.json" 2>&1 | tee "$out/bench_step_d24.log" || status=1
+  timeout 60 "$PY" benchmarks/bench_attention.py --json "$out/bench_attention.json" 2>&1 \
     | tee "$out/bench_attention.log" || status=1
-  timeout 90 python -m pytest -s -q -p no:cacheprovider benchmarks/bench_kernels.py \
+  # 54 cases took 5.3 s on an H200 (benchmarks/gpu_runs/2026-11-28-h200/bench_kernels.log)
+  timeout 50 "$PY" -m pytest -s -q -p no:cacheprovider benchmarks/bench_kernels.py \
     --benchmark-json "$out/bench_kernels.json" 2>&1 | tee "$out/bench_kernels.log" || status=1
-  timeout 40 python -m pytest -s -q -p no:cacheprovider benchmarks/bench_llama_layers.py \
+  timeout 30 "$PY" -m pytest -s -q -p no:cacheprovider benchmarks/bench_llama_layers.py \
     benchmarks/bench_layernorm.py 2>&1 | tee "$out/bench_layers.log" || status=1
 fi
 exit $status

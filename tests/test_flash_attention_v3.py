@@ -109,3 +109,45 @@ def test_flash_kernel3_rejects_bad_input():
         k.flash_attention_backward(np.zeros((1, 4, 3 * 128), np.float32), np.zeros((1, 4, 128), np.float32),
                                    np.zeros((1, 4, 3 * 128), np.float32), np.zeros((1, 4, 128), np.float32), lse, 2,
                                    version=3)
+
+
+def test_gpt2_bf16_trains_with_flash_version_3(dev, monkeypatch):
+    """GPT2(flash_version=3): a tiny bf16 GPT-2 with head size 64 (C = 128, NH = 2) runs its
+    attention on version 3 (checked from the launches) and its 10 AdamW-step losses stay
+    within llm.c's bf16 tolerance 0.05 of the fp32 NumPy model's from the same init."""
+    from llmcu.config import GPT2Config
+    from llmcu.cpu.gpt2 import GPT2 as Oracle
+    from llmcu.cpu.gpt2 import init_parameters
+    from llmcu.cuda import runtime
+    from llmcu.cuda.gpt2 import GPT2
+    cfg = GPT2Config(max_seq_len=80, vocab_size=300, num_layers=2, num_heads=2, channels=128)
+    B, T = 2, 70  # two 64-row tiles, the second partial
+    p0 = init_parameters(cfg, seed=1)
+    batches = np.random.default_rng(2).integers(0, 40, size=(3, B, T + 1)).astype(np.int32)
+
+    def run(model, steps=10):
+        losses = []
+        for s in range(steps):
+            x, y = batches[s % 3, :, :-1], batches[s % 3, :, 1:]
+            losses.append(model.forward(x, y))
+            model.zero_grad()
+            model.backward()
+            model.update(1e-2, s + 1, weight_decay=0.1, grad_clip=1.0)
+        return np.array(losses)
+
+    ref = run(Oracle(cfg, p0.copy()))
+    kernels = []
+    real = runtime.Backend.launch
+    monkeypatch.setattr(runtime.Backend, "launch",
+                        lambda self, stem, kernel, *a, **k: (kernels.append(kernel), real(self, stem, kernel, *a, **k))[1])
+    model = GPT2(cfg, p0.copy(), device=dev.name, dtype="bf16", flash_version=3)
+    losses = run(model)
+    diff = np.abs(losses - ref).max()
+    print(f"flash v3 bf16 GPT-2 vs fp32 oracle: max loss difference {diff:.4f}; fp32 {ref[0]:.3f} -> {ref[-1]:.3f}")
+    assert {"attention_flash_forward_kernel3", "attention_flash_backward_dq_kernel3",
+            "attention_flash_backward_dkdv_kernel3"} <= set(kernels)
+    assert not any(k.startswith("attention_flash") and k[-1] in "12" and "preprocess" not in k for k in kernels)
+    assert np.all(np.isfinite(losses)) and diff < 0.05, (losses, ref)
+    assert losses[-1] < losses[0] - 1.0, losses  # it learned
+    with pytest.raises(ValueError, match=r"GPT2: flash_version must be one of \('auto', 1, 2, 3\), got 4"):
+        GPT2(cfg, p0.copy(), device=dev.name, dtype="bf16", flash_version=4)

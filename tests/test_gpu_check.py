@@ -44,7 +44,9 @@ def test_named_test_files_exist_and_cover_every_cuda_test():
 def test_stage_timeouts_fit_one_command(stage):
     timeouts = [int(t) for t in re.findall(r"timeout (\d+)", _stage_text(stage))]
     assert timeouts, f"no timeouts in the {stage} stage"
-    assert sum(timeouts) <= 540, f"{stage} stage timeouts sum to {sum(timeouts)} s, over 9 minutes"
+    # 8 minutes of a 10-minute command: the rest is process start-up and the copy back; a
+    # command that reaches the limit returns none of its files (2026-11-28, 570 of 590 s)
+    assert sum(timeouts) <= 480, f"{stage} stage timeouts sum to {sum(timeouts)} s, over 8 minutes"
 
 
 def test_smoke_passes_on_the_emulator():

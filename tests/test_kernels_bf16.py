@@ -294,7 +294,7 @@ def test_vectorized_versions_check_size_and_alignment():
                                          r"of 4 channels \(C\) \(float32\), got 6"):
         encoder.encoder_forward(np.zeros((1, 2, 6), np.float32), np.zeros((1, 2), np.int32),
                                 np.zeros((3, 6), np.float32), np.zeros((2, 6), np.float32), version=2)
-    with pytest.raises(ValueError, match=r"gelu_forward: version must be one of \(1, 2\), got 3"):
+    with pytest.raises(ValueError, match=r"gelu_forward: version must be one of \(1, 2\) or 'auto', got 3"):
         gelu.gelu_forward(np.empty_like(x), x, version=3)
 
 

@@ -2,7 +2,9 @@
 
 Shapes: inp (B,T,C), weight (OC,C) as llm.c and PyTorch store it, bias (OC,)
 or None, out (B,T,OC). Parameter gradients accumulate (+=); activation
-gradients overwrite (=).
+gradients overwrite (=). matmul_backward(..., accumulate_weight=False)
+overwrites dweight and dbias instead (the first backward after zero_grad,
+where += onto zeros would be a wasted pass on the GPU).
 """
 
 import numpy as np
@@ -23,11 +25,18 @@ def matmul_forward(out, inp, weight, bias=None):
         out2 += bias
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
-    """dinp = dout @ weight; dweight += dout.T @ inp; dbias += sum of dout rows."""
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, accumulate_weight=True):
+    """dinp = dout @ weight; dweight += dout.T @ inp; dbias += sum of dout rows
+    (accumulate_weight=False: dweight = ..., dbias = ..., their old values ignored)."""
     dout2, inp2 = _rows(dout), _rows(inp)
     if dinp is not None:
         np.matmul(dout2, weight, out=_rows(dinp))
-    dweight += dout2.T @ inp2
+    if accumulate_weight:
+        dweight += dout2.T @ inp2
+    else:
+        np.matmul(dout2.T, inp2, out=dweight)
     if dbias is not None:
-        dbias += dout2.sum(axis=0)
+        if accumulate_weight:
+            dbias += dout2.sum(axis=0)
+        else:
+            np.sum(dout2, axis=0, out=dbias)

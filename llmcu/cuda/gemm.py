@@ -22,7 +22,9 @@ before that one rounding, cuBLAS's beta = 1):
   cuBLAS bindings (cupy_backends.cuda.libs.cublas) and CuPy's per-device
   handle on the current stream. tests/test_kernels_bf16.py's "cuda" cases
   passed on an H200 (2026-11-28) once accumulate went through an fp32 product
-  (gemm's comment says why).
+  (gemm's comment says why). That accumulate costs an fp32 temporary and
+  elementwise passes, so matmul_backward(accumulate_weight=False) takes the
+  plain GEMM where the gradient was just zeroed (llmcu/cuda/gpt2.py).
 
 cuBLAS is column-major. A row-major (R,S) array is, to cuBLAS, its (S,R)
 transpose with leading dimension S. So the row-major product

@@ -8,7 +8,11 @@ same kernels on the CPU (llmcu.emu) on NumPy arrays, for tests.
 
 Differences from the NumPy oracle (llmcu/cpu/gpt2.py), all for speed or memory:
 no probabilities buffer; backward() overwrites acts.logits with dlogits
-(llm.c's fused classifier); attention scratch comes from the array library.
+(llm.c's fused classifier); attention scratch comes from the array library;
+the first backward() after zero_grad() has the GEMMs overwrite (=) the weight
+and bias gradients instead of adding onto zeros (matmul_backward's
+accumulate_weight=False: in bf16 that skips an fp32 temporary and an add pass
+per weight), later ones (gradient accumulation) add.
 
 Attention: GPT2(..., attention="flash") (the default) runs the fused kernels
 (kernels/attention.cu, attention_flash_*), which keep only each query row's
@@ -35,6 +39,7 @@ attention (the "simple" path's kernels are fp32 only) and no ZeRO-1 shard.
 
 from __future__ import annotations
 
+import functools
 import math
 from types import SimpleNamespace
 
@@ -56,14 +61,20 @@ from .mixed_precision import (DTYPES, MixedPrecisionAdamW, allocate_views, check
 from .residual import residual_forward
 
 # The same layer sequence as the oracle (llmcu/cpu/gpt2.py), on the kernel wrappers.
+# Memory-bound layers with a 16-byte-load version run it where shapes and alignment
+# allow (version="auto"; on an H200 it moved 1.3-1.6x the bytes per second of version 1
+# for gelu in bf16, benchmarks/RESULTS.md); the others' defaults are their fastest.
 KERNEL_OPS = SimpleNamespace(
-    encoder_forward=encoder_forward, encoder_backward=encoder_backward,
+    encoder_forward=functools.partial(encoder_forward, version="auto"), encoder_backward=encoder_backward,
     layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
     matmul_forward=matmul_forward, matmul_backward=matmul_backward,
     attention_forward=attention_forward, attention_backward=attention_backward,
     flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
-    gelu_forward=gelu_forward, gelu_backward=gelu_backward,
-    residual_forward=residual_forward, adamw_update=adamw_update, global_norm=global_norm)
+    gelu_forward=functools.partial(gelu_forward, version="auto"),
+    gelu_backward=functools.partial(gelu_backward, version="auto"),
+    residual_forward=functools.partial(residual_forward, version="auto"),
+    adamw_update=adamw_update, global_norm=global_norm)
+FLASH_VERSIONS = ("auto", 1, 2, 3)  # GPT2(flash_version=): llmcu/cuda/attention.py's versions
 
 ACTIVATIONS = (  # name: shape in units of (L, B, T, NH, C, Vp); per-layer tensors lead with L
     ("encoded", "BTC"), ("ln1", "LBTC"), ("ln1_mean", "LBT"), ("ln1_rstd", "LBT"),
@@ -147,8 +158,12 @@ class GPT2(MixedPrecisionAdamW):
     OPS, DECAYED = KERNEL_OPS, DECAYED  # for FlatAdamW: the kernel AdamW and global norm
 
     def __init__(self, config: GPT2Config, params=None, seed: int = 42, device: str = "cuda",
-                 attention: str = DEFAULT_ATTENTION, dtype: str = "fp32", master_weights: bool = True):
+                 attention: str = DEFAULT_ATTENTION, dtype: str = "fp32", master_weights: bool = True,
+                 flash_version="auto"):
         _check_attention("GPT2", attention)
+        if flash_version not in FLASH_VERSIONS:
+            raise ValueError(f"GPT2: flash_version must be one of {FLASH_VERSIONS}, got {flash_version!r}")
+        self.flash_version = flash_version
         _check_dtype("GPT2", dtype)
         if dtype == "bf16" and attention != "flash":
             raise ValueError(f"GPT2: dtype 'bf16' needs attention='flash' (the 'simple' attention "
@@ -165,6 +180,7 @@ class GPT2(MixedPrecisionAdamW):
         self.set_parameters(params, dtype, master_weights)  # self.params, self.master
         self.p = parameter_views(config, self.params)
         self.grads = self.g = None
+        self._grads_zeroed = False  # set by zero_grad, cleared by backward
         self.m = self.v = None
         self.acts: Activations | None = None
         self._scratch = None
@@ -193,13 +209,25 @@ class GPT2(MixedPrecisionAdamW):
         if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
             self.acts = Activations(self.xp, cfg, B, T, self.attention, self.floatx)
         a = self.acts
-        forward_layers(KERNEL_OPS, cfg, p, a, inputs)
+        forward_layers(self._ops(), cfg, p, a, inputs)
 
         self._inputs, self._targets = inputs, targets
         if targets is None:
             return None
-        crossentropy_forward(a.losses, a.logits, targets, cfg.vocab_size)
+        crossentropy_forward(a.losses, a.logits, targets, cfg.vocab_size, version="auto")
         return float(a.losses.mean(dtype=np.float64))
+
+    def _ops(self):
+        """KERNEL_OPS, with the fused attention pinned to flash_version unless "auto".
+        Looked up on KERNEL_OPS at each call, so a wrapper put there (a profiler) runs."""
+        if self.flash_version == "auto":
+            return KERNEL_OPS
+        return SimpleNamespace(**{
+            **vars(KERNEL_OPS),
+            "flash_attention_forward": functools.partial(KERNEL_OPS.flash_attention_forward,
+                                                         version=self.flash_version),
+            "flash_attention_backward": functools.partial(KERNEL_OPS.flash_attention_backward,
+                                                          version=self.flash_version)})
 
     def _backward_scratch(self, B, T):
         C = self.config.channels
@@ -207,6 +235,13 @@ class GPT2(MixedPrecisionAdamW):
             self._scratch = backward_scratch(lambda *shape: self.xp.zeros(shape, dtype=self.floatx),
                                              B, T, C)
         return self._scratch
+
+    def zero_grad(self):
+        """Zero the gradients; the next backward() then overwrites (=) the GEMM weight and
+        bias gradients instead of adding onto the zeros (so do not write self.grads between
+        zero_grad and backward)."""
+        super().zero_grad()
+        self._grads_zeroed = True
 
     def backward(self, loss_scale=1.0):
         """Accumulate loss_scale * d(mean loss)/d(params) into self.grads; acts.logits
@@ -217,12 +252,22 @@ class GPT2(MixedPrecisionAdamW):
             self.zero_grad()
         cfg, p, g, a = self.config, self.p, self.g, self.acts
         B, T = a.B, a.T
-        fused_classifier_dlogits(a.logits, a.losses, self._targets, cfg.vocab_size, loss_scale / (B * T))
-        backward_layers(KERNEL_OPS, cfg, p, g, a, a.logits, self._inputs, self._backward_scratch(B, T))
+        fused_classifier_dlogits(a.logits, a.losses, self._targets, cfg.vocab_size, loss_scale / (B * T),
+                                 version="auto")
+        ops = self._ops()
+        if self._grads_zeroed:
+            # First micro-step after zero_grad: every matmul_backward is the first write of
+            # its dweight/dbias in this pass (wte's before encoder_backward adds to it), so it
+            # overwrites: same values, without bf16's fp32-product + add pass per weight.
+            # Looked up on KERNEL_OPS now, so a wrapper put there (a profiler) still runs.
+            ops = SimpleNamespace(**{**vars(ops), "matmul_backward": functools.partial(
+                KERNEL_OPS.matmul_backward, accumulate_weight=False)})
+        self._grads_zeroed = False
+        backward_layers(ops, cfg, p, g, a, a.logits, self._inputs, self._backward_scratch(B, T))
         self._targets = None  # the logits are gone: a second backward needs a new forward
 
     def sampler(self) -> "GPT2":
         """A model sharing these parameters with its own activations (for sampling).
         A bf16 model's sampler runs in bf16 (acts.logits holds bf16 bits) without a master copy."""
         return GPT2(self.config, self.params, device=self.device, attention=self.attention,
-                    dtype=self.dtype, master_weights=False)
+                    dtype=self.dtype, master_weights=False, flash_version=self.flash_version)

@@ -126,7 +126,7 @@ class Llama(MixedPrecisionAdamW):
         self._inputs, self._targets = inputs, targets
         if targets is None:
             return None
-        crossentropy_forward(a.losses, a.logits, targets, cfg.vocab_size)
+        crossentropy_forward(a.losses, a.logits, targets, cfg.vocab_size, version="auto")
         return float(a.losses.mean(dtype=np.float64))
 
     def _backward_scratch(self, B, T):
@@ -144,7 +144,8 @@ class Llama(MixedPrecisionAdamW):
             self.zero_grad()
         cfg, a = self.config, self.acts
         B, T = a.B, a.T
-        fused_classifier_dlogits(a.logits, a.losses, self._targets, cfg.vocab_size, loss_scale / (B * T))
+        fused_classifier_dlogits(a.logits, a.losses, self._targets, cfg.vocab_size, loss_scale / (B * T),
+                                 version="auto")
         backward_layers(LLAMA_KERNEL_OPS, cfg, self.p, self.g, a, a.logits, self._inputs,
                         self._backward_scratch(B, T), self.tables)
         self._targets = None  # the logits are gone: a second backward needs a new forward

@@ -11,10 +11,26 @@ bf16 rounding, per output element: out is the GEMM rounded once, then the
 bias added and rounded again (two roundings; a fused cuBLASLt bias epilogue
 would make it one); dinp one rounding; dweight one (the GEMM adds the old
 dweight in fp32, cuBLAS's beta = 1); dbias one (fp32 column sum, then +=).
+matmul_backward(..., accumulate_weight=False) overwrites dweight and dbias (=)
+instead, as llmcu/cpu/matmul.py (the first backward after zero_grad).
+
+matmul_backward(..., version=) picks the bias-gradient kernels of
+kernels/matmul.cu (the GEMMs are cuBLAS's either way):
+  1: one thread per column walking all N rows (only OC threads);
+  2 (the default): two passes, deterministic: blocks of 32 columns x a slice of
+     the rows write fp32 partial column sums (16-byte loads when OC % (16 //
+     itemsize) == 0 and dout is 16-byte aligned) to a scratch buffer, and a
+     second kernel sums them in a fixed order into dbias.
 """
 
+import numpy as np
+
+from . import runtime
 from .gemm import gemm
-from .runtime import FLOATX_NAMES, backend_of, check_array, floatx_dtype, i32, launch_config
+from .runtime import FLOATX_NAMES, WARP, backend_of, check_array, floatx_dtype, i32, launch_config
+from .vectorized import address
+
+BIAS_BACKWARD_VERSIONS = (1, 2)
 
 
 def _check(fn, be, inp, weight, **named):
@@ -44,15 +60,62 @@ def matmul_forward(out, inp, weight, bias=None):
                   (out, bias, i32(N), i32(OC)), floatX=floatX)
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, accumulate_weight=True, version=2):
+    if version not in BIAS_BACKWARD_VERSIONS:
+        raise ValueError(f"matmul_backward: version must be one of {BIAS_BACKWARD_VERSIONS}, "
+                         f"got {version!r}")
     be = backend_of(inp)
     N, C, OC, floatX = _check("matmul_backward", be, inp, weight, dinp=dinp, dweight=dweight,
                               dbias=dbias, dout=dout)
     dout2, inp2 = dout.reshape(N, OC), inp.reshape(N, C)
     if dinp is not None:
         gemm(dinp.reshape(N, C), dout2, weight)
-    gemm(dweight, dout2, inp2, transpose_a=True, accumulate=True)
+    # accumulate_weight=False (the first backward after zero_grad): dweight and dbias are
+    # overwritten, so the GEMM writes dweight directly (bf16: no fp32 temporary + add pass)
+    gemm(dweight, dout2, inp2, transpose_a=True, accumulate=accumulate_weight)
     if dbias is not None:
+        matmul_bias_backward(dbias, dout, accumulate=accumulate_weight, version=version)
+
+
+def matmul_bias_backward(dbias, dout, accumulate=True, version=2):
+    """dbias += the column sums of dout (..., OC) (dbias = them with accumulate=False):
+    the bias half of matmul_backward, on its own for benchmarks and tests."""
+    fn = "matmul_bias_backward"
+    if version not in BIAS_BACKWARD_VERSIONS:
+        raise ValueError(f"{fn}: version must be one of {BIAS_BACKWARD_VERSIONS}, got {version!r}")
+    be = backend_of(dout)
+    dt = floatx_dtype(fn, "dout", dout)
+    check_array(fn, "dout", dout, be, dtype=dt)
+    OC = dout.shape[-1]
+    N = dout.size // OC
+    check_array(fn, "dbias", dbias, be, dtype=dt, shape=(OC,))
+    floatX = FLOATX_NAMES[dt]
+    if version == 1:
+        if not accumulate:
+            dbias.fill(0)  # kernel 1 adds (+=) its column sums
         grid, block = launch_config(OC)
         be.launch("matmul", "matmul_bias_backward_kernel1", grid, block,
                   (dbias, dout, i32(N), i32(OC)), floatX=floatX)
+        return
+    # version 2: two deterministic passes (kernels/matmul.cu)
+    vec = 16 // dout.dtype.itemsize  # x128::size
+    wide = OC % vec == 0 and address(dout) % 16 == 0
+    width = WARP * (vec if wide else 1)  # columns per block
+    (tiles,), (block,) = runtime.column_tiles(OC, width)
+    warps = block // WARP
+    rows = runtime.partial_sums_grid(N, warps, max(1, runtime.PARTIAL_SUM_BLOCKS // tiles))
+    scratch = _scratch(be, (rows, OC))
+    be.launch("matmul", "matmul_bias_backward_kernel2", (tiles, rows), (block,),
+              (scratch, dout, i32(N), i32(OC), i32(wide)), shared_mem=warps * width * 4, floatX=floatX)
+    grid, block = runtime.column_tiles(OC)
+    be.launch("matmul", "matmul_bias_backward_reduce_kernel2", grid, block,
+              (dbias, scratch, i32(rows), i32(OC), i32(bool(accumulate))), floatX=floatX)
+
+
+def _scratch(be, shape):
+    """fp32 partial sums, all written by pass 1: uninitialised on the GPU (CuPy's memory
+    pool makes this cheap), NaN-filled under the emulator so a partial that pass 1
+    forgot to write poisons the result in the tests."""
+    if be.name == "cuda":
+        return be.xp.empty(shape, dtype=np.float32)
+    return np.full(shape, np.nan, dtype=np.float32)
