@@ -134,6 +134,33 @@ __device__ __forceinline__ void store128f(float* address, const f128& value) {
     *reinterpret_cast<f128*>(address) = value;
 }
 
+// V floats from / to V consecutive floatX values, V = 1 (a scalar access, any
+// address) or x128::size (one 16-byte access, aligned addresses only): lets one
+// kernel body serve a 16-byte path and a scalar fallback (a template argument).
+template <int V>
+__device__ __forceinline__ void load_floats(float* dst, const floatX* src) {
+    if constexpr (V == 1) {
+        dst[0] = to_float(src[0]);
+    } else {
+        static_assert(V == x128::size, "V is 1 or x128::size");
+        const x128 packet = load128(src);
+#pragma unroll
+        for (int k = 0; k < V; k++) { dst[k] = to_float(packet[k]); }
+    }
+}
+template <int V>
+__device__ __forceinline__ void store_floats(floatX* dst, const float* src) {
+    if constexpr (V == 1) {
+        dst[0] = from_float(src[0]);
+    } else {
+        static_assert(V == x128::size, "V is 1 or x128::size");
+        x128 packet;
+#pragma unroll
+        for (int k = 0; k < V; k++) { packet[k] = from_float(src[k]); }
+        store128(dst, packet);
+    }
+}
+
 // ----------------------------------------------------------------------------
 // Warp reductions: all 32 lanes of the warp must call them (full mask), and
 // every lane gets the result. The butterfly order is fixed, so the result is

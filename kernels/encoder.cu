@@ -114,31 +114,14 @@ extern "C" __global__ void encoder_backward_kernel1(floatX* __restrict__ dwte,
 // rounding for bf16, where version 1 rounds after each of the token's adds).
 // Tokens never seen have no run, so their rows of dwte are untouched.
 
-template <int V>
-__device__ __forceinline__ void encoder_load(float* dst, const floatX* src) {
-    if constexpr (V == 1) {
-        dst[0] = to_float(src[0]);
-    } else {
-        static_assert(V == x128::size, "V is 1 or x128::size");
-        const x128 packet = load128(src);
-#pragma unroll
-        for (int k = 0; k < V; k++) { dst[k] = to_float(packet[k]); }
-    }
-}
-
 // grad[0..V) += sum[0..V), one rounding each.
 template <int V>
 __device__ __forceinline__ void encoder_accumulate(floatX* grad, const float* sum) {
-    float old[V];
-    encoder_load<V>(old, grad);
-    if constexpr (V == 1) {
-        grad[0] = from_float(old[0] + sum[0]);
-    } else {
-        x128 packet;
+    float acc[V];
+    load_floats<V>(acc, grad);
 #pragma unroll
-        for (int k = 0; k < V; k++) { packet[k] = from_float(old[k] + sum[k]); }
-        store128(grad, packet);
-    }
+    for (int k = 0; k < V; k++) { acc[k] += sum[k]; }
+    store_floats<V>(grad, acc);
 }
 
 template <int V>
@@ -153,7 +136,7 @@ __device__ __forceinline__ void encoder_wpe_backward2(floatX* __restrict__ dwpe,
     for (int k = 0; k < V; k++) { sum[k] = 0.0f; }
     for (int b = 0; b < B; b++) {
         float d[V];
-        encoder_load<V>(d, dout + b * TC + i);
+        load_floats<V>(d, dout + b * TC + i);
 #pragma unroll
         for (int k = 0; k < V; k++) { sum[k] += d[k]; }
     }
@@ -183,7 +166,7 @@ __device__ __forceinline__ void encoder_wte_backward2(floatX* __restrict__ dwte,
 #pragma unroll 4
     for (int j = start; j < end; j++) {  // the token's positions, in increasing order
         float d[V];
-        encoder_load<V>(d, dout + (long long)order[j] * C + c);
+        load_floats<V>(d, dout + (long long)order[j] * C + c);
 #pragma unroll
         for (int k = 0; k < V; k++) { sum[k] += d[k]; }
     }

@@ -257,31 +257,6 @@ extern "C" __global__ void layernorm_param_backward_kernel1(floatX* __restrict__
 // shared-memory banks. A warp's accumulators are 2 * CP floats, CP = C rounded
 // up to a multiple of 32 * V (the last step's slots past C stay zero).
 
-// V floats from V consecutive floatX values (one 16-byte load when V > 1).
-template <int V>
-__device__ __forceinline__ void layernorm_load(float* dst, const floatX* src) {
-    if constexpr (V == 1) {
-        dst[0] = to_float(src[0]);
-    } else {
-        static_assert(V == x128::size, "V is 1 or x128::size");
-        const x128 packet = load128(src);
-#pragma unroll
-        for (int k = 0; k < V; k++) { dst[k] = to_float(packet[k]); }
-    }
-}
-
-template <int V>
-__device__ __forceinline__ void layernorm_store(floatX* dst, const float* src) {
-    if constexpr (V == 1) {
-        dst[0] = from_float(src[0]);
-    } else {
-        x128 packet;
-#pragma unroll
-        for (int k = 0; k < V; k++) { packet[k] = from_float(src[k]); }
-        store128(dst, packet);
-    }
-}
-
 // The rows of one warp: dinp, and the dweight/dbias partial sums into acc.
 template <int V>
 __device__ void layernorm_backward2_rows(floatX* __restrict__ dinp, float* acc,
@@ -308,9 +283,9 @@ __device__ void layernorm_backward2_rows(floatX* __restrict__ dinp, float* acc,
         float gn_sum = 0.0f;  // sum_c g * n
         for (int c = lane * V, slot = lane; c < C; c += step, slot += step) {
             float xs[V], ds[V], ws[V];
-            layernorm_load<V>(xs, x + c);
-            layernorm_load<V>(ds, d + c);
-            layernorm_load<V>(ws, weight + c);
+            load_floats<V>(xs, x + c);
+            load_floats<V>(ds, d + c);
+            load_floats<V>(ws, weight + c);
 #pragma unroll
             for (int k = 0; k < V; k++) {
                 const float n = (xs[k] - m) * s;
@@ -327,16 +302,16 @@ __device__ void layernorm_backward2_rows(floatX* __restrict__ dinp, float* acc,
         floatX* dx = dinp + (long long)row * C;
         for (int c = lane * V; c < C; c += step) {
             float xs[V], ds[V], ws[V], result[V];
-            layernorm_load<V>(xs, x + c);
-            layernorm_load<V>(ds, d + c);
-            layernorm_load<V>(ws, weight + c);
+            load_floats<V>(xs, x + c);
+            load_floats<V>(ds, d + c);
+            load_floats<V>(ws, weight + c);
 #pragma unroll
             for (int k = 0; k < V; k++) {
                 const float n = (xs[k] - m) * s;
                 const float g = ds[k] * ws[k];
                 result[k] = (g - g_mean - n * gn_mean) * s;
             }
-            layernorm_store<V>(dx + c, result);
+            store_floats<V>(dx + c, result);
         }
     }
 }

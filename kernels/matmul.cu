@@ -88,13 +88,10 @@ __device__ __forceinline__ void matmul_bias_partial_sums(float* __restrict__ scr
 #pragma unroll 4
         for (int n = blockIdx.y * warps + warp; n < N; n += gridDim.y * warps) {
             const floatX* row = dout + (long long)n * OC + c;
-            if constexpr (V == 1) {
-                sum[0] += to_float(row[0]);
-            } else {
-                const x128 packet = load128(row);
+            float v[V];
+            load_floats<V>(v, row);
 #pragma unroll
-                for (int k = 0; k < V; k++) { sum[k] += to_float(packet[k]); }
-            }
+            for (int k = 0; k < V; k++) { sum[k] += v[k]; }
         }
     }
 #pragma unroll
