@@ -102,3 +102,34 @@ def test_kernel_llama_sampler_shares_parameters():
     assert s.params is ker.params and s.acts is None
     with pytest.raises(ValueError, match="device"):
         KernelLlama(config, device="cpu")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_kernel_llama_first_backward_after_zero_grad_overwrites(name):
+    """As the kernel GPT-2's: the first backward after zero_grad overwrites the GEMM weight
+    gradients (NaN put there after zero_grad is gone) and equals, bit for bit, the same
+    backward adding onto zeros; a second micro-step adds, equal to the all-adding run.
+    Covers tied (gemma: the head's gradient is wte's, which encoder_backward then adds to)
+    and untied (llama: lm_head) embeddings."""
+    from llmcu.cuda.llama import Llama as KernelLlama
+    config = CONFIGS[name]
+    params = _params(config)
+    rng = np.random.default_rng(7)
+    batches = [rng.integers(0, config.vocab_size, (B, T + 1)).astype(np.int32) for _ in range(2)]
+    fast = KernelLlama(config, params.copy(), device="emu")
+    slow = KernelLlama(config, params.copy(), device="emu")
+    gemm_grads = ["qkvw", "attprojw", "fcw", "fcprojw", "lm_head" if not config.tie_embeddings else "wte"]
+    for model in (fast, slow):
+        model.forward(batches[0][:, :-1], batches[0][:, 1:])
+        model.zero_grad()
+    for g in gemm_grads:
+        fast.g[g][...] = np.nan
+    slow._grads_zeroed = False  # the adding path
+    for model in (fast, slow):
+        model.backward(loss_scale=0.5)
+    assert np.isfinite(_host(fast.grads)).all()
+    np.testing.assert_array_equal(_host(fast.grads), _host(slow.grads))
+    for model in (fast, slow):
+        model.forward(batches[1][:, :-1], batches[1][:, 1:])
+        model.backward(loss_scale=0.5)
+    np.testing.assert_array_equal(_host(fast.grads), _host(slow.grads))

@@ -180,7 +180,6 @@ class GPT2(MixedPrecisionAdamW):
         self.set_parameters(params, dtype, master_weights)  # self.params, self.master
         self.p = parameter_views(config, self.params)
         self.grads = self.g = None
-        self._grads_zeroed = False  # set by zero_grad, cleared by backward
         self.m = self.v = None
         self.acts: Activations | None = None
         self._scratch = None
@@ -236,13 +235,6 @@ class GPT2(MixedPrecisionAdamW):
                                              B, T, C)
         return self._scratch
 
-    def zero_grad(self):
-        """Zero the gradients; the next backward() then overwrites (=) the GEMM weight and
-        bias gradients instead of adding onto the zeros (so do not write self.grads between
-        zero_grad and backward)."""
-        super().zero_grad()
-        self._grads_zeroed = True
-
     def backward(self, loss_scale=1.0):
         """Accumulate loss_scale * d(mean loss)/d(params) into self.grads; acts.logits
         becomes dlogits. loss_scale = 1/grad_accum_steps for gradient accumulation."""
@@ -254,15 +246,7 @@ class GPT2(MixedPrecisionAdamW):
         B, T = a.B, a.T
         fused_classifier_dlogits(a.logits, a.losses, self._targets, cfg.vocab_size, loss_scale / (B * T),
                                  version="auto")
-        ops = self._ops()
-        if self._grads_zeroed:
-            # First micro-step after zero_grad: every matmul_backward is the first write of
-            # its dweight/dbias in this pass (wte's before encoder_backward adds to it), so it
-            # overwrites: same values, without bf16's fp32-product + add pass per weight.
-            # Looked up on KERNEL_OPS now, so a wrapper put there (a profiler) still runs.
-            ops = SimpleNamespace(**{**vars(ops), "matmul_backward": functools.partial(
-                KERNEL_OPS.matmul_backward, accumulate_weight=False)})
-        self._grads_zeroed = False
+        ops = self._backward_ops(self._ops())
         backward_layers(ops, cfg, p, g, a, a.logits, self._inputs, self._backward_scratch(B, T))
         self._targets = None  # the logits are gone: a second backward needs a new forward
 

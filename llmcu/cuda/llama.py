@@ -146,7 +146,7 @@ class Llama(MixedPrecisionAdamW):
         B, T = a.B, a.T
         fused_classifier_dlogits(a.logits, a.losses, self._targets, cfg.vocab_size, loss_scale / (B * T),
                                  version="auto")
-        backward_layers(LLAMA_KERNEL_OPS, cfg, self.p, self.g, a, a.logits, self._inputs,
+        backward_layers(self._backward_ops(LLAMA_KERNEL_OPS), cfg, self.p, self.g, a, a.logits, self._inputs,
                         self._backward_scratch(B, T), self.tables)
         self._targets = None  # the logits are gone: a second backward needs a new forward
 

@@ -16,7 +16,9 @@ update, params_host, master_host and load_optimizer_state for both dtypes.
 
 from __future__ import annotations
 
+import functools
 import math
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -103,6 +105,28 @@ class MixedPrecisionAdamW(FlatAdamW):
     @property
     def master_weights(self) -> bool:
         return self.master is not None
+
+    _grads_zeroed = False  # set by zero_grad, cleared by the next backward's ops
+
+    def zero_grad(self):
+        """Zero the gradients; the next backward() then overwrites (=) the GEMM weight and
+        bias gradients instead of adding onto the zeros (so do not write self.grads between
+        zero_grad and backward)."""
+        super().zero_grad()
+        self._grads_zeroed = True
+
+    def _backward_ops(self, ops):
+        """The layer functions for this backward. The first backward after zero_grad has
+        matmul_backward overwrite its dweight/dbias (accumulate_weight=False): each is that
+        pass's first write of its gradient (a tied wte's before encoder_backward adds to
+        it), so the values are the same, without bf16's fp32-product + add pass per
+        weight. Later backwards (gradient accumulation) add. ops.matmul_backward is read
+        now, so a wrapper put there (a profiler) still runs."""
+        first, self._grads_zeroed = self._grads_zeroed, False
+        if not first:
+            return ops
+        return SimpleNamespace(**{**vars(ops), "matmul_backward": functools.partial(
+            ops.matmul_backward, accumulate_weight=False)})
 
     def update(self, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=None,
                grad_norm=None, shard=None):
