@@ -1,6 +1,9 @@
 """First thing the GPU check runs: can this machine compile and launch one
-kernel file, in fp32 and in bf16? Prints the error against NumPy and exits
-non-zero on a mismatch, in seconds, before the long test run starts.
+kernel file, in fp32 and in bf16? Then one small launch of each of the newest
+kernels (fused attention version 3, the two-pass reductions), each announced
+before it runs and timed, so a kernel that hangs or faults is named by the last
+line of the log. Prints the errors against NumPy and exits non-zero on a
+mismatch, in seconds, before the long test run starts.
 
     python scripts/gpu_smoke.py [--device cuda|emu]
 """
@@ -43,8 +46,85 @@ def main(argv=None) -> int:
     err = float(np.abs(bf16_bits_to_float32(host(outb)) - want).max())
     print(f"{args.device} bf16 residual_forward: max |err| {err:.3e} (against one rounding of the fp32 sum)")
     failures += not err <= 0.0
+    failures += newest_kernels(args.device, xp, host)
     print("smoke: OK" if not failures else f"smoke: {failures} check(s) FAILED")
     return 1 if failures else 0
+
+
+def newest_kernels(device, xp, host) -> int:
+    """One small call of each kernel added last, against the NumPy oracle; returns the
+    number of failed checks. Bounds are loose (a smoke test: the tests check tightly)."""
+    import time
+
+    from llmcu.cpu import attention as cpu_attention
+    from llmcu.cpu import encoder as cpu_encoder
+    from llmcu.cpu import layernorm as cpu_layernorm
+    from llmcu.cuda import attention, encoder, layernorm, matmul
+
+    def sync():
+        if device == "cuda":
+            xp.cuda.Device().synchronize()
+
+    failures = 0
+    rng = np.random.default_rng(1)
+
+    def check(name, run, got_want, bound):
+        nonlocal failures
+        print(f"{device} {name}: launching ...", flush=True)
+        t0 = time.perf_counter()
+        run()
+        sync()
+        got, want = got_want()
+        err = float(np.abs(got - want).max())
+        ok = bool(err <= bound)  # NaN fails
+        failures += not ok
+        print(f"{device} {name}: {1e3 * (time.perf_counter() - t0):.1f} ms, max |err| {err:.3e} "
+              f"(bound {bound:g}) {'ok' if ok else 'FAILED'}", flush=True)
+
+    # fused attention version 3 (bf16, hs = 64), forward and backward, B=1 T=70 NH=2
+    B, T, NH, hs = 1, 70, 2, 64
+    qkv = float32_to_bf16_bits(rng.standard_normal((B, T, 3 * NH * hs), dtype=np.float32))
+    dout = float32_to_bf16_bits(rng.standard_normal((B, T, NH * hs), dtype=np.float32))
+    q32, d32 = bf16_bits_to_float32(qkv), bf16_bits_to_float32(dout)
+    out_r, lse_r = np.empty((B, T, NH * hs), np.float32), np.empty((B, NH, T), np.float32)
+    cpu_attention.flash_attention_forward(out_r, lse_r, q32, NH)
+    dqkv_r = np.empty_like(q32)
+    cpu_attention.flash_attention_backward(dqkv_r, d32, q32, out_r, lse_r, NH)
+    out = xp.full(out_r.shape, 0x7FC0, dtype=np.uint16)
+    lse = xp.full(lse_r.shape, np.nan, dtype=np.float32)
+    dqkv = xp.full(qkv.shape, 0x7FC0, dtype=np.uint16)
+    qkv_d, dout_d = xp.asarray(qkv), xp.asarray(dout)
+    # bf16 outputs of O(1) values: errors of a few bf16 ulps (2^-8 relative) are expected
+    check("flash attention v3 forward", lambda: attention.flash_attention_forward(out, lse, qkv_d, NH, version=3),
+          lambda: (bf16_bits_to_float32(host(out)), out_r), 0.05)
+    check("flash attention v3 backward",
+          lambda: attention.flash_attention_backward(dqkv, dout_d, qkv_d, out, lse, NH, version=3),
+          lambda: (bf16_bits_to_float32(host(dqkv)), dqkv_r), 0.1)
+
+    # the two-pass reductions, fp32: N = 300 rows, C = 96
+    N, C = 300, 96
+    x, d, w = (rng.standard_normal(s, dtype=np.float32) for s in ((N, C), (N, C), (C,)))
+    mean, rstd = x.mean(-1), 1.0 / np.sqrt(x.var(-1) + 1e-5)
+    mean, rstd = mean.astype(np.float32), rstd.astype(np.float32)
+    refs = [np.empty_like(x), np.zeros(C, np.float32), np.zeros(C, np.float32)]
+    cpu_layernorm.layernorm_backward(*refs, d, x, w, mean, rstd)
+    got = [xp.full((N, C), np.nan, np.float32), xp.zeros(C, np.float32), xp.zeros(C, np.float32)]
+    check("layernorm backward v2", lambda: layernorm.layernorm_backward(
+        *got, xp.asarray(d), xp.asarray(x), xp.asarray(w), xp.asarray(mean), xp.asarray(rstd)),
+        lambda: (np.concatenate([host(g).ravel() for g in got]), np.concatenate([r.ravel() for r in refs])), 1e-3)
+    dbias = xp.zeros(C, np.float32)
+    check("matmul bias backward v2", lambda: matmul.matmul_bias_backward(dbias, xp.asarray(d)),
+          lambda: (host(dbias), d.sum(0)), 1e-3)
+    Bt, Tt, V = 3, 100, 50
+    tokens = rng.integers(0, V, (Bt, Tt)).astype(np.int32)
+    dout_e = rng.standard_normal((Bt, Tt, C), dtype=np.float32)
+    dwte_r, dwpe_r = np.zeros((V, C), np.float32), np.zeros((Tt, C), np.float32)
+    cpu_encoder.encoder_backward(dwte_r, dwpe_r, dout_e, tokens)
+    dwte, dwpe = xp.zeros((V, C), np.float32), xp.zeros((Tt, C), np.float32)
+    check("encoder backward v2", lambda: encoder.encoder_backward(dwte, dwpe, xp.asarray(dout_e), xp.asarray(tokens)),
+          lambda: (np.concatenate([host(dwte).ravel(), host(dwpe).ravel()]),
+                   np.concatenate([dwte_r.ravel(), dwpe_r.ravel()])), 1e-3)
+    return failures
 
 
 if __name__ == "__main__":
