@@ -120,8 +120,9 @@ def _flash_launch(be, kernel, version, floatX, T, heads, B, args, smem_kind=None
 
 def _flash_check(fn, be, qkv, num_heads, num_kv_heads, version, **named):
     """Version 1: floatX arrays (float32, or uint16 holding bf16: qkv's dtype picks the
-    build), hs <= 128. Version 2 (tensor cores): bf16 only (uint16 bit patterns, see
-    llmcu.formats.float32_to_bf16_bits), hs 64 or 128. lse is float32 in both.
+    build), hs <= 128. Version 2 (wmma tensor cores): bf16 only (uint16 bit patterns, see
+    llmcu.formats.float32_to_bf16_bits), hs 64 or 128. Version 3 (mma.sync, scores in
+    registers; docs/tensor_cores.md): bf16 only, hs 64. lse is float32 in all.
     Returns B, T, NH, NKV, hs and the floatX name of the module to launch."""
     if version not in FLASH_VERSIONS:
         raise ValueError(f"{fn}: version must be one of {FLASH_VERSIONS}, got {version!r}")
@@ -154,7 +155,10 @@ def pick_flash_version(qkv, num_heads, num_kv_heads=None, version="auto"):
     Measured on an H200 (2026-11-28, B=16 NH=12 T=1024 hs=64, benchmarks/RESULTS.md):
     version 1 ran forward+backward in 83.6 ms (1.1 TFLOP/s), version 2 in 6.8 ms
     (13.2 TFLOP/s). hs=128 stays on version 1 here: version 2's backward needs 176.5 KiB
-    of shared memory, more than an A100 has. Under emulation auto keeps version 1."""
+    of shared memory, more than an A100 has. Under emulation auto keeps version 1.
+    Version 3 is not picked by auto until it has passed its tests on a GPU (its three
+    PTX instructions are emulated on the CPU, not run); ask for it with version=3 or
+    GPT2(flash_version=3)."""
     if version != "auto":
         return version
     NH = int(num_heads)
