@@ -409,7 +409,7 @@ def print_report(result, log=print):
 
 
 def run_breakdown(config, B, T, dtype="bf16", device="cuda", steps=10, profile_steps=3,
-                  warmup=2, ceilings=None, seed=42, model_name="custom"):
+                  warmup=2, ceilings=None, seed=42, model_name="custom", flash_version="auto"):
     """Build the kernel GPT-2, warm up, time the uninstrumented and the instrumented
     steps; returns the result dict (the JSON). ceilings: a dict as measure_ceilings's,
     or None (not measured)."""
@@ -423,7 +423,7 @@ def run_breakdown(config, B, T, dtype="bf16", device="cuda", steps=10, profile_s
     rng = np.random.default_rng(0)
     x = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
     y = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
-    model = GPT2(config, params, device=device, dtype=dtype)
+    model = GPT2(config, params, device=device, dtype=dtype, flash_version=flash_version)
     step = 0
     for _ in range(warmup):
         step += 1
@@ -447,6 +447,7 @@ def run_breakdown(config, B, T, dtype="bf16", device="cuda", steps=10, profile_s
     ops = aggregate(calls, step_instr, ceilings, dtype)
     return {
         "card": card, "device": device, "model": model_name, "dtype": dtype, "B": B, "T": T,
+        "flash_version": flash_version,
         "config": {"num_layers": config.num_layers, "channels": config.channels,
                    "num_heads": config.num_heads, "vocab_size": config.vocab_size,
                    "padded_vocab_size": config.padded_vocab_size},
@@ -473,6 +474,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-ceilings", action="store_true", help="skip the ceiling measurements")
+    ap.add_argument("--flash-version", default="auto", choices=["auto", "1", "2", "3"],
+                    help="the fused attention's version (GPT2(flash_version=))")
     for flag in ("num-layers", "channels", "num-heads", "vocab-size"):
         ap.add_argument(f"--{flag}", type=int, default=None,
                         help="override the descriptor's value (a tiny model for tests)")
@@ -492,7 +495,8 @@ def main(argv=None) -> int:
     name = a.model + (" with " + ", ".join(f"{k}={v}" for k, v in {**vocab, **overrides}.items())
                       if overrides or vocab else "")
     result = run_breakdown(config, a.batch_size, a.seq_len, a.dtype, a.device, a.steps,
-                           a.profile_steps, a.warmup, ceilings, model_name=name)
+                           a.profile_steps, a.warmup, ceilings, model_name=name,
+                           flash_version=a.flash_version if a.flash_version == "auto" else int(a.flash_version))
     result["args"] = vars(a)
     print_report(result)
     if a.json:
