@@ -52,9 +52,9 @@ def rand(rng, *shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-def rand_x(rng, dtype, *shape, scale=1.0):
+def rand_x(rng, dtype, *shape, scale=1.0, shift=0.0):
     """(kernel input in dtype, its exact fp32 value for the oracle)."""
-    x = rand(rng, *shape, scale=scale)
+    x = rand(rng, *shape, scale=scale) + np.float32(shift)
     if np.dtype(dtype) == np.uint16:
         bits = to_bits(x)
         return bits, to_f32(bits)

@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 
 from helpers import KERNEL_BACKENDS, Device, assert_close
+from test_kernels_bf16 import rand, rand_x
 from llmcu.cpu import encoder as cpu_encoder
 from llmcu.cpu import layernorm as cpu_layernorm
 from llmcu.cpu import matmul as cpu_matmul
@@ -55,19 +56,6 @@ VERSIONS = [pytest.param(1, id="v1"), pytest.param(2, id="v2")]
 @pytest.fixture(params=KERNEL_BACKENDS)
 def dev(request):
     return Device(request.param)
-
-
-def rand(rng, *shape, scale=1.0):
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-
-def rand_x(rng, dtype, *shape, scale=1.0, shift=0.0):
-    """(kernel input in dtype, its exact fp32 value for the oracle)."""
-    x = rand(rng, *shape, scale=scale) + np.float32(shift)
-    if np.dtype(dtype) == np.uint16:
-        bits = to_bits(x)
-        return bits, to_f32(bits)
-    return x, x
 
 
 def value(a):

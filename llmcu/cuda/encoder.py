@@ -20,7 +20,7 @@ import numpy as np
 
 from .runtime import (FLOATX_NAMES, WARP, backend_of, check_array, floatx_dtype, i32,
                       launch_config)
-from .vectorized import address, check_vectorized, vectorizable
+from .vectorized import check_vectorized, vectorizable
 
 FORWARD_VERSIONS = (1, 2)
 BACKWARD_VERSIONS = (1, 2)
@@ -75,7 +75,7 @@ def encoder_backward(dwte, dwpe, dout, inp, version=2):
                   (dwte, dwpe, dout, inp, i32(B), i32(T), i32(C)), floatX=floatX)
         return
     vec = 16 // dout.dtype.itemsize  # x128::size
-    wide = C % vec == 0 and all(address(a) % 16 == 0 for a in (dwte, dwpe, dout))
+    wide = vectorizable(C, dict(dwte=dwte, dwpe=dwpe, dout=dout))
     V = vec if wide else 1
     grid, block = launch_config(T * C // V)
     be.launch("encoder", "encoder_wpe_backward_kernel2", grid, block,

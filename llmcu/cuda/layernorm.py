@@ -29,6 +29,7 @@ import numpy as np
 from . import runtime
 from .runtime import (FLOATX_NAMES, WARP, backend_of, check_array, f32, floatx_dtype, i32,
                       launch_config, warp_per_row)
+from .vectorized import vectorizable
 
 EPS = 1e-5
 FORWARD_VERSIONS = (0, 1, 2)
@@ -93,7 +94,7 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, vers
                   (dweight, dbias, dout, inp, mean, rstd, i32(N), i32(C)), floatX=floatX)
         return
     vec = 16 // inp.dtype.itemsize  # x128::size
-    wide = C % vec == 0 and all(_address(a) % 16 == 0 for a in (dinp, dout, inp, weight))
+    wide = vectorizable(C, dict(dinp=dinp, dout=dout, inp=inp, weight=weight))
     step = WARP * (vec if wide else 1)
     warp_bytes = 2 * (-(-C // step) * step) * 4  # 2 * CP floats (kernels/layernorm.cu)
     warps = min(BACKWARD2_MAX_WARPS, BACKWARD2_SHARED_BYTES // warp_bytes)
@@ -101,7 +102,7 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, vers
         raise ValueError(f"{fn}: version 2 keeps 2 * C floats per warp in shared memory, at most "
                          f"{BACKWARD2_SHARED_BYTES} bytes; C = {C} needs {warp_bytes}; use version=1")
     blocks = runtime.partial_sums_grid(N, warps)
-    scratch = _scratch(be, (blocks, 2 * C))
+    scratch = runtime.partial_sums_scratch(be, (blocks, 2 * C))
     be.launch("layernorm", "layernorm_backward_kernel2", (blocks,), (warps * WARP,),
               (dinp, scratch, dout, inp, weight, mean, rstd, i32(N), i32(C), i32(wide)),
               shared_mem=warps * warp_bytes, floatX=floatX)
@@ -109,11 +110,3 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, vers
     be.launch("layernorm", "layernorm_param_backward_reduce_kernel2", grid, block,
               (dweight, dbias, scratch, i32(blocks), i32(C)), floatX=floatX)
 
-
-def _scratch(be, shape):
-    """fp32 partial sums of a two-pass reduction, all written by pass 1: uninitialised
-    on the GPU (CuPy's memory pool makes this cheap), NaN-filled under the emulator
-    so a partial that pass 1 forgot to write poisons the result in the tests."""
-    if be.name == "cuda":
-        return be.xp.empty(shape, dtype=np.float32)
-    return np.full(shape, np.nan, dtype=np.float32)

@@ -23,12 +23,10 @@ kernels/matmul.cu (the GEMMs are cuBLAS's either way):
      second kernel sums them in a fixed order into dbias.
 """
 
-import numpy as np
-
 from . import runtime
 from .gemm import gemm
 from .runtime import FLOATX_NAMES, WARP, backend_of, check_array, floatx_dtype, i32, launch_config
-from .vectorized import address
+from .vectorized import vectorizable
 
 BIAS_BACKWARD_VERSIONS = (1, 2)
 
@@ -99,23 +97,15 @@ def matmul_bias_backward(dbias, dout, accumulate=True, version=2):
         return
     # version 2: two deterministic passes (kernels/matmul.cu)
     vec = 16 // dout.dtype.itemsize  # x128::size
-    wide = OC % vec == 0 and address(dout) % 16 == 0
+    wide = vectorizable(OC, dict(dout=dout))
     width = WARP * (vec if wide else 1)  # columns per block
     (tiles,), (block,) = runtime.column_tiles(OC, width)
     warps = block // WARP
     rows = runtime.partial_sums_grid(N, warps, max(1, runtime.PARTIAL_SUM_BLOCKS // tiles))
-    scratch = _scratch(be, (rows, OC))
+    scratch = runtime.partial_sums_scratch(be, (rows, OC))
     be.launch("matmul", "matmul_bias_backward_kernel2", (tiles, rows), (block,),
               (scratch, dout, i32(N), i32(OC), i32(wide)), shared_mem=warps * width * 4, floatX=floatX)
     grid, block = runtime.column_tiles(OC)
     be.launch("matmul", "matmul_bias_backward_reduce_kernel2", grid, block,
               (dbias, scratch, i32(rows), i32(OC), i32(bool(accumulate))), floatX=floatX)
 
-
-def _scratch(be, shape):
-    """fp32 partial sums, all written by pass 1: uninitialised on the GPU (CuPy's memory
-    pool makes this cheap), NaN-filled under the emulator so a partial that pass 1
-    forgot to write poisons the result in the tests."""
-    if be.name == "cuda":
-        return be.xp.empty(shape, dtype=np.float32)
-    return np.full(shape, np.nan, dtype=np.float32)

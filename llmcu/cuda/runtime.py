@@ -119,6 +119,15 @@ def partial_sums_grid(work: int, per_block: int, max_blocks: int | None = None) 
     return max(1, min(cap, (work + per_block - 1) // per_block))
 
 
+def partial_sums_scratch(be, shape):
+    """The fp32 partial sums of pass 1 of a two-pass reduction, every element written by
+    pass 1: uninitialised on the GPU (CuPy's memory pool makes this cheap), NaN-filled
+    under the emulator so a partial that pass 1 forgot to write poisons the tests."""
+    if be.name == "cuda":
+        return be.xp.empty(shape, dtype=np.float32)
+    return np.full(shape, np.nan, dtype=np.float32)
+
+
 def column_tiles(columns: int, width: int = WARP, block: int = DEFAULT_BLOCK):
     """(grid, block) for kernels whose block owns `width` columns (lane = column or
     packet of columns) and whose warps split the rows: grid.x = CEIL_DIV(columns, width)."""
