@@ -43,19 +43,31 @@ def cuda_time(fn, reps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def bench_llmcu_step(config, params, x, y, steps, dtype="fp32", flash_version="auto"):
-    """(median ms, peak bytes held by CuPy's memory pool) of one llmcu step."""
+def bench_llmcu_step(config, params, x, y, steps, dtype="fp32", flash_version="auto", graph=False,
+                     gemm="cublas"):
+    """(median ms, peak bytes held by CuPy's memory pool) of one llmcu step; graph=True
+    runs it as CUDA graphs (llmcu/cuda/graphs.py: one replay for the forward/backward,
+    one for the update) instead of ~500 launches from Python."""
     import cupy
     from llmcu.cuda.gpt2 import GPT2
+    from llmcu.cuda.graphs import GraphStep
     pool = cupy.get_default_memory_pool()
     pool.free_all_blocks()
-    model = GPT2(config, params, device="cuda", dtype=dtype, flash_version=flash_version)
+    model = GPT2(config, params, device="cuda", dtype=dtype, flash_version=flash_version, gemm=gemm)
+    B, T = x.shape
 
-    def step():
-        model.zero_grad()
-        model.forward(x, y)
-        model.backward()
-        model.update(1e-4, 1)
+    if graph:
+        graphed = GraphStep(model, B, T, grad_clip=1.0)
+
+        def step():
+            graphed.forward_backward([(x, y)])
+            graphed.update(1e-4, 1)
+    else:
+        def step():
+            model.zero_grad()
+            model.forward(x, y)
+            model.backward()
+            model.update(1e-4, 1, grad_clip=1.0)
     ms = cuda_time(step, steps)
     return ms, pool.total_bytes()  # llmcu allocates once, so what the pool holds is the peak
 
@@ -116,6 +128,11 @@ def bench_kernels(config, B, T, reps):
     qkv, att = f(B, T, 3 * C), f(B, NH, T, T)
     n = config.num_parameters()
     P, G, M, Vv = f(n), f(n), f(n), cupy.abs(f(n))
+    from llmcu.config import parameter_slices
+    table = adamw.adamw_tensor_table(cupy, [sl for _, sl, _ in parameter_slices(config)],
+                                     [0.0 for _ in parameter_slices(config)])
+    hyper = cupy.asarray(adamw.adamw_hyper(1e-4, 1))
+    seed = cupy.asarray(np.array([42, 1], dtype=np.uint32))
     fl = 4  # bytes per float
     rows = [
         ("encoder_forward", lambda: encoder.encoder_forward(out, inp, wte, wpe), 3 * B * T * C * fl),
@@ -128,6 +145,8 @@ def bench_kernels(config, B, T, reps):
         ("attention_forward (incl. GEMMs)", lambda: attention.attention_forward(out, att, qkv, NH),
          (B * T * 4 * C + 2 * B * NH * T * T) * fl),
         ("adamw_update", lambda: adamw.adamw_update(P, G, M, Vv, 1, 1e-4), 7 * n * fl),
+        ("adamw_multi_tensor (every tensor, one launch)",
+         lambda: adamw.adamw_multi_tensor(P, G, M, Vv, table, hyper, seed), 7 * n * fl),
         ("global_norm", lambda: adamw.global_norm(G), n * fl),
     ]
     out_rows = []
@@ -152,6 +171,13 @@ def main(argv=None) -> int:
                     help="comma-separated fused-attention versions to time llmcu with, each its own "
                          "row (auto, 1, 2, 3; e.g. 2,3), in the same run")
     ap.add_argument("--no-kernels", action="store_true", help="skip the per-kernel rows")
+    ap.add_argument("--gemm", default="cublas",
+                    help="comma-separated GEMM libraries for llmcu's linear layers, each its own row: "
+                         "cublas (cuBLAS + llmcu's bias and GELU kernels), cublaslt (bias and GELU "
+                         "as cuBLASLt epilogues)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="also time each llmcu row as CUDA graphs (the same step, launched from "
+                         "two graph replays), in the same run")
     a = ap.parse_args(argv)
     versions = [v if v == "auto" else int(v) for v in a.flash_versions.split(",")]
     import cupy
@@ -169,8 +195,15 @@ def main(argv=None) -> int:
     print(f"card: {card}; GPT-2 {a.model}, B={B}, T={T}, {precision}, median of {a.steps} steps")
     results = {}
     for v in versions:
-        name = "llmcu" if v == "auto" else f"llmcu flash v{v}"
-        results[name] = bench_llmcu_step(config, params.copy(), x, y, a.steps, a.dtype, flash_version=v)
+        for gemm in a.gemm.split(","):
+            name = ("llmcu" if v == "auto" else f"llmcu flash v{v}") + ("" if gemm == "cublas" else f" {gemm}")
+            for graph in (False, True) if a.cuda_graph else (False,):
+                row = name + (" graph" if graph else "")
+                try:  # one failing variant (an untested kernel) must not lose the other rows
+                    results[row] = bench_llmcu_step(config, params.copy(), x, y, a.steps, a.dtype,
+                                                    flash_version=v, graph=graph, gemm=gemm)
+                except Exception as e:  # noqa: BLE001
+                    print(f"{row}: FAILED: {type(e).__name__}: {e}", flush=True)
     results["pytorch"] = bench_torch_step(config, params.copy(), x, y, a.steps, a.dtype)
     if a.compile:
         results["pytorch+compile"] = bench_torch_step(config, params.copy(), x, y, a.steps, a.dtype,
@@ -179,8 +212,20 @@ def main(argv=None) -> int:
     flops = config.flops_per_token(T) * tok  # llm.c's 6N + 6LCT per token
     for name, (ms, peak) in results.items():
         mfu = flops / (ms * 1e-3) / (a.peak_tflops * 1e12)
-        print(f"{name:18s} {ms:9.2f} ms/step {tok / ms * 1e3:10.0f} tok/s  MFU {100 * mfu:5.1f}% "
+        print(f"{name:34s} {ms:9.2f} ms/step {tok / ms * 1e3:10.0f} tok/s  MFU {100 * mfu:5.1f}% "
               f"of {a.peak_tflops:g} TFLOP/s  peak memory {peak / 2**30:6.2f} GiB")
+    for ours in [k for k in results if k.startswith("llmcu") and " cublaslt" in k]:
+        base = ours.replace(" cublaslt", "")
+        if base not in results:
+            continue
+        print(f"ratio {ours} / {base} (time; cuBLASLt epilogues against cuBLAS + kernels): "
+              f"{results[ours][0] / results[base][0]:.3f}")
+    for ours in [k for k in results if k.startswith("llmcu") and k.endswith(" graph")]:
+        eager = ours[:-len(" graph")]
+        if eager not in results:
+            continue
+        print(f"ratio {ours} / {eager} (time; launch overhead removed by the graphs): "
+              f"{results[ours][0] / results[eager][0]:.3f}")
     for ours in [k for k in results if k.startswith("llmcu")]:
         for peer in [k for k in results if k.startswith("pytorch")]:
             print(f"ratio {ours} / {peer} (time): {results[ours][0] / results[peer][0]:.3f}")

@@ -10,10 +10,13 @@
 // Shapes: kernel1: params, grads, m, v flat float arrays of n elements.
 // kernel2: params and grads floatX, master_params, m, v float (master weights
 // and moments stay fp32 whatever floatX is); master_params may be null.
+// kernel4: kernel2's arrays over all parameter tensors at once (see version 4).
 //
 // Launch (the wrapper's grid/block helper): block 256, grid CEIL_DIV(n, 256)
 // (kernel3: CEIL_DIV(n / x128::size, 256)), no shared memory. The grid-stride loop makes any grid correct, so a smaller
-// grid (a few blocks per SM) also works.
+// grid (a few blocks per SM) also works. kernel4: one block per chunk of the
+// launch table (grid n_chunks), block 256 (any size works: a block loops over
+// its chunk).
 //
 // Versions:
 //   1: plain port, one element per loop iteration; the moment updates are
@@ -36,7 +39,41 @@
 //      wrapper checks). Element for element the arithmetic and the random bits
 //      of kernel2, so its results are kernel2's bit for bit.
 //      Bought: not measured on a GPU yet (benchmarks/bench_kernels.py).
+//   4: one launch for all parameter tensors (kernel2 is launched once per
+//      tensor: 16 times for GPT-2, whose layers are stacked as in llm.c), and the per-step scalars read from device memory (lr, bias
+//      corrections, clip scale in hyper; seed and step in step_seed), so a
+//      captured CUDA graph replays it with each step's values. One block per
+//      chunk of one tensor; a launch table (llmcu/cuda/adamw.py,
+//      adamw_tensor_table) gives each block its tensor and first element, each
+//      tensor its first element and weight decay. Per element kernel2's
+//      arithmetic (adamw_element) with tensor t's decay and the random bits
+//      random_u32(seed_t, i - tensor_start[t]), seed_t = mix32(mix32(mix32(seed)
+//      ^ step) ^ (t + 1)) (llmcu/cuda/mixed_precision.rounding_seed): its results
+//      are the per-tensor kernel2 launches' bit for bit.
+//      Launch: grid n_chunks, block 256. Shapes: params,
+//      grads, m, v, master_params n elements; chunk_tensor, chunk_start
+//      (n_chunks,); tensor_start (n_tensors + 1,); tensor_decay (n_tensors,);
+//      hyper (4,) = [lr, beta1_correction, beta2_correction, grad_scale];
+//      step_seed (2,) = [seed, step].
+//      Bought: not measured on a GPU.
 #include "common.cuh"
+
+// One AdamW element, the formula of versions 2 to 4 written once: updates the
+// moments m, v in place and returns the new fp32 parameter from the old one, p.
+// grad is the unscaled gradient (already widened to float). Version 1 spells out
+// the same operations in the same order, so for fp32 without master weights
+// kernel2 (and 3, 4) equal kernel1 bit for bit.
+__device__ __forceinline__ float adamw_element(float grad, float& m, float& v, float p, float lr,
+                                               float beta1, float beta2, float beta1_correction,
+                                               float beta2_correction, float eps,
+                                               float weight_decay, float grad_scale) {
+    float g = grad * grad_scale;
+    m += (1.0f - beta1) * (g - m);
+    v += (1.0f - beta2) * (g * g - v);
+    float m_hat = m / beta1_correction;
+    float v_hat = v / beta2_correction;
+    return p - lr * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * p);
+}
 
 extern "C" __global__ void adamw_kernel1(float* __restrict__ params,
                                          const float* __restrict__ grads,
@@ -70,17 +107,13 @@ extern "C" __global__ void adamw_kernel2(floatX* __restrict__ params,
                                          unsigned int seed) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        float g = to_float(grads[i]) * grad_scale;
         float mi = m[i];
         float vi = v[i];
-        mi += (1.0f - beta1) * (g - mi);
-        vi += (1.0f - beta2) * (g * g - vi);
+        float p = (master_params != nullptr) ? master_params[i] : to_float(params[i]);
+        p = adamw_element(to_float(grads[i]), mi, vi, p, lr, beta1, beta2, beta1_correction,
+                          beta2_correction, eps, weight_decay, grad_scale);
         m[i] = mi;
         v[i] = vi;
-        float m_hat = mi / beta1_correction;
-        float v_hat = vi / beta2_correction;
-        float p = (master_params != nullptr) ? master_params[i] : to_float(params[i]);
-        p = p - lr * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * p);
         if (master_params != nullptr) { master_params[i] = p; }
         params[i] = from_float_stochastic(p, random_u32(seed, i));
     }
@@ -111,17 +144,9 @@ extern "C" __global__ void adamw_kernel3(floatX* __restrict__ params,
                 for (int k = 0; k < f128::size; k++) { pj[k] = to_float(p_old[j + k]); }
             }
             for (int k = 0; k < f128::size; k++) {
-                float gk = to_float(g[j + k]) * grad_scale;
-                float mk = mj[k];
-                float vk = vj[k];
-                mk += (1.0f - beta1) * (gk - mk);
-                vk += (1.0f - beta2) * (gk * gk - vk);
-                mj[k] = mk;
-                vj[k] = vk;
-                float m_hat = mk / beta1_correction;
-                float v_hat = vk / beta2_correction;
-                float p = pj[k];
-                p = p - lr * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * p);
+                float p = adamw_element(to_float(g[j + k]), mj[k], vj[k], pj[k], lr, beta1,
+                                        beta2, beta1_correction, beta2_correction, eps,
+                                        weight_decay, grad_scale);
                 pj[k] = p;
                 p_new[j + k] = from_float_stochastic(p, random_u32(seed, i + j + k));
             }
@@ -130,5 +155,43 @@ extern "C" __global__ void adamw_kernel3(floatX* __restrict__ params,
             if (master_params != nullptr) { store128f(master_params + i + j, pj); }
         }
         store128(params + i, p_new);
+    }
+}
+
+extern "C" __global__ void adamw_kernel4(floatX* __restrict__ params,
+                                         float* __restrict__ master_params,
+                                         const floatX* __restrict__ grads,
+                                         float* __restrict__ m, float* __restrict__ v,
+                                         const int* __restrict__ chunk_tensor,
+                                         const long long* __restrict__ chunk_start,
+                                         const long long* __restrict__ tensor_start,
+                                         const float* __restrict__ tensor_decay,
+                                         const float* __restrict__ hyper,
+                                         const unsigned int* __restrict__ step_seed,
+                                         float beta1, float beta2, float eps, int chunk) {
+    // This block's chunk: elements [start, end) of tensor t, never past its end.
+    const int t = chunk_tensor[blockIdx.x];
+    const long long first = tensor_start[t];
+    const long long start = chunk_start[blockIdx.x];
+    const long long end = min(start + (long long)chunk, tensor_start[t + 1]);
+    const float weight_decay = tensor_decay[t];
+    // The step's scalars, from device memory (a CUDA graph replays the launch as is).
+    const float lr = hyper[0];
+    const float beta1_correction = hyper[1];
+    const float beta2_correction = hyper[2];
+    const float grad_scale = hyper[3];
+    // mixed_precision.rounding_seed(seed, step, t): each tensor's random bits are
+    // those of its own kernel2 launch, indexed from the tensor's first element.
+    const unsigned int seed = mix32(mix32(mix32(step_seed[0]) ^ step_seed[1]) ^ (unsigned int)(t + 1));
+    for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+        float mi = m[i];
+        float vi = v[i];
+        float p = (master_params != nullptr) ? master_params[i] : to_float(params[i]);
+        p = adamw_element(to_float(grads[i]), mi, vi, p, lr, beta1, beta2, beta1_correction,
+                          beta2_correction, eps, weight_decay, grad_scale);
+        m[i] = mi;
+        v[i] = vi;
+        if (master_params != nullptr) { master_params[i] = p; }
+        params[i] = from_float_stochastic(p, random_u32(seed, i - first));
     }
 }

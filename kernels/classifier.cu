@@ -149,3 +149,24 @@ extern "C" __global__ void softmax_forward_kernel1(float* __restrict__ probs,
         p[j] = (j < V) ? expf(to_float(x[j]) - maxval) / sum : 0.0f;
     }
 }
+
+// loss_mean_kernel1: total[0] += scale * sum_i losses[i], i < n, summed in double: the
+// mean loss kept on the device (scale = 1 / (B*T*micro-steps)), so a captured training
+// step (llmcu/cuda/graphs.py) needs no host read until the caller wants the number.
+// Launch: ONE block of 1024 threads (LOSS_MEAN_BLOCK), no dynamic shared memory; each
+// thread sums a strided share in order, then a fixed tree over the threads: deterministic.
+#define LOSS_MEAN_BLOCK 1024
+extern "C" __global__ void loss_mean_kernel1(double* __restrict__ total,
+                                             const float* __restrict__ losses, int n,
+                                             double scale) {
+    __shared__ double partial[LOSS_MEAN_BLOCK];
+    double sum = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) { sum += (double)losses[i]; }
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (int width = blockDim.x / 2; width > 0; width /= 2) {
+        if (threadIdx.x < width) { partial[threadIdx.x] += partial[threadIdx.x + width]; }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) { total[0] += scale * partial[0]; }
+}

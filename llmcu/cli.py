@@ -81,6 +81,9 @@ def _add_train(sub):
     p.add_argument("-w", "--master-weights", type=int, default=d.master_weights, choices=[0, 1],
                    help="bf16: 1 keeps fp32 master weights and writes the bf16 parameters by stochastic "
                         "rounding (llm.c's -w); 0 updates the bf16 parameters in place")
+    p.add_argument("--cuda-graph", type=int, default=d.cuda_graph, choices=[0, 1],
+                   help="1: capture the training step as CUDA graphs and replay them (one launch "
+                        "instead of ~500 per step; GPT-2 on --device cuda or emu, one process)")
     p.add_argument("-z", "--zero-stage", type=int, default=d.zero_stage, choices=[0, 1],
                    help="data parallel (several processes, from torchrun/mpirun/srun): 0 all-reduces the "
                         "gradients, 1 is ZeRO-1 (AdamW state sharded across ranks)")
@@ -230,7 +233,7 @@ def _run_train(parser, a) -> int:
                       checkpoint_every=a.checkpoint_every, checkpoint_keep=a.checkpoint_keep,
                       resume=a.resume, hellaswag=a.hellaswag, zero_stage=a.zero_stage,
                       dist_backend=a.dist_backend, init_method=a.init_method, init_file=a.init_file,
-                      dtype=a.dtype, master_weights=a.master_weights)
+                      dtype=a.dtype, master_weights=a.master_weights, cuda_graph=a.cuda_graph)
     train(cfg, log=lambda s: print(s, flush=True))
     return 0
 

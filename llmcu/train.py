@@ -188,7 +188,7 @@ class StepResult:
 
 def train_step(model, loader, step: int, cfg: TrainConfig, accum_steps: int = 1,
                loss_detector: OutlierDetector | None = None,
-               norm_detector: OutlierDetector | None = None) -> StepResult:
+               norm_detector: OutlierDetector | None = None, graph=None) -> StepResult:
     """One optimizer step (0-based `step`) as llm.c's train_gpt2.cu does it.
 
     zero_grad once; accum_steps micro-steps of next batch, forward, backward
@@ -196,20 +196,25 @@ def train_step(model, loader, step: int, cfg: TrainConfig, accum_steps: int = 1,
     over all micro-batches); then, unless the loss or grad-norm z-score
     exceeds cfg.skip_loss_z / cfg.skip_norm_z (0: off), AdamW at the
     scheduled learning rate. A skipped step leaves the parameters as they were.
+    graph: a llmcu.cuda.graphs.GraphStep of the model, which then runs the
+    micro-steps and the update as CUDA graphs (the same arithmetic).
     """
     lr = learning_rate(cfg.lr_schedule, step, cfg.max_steps, cfg.learning_rate,
                        cfg.warmup_iters, cfg.final_lr_frac)
-    model.zero_grad()
-    total = 0.0
-    for _ in range(accum_steps):
-        x, y = loader.next_batch()
-        total += model.forward(x, y)
-        model.backward(loss_scale=1.0 / accum_steps)
-    loss = total / accum_steps
-    comm = getattr(model, "comm", None)  # data parallel: the mean over every rank's micro-batches
-    if comm is not None:
-        loss = comm.average(loss)
-    norm = model.grad_norm()
+    if graph is not None:
+        loss, norm = graph.forward_backward([loader.next_batch() for _ in range(accum_steps)])
+    else:
+        model.zero_grad()
+        total = 0.0
+        for _ in range(accum_steps):
+            x, y = loader.next_batch()
+            total += model.forward(x, y)
+            model.backward(loss_scale=1.0 / accum_steps)
+        loss = total / accum_steps
+        comm = getattr(model, "comm", None)  # data parallel: the mean over every rank's micro-batches
+        if comm is not None:
+            loss = comm.average(loss)
+        norm = model.grad_norm()
     zloss = loss_detector.update(loss) if loss_detector is not None else math.nan
     znorm = norm_detector.update(norm) if norm_detector is not None else math.nan
     skipped = None
@@ -217,10 +222,27 @@ def train_step(model, loader, step: int, cfg: TrainConfig, accum_steps: int = 1,
         skipped = f"loss z-score of {zloss:.4f}"
     elif math.isfinite(znorm) and cfg.skip_norm_z > 0 and znorm > cfg.skip_norm_z:
         skipped = f"grad norm z-score of {znorm:.4f}"
+    elif graph is not None:
+        graph.update(lr, step + 1)
     else:
         model.update(lr, step + 1, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
                      grad_norm=norm)
     return StepResult(loss=loss, norm=norm, lr=lr, skipped=skipped)
+
+
+def make_graph_step(model, B: int, T: int, accum_steps: int, cfg: TrainConfig):
+    """--cuda-graph 1: the GraphStep of a GPT-2 kernel model, or a clear error."""
+    from .cuda.gpt2 import GPT2 as KernelGPT2
+    if not isinstance(model, KernelGPT2):
+        what = type(model).__name__
+        if what == "DataParallel":
+            what += " (several processes or -z 1)"
+        raise ValueError(f"--cuda-graph 1 needs a GPT-2 model on the CUDA kernels in one process "
+                         f"(--device cuda or emu, -z 0), got {what} on --device {cfg.device}; "
+                         f"run with --cuda-graph 0")
+    from .cuda.graphs import GraphStep
+    return GraphStep(model, B, T, accum_steps, weight_decay=cfg.weight_decay,
+                     grad_clip=cfg.grad_clip)
 
 
 def train(cfg: TrainConfig, log=print, comm=None) -> dict:
@@ -270,6 +292,10 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
     config = model.config
     if T > config.max_seq_len:
         raise ValueError(f"seq_len T={T} exceeds the model's max_seq_len={config.max_seq_len}")
+    graph = None
+    if cfg.cuda_graph:
+        graph = make_graph_step(model, B, T, accum_steps, cfg)
+        log("CUDA graphs: the training step is captured and replayed (llmcu/cuda/graphs.py)")
     print_model_summary(config, log)
     if dtype != "fp32":
         log(f"precision: {dtype}, fp32 master weights: {'yes' if cfg.master_weights else 'no'}")
@@ -341,7 +367,8 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
             if last:
                 break
             t0 = time.perf_counter()
-            r = train_step(model, train_loader, step, cfg, accum_steps, loss_detector, norm_detector)
+            r = train_step(model, train_loader, step, cfg, accum_steps, loss_detector, norm_detector,
+                           graph=graph)
             loss = r.loss
             ms = (time.perf_counter() - t0) * 1000.0
             history["train"].append(loss)

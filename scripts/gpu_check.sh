@@ -43,6 +43,7 @@ if [ "$stage" != bench ]; then
   per_test=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(-p pytest_timeout --timeout 90 --timeout_method thread)
   timeout 360 "$PY" -m pytest -m cuda -v -rs -s -p no:cacheprovider "${per_test[@]}" \
+    tests/test_graphs.py tests/test_cublaslt.py tests/test_adamw_multi_tensor.py \
     tests/test_flash_attention_v3.py tests/test_reductions_v2.py \
     tests/test_kernels.py tests/test_kernels_bf16.py tests/test_layernorm_versions.py \
     tests/test_flash_attention.py tests/test_llama_kernels.py tests/test_llama_kernels_model.py \
@@ -58,14 +59,16 @@ if [ "$stage" != tests ]; then
   timeout 100 "$PY" benchmarks/bench_step_breakdown.py --dtype bf16 -b 16 -t 1024 \
     --json "$out/bench_step_breakdown.json" 2>&1 | tee "$out/bench_step_breakdown.log" || status=1
   # the headline: bf16 d12 at T=1024 against PyTorch autocast, eager and torch.compile
-  # (llmcu with the fused attention's version 2 and version 3, each its own row)
-  timeout 150 "$PY" benchmarks/bench_gpu_step.py --dtype bf16 -b 16 --compile --flash-versions 2,3 \
+  # (llmcu with the fused attention's version 2 and version 3, on cuBLAS + kernels and on
+  # cuBLASLt epilogues, each also as CUDA graphs: 8 llmcu rows of 10 steps, in the same run)
+  timeout 170 "$PY" benchmarks/bench_gpu_step.py --dtype bf16 -b 16 --compile --flash-versions 2,3 \
+    --gemm cublas,cublaslt --cuda-graph --steps 10 \
     --json "$out/bench_step_bf16.json" 2>&1 | tee "$out/bench_step_bf16.log" || status=1
   # d24 (350M) at one batch size, against PyTorch eager (the fp32 d12 step was measured on
   # 2026-11-28: benchmarks/gpu_runs/2026-11-28-h200/step_fp32.log)
-  timeout 80 "$PY" benchmarks/bench_gpu_step.py --model d24 --dtype bf16 -b 8 --no-kernels --steps 10 \
+  timeout 60 "$PY" benchmarks/bench_gpu_step.py --model d24 --dtype bf16 -b 8 --no-kernels --steps 10 \
     --json "$out/bench_step_d24.json" 2>&1 | tee "$out/bench_step_d24.log" || status=1
-  timeout 60 "$PY" benchmarks/bench_attention.py --json "$out/bench_attention.json" 2>&1 \
+  timeout 50 "$PY" benchmarks/bench_attention.py --json "$out/bench_attention.json" 2>&1 \
     | tee "$out/bench_attention.log" || status=1
   # 54 cases took 5.3 s on an H200 (benchmarks/gpu_runs/2026-11-28-h200/bench_kernels.log)
   timeout 50 "$PY" -m pytest -s -q -p no:cacheprovider benchmarks/bench_kernels.py \

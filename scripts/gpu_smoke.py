@@ -1,6 +1,7 @@
 """First thing the GPU check runs: can this machine compile and launch one
 kernel file, in fp32 and in bf16? Then one small launch of each of the newest
-kernels (fused attention version 3, the two-pass reductions), each announced
+kernels (fused attention version 3, the two-pass reductions, the step as CUDA
+graphs), each announced
 before it runs and timed, so a kernel that hangs or faults is named by the last
 line of the log. Prints the errors against NumPy and exits non-zero on a
 mismatch, in seconds, before the long test run starts.
@@ -124,6 +125,61 @@ def newest_kernels(device, xp, host) -> int:
     check("encoder backward v2", lambda: encoder.encoder_backward(dwte, dwpe, xp.asarray(dout_e), xp.asarray(tokens)),
           lambda: (np.concatenate([host(dwte).ravel(), host(dwpe).ravel()]),
                    np.concatenate([dwte_r.ravel(), dwpe_r.ravel()])), 1e-3)
+
+    # cuBLASLt through ctypes: the fc layer with its bias and GELU as epilogues, fp32, and the
+    # DGELU epilogue; against NumPy (GEMM, + bias, llmcu/cpu/gelu.py)
+    from llmcu.cpu.gelu import gelu_backward as np_gelu_backward
+    from llmcu.cpu.gelu import gelu_forward as np_gelu_forward
+    from llmcu.cuda.cublaslt import lt_matmul
+    M, K, N = 24, 64, 32
+    xa, wb, bias = (rng.standard_normal(s, dtype=np.float32) for s in ((M, K), (N, K), (N,)))
+    pre_r = xa @ wb.T + bias
+    out_r = np.empty_like(pre_r)
+    np_gelu_forward(out_r, pre_r)
+    lt_out, lt_pre = xp.full((M, N), np.nan, np.float32), xp.full((M, N), np.nan, np.float32)
+    check("cuBLASLt GEMM + GELU_AUX_BIAS epilogue (fp32)",
+          lambda: lt_matmul(lt_out, xp.asarray(xa), xp.asarray(wb), transpose_b=True,
+                            bias=xp.asarray(bias), gelu_aux=lt_pre),
+          lambda: (np.concatenate([host(lt_out).ravel(), host(lt_pre).ravel()]),
+                   np.concatenate([out_r.ravel(), pre_r.ravel()])), 1e-3)
+    dy = rng.standard_normal((M, K), dtype=np.float32)
+    pre2 = rng.standard_normal((M, N), dtype=np.float32)
+    dpre_r = np.empty_like(pre2)
+    np_gelu_backward(dpre_r, dy @ wb.T, pre2)
+    lt_d = xp.full((M, N), np.nan, np.float32)
+    check("cuBLASLt GEMM + DGELU epilogue (fp32)",
+          lambda: lt_matmul(lt_d, xp.asarray(dy), xp.asarray(wb), transpose_b=True,
+                            dgelu_aux=xp.asarray(pre2)),
+          lambda: (host(lt_d), dpre_r), 1e-3)
+
+    # the step as CUDA graphs (capture, replay; one-launch AdamW, the norm and the loss on
+    # the device) against the eager step: a tiny bf16 GPT-2, 2 steps, every parameter equal
+    from llmcu.config import GPT2Config
+    from llmcu.cpu.gpt2 import init_parameters
+    from llmcu.cuda.gpt2 import GPT2
+    from llmcu.cuda.graphs import GraphStep
+    cfg = GPT2Config(max_seq_len=32, vocab_size=500, num_layers=2, num_heads=4, channels=64)
+    p0 = init_parameters(cfg, seed=1)
+    eager, graphed = (GPT2(cfg, p0.copy(), device=device, dtype="bf16") for _ in range(2))
+    graph = GraphStep(graphed, 2, 16, grad_clip=1.0)
+    toks = rng.integers(0, cfg.vocab_size, (2, 2, 17)).astype(np.int32)
+    losses = []
+
+    def run_graph():
+        for s in range(2):
+            x, y = toks[s, :, :-1], toks[s, :, 1:]
+            eager.zero_grad()
+            loss_e = eager.forward(x, y)
+            eager.backward()
+            eager.update(1e-2 / (s + 1), s + 1, grad_clip=1.0)
+            loss_g, _ = graph.forward_backward([(x, y)])
+            graph.update(1e-2 / (s + 1), s + 1)
+            losses.append(abs(loss_g - loss_e))
+    check("CUDA graph step (bf16 GPT-2 2 layers, 2 steps) vs eager", run_graph,
+          lambda: (np.concatenate([bf16_bits_to_float32(host(graphed.params)), host(graphed.master),
+                                   losses]),
+                   np.concatenate([bf16_bits_to_float32(host(eager.params)), host(eager.master),
+                                   np.zeros(len(losses))])), 1e-6)
     return failures
 
 

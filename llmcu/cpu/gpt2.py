@@ -66,7 +66,9 @@ def init_parameters(config: GPT2Config, seed: int = 42) -> np.ndarray:
 
 
 def forward_layers(ops, config: GPT2Config, p, a, inputs):
-    """GPT-2's forward from token ids to a.logits, through the layer functions in `ops`."""
+    """GPT-2's forward from token ids to a.logits, through the layer functions in `ops`.
+    ops may add matmul_gelu_forward (the fc GEMM with its GELU as an epilogue,
+    llmcu/cuda/matmul.py); without it the fc layer and the GELU are two calls."""
     NH = config.num_heads
     ops.encoder_forward(a.encoded, inputs, p["wte"], p["wpe"])
     residual = a.encoded
@@ -80,8 +82,12 @@ def forward_layers(ops, config: GPT2Config, p, a, inputs):
         ops.matmul_forward(a.attproj[l], a.atty[l], p["attprojw"][l], p["attprojb"][l])
         ops.residual_forward(a.residual2[l], residual, a.attproj[l])
         ops.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], p["ln2w"][l], p["ln2b"][l])
-        ops.matmul_forward(a.fch[l], a.ln2[l], p["fcw"][l], p["fcb"][l])
-        ops.gelu_forward(a.fch_gelu[l], a.fch[l])
+        fused = getattr(ops, "matmul_gelu_forward", None)  # one GEMM with a GELU epilogue (cuBLASLt)
+        if fused is not None:
+            fused(a.fch_gelu[l], a.fch[l], a.ln2[l], p["fcw"][l], p["fcb"][l])
+        else:
+            ops.matmul_forward(a.fch[l], a.ln2[l], p["fcw"][l], p["fcb"][l])
+            ops.gelu_forward(a.fch_gelu[l], a.fch[l])
         ops.matmul_forward(a.fcproj[l], a.fch_gelu[l], p["fcprojw"][l], p["fcprojb"][l])
         ops.residual_forward(a.residual3[l], a.residual2[l], a.fcproj[l])
         residual = a.residual3[l]
@@ -100,7 +106,8 @@ def backward_layers(ops, config: GPT2Config, p, g, a, dlogits, inputs, s):
     """From dlogits back through every layer, accumulating into the gradients g.
 
     s: backward_scratch buffers. dres carries the residual stream's gradient;
-    each layernorm's input gradient lands in dtmp and is added into it.
+    each layernorm's input gradient lands in dtmp and is added into it. ops may add
+    matmul_dgelu_backward (fcproj's backward with the GELU's backward as its epilogue).
     """
     NH = config.num_heads
     dres, dtmp, dln = s["dres"], s["dtmp"], s["dln"]
@@ -110,8 +117,13 @@ def backward_layers(ops, config: GPT2Config, p, g, a, dlogits, inputs, s):
     for l in reversed(range(config.num_layers)):
         res_in = a.residual3[l - 1] if l > 0 else a.encoded
         # dres is d/d residual3[l]; the MLP branch:
-        ops.matmul_backward(s["dfch_gelu"], g["fcprojw"][l], g["fcprojb"][l], dres, a.fch_gelu[l], p["fcprojw"][l])
-        ops.gelu_backward(s["dfch"], s["dfch_gelu"], a.fch[l])
+        fused = getattr(ops, "matmul_dgelu_backward", None)  # the GELU's backward as the GEMM's epilogue
+        if fused is not None:
+            fused(s["dfch"], g["fcprojw"][l], g["fcprojb"][l], dres, a.fch_gelu[l], p["fcprojw"][l], a.fch[l])
+        else:
+            ops.matmul_backward(s["dfch_gelu"], g["fcprojw"][l], g["fcprojb"][l], dres, a.fch_gelu[l],
+                                p["fcprojw"][l])
+            ops.gelu_backward(s["dfch"], s["dfch_gelu"], a.fch[l])
         ops.matmul_backward(dln, g["fcw"][l], g["fcb"][l], s["dfch"], a.ln2[l], p["fcw"][l])
         ops.layernorm_backward(dtmp, g["ln2w"][l], g["ln2b"][l], dln, a.residual2[l], p["ln2w"][l],
                                a.ln2_mean[l], a.ln2_rstd[l])

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from . import runtime
 from .runtime import (FLOATX_NAMES, backend_of, check_array, f32, floatx_dtype, i32, launch_config,
                       warp_per_row)
 
@@ -183,7 +184,7 @@ def flash_attention_backward(dqkv, dout, qkv, out, lse, num_heads, num_kv_heads=
     version = pick_flash_version(qkv, num_heads, num_kv_heads, version)
     B, T, NH, NKV, hs, floatX = _flash_check("flash_attention_backward", be, qkv, num_heads, num_kv_heads,
                                              version, dqkv=dqkv, dout=dout, out=out, lse=lse)
-    D = be.xp.empty((B, NH, T), dtype=np.float32)
+    D = runtime.scratch(be, "flash_D", (B, NH, T), np.float32)  # rowsum(dout * out), per call
     grid, block = warp_per_row(B * NH * T)
     be.launch("attention", f"attention_flash_backward_preprocess_kernel{min(version, 2)}", grid, block,
               (D, dout, out, i32(B), i32(T), i32(NH), i32(hs)), floatX=floatX)

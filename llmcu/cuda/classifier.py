@@ -73,3 +73,20 @@ def fused_classifier_dlogits(logits, losses, targets, V, dloss, version=1):
     """llm.c's fused classifier: losses, and logits overwritten in place by
     dlogits = dloss * (softmax - onehot(targets)), 0 on padded columns."""
     _fused("fused_classifier_dlogits", logits, losses, targets, V, dloss, 1, version)
+
+
+LOSS_MEAN_BLOCK = 1024  # kernels/classifier.cu: one block, a power of two
+
+
+def loss_mean(total, losses, scale):
+    """total[0] += scale * sum(losses), summed in double on the device (no host read):
+    total a float64 array of shape (1,), losses float32 (any shape). With scale =
+    1 / losses.size it adds the mean loss."""
+    fn = "loss_mean"
+    be = backend_of(losses)
+    check_array(fn, "losses", losses, be, dtype=np.float32)
+    check_array(fn, "total", total, be, dtype=np.float64, shape=(1,))
+    if losses.size >= 2**31:
+        raise ValueError(f"{fn}: losses must have fewer than 2**31 elements, got {losses.size}")
+    be.launch("classifier", "loss_mean_kernel1", (1,), (LOSS_MEAN_BLOCK,),
+              (total, losses, i32(losses.size), np.float64(scale)))

@@ -14,6 +14,10 @@ encoder_backward(..., version=) picks the kernels (kernels/encoder.cu):
      start of each token's run sums that token's dout rows in position order in
      fp32, then does one += into dwte. 16-byte loads when C % (16 // itemsize)
      == 0 and the arrays are 16-byte aligned, scalar loads otherwise.
+     encoder_backward(..., token_runs=(order, end)) takes that sort ready-made
+     (token_runs(host_inp) computes it with NumPy): the GPT-2 model sorts each
+     batch on the host when it uploads it, so the step has no device sort
+     (CuPy's allocates, which a captured CUDA graph cannot).
 """
 
 import numpy as np
@@ -63,7 +67,7 @@ def encoder_forward(out, inp, wte, wpe, version=1):
               (out, inp, wte, wpe, i32(B), i32(T), i32(C)), floatX=floatX)
 
 
-def encoder_backward(dwte, dwpe, dout, inp, version=2):
+def encoder_backward(dwte, dwpe, dout, inp, version=2, token_runs=None):
     fn = "encoder_backward"
     if version not in BACKWARD_VERSIONS:
         raise ValueError(f"{fn}: version must be one of {BACKWARD_VERSIONS}, got {version!r}")
@@ -80,7 +84,12 @@ def encoder_backward(dwte, dwpe, dout, inp, version=2):
     grid, block = launch_config(T * C // V)
     be.launch("encoder", "encoder_wpe_backward_kernel2", grid, block,
               (dwpe, dout, i32(B), i32(T), i32(C), i32(wide)), floatX=floatX)
-    order, end = _token_runs(be, inp)
+    if token_runs is None:
+        order, end = _token_runs(be, inp)
+    else:
+        order, end = token_runs
+        for name, a in (("token_runs order", order), ("token_runs end", end)):
+            check_array(fn, name, a, be, dtype=np.int32, shape=(B * T,))
     (tiles,), (block,) = launch_config(C // V, block=WARP)  # one warp per 32 packets of channels
     be.launch("encoder", "encoder_wte_backward_kernel2", (B * T, tiles), (block,),
               (dwte, dout, inp, order, end, i32(C), i32(wide)), floatX=floatX)
@@ -98,4 +107,14 @@ def _token_runs(be, inp):
         order = np.argsort(flat, kind="stable")
     tokens = flat[order]
     end = xp.searchsorted(tokens, tokens, side="right")
+    return order.astype(np.int32), end.astype(np.int32)
+
+
+def token_runs(inp):
+    """The (order, end) encoder_backward's version 2 needs, from host token ids (B,T):
+    both (B*T,) int32 NumPy arrays (see _token_runs)."""
+    flat = np.ascontiguousarray(inp, dtype=np.int32).reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    tokens = flat[order]
+    end = np.searchsorted(tokens, tokens, side="right")
     return order.astype(np.int32), end.astype(np.int32)

@@ -7,8 +7,8 @@
 
 Row-major arrays; op(x) is x or x.T. out is (M,N), op(a) (M,K), op(b) (K,N).
 
-float32 arrays take the array library's matmul (cuBLAS through CuPy on the
-GPU, NumPy's BLAS under emulation), as before. uint16 arrays hold bf16 bit
+float32 arrays: cublasGemmEx with CUDA_R_32F and CUBLAS_COMPUTE_32F (no TF32)
+on the GPU, NumPy's BLAS under emulation; accumulate is cuBLAS's beta = 1. uint16 arrays hold bf16 bit
 patterns (llmcu.formats): what a tensor-core GEMM with fp32 accumulation
 computes, the exact products of the bf16 inputs summed in fp32 and rounded
 once to bf16 on output (with accumulate, out's old value is added in fp32
@@ -22,9 +22,16 @@ before that one rounding, cuBLAS's beta = 1):
   cuBLAS bindings (cupy_backends.cuda.libs.cublas) and CuPy's per-device
   handle on the current stream. tests/test_kernels_bf16.py's "cuda" cases
   passed on an H200 (2026-11-28) once accumulate went through an fp32 product
-  (gemm's comment says why). That accumulate costs an fp32 temporary and
-  elementwise passes, so matmul_backward(accumulate_weight=False) takes the
-  plain GEMM where the gradient was just zeroed (llmcu/cuda/gpt2.py).
+  (gemm's comment says why). That accumulate costs an fp32 product and a pass
+  (kernels/matmul.cu gemm_accumulate_kernel1), so matmul_backward(
+  accumulate_weight=False) takes the plain GEMM where the gradient was just
+  zeroed (llmcu/cuda/gpt2.py).
+
+Nothing here allocates after the first call with a given shape (the fp32
+product is a runtime.scratch buffer), and the emulator's work goes through
+Backend.run, so a step of GEMMs can be captured as a CUDA graph
+(llmcu/cuda/graphs.py). CuPy's gemmEx binding sets the handle's stream to the
+current stream on every call.
 
 cuBLAS is column-major. A row-major (R,S) array is, to cuBLAS, its (S,R)
 transpose with leading dimension S. So the row-major product
@@ -37,7 +44,8 @@ own transpose flag (a row-major b (K,N) read as column-major is already the
 import numpy as np
 
 from ..formats import bf16_bits_to_float32, float32_to_bf16_bits
-from .runtime import BF16, FLOAT32, backend_of, check_array, floatx_dtype
+from . import runtime
+from .runtime import BF16, FLOAT32, FLOATX_NAMES, backend_of, check_array, floatx_dtype, i64, launch_config
 
 # From cuBLAS's and CUDA's headers (cublas_api.h, library_types.h).
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
@@ -82,35 +90,44 @@ def _op(x, transpose):
 def gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False):
     """out (M,N) = op(a) @ op(b), or += with accumulate; fp32 or bf16 (see the module doc)."""
     be, dt, M, K, N = _check("gemm", out, a, b, transpose_a, transpose_b, 2)
-    xp = be.xp
-    if dt == FLOAT32:
-        if accumulate:
-            out += _op(a, transpose_a) @ _op(b, transpose_b)
-        else:
-            xp.matmul(_op(a, transpose_a), _op(b, transpose_b), out=out)
-    elif be.name == "emu":
-        _emu_bf16(out, a, b, transpose_a, transpose_b, accumulate)
+    if be.name == "emu":
+        be.run(_emu_gemm, out, a, b, transpose_a, transpose_b, accumulate)
+    elif dt == FLOAT32:
+        _cublas(out, a, b, M, K, N, transpose_a, transpose_b, accumulate, batch=None,
+                in_type=CUDA_R_32F, out_type=CUDA_R_32F)
     elif accumulate:
         # out += product with ONE rounding: the product in fp32 (bf16 inputs, fp32 output),
         # then the sum in fp32, rounded once. cuBLAS's own beta = 1 on a bf16 out rounded
         # twice on an H200 (2026-11-28: dweight up to one bf16 ulp off, tests/test_kernels_bf16.py).
-        product = xp.empty((M, N), dtype=np.float32)
-        _cublas_bf16(product, a, b, M, K, N, transpose_a, transpose_b, False, batch=None,
-                     out_type=CUDA_R_32F)
-        out[...] = float32_to_bf16_bits(bf16_bits_to_float32(out) + product)
+        product = runtime.scratch(be, "gemm_product", (M, N), np.float32)
+        _cublas(product, a, b, M, K, N, transpose_a, transpose_b, False, batch=None,
+                out_type=CUDA_R_32F)
+        grid, block = launch_config(M * N)
+        be.launch("matmul", "gemm_accumulate_kernel1", grid, block, (out, product, i64(M * N)),
+                  floatX=FLOATX_NAMES[dt])
     else:
-        _cublas_bf16(out, a, b, M, K, N, transpose_a, transpose_b, False, batch=None)
+        _cublas(out, a, b, M, K, N, transpose_a, transpose_b, False, batch=None)
 
 
 def gemm_strided_batched(out, a, b, transpose_a=False, transpose_b=False):
     """out[i] (M,N) = op(a[i]) @ op(b[i]) over the leading (batch) axis of 3-D arrays."""
     be, dt, M, K, N = _check("gemm_strided_batched", out, a, b, transpose_a, transpose_b, 3)
-    if dt == FLOAT32:
-        be.xp.matmul(_op(a, transpose_a), _op(b, transpose_b), out=out)
-    elif be.name == "emu":
-        _emu_bf16(out, a, b, transpose_a, transpose_b, False)
+    if be.name == "emu":
+        be.run(_emu_gemm, out, a, b, transpose_a, transpose_b, False)
     else:
-        _cublas_bf16(out, a, b, M, K, N, transpose_a, transpose_b, False, batch=a.shape[0])
+        t = CUDA_R_32F if dt == FLOAT32 else CUDA_R_16BF
+        _cublas(out, a, b, M, K, N, transpose_a, transpose_b, False, batch=a.shape[0],
+                in_type=t, out_type=t)
+
+
+def _emu_gemm(out, a, b, transpose_a, transpose_b, accumulate):
+    """The CPU GEMM: NumPy's float32 matmul, or _emu_bf16 for bf16 bits."""
+    if out.dtype == BF16:
+        _emu_bf16(out, a, b, transpose_a, transpose_b, accumulate)
+    elif accumulate:
+        out += _op(a, transpose_a) @ _op(b, transpose_b)
+    else:
+        np.matmul(_op(a, transpose_a), _op(b, transpose_b), out=out)
 
 
 def _emu_bf16(out, a, b, transpose_a, transpose_b, accumulate):
@@ -122,9 +139,10 @@ def _emu_bf16(out, a, b, transpose_a, transpose_b, accumulate):
     out[...] = float32_to_bf16_bits(product)
 
 
-def _cublas_bf16(out, a, b, M, K, N, transpose_a, transpose_b, accumulate, batch, out_type=CUDA_R_16BF):
-    """cublasGemmEx / cublasGemmStridedBatchedEx, bf16 in, bf16 (or fp32: out_type) out,
-    fp32 compute (GPU only)."""
+def _cublas(out, a, b, M, K, N, transpose_a, transpose_b, accumulate, batch,
+            in_type=CUDA_R_16BF, out_type=CUDA_R_16BF):
+    """cublasGemmEx / cublasGemmStridedBatchedEx on the raw device pointers: in_type
+    inputs (bf16 or fp32), out_type output, fp32 compute (GPU only)."""
     import cupy
     from cupy_backends.cuda.libs import cublas
 
@@ -142,13 +160,13 @@ def _cublas_bf16(out, a, b, M, K, N, transpose_a, transpose_b, accumulate, batch
     ld_out = N
     if batch is None:
         cublas.gemmEx(handle, op_b, op_a, N, M, K,
-                      alpha, b.data.ptr, CUDA_R_16BF, ld_b,
-                      a.data.ptr, CUDA_R_16BF, ld_a,
+                      alpha, b.data.ptr, in_type, ld_b,
+                      a.data.ptr, in_type, ld_a,
                       beta, out.data.ptr, out_type, ld_out,
                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
     else:
         cublas.gemmStridedBatchedEx(handle, op_b, op_a, N, M, K,
-                                    alpha, b.data.ptr, CUDA_R_16BF, ld_b, b.shape[1] * b.shape[2],
-                                    a.data.ptr, CUDA_R_16BF, ld_a, a.shape[1] * a.shape[2],
+                                    alpha, b.data.ptr, in_type, ld_b, b.shape[1] * b.shape[2],
+                                    a.data.ptr, in_type, ld_a, a.shape[1] * a.shape[2],
                                     beta, out.data.ptr, out_type, ld_out, M * N,
                                     batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)

@@ -52,10 +52,11 @@ from .adamw import adamw_update, global_norm
 from .attention import (attention_backward, attention_forward, flash_attention_backward,
                         flash_attention_forward)
 from .classifier import crossentropy_forward, fused_classifier_dlogits
-from .encoder import encoder_backward, encoder_forward
+from .encoder import encoder_backward, encoder_forward, token_runs
 from .gelu import gelu_backward, gelu_forward
 from .layernorm import layernorm_backward, layernorm_forward
-from .matmul import matmul_backward, matmul_forward
+from .matmul import (GEMM_LIBRARIES, matmul_backward, matmul_dgelu_backward, matmul_forward,
+                     matmul_gelu_forward)
 from .mixed_precision import (DTYPES, MixedPrecisionAdamW, allocate_views, check_dtype,
                               check_params_dtype)
 from .residual import residual_forward
@@ -159,8 +160,11 @@ class GPT2(MixedPrecisionAdamW):
 
     def __init__(self, config: GPT2Config, params=None, seed: int = 42, device: str = "cuda",
                  attention: str = DEFAULT_ATTENTION, dtype: str = "fp32", master_weights: bool = True,
-                 flash_version="auto"):
+                 flash_version="auto", gemm="cublas"):
         _check_attention("GPT2", attention)
+        if gemm not in GEMM_LIBRARIES:
+            raise ValueError(f"GPT2: gemm must be one of {GEMM_LIBRARIES}, got {gemm!r}")
+        self.gemm = gemm
         if flash_version not in FLASH_VERSIONS:
             raise ValueError(f"GPT2: flash_version must be one of {FLASH_VERSIONS}, got {flash_version!r}")
         self.flash_version = flash_version
@@ -183,7 +187,7 @@ class GPT2(MixedPrecisionAdamW):
         self.m = self.v = None
         self.acts: Activations | None = None
         self._scratch = None
-        self._inputs = self._targets = None
+        self._inputs = self._targets = self._runs = None
 
     def _to_device(self, a, name):
         a = np.asarray(a.get() if hasattr(a, "get") else a)
@@ -201,32 +205,48 @@ class GPT2(MixedPrecisionAdamW):
             raise ValueError(f"GPT2.forward: token ids must be in [0, {cfg.vocab_size}), "
                              f"found {host_inputs.min()}..{host_inputs.max()}")
         inputs = self._to_device(host_inputs, "inputs")
+        runs = None
         if targets is not None:
             targets = self._to_device(targets, "targets")
             if targets.shape != inputs.shape:
                 raise ValueError(f"GPT2.forward: targets shape {targets.shape} != inputs shape {inputs.shape}")
-        if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
-            self.acts = Activations(self.xp, cfg, B, T, self.attention, self.floatx)
-        a = self.acts
-        forward_layers(self._ops(), cfg, p, a, inputs)
-
-        self._inputs, self._targets = inputs, targets
+            # encoder_backward's sort of the token ids, done here on the host (no device sort)
+            runs = tuple(self.xp.asarray(r) for r in token_runs(host_inputs))
+        self._forward_device(inputs, targets)
+        self._inputs, self._targets, self._runs = inputs, targets, runs
         if targets is None:
             return None
-        crossentropy_forward(a.losses, a.logits, targets, cfg.vocab_size, version="auto")
-        return float(a.losses.mean(dtype=np.float64))
+        return float(self.acts.losses.mean(dtype=np.float64))
+
+    def _forward_device(self, inputs, targets=None):
+        """The forward on device token ids (B,T) int32, checked by the caller: device work
+        only (no host reads, no allocation once the activations exist), so a CUDA graph
+        can capture it (llmcu/cuda/graphs.py). With targets, acts.losses gets the losses."""
+        B, T = inputs.shape
+        if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
+            self.acts = Activations(self.xp, self.config, B, T, self.attention, self.floatx)
+        a = self.acts
+        forward_layers(self._ops(), self.config, self.p, a, inputs)
+        if targets is not None:
+            crossentropy_forward(a.losses, a.logits, targets, self.config.vocab_size, version="auto")
 
     def _ops(self):
-        """KERNEL_OPS, with the fused attention pinned to flash_version unless "auto".
+        """KERNEL_OPS, with the fused attention pinned to flash_version unless "auto", and,
+        for gemm="cublaslt", the linear layers on cuBLASLt with the bias and the GELU as
+        GEMM epilogues (matmul_gelu_forward / matmul_dgelu_backward fuse fc + GELU).
         Looked up on KERNEL_OPS at each call, so a wrapper put there (a profiler) runs."""
-        if self.flash_version == "auto":
+        if self.flash_version == "auto" and self.gemm == "cublas":
             return KERNEL_OPS
-        return SimpleNamespace(**{
-            **vars(KERNEL_OPS),
-            "flash_attention_forward": functools.partial(KERNEL_OPS.flash_attention_forward,
-                                                         version=self.flash_version),
-            "flash_attention_backward": functools.partial(KERNEL_OPS.flash_attention_backward,
-                                                          version=self.flash_version)})
+        ops = dict(vars(KERNEL_OPS))
+        if self.flash_version != "auto":
+            for name in ("flash_attention_forward", "flash_attention_backward"):
+                ops[name] = functools.partial(ops[name], version=self.flash_version)
+        if self.gemm == "cublaslt":
+            ops["matmul_forward"] = functools.partial(ops["matmul_forward"], gemm_library="cublaslt")
+            ops["matmul_gelu_forward"] = functools.partial(matmul_gelu_forward, gemm_library="cublaslt")
+            ops["matmul_dgelu_backward"] = functools.partial(matmul_dgelu_backward,
+                                                             gemm_library="cublaslt")
+        return SimpleNamespace(**ops)
 
     def _backward_scratch(self, B, T):
         C = self.config.channels
@@ -240,18 +260,26 @@ class GPT2(MixedPrecisionAdamW):
         becomes dlogits. loss_scale = 1/grad_accum_steps for gradient accumulation."""
         if self._targets is None:
             raise RuntimeError("GPT2.backward: call forward(inputs, targets) with targets first")
+        self._backward_device(self._inputs, self._targets, self._runs, loss_scale)
+        self._targets = None  # the logits are gone: a second backward needs a new forward
+
+    def _backward_device(self, inputs, targets, runs, loss_scale=1.0):
+        """backward() on the device arrays of the last _forward_device: inputs, targets,
+        runs = encoder.token_runs of the inputs (on the device). Device work only."""
         if self.grads is None:
             self.zero_grad()
         cfg, p, g, a = self.config, self.p, self.g, self.acts
         B, T = a.B, a.T
-        fused_classifier_dlogits(a.logits, a.losses, self._targets, cfg.vocab_size, loss_scale / (B * T),
+        fused_classifier_dlogits(a.logits, a.losses, targets, cfg.vocab_size, loss_scale / (B * T),
                                  version="auto")
         ops = self._backward_ops(self._ops())
-        backward_layers(ops, cfg, p, g, a, a.logits, self._inputs, self._backward_scratch(B, T))
-        self._targets = None  # the logits are gone: a second backward needs a new forward
+        ops = SimpleNamespace(**{**vars(ops), "encoder_backward": functools.partial(
+            ops.encoder_backward, token_runs=runs)})
+        backward_layers(ops, cfg, p, g, a, a.logits, inputs, self._backward_scratch(B, T))
 
     def sampler(self) -> "GPT2":
         """A model sharing these parameters with its own activations (for sampling).
         A bf16 model's sampler runs in bf16 (acts.logits holds bf16 bits) without a master copy."""
         return GPT2(self.config, self.params, device=self.device, attention=self.attention,
-                    dtype=self.dtype, master_weights=False, flash_version=self.flash_version)
+                    dtype=self.dtype, master_weights=False, flash_version=self.flash_version,
+                    gemm=self.gemm)

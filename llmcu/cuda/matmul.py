@@ -24,6 +24,8 @@ kernels/matmul.cu (the GEMMs are cuBLAS's either way):
 """
 
 from . import runtime
+from .cublaslt import lt_matmul
+from .gelu import gelu_backward, gelu_forward
 from .gemm import gemm
 from .runtime import FLOATX_NAMES, WARP, backend_of, check_array, floatx_dtype, i32, launch_config
 from .vectorized import vectorizable
@@ -48,9 +50,23 @@ def _check(fn, be, inp, weight, **named):
     return N, C, OC, FLOATX_NAMES[dt]
 
 
-def matmul_forward(out, inp, weight, bias=None):
+GEMM_LIBRARIES = ("cublas", "cublaslt")
+
+
+def _check_library(fn, library):
+    if library not in GEMM_LIBRARIES:
+        raise ValueError(f"{fn}: gemm must be one of {GEMM_LIBRARIES}, got {library!r}")
+
+
+def matmul_forward(out, inp, weight, bias=None, gemm_library="cublas"):
+    """gemm_library "cublaslt": the GEMM and the bias add in one cuBLASLt call (its bias
+    epilogue: one rounding), llmcu/cuda/cublaslt.py; "cublas": cuBLAS, then the bias kernel."""
+    _check_library("matmul_forward", gemm_library)
     be = backend_of(inp)
     N, C, OC, floatX = _check("matmul_forward", be, inp, weight, out=out, bias=bias)
+    if gemm_library == "cublaslt":
+        lt_matmul(out.reshape(N, OC), inp.reshape(N, C), weight, transpose_b=True, bias=bias)
+        return
     gemm(out.reshape(N, OC), inp.reshape(N, C), weight, transpose_b=True)
     if bias is not None:
         grid, block = launch_config(N * OC)
@@ -75,6 +91,41 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, accumulate_weight=T
         matmul_bias_backward(dbias, dout, accumulate=accumulate_weight, version=version)
 
 
+def matmul_gelu_forward(out, pre, inp, weight, bias=None, gemm_library="cublaslt"):
+    """pre = inp @ weight.T + bias, out = gelu(pre): GPT-2's fc layer and its GELU. "cublaslt":
+    one GEMM with cuBLASLt's GELU_AUX_BIAS epilogue (the GELU of the fp32 pre-activation;
+    pre rounded once); "cublas": matmul_forward, then gelu_forward."""
+    _check_library("matmul_gelu_forward", gemm_library)
+    be = backend_of(inp)
+    N, C, OC, _ = _check("matmul_gelu_forward", be, inp, weight, out=out, bias=bias)
+    check_array("matmul_gelu_forward", "pre", pre, be, dtype=out.dtype, shape=out.shape)
+    if gemm_library == "cublaslt":
+        lt_matmul(out.reshape(N, OC), inp.reshape(N, C), weight, transpose_b=True, bias=bias,
+                  gelu_aux=pre.reshape(N, OC))
+        return
+    matmul_forward(pre, inp, weight, bias)
+    gelu_forward(out, pre, version="auto")
+
+
+def matmul_dgelu_backward(dpre, dweight, dbias, dout, inp, weight, pre, accumulate_weight=True,
+                          version=2, gemm_library="cublaslt"):
+    """matmul_backward of the layer after a GELU, whose input gradient then goes through the
+    GELU's backward: dpre = (dout @ weight) * gelu'(pre) (the activation gradient is
+    overwritten), dweight/dbias as matmul_backward. "cublaslt": dpre from one GEMM with
+    cuBLASLt's DGELU epilogue; "cublas": the GEMM into a scratch buffer, then gelu_backward."""
+    _check_library("matmul_dgelu_backward", gemm_library)
+    be = backend_of(inp)
+    N, C, OC, _ = _check("matmul_dgelu_backward", be, inp, weight, dinp=dpre, dout=dout)
+    check_array("matmul_dgelu_backward", "pre", pre, be, dtype=dpre.dtype, shape=dpre.shape)
+    if gemm_library == "cublaslt":
+        lt_matmul(dpre.reshape(N, C), dout.reshape(N, OC), weight, dgelu_aux=pre.reshape(N, C))
+    else:
+        dact = runtime.scratch(be, "dgelu_input", dpre.shape, dpre.dtype)
+        gemm(dact.reshape(N, C), dout.reshape(N, OC), weight)
+        gelu_backward(dpre, dact, pre, version="auto")
+    matmul_backward(None, dweight, dbias, dout, inp, weight, accumulate_weight, version)
+
+
 def matmul_bias_backward(dbias, dout, accumulate=True, version=2):
     """dbias += the column sums of dout (..., OC) (dbias = them with accumulate=False):
     the bias half of matmul_backward, on its own for benchmarks and tests."""
@@ -90,7 +141,7 @@ def matmul_bias_backward(dbias, dout, accumulate=True, version=2):
     floatX = FLOATX_NAMES[dt]
     if version == 1:
         if not accumulate:
-            dbias.fill(0)  # kernel 1 adds (+=) its column sums
+            be.fill(dbias, 0)  # kernel 1 adds (+=) its column sums
         grid, block = launch_config(OC)
         be.launch("matmul", "matmul_bias_backward_kernel1", grid, block,
                   (dbias, dout, i32(N), i32(OC)), floatX=floatX)

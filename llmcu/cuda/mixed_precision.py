@@ -26,6 +26,7 @@ from ..config import parameter_slices
 from ..cpu.flat_adamw import FlatAdamW, _host
 from ..formats import bf16_bits_to_float32, float32_to_bf16_bits
 from .adamw import adamw_update, clip_scale, global_norm
+from .runtime import backend_of
 
 DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(np.uint16)}  # floatX of each dtype
 
@@ -112,7 +113,10 @@ class MixedPrecisionAdamW(FlatAdamW):
         """Zero the gradients; the next backward() then overwrites (=) the GEMM weight and
         bias gradients instead of adding onto the zeros (so do not write self.grads between
         zero_grad and backward)."""
-        super().zero_grad()
+        if self.grads is None:
+            super().zero_grad()
+        else:  # a device fill (Backend.fill), so a captured step repeats it
+            backend_of(self.grads).fill(self.grads, 0)
         self._grads_zeroed = True
 
     def _backward_ops(self, ops):
@@ -125,8 +129,9 @@ class MixedPrecisionAdamW(FlatAdamW):
         first, self._grads_zeroed = self._grads_zeroed, False
         if not first:
             return ops
-        return SimpleNamespace(**{**vars(ops), "matmul_backward": functools.partial(
-            ops.matmul_backward, accumulate_weight=False)})
+        names = [n for n in ("matmul_backward", "matmul_dgelu_backward") if hasattr(ops, n)]
+        return SimpleNamespace(**{**vars(ops), **{n: functools.partial(
+            getattr(ops, n), accumulate_weight=False) for n in names}})
 
     def update(self, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=None,
                grad_norm=None, shard=None):

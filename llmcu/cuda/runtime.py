@@ -119,13 +119,32 @@ def partial_sums_grid(work: int, per_block: int, max_blocks: int | None = None) 
     return max(1, min(cap, (work + per_block - 1) // per_block))
 
 
+def scratch(be, name: str, shape, dtype=np.float32):
+    """A work buffer a wrapper needs for one call (partial sums, attention's D), kept
+    per backend, name, shape and dtype and handed out again on the next call with the
+    same key: nothing is allocated after the first step, which a captured CUDA graph
+    needs (its kernels keep the buffers' addresses; llmcu/cuda/graphs.py). Calls on one
+    stream run in order, so two uses of one buffer never overlap. Contents are
+    undefined: uninitialised on the GPU, NaN-filled on every call under the emulator
+    (outside a capture), so a kernel that forgets to write an element poisons the tests.
+    Raises if a new buffer would be allocated while a graph is being captured."""
+    key = (name, tuple(int(n) for n in shape), np.dtype(dtype).str)
+    buf = be.scratch_buffers.get(key)
+    if buf is None:
+        if be.capturing:
+            raise RuntimeError(f"scratch: a new {name} buffer {key[1]} {key[2]} is needed while a "
+                               f"CUDA graph is being captured; run the step once before capturing")
+        buf = be.scratch_buffers[key] = be.xp.empty(key[1], dtype=dtype)
+    if be.name == "emu" and not be.capturing and buf.dtype.kind == "f":
+        buf.fill(np.nan)
+    return buf
+
+
 def partial_sums_scratch(be, shape):
-    """The fp32 partial sums of pass 1 of a two-pass reduction, every element written by
-    pass 1: uninitialised on the GPU (CuPy's memory pool makes this cheap), NaN-filled
-    under the emulator so a partial that pass 1 forgot to write poisons the tests."""
-    if be.name == "cuda":
-        return be.xp.empty(shape, dtype=np.float32)
-    return np.full(shape, np.nan, dtype=np.float32)
+    """The fp32 partial sums of pass 1 of a two-pass reduction (scratch(): reused,
+    NaN-filled under the emulator so a partial that pass 1 forgot to write poisons
+    the tests)."""
+    return scratch(be, "partial_sums", shape, np.float32)
 
 
 def column_tiles(columns: int, width: int = WARP, block: int = DEFAULT_BLOCK):
@@ -151,6 +170,9 @@ class Backend:
         else:
             self.xp = np
         self._modules: dict = {}
+        self.scratch_buffers: dict = {}  # scratch()
+        self.capturing = False           # set by llmcu/cuda/graphs.py while it captures
+        self.recording = None            # emu only: the list a capture appends launches to
 
     def module(self, stem: str, floatX: str = "float"):
         key = (stem, floatX)
@@ -173,12 +195,32 @@ class Backend:
     def launch(self, stem: str, kernel: str, grid, block, args, shared_mem: int = 0,
                floatX: str = "float") -> None:
         fn = self.module(stem, floatX).get_function(kernel)
+        if self.recording is not None:  # the emulator's capture: replayed by graphs.Graph
+            self.recording.append((functools.partial(fn, shared_mem=shared_mem), (grid, block, args)))
+            return
         fn(grid, block, args, shared_mem=shared_mem)
-        if _debug:
+        if _debug and not self.capturing:
             try:
                 self.synchronize()
             except Exception as e:  # the error belongs to this launch
                 raise RuntimeError(f"kernel {kernel} (kernels/{stem}.cu) failed: {e}") from e
+
+    def run(self, fn, *args) -> None:
+        """Host code that does a kernel's job under the emulator (NumPy GEMMs, fills):
+        run now, or recorded while the emulator captures a graph (as a GPU capture
+        records kernels instead of running them), so a replay repeats it."""
+        if self.recording is not None:
+            self.recording.append((fn, args))
+            return
+        fn(*args)
+
+    def fill(self, a, value) -> None:
+        """a[...] = value on the device: a CuPy kernel on the GPU (captured like any
+        launch), Backend.run under the emulator."""
+        if self.name == "cuda":
+            a.fill(value)
+        else:
+            self.run(np.ndarray.fill, a, value)
 
     def synchronize(self) -> None:
         if self.name == "cuda":
