@@ -118,6 +118,14 @@ def napkin(op, args, kwargs):
         dinp, _, _, _, inp, weight = args[:6]
         OC, C = weight.shape
         return "flops", 2 * (inp.size // C) * C * OC * (2 if dinp is not None else 1)
+    if op == "matmul_gelu_forward":  # (out, pre, inp, weight, bias): the GEMM, GELU in its epilogue
+        inp, weight = args[2:4]
+        OC, C = weight.shape
+        return "flops", 2 * (inp.size // C) * C * OC
+    if op == "matmul_dgelu_backward":  # (dpre, dweight, dbias, dout, inp, weight, pre): two GEMMs
+        inp, weight = args[4:6]
+        OC, C = weight.shape
+        return "flops", 4 * (inp.size // C) * C * OC
     if op in ("flash_attention_forward", "flash_attention_backward", "attention_forward",
               "attention_backward"):
         qkv = args[2]
@@ -235,7 +243,7 @@ class Recorder:
         layer = params[0][2] if params else layered[0][2] if layered else None
         role = None
         if op.startswith("matmul_"):
-            w = args[2] if op == "matmul_forward" else args[5]
+            w = args[{"matmul_forward": 2, "matmul_gelu_forward": 3}.get(op, 5)]
             role = MATMUL_ROLES.get(self.tensors.get((_address(w), tuple(w.shape)), ("", "", None))[1])
         if layer is None and not hits and op == "residual_forward":
             layer = self._last_layer.get(self.phase)
@@ -286,7 +294,8 @@ def instrument(model, recorder):
 
     for name in list(vars(kgpt2.KERNEL_OPS)):
         swap(kgpt2.KERNEL_OPS, name)
-    for name in ("crossentropy_forward", "fused_classifier_dlogits"):
+    for name in ("crossentropy_forward", "fused_classifier_dlogits", "matmul_gelu_forward",
+                 "matmul_dgelu_backward"):  # the last two: GPT2(gemm="cublaslt")'s fused fc + GELU
         swap(kgpt2, name)
     for name in ("adamw_update", "global_norm"):
         swap(mixed_precision, name)
@@ -409,7 +418,8 @@ def print_report(result, log=print):
 
 
 def run_breakdown(config, B, T, dtype="bf16", device="cuda", steps=10, profile_steps=3,
-                  warmup=2, ceilings=None, seed=42, model_name="custom", flash_version="auto"):
+                  warmup=2, ceilings=None, seed=42, model_name="custom", flash_version="auto",
+                  gemm="auto"):
     """Build the kernel GPT-2, warm up, time the uninstrumented and the instrumented
     steps; returns the result dict (the JSON). ceilings: a dict as measure_ceilings's,
     or None (not measured)."""
@@ -423,7 +433,7 @@ def run_breakdown(config, B, T, dtype="bf16", device="cuda", steps=10, profile_s
     rng = np.random.default_rng(0)
     x = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
     y = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
-    model = GPT2(config, params, device=device, dtype=dtype, flash_version=flash_version)
+    model = GPT2(config, params, device=device, dtype=dtype, flash_version=flash_version, gemm=gemm)
     step = 0
     for _ in range(warmup):
         step += 1
@@ -447,7 +457,7 @@ def run_breakdown(config, B, T, dtype="bf16", device="cuda", steps=10, profile_s
     ops = aggregate(calls, step_instr, ceilings, dtype)
     return {
         "card": card, "device": device, "model": model_name, "dtype": dtype, "B": B, "T": T,
-        "flash_version": flash_version,
+        "flash_version": flash_version, "gemm": model.gemm,
         "config": {"num_layers": config.num_layers, "channels": config.channels,
                    "num_heads": config.num_heads, "vocab_size": config.vocab_size,
                    "padded_vocab_size": config.padded_vocab_size},
@@ -476,6 +486,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ceilings", action="store_true", help="skip the ceiling measurements")
     ap.add_argument("--flash-version", default="auto", choices=["auto", "1", "2", "3"],
                     help="the fused attention's version (GPT2(flash_version=))")
+    ap.add_argument("--gemm", default="auto", choices=["auto", "cublas", "cublaslt"],
+                    help="the linear layers' GEMM library (GPT2(gemm=))")
     for flag in ("num-layers", "channels", "num-heads", "vocab-size"):
         ap.add_argument(f"--{flag}", type=int, default=None,
                         help="override the descriptor's value (a tiny model for tests)")
@@ -496,7 +508,8 @@ def main(argv=None) -> int:
                       if overrides or vocab else "")
     result = run_breakdown(config, a.batch_size, a.seq_len, a.dtype, a.device, a.steps,
                            a.profile_steps, a.warmup, ceilings, model_name=name,
-                           flash_version=a.flash_version if a.flash_version == "auto" else int(a.flash_version))
+                           flash_version=a.flash_version if a.flash_version == "auto" else int(a.flash_version),
+                           gemm=a.gemm)
     result["args"] = vars(a)
     print_report(result)
     if a.json:

@@ -41,7 +41,8 @@ if [ "$stage" != bench ]; then
   # where the image has it (it does: KINDS.md), so the others still run and report. The
   # newest kernels' tests come first.
   per_test=()
-  "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(-p pytest_timeout --timeout 90 --timeout_method thread)
+  # (no "-p pytest_timeout": the image loads it already, and naming it again is an error)
+  "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 90 --timeout_method thread)
   timeout 360 "$PY" -m pytest -m cuda -v -rs -s -p no:cacheprovider "${per_test[@]}" \
     tests/test_graphs.py tests/test_cublaslt.py tests/test_adamw_multi_tensor.py \
     tests/test_flash_attention_v3.py tests/test_reductions_v2.py \

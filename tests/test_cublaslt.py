@@ -78,7 +78,9 @@ def test_dgelu_epilogue_matches_the_unfused_kernels(dev, dtype):
     N, C, OC = 20, 64, 40   # C (dpre's row length) a multiple of 8, as cuBLASLt's aux needs
     rng = np.random.default_rng(3)
     dout, inp, w, pre = _arrays(rng, dtype, (N, OC), (N, C), (OC, C), (N, C))
-    tol = BF16_TOL if dtype == "bf16" else FP32_TOL
+    # fp32: cuBLASLt's DGELU epilogue has its own GELU-gradient arithmetic: 9.4e-5 from
+    # llmcu/cpu/gelu.py's formula on an H200 (2026-11-28), so 2e-4 there
+    tol = BF16_TOL if dtype == "bf16" else dict(atol=2e-4, rtol=2e-4)
     z = lambda *s: dev.put(np.zeros(s, np.uint16 if dtype == "bf16" else np.float32))  # noqa: E731
     dact, ref = _poison(dev, (N, C), dtype), _poison(dev, (N, C), dtype)
     dw_ref, db_ref = z(OC, C), z(OC)

@@ -55,6 +55,8 @@ DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE = 3, 4, 7
 DESC_BIAS_POINTER, DESC_AUX_POINTER, DESC_AUX_LD = 8, 11, 12
 DESC_BIAS_DATA_TYPE = 26
 PREF_MAX_WORKSPACE_BYTES = 1
+PREF_REDUCTION_SCHEME_MASK = 3
+REDUCTION_SCHEME_COMPUTE_TYPE = 2  # split-K partial sums in fp32 only (not in bf16: see preference())
 EPILOGUE_DEFAULT, EPILOGUE_BIAS = 1, 4
 EPILOGUE_GELU_AUX_BIAS = 32 | 128 | 4
 EPILOGUE_DGELU = 64 | 128
@@ -72,10 +74,11 @@ class _Heuristic(ctypes.Structure):
 assert ctypes.sizeof(_Heuristic) == 96
 
 
-def library_candidates() -> list[str]:
-    """Where libcublasLt may be: the soname (already loaded by CuPy's cuBLAS, or on the
-    loader path), NVIDIA's pip wheels (nvidia/cu13/lib, nvidia/cublas/lib), the toolkit."""
-    names = ["libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"]
+def library_candidates(stem: str = "libcublasLt") -> list[str]:
+    """Where libcublasLt (or libcublas: stem) may be: the soname (already loaded by CuPy's
+    cuBLAS, or on the loader path), NVIDIA's pip wheels (nvidia/cu13/lib,
+    nvidia/cublas/lib), the toolkit."""
+    names = [f"{stem}.so.13", f"{stem}.so.12", f"{stem}.so"]
     dirs = []
     try:
         import nvidia
@@ -176,6 +179,13 @@ class _Desc:
         _ok(self.lib.cublasLtMatmulPreferenceSetAttribute(p, PREF_MAX_WORKSPACE_BYTES, ctypes.addressof(ws),
                                                           ctypes.sizeof(ws)),
             "cublasLtMatmulPreferenceSetAttribute")
+        # Split-K reductions in the compute type (fp32) only: with all schemes allowed, a bf16
+        # GEMM (33x100 @ 100x24) came out up to 8 bf16 ulps from cuBLAS's on an H200
+        # (2026-11-28), as from partial sums rounded to bf16 (the output type).
+        mask = ctypes.c_uint32(REDUCTION_SCHEME_COMPUTE_TYPE)
+        _ok(self.lib.cublasLtMatmulPreferenceSetAttribute(p, PREF_REDUCTION_SCHEME_MASK, ctypes.addressof(mask),
+                                                          ctypes.sizeof(mask)),
+            "cublasLtMatmulPreferenceSetAttribute(REDUCTION_SCHEME_MASK)")
         return p
 
     def close(self):

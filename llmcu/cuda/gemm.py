@@ -18,9 +18,8 @@ before that one rounding, cuBLAS's beta = 1):
   then round to nearest even. The same result as the GPU's up to the order of
   the fp32 sums.
 - cuda: cublasGemmEx / cublasGemmStridedBatchedEx with CUDA_R_16BF inputs and
-  output and CUBLAS_COMPUTE_32F, on the raw device pointers, through CuPy's
-  cuBLAS bindings (cupy_backends.cuda.libs.cublas) and CuPy's per-device
-  handle on the current stream. tests/test_kernels_bf16.py's "cuda" cases
+  output and CUBLAS_COMPUTE_32F, on the raw device pointers, through ctypes on
+  llmcu's own cuBLAS handle, on the current stream. tests/test_kernels_bf16.py's "cuda" cases
   passed on an H200 (2026-11-28) once accumulate went through an fp32 product
   (gemm's comment says why). That accumulate costs an fp32 product and a pass
   (kernels/matmul.cu gemm_accumulate_kernel1), so matmul_backward(
@@ -30,8 +29,9 @@ before that one rounding, cuBLAS's beta = 1):
 Nothing here allocates after the first call with a given shape (the fp32
 product is a runtime.scratch buffer), and the emulator's work goes through
 Backend.run, so a step of GEMMs can be captured as a CUDA graph
-(llmcu/cuda/graphs.py). CuPy's gemmEx binding sets the handle's stream to the
-current stream on every call.
+(llmcu/cuda/graphs.py). On the GPU the GEMMs call libcublas through ctypes on
+llmcu's own handle, set to the current CuPy stream on every call (_cublas_api
+says why not CuPy's bindings).
 
 cuBLAS is column-major. A row-major (R,S) array is, to cuBLAS, its (S,R)
 transpose with leading dimension S. So the row-major product
@@ -142,16 +142,16 @@ def _emu_bf16(out, a, b, transpose_a, transpose_b, accumulate):
 def _cublas(out, a, b, M, K, N, transpose_a, transpose_b, accumulate, batch,
             in_type=CUDA_R_16BF, out_type=CUDA_R_16BF):
     """cublasGemmEx / cublasGemmStridedBatchedEx on the raw device pointers: in_type
-    inputs (bf16 or fp32), out_type output, fp32 compute (GPU only)."""
+    inputs (bf16 or fp32), out_type output, fp32 compute (GPU only), on llmcu's own
+    cuBLAS handle through ctypes (_cublas_api)."""
     import cupy
-    from cupy_backends.cuda.libs import cublas
 
     want = BF16 if out_type == CUDA_R_16BF else FLOAT32
     if out.dtype != want:
         raise TypeError(f"gemm: out must have dtype {want}, got {out.dtype}")
-    handle = cupy.cuda.device.get_cublas_handle()
-    cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)  # alpha/beta are host floats
-    alpha, beta = _ONE.ctypes.data, (_ONE if accumulate else _ZERO).ctypes.data
+    lib, handle = _cublas_api()
+    _cublas_ok(lib.cublasSetStream_v2(handle, cupy.cuda.get_current_stream().ptr), "cublasSetStream_v2")
+    alpha, beta = _ONE.ctypes.data, (_ONE if accumulate else _ZERO).ctypes.data  # host pointers
     # Column-major view (module doc): cuBLAS A = our b, cuBLAS B = our a.
     op_b = CUBLAS_OP_T if transpose_b else CUBLAS_OP_N
     op_a = CUBLAS_OP_T if transpose_a else CUBLAS_OP_N
@@ -159,14 +159,68 @@ def _cublas(out, a, b, M, K, N, transpose_a, transpose_b, accumulate, batch,
     ld_a = a.shape[-1]    # row length of a as stored
     ld_out = N
     if batch is None:
-        cublas.gemmEx(handle, op_b, op_a, N, M, K,
-                      alpha, b.data.ptr, in_type, ld_b,
-                      a.data.ptr, in_type, ld_a,
-                      beta, out.data.ptr, out_type, ld_out,
-                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+        _cublas_ok(lib.cublasGemmEx(handle, op_b, op_a, N, M, K,
+                                    alpha, b.data.ptr, in_type, ld_b,
+                                    a.data.ptr, in_type, ld_a,
+                                    beta, out.data.ptr, out_type, ld_out,
+                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "cublasGemmEx")
     else:
-        cublas.gemmStridedBatchedEx(handle, op_b, op_a, N, M, K,
-                                    alpha, b.data.ptr, in_type, ld_b, b.shape[1] * b.shape[2],
-                                    a.data.ptr, in_type, ld_a, a.shape[1] * a.shape[2],
-                                    beta, out.data.ptr, out_type, ld_out, M * N,
-                                    batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+        _cublas_ok(lib.cublasGemmStridedBatchedEx(handle, op_b, op_a, N, M, K,
+                                                  alpha, b.data.ptr, in_type, ld_b, b.shape[1] * b.shape[2],
+                                                  a.data.ptr, in_type, ld_a, a.shape[1] * a.shape[2],
+                                                  beta, out.data.ptr, out_type, ld_out, M * N,
+                                                  batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   "cublasGemmStridedBatchedEx")
+
+
+# -- cuBLAS through ctypes ------------------------------------------------------------
+# CuPy's cuBLAS bindings refuse to run while a stream is being captured ("calling cuBLAS
+# API during stream capture is currently unsupported": its setStream raises, H200,
+# 2026-11-28), and a CUDA graph of the step needs its GEMMs. So llmcu calls libcublas
+# itself, on a handle of its own per device with a workspace of its own (cuBLAS's advice
+# for graph capture: no allocation inside a captured GEMM).
+
+CUBLAS_WORKSPACE_BYTES = 32 * 1024 * 1024  # what PyTorch gives cuBLAS on Hopper (":4096:8")
+_api = {}
+
+
+def _cublas_ok(status, what):
+    if status != 0:
+        raise RuntimeError(f"gemm: {what} failed with cublasStatus_t {status}")
+
+
+def _cublas_api():
+    """(libcublas, this device's handle), made on first use."""
+    import ctypes
+
+    import cupy
+
+    from .cublaslt import library_candidates
+    if "lib" not in _api:
+        lib, tried = None, []
+        for cand in library_candidates("libcublas"):
+            try:
+                lib = ctypes.CDLL(cand)
+                break
+            except OSError as e:
+                tried.append(f"{cand}: {e}")
+        if lib is None:
+            raise RuntimeError("gemm: libcublas not found; tried " + "; ".join(tried))
+        P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+        for name, args in {
+                "cublasCreate_v2": [ctypes.POINTER(P)], "cublasSetStream_v2": [P, P],
+                "cublasSetWorkspace_v2": [P, P, ctypes.c_size_t],
+                "cublasGemmEx": [P, I, I, I, I, I, P, P, I, I, P, I, I, P, P, I, I, I, I],
+                "cublasGemmStridedBatchedEx": [P, I, I, I, I, I, P, P, I, I, L, P, I, I, L, P, P, I,
+                                               I, L, I, I, I]}.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = ctypes.c_int, args
+        _api["lib"] = lib
+    dev = cupy.cuda.Device().id
+    if dev not in _api:
+        lib, handle = _api["lib"], ctypes.c_void_p()
+        _cublas_ok(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate_v2")
+        ws = cupy.empty(CUBLAS_WORKSPACE_BYTES, dtype=np.uint8)  # kept for the handle's lifetime
+        _cublas_ok(lib.cublasSetWorkspace_v2(handle, ws.data.ptr, ws.nbytes), "cublasSetWorkspace_v2")
+        _api[dev] = (handle, ws)
+    return _api["lib"], _api[dev][0]

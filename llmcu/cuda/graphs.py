@@ -185,7 +185,6 @@ class GraphStep:
     def _prepare(self):
         """Allocate what the graphs use, run the work once, capture it (again if stale)."""
         m, xp = self.model, self.model.xp
-        _set_cublas_workspace(self.backend)
         if m.grads is None:
             m.zero_grad()
         if m.m is None:
@@ -240,23 +239,6 @@ class GraphStep:
         _upload(self.hyper[0:3], hyper[0:3])  # [3], the clip scale, came from the device
         _upload(self.step_seed, np.array([self.model.seed & 0xFFFFFFFF, step], dtype=np.uint32))
         self._graphs[1].launch()
-
-
-CUBLAS_WORKSPACE_BYTES = 32 * 1024 * 1024  # what PyTorch gives cuBLAS on Hopper (":4096:8")
-
-
-def _set_cublas_workspace(be) -> None:
-    """Give cuBLAS a workspace of our own before anything is captured, so a captured
-    GEMM never asks for memory (cuBLAS's graph-capture advice); kept for eager GEMMs
-    too. A CuPy without the setWorkspace binding keeps cuBLAS's own."""
-    if be.name != "cuda":
-        return
-    import cupy
-    from cupy_backends.cuda.libs import cublas
-    if not hasattr(cublas, "setWorkspace"):
-        return
-    ws = runtime.scratch(be, "cublas_workspace", (CUBLAS_WORKSPACE_BYTES,), np.uint8)
-    cublas.setWorkspace(cupy.cuda.device.get_cublas_handle(), ws.data.ptr, ws.nbytes)
 
 
 def _upload(dst, src) -> None:
