@@ -10,8 +10,9 @@ measured on the CPU with launches stubbed, benchmarks/RESULTS.md). A CUDA graph
 records them once and replays them with one launch. Two graphs:
 
 - forward_backward: zero the gradients; for each micro-step, the forward from
-  token ids in fixed device buffers, the losses' mean added to a device total,
-  the backward; then the gradient norm and the clipping scale, on the device.
+  token ids in fixed device buffers, the backward (whose fused classifier also
+  writes the losses: no separate cross-entropy pass), the losses' mean added to
+  a device total; then the gradient norm and the clipping scale, on the device.
 - update: AdamW over every tensor in one launch (adamw_multi_tensor), reading
   the learning rate, bias corrections, step and clipping scale from device
   memory, so the same graph serves every step.
@@ -171,10 +172,13 @@ class GraphStep:
         m.zero_grad()
         be.fill(self.loss, 0)
         for i in range(n):
-            m._forward_device(self.inputs[i], self.targets[i])
-            loss_mean(self.loss, m.acts.losses, 1.0 / (self.B * self.T * n))
+            # no separate cross-entropy pass: the backward's fused classifier writes the same
+            # losses (the same kernel) while it turns the logits into dlogits, so the logits
+            # are read twice per step instead of three times (llm.c's training forward)
+            m._forward_device(self.inputs[i])
             m._backward_device(self.inputs[i], self.targets[i], (self.order[i], self.end[i]),
                                loss_scale=1.0 / n)
+            loss_mean(self.loss, m.acts.losses, 1.0 / (self.B * self.T * n))
         global_norm_device(m.grads, self.norm, self.hyper[3:4], self.grad_clip)
 
     def _update(self):
