@@ -26,7 +26,10 @@
 //      (m, s) pairs in a fixed tree, so the result is deterministic), then the
 //      read+write pass for dlogits: 3 row-sized transfers instead of 4, and 16-byte
 //      loads and stores (x128). Needs Vp % x128::size == 0 and 16-byte aligned
-//      logits (the wrapper checks). Same launch as 1. Speed not measured yet.
+//      logits (the wrapper checks). Same launch as 1. H200 (2026-11-28, bf16 d12 B=16):
+//      2.05 ms for the dlogits pass, 40% of copy (benchmarks/RESULTS.md, GPU pass 3).
+//   3 (fused_classifier_kernel3, below): kernel2 with the row kept in registers: read
+//      once, written once, the loads issued together. Speed not measured yet.
 #include "common.cuh"
 
 extern "C" __global__ void fused_classifier_kernel1(floatX* logits, float* __restrict__ losses,
@@ -150,13 +153,85 @@ extern "C" __global__ void softmax_forward_kernel1(float* __restrict__ probs,
     }
 }
 
-// loss_mean_kernel1: total[0] += scale * sum_i losses[i], i < n, summed in double: the
+// fused_classifier_kernel3: kernel2 with the row kept in registers. Each thread loads
+// its packets of the row (at most CLASSIFIER3_PACKETS x128 packets: columns
+// (threadIdx.x + p * blockDim.x) * x128::size) all at once, runs the online softmax
+// on them and writes dlogits from the same registers: the row is read once and
+// written once (kernel2 reads it twice), and the loads are issued together instead
+// of one packet per loop trip. Element for element the arithmetic and the order of
+// kernel2, so the results are kernel2's. Needs Vp % x128::size == 0, 16-byte
+// aligned logits and Vp <= blockDim.x * x128::size * CLASSIFIER3_PACKETS (1024
+// threads: 65536 bf16 or 32768 fp32 columns; the wrapper checks). Same launch as 1.
+#define CLASSIFIER3_PACKETS 8
+extern "C" __global__ void fused_classifier_kernel3(floatX* logits, float* __restrict__ losses,
+                                                    const int* __restrict__ targets,
+                                                    float dloss, int N, int V, int Vp,
+                                                    int write_dlogits) {
+    __shared__ float shared_m[WARP_SIZE];
+    __shared__ float shared_s[WARP_SIZE];
+    const int row = blockIdx.x;
+    if (row >= N) { return; }  // the whole block leaves together
+    floatX* x = logits + (long long)row * Vp;
+    const int target = targets[row];
+    const float target_logit = to_float(x[target]);  // read before the barriers below, so before any write
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+
+    x128 keep[CLASSIFIER3_PACKETS];
+#pragma unroll
+    for (int p = 0; p < CLASSIFIER3_PACKETS; p++) {
+        const int j0 = (threadIdx.x + p * blockDim.x) * x128::size;
+        if (j0 < Vp) { keep[p] = load128(x + j0); }
+    }
+    float m = -INFINITY, s = 0.0f;
+#pragma unroll
+    for (int p = 0; p < CLASSIFIER3_PACKETS; p++) {
+        const int j0 = (threadIdx.x + p * blockDim.x) * x128::size;
+        for (int k = 0; k < x128::size; k++) {
+            if (j0 + k < V) {
+                const float v = to_float(keep[p][k]);
+                if (v > m) { s = s * expf(m - v) + 1.0f; m = v; }  // one exp per element
+                else { s += expf(v - m); }
+            }
+        }
+    }
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
+        online_softmax_merge(m, s, __shfl_xor_sync(0xffffffff, m, offset), __shfl_xor_sync(0xffffffff, s, offset));
+    }
+    if (lane == 0) { shared_m[warp] = m; shared_s[warp] = s; }
+    __syncthreads();
+    const int num_warps = blockDim.x / WARP_SIZE;
+    m = lane < num_warps ? shared_m[lane] : -INFINITY;
+    s = lane < num_warps ? shared_s[lane] : 0.0f;
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
+        online_softmax_merge(m, s, __shfl_xor_sync(0xffffffff, m, offset), __shfl_xor_sync(0xffffffff, s, offset));
+    }
+    if (threadIdx.x == 0) { losses[row] = logf(s) + m - target_logit; }
+
+    if (write_dlogits) {
+        const float inv = 1.0f / s;
+#pragma unroll
+        for (int p = 0; p < CLASSIFIER3_PACKETS; p++) {
+            const int j0 = (threadIdx.x + p * blockDim.x) * x128::size;
+            if (j0 >= Vp) { continue; }
+            x128 result;
+            for (int k = 0; k < x128::size; k++) {
+                const int j = j0 + k;
+                float g = 0.0f;
+                if (j < V) { g = dloss * (expf(to_float(keep[p][k]) - m) * inv - (j == target ? 1.0f : 0.0f)); }
+                result[k] = from_float(g);
+            }
+            store128(x + j0, result);
+        }
+    }
+}
+
+// classifier_loss_mean_kernel1: total[0] += scale * sum_i losses[i], i < n, summed in double: the
 // mean loss kept on the device (scale = 1 / (B*T*micro-steps)), so a captured training
 // step (llmcu/cuda/graphs.py) needs no host read until the caller wants the number.
 // Launch: ONE block of 1024 threads (LOSS_MEAN_BLOCK), no dynamic shared memory; each
 // thread sums a strided share in order, then a fixed tree over the threads: deterministic.
 #define LOSS_MEAN_BLOCK 1024
-extern "C" __global__ void loss_mean_kernel1(double* __restrict__ total,
+extern "C" __global__ void classifier_loss_mean_kernel1(double* __restrict__ total,
                                              const float* __restrict__ losses, int n,
                                              double scale) {
     __shared__ double partial[LOSS_MEAN_BLOCK];

@@ -143,12 +143,12 @@ extern "C" __global__ void matmul_bias_backward_reduce_kernel2(floatX* __restric
     }
 }
 
-// gemm_accumulate_kernel1: out[i] = round(out[i] + product[i]), the fp32 sum rounded once
+// matmul_gemm_accumulate_kernel1: out[i] = round(out[i] + product[i]), the fp32 sum rounded once
 // to floatX (llmcu/cuda/gemm.py's accumulate for bf16: cuBLAS's beta = 1 on a bf16
 // output rounded twice on an H200). n elements; grid CEIL_DIV(n, 256), block 256.
 // In a kernel instead of array expressions so it allocates no temporaries (a captured
 // CUDA graph cannot) and reads and writes each element once.
-extern "C" __global__ void gemm_accumulate_kernel1(floatX* __restrict__ out,
+extern "C" __global__ void matmul_gemm_accumulate_kernel1(floatX* __restrict__ out,
                                                    const float* __restrict__ product, long long n) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) { out[i] = from_float(to_float(out[i]) + product[i]); }

@@ -301,7 +301,7 @@ def test_vectorized_versions_check_size_and_alignment():
 # ---------------------------------------------------------------------- classifier
 
 @pytest.mark.parametrize("B,T,V,Vp", [(2, 7, 1000, 1024), (1, 3, 101, 128)])
-@pytest.mark.parametrize("version", [1, 2])  # 2: online softmax, 16-byte loads
+@pytest.mark.parametrize("version", [1, 2, 3])  # 2: online softmax, 16-byte loads; 3: row in registers
 def test_classifier_bf16(dev, B, T, V, Vp, version):
     k = _mods()["classifier"]
     rng = np.random.default_rng(18)

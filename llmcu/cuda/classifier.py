@@ -9,8 +9,10 @@ dtype of logits picks the build); probs and losses are always float32.
 crossentropy_forward and fused_classifier_dlogits take one keyword the CPU
 version lacks, version=: 1 (three passes over the row, the default), 2 (one
 online-softmax pass and one write pass with 16-byte loads; needs Vp a multiple
-of 16 // itemsize and 16-byte aligned logits), "auto" (2 where it applies, else
-1: what the GPT-2 kernel model uses).
+of 16 // itemsize and 16-byte aligned logits), 3 (version 2 with the row kept in
+registers: one read and one write; also needs Vp <= 1024 * 8 * (16 // itemsize),
+65536 in bf16, 32768 in fp32), "auto" (3, else 2, else 1, whichever applies
+first: what the GPT-2 kernel model uses).
 """
 
 import numpy as np
@@ -19,7 +21,8 @@ from .runtime import FLOATX_NAMES, backend_of, block_per_row, check_array, f32, 
 from .vectorized import check_vectorized, vectorizable
 
 CLASSIFIER_BLOCK = 1024
-VERSIONS = (1, 2)
+VERSIONS = (1, 2, 3)
+CLASSIFIER3_PACKETS = 8  # kernels/classifier.cu: x128 packets of the row each thread keeps (version 3)
 
 
 def _check(fn, be, logits, V, targets=None, **named):
@@ -50,10 +53,17 @@ def _fused(fn, logits, losses, targets, V, dloss, write_dlogits, version):
         raise ValueError(f"{fn}: version must be one of {VERSIONS} or 'auto', got {version!r}")
     be = backend_of(logits)
     N, Vp, floatX = _check(fn, be, logits, V, targets=targets, losses=losses)
+    per_packet = 16 // logits.dtype.itemsize  # x128::size
+    fits = Vp <= CLASSIFIER_BLOCK * per_packet * CLASSIFIER3_PACKETS  # version 3 keeps the row in registers
     if version == "auto":
-        version = 2 if vectorizable(Vp, dict(logits=logits)) else 1
-    if version == 2:
+        wide = vectorizable(Vp, dict(logits=logits))
+        version = (3 if fits else 2) if wide else 1
+    if version in (2, 3):
         check_vectorized(fn, Vp, dict(logits=logits), what="padded vocabulary columns Vp")
+    if version == 3 and not fits:
+        raise ValueError(f"{fn}: version 3 keeps a row in registers: Vp must be at most "
+                         f"{CLASSIFIER_BLOCK * per_packet * CLASSIFIER3_PACKETS} for {logits.dtype} "
+                         f"logits, got Vp={Vp}; use version 2")
     grid, block = block_per_row(N, CLASSIFIER_BLOCK)
     be.launch("classifier", f"fused_classifier_kernel{version}", grid, block,
               (logits, losses, targets, f32(dloss), i32(N), i32(V), i32(Vp), i32(write_dlogits)),
@@ -88,5 +98,5 @@ def loss_mean(total, losses, scale):
     check_array(fn, "total", total, be, dtype=np.float64, shape=(1,))
     if losses.size >= 2**31:
         raise ValueError(f"{fn}: losses must have fewer than 2**31 elements, got {losses.size}")
-    be.launch("classifier", "loss_mean_kernel1", (1,), (LOSS_MEAN_BLOCK,),
+    be.launch("classifier", "classifier_loss_mean_kernel1", (1,), (LOSS_MEAN_BLOCK,),
               (total, losses, i32(losses.size), np.float64(scale)))

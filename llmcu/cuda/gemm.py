@@ -22,7 +22,7 @@ before that one rounding, cuBLAS's beta = 1):
   llmcu's own cuBLAS handle, on the current stream. tests/test_kernels_bf16.py's "cuda" cases
   passed on an H200 (2026-11-28) once accumulate went through an fp32 product
   (gemm's comment says why). That accumulate costs an fp32 product and a pass
-  (kernels/matmul.cu gemm_accumulate_kernel1), so matmul_backward(
+  (kernels/matmul.cu matmul_gemm_accumulate_kernel1), so matmul_backward(
   accumulate_weight=False) takes the plain GEMM where the gradient was just
   zeroed (llmcu/cuda/gpt2.py).
 
@@ -103,7 +103,7 @@ def gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False):
         _cublas(product, a, b, M, K, N, transpose_a, transpose_b, False, batch=None,
                 out_type=CUDA_R_32F)
         grid, block = launch_config(M * N)
-        be.launch("matmul", "gemm_accumulate_kernel1", grid, block, (out, product, i64(M * N)),
+        be.launch("matmul", "matmul_gemm_accumulate_kernel1", grid, block, (out, product, i64(M * N)),
                   floatX=FLOATX_NAMES[dt])
     else:
         _cublas(out, a, b, M, K, N, transpose_a, transpose_b, False, batch=None)
