@@ -211,7 +211,7 @@ def _train(tmp_path, cuda_graph, device="emu", steps=3, dtype="bf16"):
     path = tmp_path / "train.bin"
     if not path.exists():
         formats.write_shard(str(path), rng.integers(0, 500, size=4096).astype(np.uint16))
-    cfg = TrainConfig(train_pattern=str(path), model="d2", batch_size=B, seq_len=T,
+    cfg = TrainConfig(train_pattern=str(path), val_pattern=None, model="d2", batch_size=B, seq_len=T,
                       max_steps=steps, val_every=0, sample_every=0, device=device, dtype=dtype,
                       learning_rate=3e-3, warmup_iters=1, final_lr_frac=0.0, grad_clip=0.5, weight_decay=0.1,
                       total_batch_size=2 * B * T, cuda_graph=cuda_graph)
