@@ -199,7 +199,7 @@ class GPT2(MixedPrecisionAdamW):
         return self.xp.asarray(np.ascontiguousarray(a, dtype=np.int32))
 
     def forward(self, inputs, targets=None):
-        cfg, p = self.config, self.p
+        cfg = self.config
         host_inputs = np.asarray(inputs)
         B, T = host_inputs.shape if host_inputs.ndim == 2 else (0, 0)
         if T > cfg.max_seq_len:

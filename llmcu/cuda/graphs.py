@@ -39,7 +39,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import parameter_slices
-from . import runtime
 from .adamw import adamw_hyper, adamw_multi_tensor, adamw_tensor_table, global_norm_device
 from .classifier import loss_mean
 from .encoder import token_runs
