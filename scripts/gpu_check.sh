@@ -3,20 +3,21 @@
 # already installed (no network needed), run the CUDA tests and the GPU
 # benchmarks from the source tree.
 #
-#   scripts/gpu_check.sh OUTDIR [tests|bench|all]     (default: all)
+#   scripts/gpu_check.sh OUTDIR [tests|bench|bench2|all]     (default: all)
 #
 # The device lease allows 10 minutes per command and 15 in all, so the two
 # stages are sized to run as separate commands: "tests" (every cuda-marked
-# test) and "bench" (every GPU benchmark), each stage's timeouts summing to at
+# test), "bench" (the step: breakdown, and llmcu against PyTorch at B=16 and
+# B=64) and "bench2" (d24, attention, kernels, layers), each stage's timeouts summing to at
 # most 8 minutes: a command that reaches the lease's limit comes back with
 # none of its files (2026-11-28: a 590 s command whose timeouts summed to
 # 570 s lost every log).
 # Writes OUTDIR/env.txt and, per stage, OUTDIR/tests.log or the bench_*.log
 # and *.json files.
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests|bench|all]}
+out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests|bench|bench2|all]}
 stage=${2:-all}
-case "$stage" in tests|bench|all) ;; *) echo "unknown stage '$stage': expected tests, bench or all" >&2; exit 2;; esac
+case "$stage" in tests|bench|bench2|all) ;; *) echo "unknown stage '$stage': expected tests, bench, bench2 or all" >&2; exit 2;; esac
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -32,7 +33,7 @@ PY=${PYTHON:-python3}
 cat "$out/env.txt"
 status=0
 
-if [ "$stage" != bench ]; then
+if [ "$stage" = tests ] || [ "$stage" = all ]; then
   # Fail fast if CuPy cannot compile and launch one kernel file, fp32 and bf16.
   timeout 90 "$PY" scripts/gpu_smoke.py --device cuda 2>&1 | tee "$out/smoke.log" || status=1
   # tests/test_distributed.py: the NCCL path at world size 1 (-z 0 and -z 1) against the
@@ -53,7 +54,7 @@ if [ "$stage" != bench ]; then
     2>&1 | tee "$out/tests.log" || status=1
 fi
 
-if [ "$stage" != tests ]; then
+if [ "$stage" = bench ] || [ "$stage" = all ]; then
   # first, so it runs even if a later entry times out: where one bf16 d12 step (B=16, T=1024)
   # goes, op by op, beside the copy and GEMM ceilings of this run (about 30 s once the
   # kernels are compiled: 2 + 10 + 3 steps; the compile it does is cached for the entries below)
@@ -65,6 +66,13 @@ if [ "$stage" != tests ]; then
   timeout 170 "$PY" benchmarks/bench_gpu_step.py --dtype bf16 -b 16 --compile --flash-versions 2,3 \
     --gemm cublas,cublaslt --cuda-graph --steps 10 \
     --json "$out/bench_step_bf16.json" 2>&1 | tee "$out/bench_step_bf16.log" || status=1
+  # the issue's "largest micro-batch that fits": B=64 (llmcu needs about 4 x 9 GiB; PyTorch
+  # eager about 4 x 30 GiB, within an H200's 141 GB), llmcu's defaults against both PyTorch rows
+  timeout 170 "$PY" benchmarks/bench_gpu_step.py --dtype bf16 -b 64 --compile --cuda-graph --steps 10 \
+    --no-kernels --json "$out/bench_step_bf16_b64.json" 2>&1 | tee "$out/bench_step_bf16_b64.log" || status=1
+fi
+
+if [ "$stage" = bench2 ] || [ "$stage" = all ]; then
   # d24 (350M) at one batch size, against PyTorch eager (the fp32 d12 step was measured on
   # 2026-11-28: benchmarks/gpu_runs/2026-11-28-h200/step_fp32.log)
   timeout 60 "$PY" benchmarks/bench_gpu_step.py --model d24 --dtype bf16 -b 8 --no-kernels --steps 10 \

@@ -17,7 +17,7 @@ SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
 def _stage_text(stage):
     text = SCRIPT.read_text()
-    marker = {"tests": 'if [ "$stage" != bench ]', "bench": 'if [ "$stage" != tests ]'}[stage]
+    marker = f'if [ "$stage" = {stage} ]'
     start = text.index(marker)
     return text[start:text.index("\nfi\n", start)]
 
@@ -40,7 +40,7 @@ def test_named_test_files_exist_and_cover_every_cuda_test():
         assert (ROOT / "benchmarks" / name).is_file(), f"gpu_check.sh names benchmarks/{name}, missing"
 
 
-@pytest.mark.parametrize("stage", ["tests", "bench"])
+@pytest.mark.parametrize("stage", ["tests", "bench", "bench2"])
 def test_stage_timeouts_fit_one_command(stage):
     timeouts = [int(t) for t in re.findall(r"(?<![-\w])timeout (\d+)", _stage_text(stage))]  # commands, not --timeout
     assert timeouts, f"no timeouts in the {stage} stage"
