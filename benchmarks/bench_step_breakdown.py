@@ -486,7 +486,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ceilings", action="store_true", help="skip the ceiling measurements")
     ap.add_argument("--flash-version", default="auto", choices=["auto", "1", "2", "3"],
                     help="the fused attention's version (GPT2(flash_version=))")
-    ap.add_argument("--gemm", default="auto", choices=["auto", "cublas", "cublaslt"],
+    ap.add_argument("--gemm", default="auto", choices=["auto", "cublas", "cublaslt", "cublaslt_all"],
                     help="the linear layers' GEMM library (GPT2(gemm=))")
     for flag in ("num-layers", "channels", "num-heads", "vocab-size"):
         ap.add_argument(f"--{flag}", type=int, default=None,

@@ -154,7 +154,8 @@ TINY = GPT2Config(max_seq_len=32, vocab_size=500, num_layers=2, num_heads=4, cha
 @pytest.mark.parametrize("device", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_gpt2_on_cublaslt_trains_like_cublas(device, dtype):
-    """GPT2(gemm="cublaslt"): 5 AdamW steps with the bias and GELU epilogues; losses within
+    """GPT2(gemm="cublaslt") and "cublaslt_all" (every overwriting GEMM on cuBLASLt): 5 AdamW
+    steps with the bias and GELU epilogues; losses within
     1e-5 (fp32) or llm.c's bf16 tolerance 0.05 of the cuBLAS model's; the fc layer's GELU
     kernels and the bias kernel no longer run."""
     from llmcu.cuda import runtime
@@ -163,7 +164,7 @@ def test_gpt2_on_cublaslt_trains_like_cublas(device, dtype):
     toks = np.random.default_rng(1).integers(0, 40, size=(3, 2, 17)).astype(np.int32)
     losses = {}
     launched = []
-    for library in ("cublas", "cublaslt"):
+    for library in ("cublas", "cublaslt", "cublaslt_all"):
         model = GPT2(TINY, p0.copy(), device=device, dtype=dtype, gemm=library)
         be = runtime.get_backend(model.device)
         original = be.launch
@@ -183,10 +184,32 @@ def test_gpt2_on_cublaslt_trains_like_cublas(device, dtype):
         finally:
             del be.launch
     tol = 1e-5 if dtype == "fp32" else 0.05
-    diff = np.abs(np.array(losses["cublaslt"]) - np.array(losses["cublas"]))
-    assert diff.max() <= tol, (losses, diff)
-    assert losses["cublaslt"][-1] < losses["cublaslt"][0] - 0.5  # it trains
-    kernels = {lib: {k for l2, k in launched if l2 == lib} for lib in ("cublas", "cublaslt")}
+    for library in ("cublaslt", "cublaslt_all"):
+        diff = np.abs(np.array(losses[library]) - np.array(losses["cublas"]))
+        assert diff.max() <= tol, (library, losses, diff)
+        assert losses[library][-1] < losses[library][0] - 0.5  # it trains
+    kernels = {lib: {k for l2, k in launched if l2 == lib} for lib in losses}
     assert any(k.startswith("gelu_forward") for k in kernels["cublas"])
-    assert not any(k.startswith(("gelu_forward", "gelu_backward", "matmul_bias_forward"))
-                   for k in kernels["cublaslt"]), kernels["cublaslt"]
+    for library in ("cublaslt", "cublaslt_all"):
+        assert not any(k.startswith(("gelu_forward", "gelu_backward", "matmul_bias_forward"))
+                       for k in kernels[library]), kernels[library]
+
+
+def test_which_gemms_go_to_cublaslt(monkeypatch):
+    """One training step's cuBLASLt calls: "cublaslt" runs the 4 forward GEMMs of each layer
+    and the lm_head's there, plus fcproj's DGELU backward (5L + 1); "cublaslt_all" also each
+    backward GEMM that overwrites its output (dinp and dweight of qkv, attproj, fc, lm_head,
+    fcproj's dweight: 8L + 2 more on top of the 4L + 1 forward ones)."""
+    from llmcu.cuda.gpt2 import GPT2
+    calls = []
+    original = matmul.lt_matmul
+    monkeypatch.setattr(matmul, "lt_matmul", lambda *a, **k: (calls.append(1), original(*a, **k)))
+    toks = np.random.default_rng(0).integers(0, 40, size=(2, 17)).astype(np.int32)
+    L = TINY.num_layers
+    for library, want in (("cublas", 0), ("cublaslt", 5 * L + 1), ("cublaslt_all", 12 * L + 3)):
+        calls.clear()
+        model = GPT2(TINY, init_parameters(TINY, seed=1), device="emu", gemm=library)
+        model.zero_grad()
+        model.forward(toks[:, :-1], toks[:, 1:])
+        model.backward()
+        assert len(calls) == want, (library, len(calls), want)

@@ -70,7 +70,7 @@ def _assert_same_state(eager, graphed, what):
 
 
 CASES = [("fp32", True, 1, "cublas"), ("bf16", True, 1, "cublas"), ("bf16", False, 2, "cublas"),
-         ("fp32", True, 3, "cublas"), ("bf16", True, 2, "cublaslt")]
+         ("fp32", True, 3, "cublas"), ("bf16", True, 2, "cublaslt"), ("bf16", True, 1, "cublaslt_all")]
 
 
 @pytest.mark.parametrize("device", KERNEL_BACKENDS)

@@ -236,7 +236,8 @@ class GPT2(MixedPrecisionAdamW):
     def _ops(self):
         """KERNEL_OPS, with the fused attention pinned to flash_version unless "auto", and,
         for gemm="cublaslt", the linear layers on cuBLASLt with the bias and the GELU as
-        GEMM epilogues (matmul_gelu_forward / matmul_dgelu_backward fuse fc + GELU).
+        GEMM epilogues (matmul_gelu_forward / matmul_dgelu_backward fuse fc + GELU);
+        "cublaslt_all" also moves the other backward GEMMs there.
         Looked up on KERNEL_OPS at each call, so a wrapper put there (a profiler) runs."""
         if self.flash_version == "auto" and self.gemm == "cublas":
             return KERNEL_OPS
@@ -244,11 +245,13 @@ class GPT2(MixedPrecisionAdamW):
         if self.flash_version != "auto":
             for name in ("flash_attention_forward", "flash_attention_backward"):
                 ops[name] = functools.partial(ops[name], version=self.flash_version)
-        if self.gemm == "cublaslt":
-            ops["matmul_forward"] = functools.partial(ops["matmul_forward"], gemm_library="cublaslt")
-            ops["matmul_gelu_forward"] = functools.partial(matmul_gelu_forward, gemm_library="cublaslt")
-            ops["matmul_dgelu_backward"] = functools.partial(matmul_dgelu_backward,
-                                                             gemm_library="cublaslt")
+        if self.gemm != "cublas":  # cublaslt, cublaslt_all (llmcu/cuda/matmul.py GEMM_LIBRARIES)
+            lib = self.gemm
+            ops["matmul_forward"] = functools.partial(ops["matmul_forward"], gemm_library=lib)
+            ops["matmul_gelu_forward"] = functools.partial(matmul_gelu_forward, gemm_library=lib)
+            ops["matmul_dgelu_backward"] = functools.partial(matmul_dgelu_backward, gemm_library=lib)
+            if lib == "cublaslt_all":
+                ops["matmul_backward"] = functools.partial(ops["matmul_backward"], gemm_library=lib)
         return SimpleNamespace(**ops)
 
     def _backward_scratch(self, B, T):

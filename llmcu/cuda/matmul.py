@@ -50,7 +50,12 @@ def _check(fn, be, inp, weight, **named):
     return N, C, OC, FLOATX_NAMES[dt]
 
 
-GEMM_LIBRARIES = ("cublas", "cublaslt")
+# "cublas": cuBLAS GEMMs and llmcu's bias / GELU kernels; "cublaslt": the forward GEMMs and
+# the GELU's backward on cuBLASLt with epilogues, the other backward GEMMs on cuBLAS;
+# "cublaslt_all": every GEMM that overwrites its output on cuBLASLt (the accumulating
+# dweight GEMM of gradient accumulation stays on cuBLAS: one rounding, see gemm.py).
+GEMM_LIBRARIES = ("cublas", "cublaslt", "cublaslt_all")
+LT = ("cublaslt", "cublaslt_all")
 
 
 def _check_library(fn, library):
@@ -64,7 +69,7 @@ def matmul_forward(out, inp, weight, bias=None, gemm_library="cublas"):
     _check_library("matmul_forward", gemm_library)
     be = backend_of(inp)
     N, C, OC, floatX = _check("matmul_forward", be, inp, weight, out=out, bias=bias)
-    if gemm_library == "cublaslt":
+    if gemm_library in LT:
         lt_matmul(out.reshape(N, OC), inp.reshape(N, C), weight, transpose_b=True, bias=bias)
         return
     gemm(out.reshape(N, OC), inp.reshape(N, C), weight, transpose_b=True)
@@ -74,19 +79,27 @@ def matmul_forward(out, inp, weight, bias=None, gemm_library="cublas"):
                   (out, bias, i32(N), i32(OC)), floatX=floatX)
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight, accumulate_weight=True, version=2):
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, accumulate_weight=True, version=2,
+                    gemm_library="cublas"):
+    """gemm_library "cublaslt_all": dinp's GEMM, and dweight's when it overwrites, on
+    cuBLASLt (GEMM_LIBRARIES); otherwise cuBLAS."""
     if version not in BIAS_BACKWARD_VERSIONS:
         raise ValueError(f"matmul_backward: version must be one of {BIAS_BACKWARD_VERSIONS}, "
                          f"got {version!r}")
+    _check_library("matmul_backward", gemm_library)
     be = backend_of(inp)
     N, C, OC, floatX = _check("matmul_backward", be, inp, weight, dinp=dinp, dweight=dweight,
                               dbias=dbias, dout=dout)
     dout2, inp2 = dout.reshape(N, OC), inp.reshape(N, C)
+    lt = gemm_library == "cublaslt_all"
     if dinp is not None:
-        gemm(dinp.reshape(N, C), dout2, weight)
+        (lt_matmul if lt else gemm)(dinp.reshape(N, C), dout2, weight)
     # accumulate_weight=False (the first backward after zero_grad): dweight and dbias are
     # overwritten, so the GEMM writes dweight directly (bf16: no fp32 temporary + add pass)
-    gemm(dweight, dout2, inp2, transpose_a=True, accumulate=accumulate_weight)
+    if lt and not accumulate_weight:
+        lt_matmul(dweight, dout2, inp2, transpose_a=True)
+    else:
+        gemm(dweight, dout2, inp2, transpose_a=True, accumulate=accumulate_weight)
     if dbias is not None:
         matmul_bias_backward(dbias, dout, accumulate=accumulate_weight, version=version)
 
@@ -99,7 +112,7 @@ def matmul_gelu_forward(out, pre, inp, weight, bias=None, gemm_library="cublaslt
     be = backend_of(inp)
     N, C, OC, _ = _check("matmul_gelu_forward", be, inp, weight, out=out, bias=bias)
     check_array("matmul_gelu_forward", "pre", pre, be, dtype=out.dtype, shape=out.shape)
-    if gemm_library == "cublaslt":
+    if gemm_library in LT:
         lt_matmul(out.reshape(N, OC), inp.reshape(N, C), weight, transpose_b=True, bias=bias,
                   gelu_aux=pre.reshape(N, OC))
         return
@@ -117,13 +130,14 @@ def matmul_dgelu_backward(dpre, dweight, dbias, dout, inp, weight, pre, accumula
     be = backend_of(inp)
     N, C, OC, _ = _check("matmul_dgelu_backward", be, inp, weight, dinp=dpre, dout=dout)
     check_array("matmul_dgelu_backward", "pre", pre, be, dtype=dpre.dtype, shape=dpre.shape)
-    if gemm_library == "cublaslt":
+    if gemm_library in LT:
         lt_matmul(dpre.reshape(N, C), dout.reshape(N, OC), weight, dgelu_aux=pre.reshape(N, C))
     else:
         dact = runtime.scratch(be, "dgelu_input", dpre.shape, dpre.dtype)
         gemm(dact.reshape(N, C), dout.reshape(N, OC), weight)
         gelu_backward(dpre, dact, pre, version="auto")
-    matmul_backward(None, dweight, dbias, dout, inp, weight, accumulate_weight, version)
+    matmul_backward(None, dweight, dbias, dout, inp, weight, accumulate_weight, version,
+                    gemm_library=gemm_library)
 
 
 def matmul_bias_backward(dbias, dout, accumulate=True, version=2):
