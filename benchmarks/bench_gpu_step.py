@@ -228,6 +228,11 @@ def main(argv=None) -> int:
         what = ("every GEMM on cuBLASLt against the epilogue GEMMs only" if "cublaslt_all" in ours
                 else "cuBLASLt epilogues against cuBLAS + kernels")
         print(f"ratio {ours} / {base} (time; {what}): {results[ours][0] / results[base][0]:.3f}")
+    for ours in [k for k in results if "flash v4" in k]:
+        base = ours.replace("flash v4", "flash v3")
+        if base in results:
+            print(f"ratio {ours} / {base} (time; attention's pipelined loads against version 3): "
+                  f"{results[ours][0] / results[base][0]:.3f}")
     for ours in [k for k in results if k.startswith("llmcu") and k.endswith(" graph")]:
         eager = ours[:-len(" graph")]
         if eager not in results:

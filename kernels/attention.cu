@@ -864,6 +864,10 @@ __device__ __forceinline__ void flash3_cp16(bf16* smem, const bf16* gmem) {
 __device__ __forceinline__ void flash3_cp_wait() {
     asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 }
+// Version 4's pipeline: close this thread's group of copies (flash3_cp_commit), and wait
+// until at most the newest group is still in flight (flash3_cp_wait_prev).
+__device__ __forceinline__ void flash3_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void flash3_cp_wait_prev() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 __device__ __forceinline__ void flash3_store2(bf16* p, unsigned v) { *reinterpret_cast<unsigned*>(p) = v; }
 #else
 // The emulator's versions: the same results from the layouts above, gathered
@@ -905,6 +909,8 @@ __device__ __forceinline__ void flash3_cp16(bf16* smem, const bf16* gmem) {
     for (int e = 0; e < 8; e++) { smem[e] = gmem[e]; }
 }
 __device__ __forceinline__ void flash3_cp_wait() {}
+__device__ __forceinline__ void flash3_cp_commit() {}     // copies are done when issued here
+__device__ __forceinline__ void flash3_cp_wait_prev() {}
 __device__ __forceinline__ void flash3_store2(bf16* p, unsigned v) {
     p[0] = __ushort_as_bfloat16((unsigned short)(v & 0xffffu));
     p[1] = __ushort_as_bfloat16((unsigned short)(v >> 16));
@@ -995,11 +1001,12 @@ __device__ __forceinline__ void flash3_store_rows(bf16* dst, long long ld, int r
     }
 }
 
-extern "C" __global__ void attention_flash_forward_kernel3(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv,
-                                int B, int T, int NH, int NKV, int hs, float scale) {
+template <int STAGES>
+__device__ __forceinline__ void flash3_forward(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv,
+                                               int B, int T, int NH, int NKV, int hs, float scale) {
     __shared__ __align__(16) flash3_tile Qs;
-    __shared__ __align__(16) flash3_tile Ks;
-    __shared__ __align__(16) flash3_tile Vs;
+    __shared__ __align__(16) flash3_tile Kb[STAGES];
+    __shared__ __align__(16) flash3_tile Vb[STAGES];
     const int qtile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int kvh = h / (NH / NKV);
     const long long W = (long long)(NH + 2 * NKV) * FLASH3_HS;
@@ -1019,12 +1026,27 @@ extern "C" __global__ void attention_flash_forward_kernel3(bf16* __restrict__ ou
     for (int nd = 0; nd < FLASH3_HS / 8; nd++) { o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f; }
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};  // per row, log2 units; l per lane
 
+    auto load_kv = [&](int kt, int buf) {
+        flash3_load_tile(Kb[buf], base + (NH + kvh) * FLASH3_HS, kt * FLASH3_TILE, T, W);
+        flash3_load_tile(Vb[buf], base + (NH + NKV + kvh) * FLASH3_HS, kt * FLASH3_TILE, T, W);
+    };
+    if (STAGES == 2) { load_kv(0, 0); flash3_cp_commit(); }  // the first tile's loads in flight
     for (int kt = 0; kt <= qtile; kt++) {
-        __syncthreads();  // every warp is done with the previous K/V tile
-        flash3_load_tile(Ks, base + (NH + kvh) * FLASH3_HS, kt * FLASH3_TILE, T, W);
-        flash3_load_tile(Vs, base + (NH + NKV + kvh) * FLASH3_HS, kt * FLASH3_TILE, T, W);
-        flash3_cp_wait();
-        __syncthreads();
+        const int buf = STAGES == 2 ? kt % 2 : 0;
+        if (STAGES == 2) {
+            // the next tile's loads go out before this tile's products; the buffer they fill
+            // was last read in iteration kt - 1, which every warp has left (barrier below)
+            if (kt < qtile) { load_kv(kt + 1, buf ^ 1); flash3_cp_commit(); flash3_cp_wait_prev(); }
+            else { flash3_cp_wait(); }
+            __syncthreads();
+        } else {
+            __syncthreads();  // every warp is done with the previous K/V tile
+            load_kv(kt, 0);
+            flash3_cp_wait();
+            __syncthreads();
+        }
+        flash3_tile& Ks = Kb[buf];
+        flash3_tile& Vs = Vb[buf];
 
         float s[FLASH3_TILE / 8][4];
 #pragma unroll
@@ -1069,6 +1091,7 @@ extern "C" __global__ void attention_flash_forward_kernel3(bf16* __restrict__ ou
         unsigned pf[FLASH3_TILE / 16][4];
         flash3_acc_to_a(pf, s);
         flash3_mma_ab(o, pf, Vs);
+        if (STAGES == 2) { __syncthreads(); }  // every warp done with buf before it is refilled
     }
 
     float inv[2];
@@ -1086,12 +1109,25 @@ extern "C" __global__ void attention_flash_forward_kernel3(bf16* __restrict__ ou
                       qtile * FLASH3_TILE + warp * 16, T, o, inv[0], inv[1]);
 }
 
-extern "C" __global__ void attention_flash_backward_dq_kernel3(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
-                                    const bf16* __restrict__ qkv, const float* __restrict__ lse,
-                                    const float* __restrict__ D, int B, int T, int NH, int NKV, int hs,
-                                    float scale) {
-    __shared__ __align__(16) flash3_tile Qs;   // Q, then K
-    __shared__ __align__(16) flash3_tile dOs;  // dO, then V
+extern "C" __global__ void attention_flash_forward_kernel3(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv,
+                                int B, int T, int NH, int NKV, int hs, float scale) {
+    flash3_forward<1>(out, lse, qkv, B, T, NH, NKV, hs, scale);
+}
+
+extern "C" __global__ void attention_flash_forward_kernel4(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv,
+                                int B, int T, int NH, int NKV, int hs, float scale) {
+    flash3_forward<2>(out, lse, qkv, B, T, NH, NKV, hs, scale);
+}
+
+template <int STAGES>
+__device__ __forceinline__ void flash3_backward_dq(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
+                                                   const bf16* __restrict__ qkv, const float* __restrict__ lse,
+                                                   const float* __restrict__ D, int B, int T, int NH, int NKV,
+                                                   int hs, float scale) {
+    __shared__ __align__(16) flash3_tile Kb[STAGES];  // Q in Kb[0], then K tiles
+    __shared__ __align__(16) flash3_tile Vb[STAGES];  // dO in Vb[0], then V tiles
+    flash3_tile& Qs = Kb[0];
+    flash3_tile& dOs = Vb[0];
     const int qtile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int kvh = h / (NH / NKV);
     const long long W = (long long)(NH + 2 * NKV) * FLASH3_HS, WO = (long long)NH * FLASH3_HS;
@@ -1114,19 +1150,33 @@ extern "C" __global__ void attention_flash_backward_dq_kernel3(bf16* __restrict_
         lse2[r] = q < T ? lse[((long long)b * NH + h) * T + q] * FLASH3_LOG2E : INFINITY;
         Dr[r] = q < T ? D[((long long)b * NH + h) * T + q] : 0.0f;
     }
-    flash3_tile& Ks = Qs;
-    flash3_tile& Vs = dOs;
-
     float dq[FLASH3_HS / 8][4];
 #pragma unroll
     for (int nd = 0; nd < FLASH3_HS / 8; nd++) { dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.0f; }
 
+    auto load_kv = [&](int kt, int buf) {
+        flash3_load_tile(Kb[buf], base + (NH + kvh) * FLASH3_HS, kt * FLASH3_TILE, T, W);
+        flash3_load_tile(Vb[buf], base + (NH + NKV + kvh) * FLASH3_HS, kt * FLASH3_TILE, T, W);
+    };
+    if (STAGES == 2) {
+        __syncthreads();  // every warp has its Q and dO fragments: buffer 0 may be refilled
+        load_kv(0, 0);
+        flash3_cp_commit();
+    }
     for (int kt = 0; kt <= qtile; kt++) {
-        __syncthreads();  // fragments loaded / the previous tile consumed by every warp
-        flash3_load_tile(Ks, base + (NH + kvh) * FLASH3_HS, kt * FLASH3_TILE, T, W);
-        flash3_load_tile(Vs, base + (NH + NKV + kvh) * FLASH3_HS, kt * FLASH3_TILE, T, W);
-        flash3_cp_wait();
-        __syncthreads();
+        const int buf = STAGES == 2 ? kt % 2 : 0;
+        if (STAGES == 2) {  // as in flash3_forward: the next tile's loads before this tile's products
+            if (kt < qtile) { load_kv(kt + 1, buf ^ 1); flash3_cp_commit(); flash3_cp_wait_prev(); }
+            else { flash3_cp_wait(); }
+            __syncthreads();
+        } else {
+            __syncthreads();  // fragments loaded / the previous tile consumed by every warp
+            load_kv(kt, 0);
+            flash3_cp_wait();
+            __syncthreads();
+        }
+        flash3_tile& Ks = Kb[buf];
+        flash3_tile& Vs = Vb[buf];
 
         float s[FLASH3_TILE / 8][4], dp[FLASH3_TILE / 8][4];
 #pragma unroll
@@ -1149,17 +1199,35 @@ extern "C" __global__ void attention_flash_backward_dq_kernel3(bf16* __restrict_
         unsigned dsf[FLASH3_TILE / 16][4];
         flash3_acc_to_a(dsf, s);
         flash3_mma_ab(dq, dsf, Ks);  // dQ += dS K
+        if (STAGES == 2) { __syncthreads(); }  // every warp done with buf before it is refilled
     }
     flash3_store_rows(dqkv + (long long)b * T * W + h * FLASH3_HS, W, qtile * FLASH3_TILE + warp * 16, T, dq,
                       scale, scale);
 }
 
-extern "C" __global__ void attention_flash_backward_dkdv_kernel3(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
-                                      const bf16* __restrict__ qkv, const float* __restrict__ lse,
-                                      const float* __restrict__ D, int B, int T, int NH, int NKV, int hs,
-                                      float scale) {
-    __shared__ __align__(16) flash3_tile Qs;   // K, then query tiles
-    __shared__ __align__(16) flash3_tile dOs;  // V, then dO tiles
+extern "C" __global__ void attention_flash_backward_dq_kernel3(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
+                                    const bf16* __restrict__ qkv, const float* __restrict__ lse,
+                                    const float* __restrict__ D, int B, int T, int NH, int NKV, int hs,
+                                    float scale) {
+    flash3_backward_dq<1>(dqkv, dout, qkv, lse, D, B, T, NH, NKV, hs, scale);
+}
+
+extern "C" __global__ void attention_flash_backward_dq_kernel4(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
+                                    const bf16* __restrict__ qkv, const float* __restrict__ lse,
+                                    const float* __restrict__ D, int B, int T, int NH, int NKV, int hs,
+                                    float scale) {
+    flash3_backward_dq<2>(dqkv, dout, qkv, lse, D, B, T, NH, NKV, hs, scale);
+}
+
+template <int STAGES>
+__device__ __forceinline__ void flash3_backward_dkdv(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
+                                                     const bf16* __restrict__ qkv, const float* __restrict__ lse,
+                                                     const float* __restrict__ D, int B, int T, int NH, int NKV,
+                                                     int hs, float scale) {
+    __shared__ __align__(16) flash3_tile Qb[STAGES];   // K in Qb[0], then query tiles
+    __shared__ __align__(16) flash3_tile dOb[STAGES];  // V in dOb[0], then dO tiles
+    flash3_tile& Qs = Qb[0];
+    flash3_tile& dOs = dOb[0];
     __shared__ float lse_s[FLASH3_TILE], D_s[FLASH3_TILE];
     const int ktile = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;  // tile 0 has the most query tiles: first
     const int group = NH / NKV;
@@ -1185,19 +1253,38 @@ extern "C" __global__ void attention_flash_backward_dkdv_kernel3(bf16* __restric
         dv[nd][0] = dv[nd][1] = dv[nd][2] = dv[nd][3] = 0.0f;
     }
 
-    for (int hg = 0; hg < group; hg++) {  // the query heads sharing this kv head, in order
-        const int h = kvh * group + hg;
-        for (int qt = ktile; qt < ntiles; qt++) {
+    // (query head, query tile) pairs in order: the query heads sharing this kv head, and for
+    // each the query tiles from this key tile on (the earlier ones are fully masked)
+    const int per_head = ntiles - ktile, steps = group * per_head;
+    auto load_qdo = [&](int step, int buf) {
+        const int h = kvh * group + step / per_head, qt = ktile + step % per_head;
+        flash3_load_tile(Qb[buf], base + h * FLASH3_HS, qt * FLASH3_TILE, T, W);
+        flash3_load_tile(dOb[buf], dout + (long long)b * T * WO + h * FLASH3_HS, qt * FLASH3_TILE, T, WO);
+    };
+    if (STAGES == 2) {
+        __syncthreads();  // every warp has its K and V fragments: buffer 0 may be refilled
+        load_qdo(0, 0);
+        flash3_cp_commit();
+    }
+    for (int step = 0; step < steps; step++) {
+        const int h = kvh * group + step / per_head, qt = ktile + step % per_head;
+        const int buf = STAGES == 2 ? step % 2 : 0;
+        if (STAGES == 2) {
+            if (step + 1 < steps) { load_qdo(step + 1, buf ^ 1); flash3_cp_commit(); }
+        } else {
             __syncthreads();
-            flash3_load_tile(Qs, base + h * FLASH3_HS, qt * FLASH3_TILE, T, W);
-            flash3_load_tile(dOs, dout + (long long)b * T * WO + h * FLASH3_HS, qt * FLASH3_TILE, T, WO);
-            for (int r = threadIdx.x; r < FLASH3_TILE; r += blockDim.x) {
-                const int q = qt * FLASH3_TILE + r;
-                lse_s[r] = q < T ? lse[((long long)b * NH + h) * T + q] * FLASH3_LOG2E : INFINITY;  // p = 0
-                D_s[r] = q < T ? D[((long long)b * NH + h) * T + q] : 0.0f;
-            }
-            flash3_cp_wait();
-            __syncthreads();
+            load_qdo(step, 0);
+        }
+        for (int r = threadIdx.x; r < FLASH3_TILE; r += blockDim.x) {
+            const int q = qt * FLASH3_TILE + r;
+            lse_s[r] = q < T ? lse[((long long)b * NH + h) * T + q] * FLASH3_LOG2E : INFINITY;  // p = 0
+            D_s[r] = q < T ? D[((long long)b * NH + h) * T + q] : 0.0f;
+        }
+        if (STAGES == 2 && step + 1 < steps) { flash3_cp_wait_prev(); } else { flash3_cp_wait(); }
+        __syncthreads();
+        {
+            flash3_tile& Qs = Qb[buf];
+            flash3_tile& dOs = dOb[buf];
 
             float s[FLASH3_TILE / 8][4], dp[FLASH3_TILE / 8][4];  // transposed: rows = keys, columns = queries
 #pragma unroll
@@ -1225,10 +1312,25 @@ extern "C" __global__ void attention_flash_backward_dkdv_kernel3(bf16* __restric
             flash3_acc_to_a(pf, dp);
             flash3_mma_ab(dk, pf, Qs);   // dK += dS^T Q
         }
+        if (STAGES == 2) { __syncthreads(); }  // every warp done with buf, lse_s, D_s before the refill
     }
     bf16* dst = dqkv + (long long)b * T * W;
     flash3_store_rows(dst + (NH + kvh) * FLASH3_HS, W, ktile * FLASH3_TILE + warp * 16, T, dk, scale, scale);
     flash3_store_rows(dst + (NH + NKV + kvh) * FLASH3_HS, W, ktile * FLASH3_TILE + warp * 16, T, dv, 1.0f, 1.0f);
+}
+
+extern "C" __global__ void attention_flash_backward_dkdv_kernel3(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
+                                      const bf16* __restrict__ qkv, const float* __restrict__ lse,
+                                      const float* __restrict__ D, int B, int T, int NH, int NKV, int hs,
+                                      float scale) {
+    flash3_backward_dkdv<1>(dqkv, dout, qkv, lse, D, B, T, NH, NKV, hs, scale);
+}
+
+extern "C" __global__ void attention_flash_backward_dkdv_kernel4(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
+                                      const bf16* __restrict__ qkv, const float* __restrict__ lse,
+                                      const float* __restrict__ D, int B, int T, int NH, int NKV, int hs,
+                                      float scale) {
+    flash3_backward_dkdv<2>(dqkv, dout, qkv, lse, D, B, T, NH, NKV, hs, scale);
 }
 
 #endif  // LLMCU_FLASH2

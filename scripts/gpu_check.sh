@@ -61,11 +61,11 @@ if [ "$stage" = bench ] || [ "$stage" = all ]; then
   timeout 100 "$PY" benchmarks/bench_step_breakdown.py --dtype bf16 -b 16 -t 1024 \
     --json "$out/bench_step_breakdown.json" 2>&1 | tee "$out/bench_step_breakdown.log" || status=1
   # the headline: bf16 d12 at T=1024 against PyTorch autocast, eager and torch.compile
-  # (llmcu with the fused attention's version 3 and the three GEMM routes: cuBLAS + kernels,
-  # cuBLASLt epilogues (the default), every GEMM on cuBLASLt; each also as CUDA graphs:
-  # 6 llmcu rows of 20 steps, in the same run)
-  timeout 170 "$PY" benchmarks/bench_gpu_step.py --dtype bf16 -b 16 --compile --flash-versions 3 \
-    --gemm cublas,cublaslt,cublaslt_all --cuda-graph --steps 20 \
+  # (llmcu with the fused attention's version 3 (the default) and 4 (pipelined loads), and
+  # two GEMM routes: cuBLASLt epilogues (the default) and every GEMM on cuBLASLt; each also
+  # as CUDA graphs: 8 llmcu rows of 20 steps, in the same run)
+  timeout 170 "$PY" benchmarks/bench_gpu_step.py --dtype bf16 -b 16 --compile --flash-versions 3,4 \
+    --gemm cublaslt,cublaslt_all --cuda-graph --steps 20 \
     --json "$out/bench_step_bf16.json" 2>&1 | tee "$out/bench_step_bf16.log" || status=1
   # the issue's "largest micro-batch that fits": B=64 (llmcu needs about 4 x 9 GiB; PyTorch
   # eager about 4 x 30 GiB, within an H200's 141 GB), llmcu's defaults against both PyTorch rows

@@ -22,6 +22,9 @@ from test_flash_attention import (Device, bf16_round, check_bf16_against_simple,
                                   rand, run_kernels_bf16, split_heads)
 
 
+VERSIONS = pytest.mark.parametrize("version", [3, 4])  # 4: version 3 with double-buffered tile loads
+
+
 @pytest.mark.parametrize("B,T,NH,NKV", [
     (2, 1, 2, 2),     # one query: a single masked tile
     (2, 7, 4, 4),     # T < tile: rows >= T are padding
@@ -29,21 +32,39 @@ from test_flash_attention import (Device, bf16_round, check_bf16_against_simple,
     (2, 100, 4, 2),   # GQA (2 query heads per kv head), a partial second tile
     (1, 255, 2, 1),   # MQA, 4 tiles, the last partial
 ])
-def test_flash_kernel3_bf16_vs_oracle(dev, B, T, NH, NKV):
-    check_bf16_against_simple(f"flash3 T={T}", dev, B, T, NH, NKV, 64, seed=T * 7 + NH)
+@VERSIONS
+def test_flash_kernel3_bf16_vs_oracle(dev, B, T, NH, NKV, version):
+    check_bf16_against_simple(f"flash{version} T={T}", dev, B, T, NH, NKV, 64, seed=T * 7 + NH,
+                              version=version)
 
 
-def test_flash_kernel3_bf16_gpt2_length(dev):
+@VERSIONS
+def test_flash_kernel3_bf16_gpt2_length(dev, version):
     """GPT-2's T = 1024: 16 query tiles, 136 tile pairs, two query heads sharing a kv head."""
-    check_bf16_against_simple("flash3 T=1024", dev, 1, 1024, 2, 1, 64, seed=1024)
+    check_bf16_against_simple(f"flash{version} T=1024", dev, 1, 1024, 2, 1, 64, seed=1024, version=version)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not __import__("llmcu.cuda", fromlist=["is_available"]).is_available(),
                     reason="no CUDA GPU with CuPy here")
-def test_flash_kernel3_bf16_gpt2_shapes_cuda():
-    check_bf16_against_simple("flash3 T=1024 GPU", Device("cuda"), 2, 1024, 4, 4, 64, seed=3)
-    check_bf16_against_simple("flash3 T=1000 GQA GPU", Device("cuda"), 2, 1000, 8, 2, 64, seed=4)
+@VERSIONS
+def test_flash_kernel3_bf16_gpt2_shapes_cuda(version):
+    check_bf16_against_simple(f"flash{version} T=1024 GPU", Device("cuda"), 2, 1024, 4, 4, 64, seed=3,
+                              version=version)
+    check_bf16_against_simple(f"flash{version} T=1000 GQA GPU", Device("cuda"), 2, 1000, 8, 2, 64, seed=4,
+                              version=version)
+
+
+def test_version_3_tests_run_version_3(monkeypatch):
+    """The tests above pass version= through (a default would test version 2)."""
+    from llmcu.cuda import attention
+    seen = []
+    original = attention._flash_launch
+    monkeypatch.setattr(attention, "_flash_launch",
+                        lambda be, kernel, version, *a, **k: (seen.append(version),
+                                                              original(be, kernel, version, *a, **k)))
+    check_bf16_against_simple("flash4 T=7", Device("emu"), 1, 7, 2, 2, 64, seed=1, version=4)
+    assert seen == [4, 4, 4], seen
 
 
 def backward_model(qkv, dout, out, lse, NH, NKV):
@@ -69,8 +90,9 @@ def backward_model(qkv, dout, out, lse, NH, NKV):
     return {name: a.transpose(0, 2, 1, 3).reshape(B, T, -1) for name, a in (("dq", dq), ("dk", dk), ("dv", dv))}
 
 
+@VERSIONS
 @pytest.mark.parametrize("B,T,NH,NKV", [(2, 7, 4, 4), (2, 100, 4, 2), (1, 255, 2, 1)])
-def test_flash_kernel3_backward_matches_its_model(dev, B, T, NH, NKV):
+def test_flash_kernel3_backward_matches_its_model(dev, B, T, NH, NKV, version):
     """A tighter check than the bf16 bound above (which allows errors of ~1% of a row's
     probability mass, e.g. a wrongly masked diagonal at T = 100): the kernel's gradients
     against version 3's own arithmetic modelled in NumPy from the kernel's out and lse.
@@ -80,7 +102,7 @@ def test_flash_kernel3_backward_matches_its_model(dev, B, T, NH, NKV):
     rng = np.random.default_rng(T + NH)
     qkv = bf16_round(rand(rng, B, T, (NH + 2 * NKV) * 64))
     dout = bf16_round(rand(rng, B, T, NH * 64))
-    out, lse, dqkv = run_kernels_bf16(dev, qkv, dout, NH, NKV, version=3)
+    out, lse, dqkv = run_kernels_bf16(dev, qkv, dout, NH, NKV, version=version)
     want = backward_model(qkv, dout, out, lse, NH, NKV)
     for name, got in split_heads(dqkv, NH, NKV).items():
         bound = 2.0 ** -7 * np.abs(want[name]) + 2.0 ** -9 * np.abs(want[name]).max()
@@ -90,13 +112,16 @@ def test_flash_kernel3_backward_matches_its_model(dev, B, T, NH, NKV):
 
 
 def test_flash_kernel3_deterministic(dev):
-    """No atomics: two runs give bit-identical outputs, lse and gradients."""
+    """No atomics: two runs give bit-identical outputs, lse and gradients; and version 4
+    (the same arithmetic, pipelined loads) gives version 3's bits."""
     rng = np.random.default_rng(5)
     qkv, dout = rand(rng, 2, 70, 8 * 64), rand(rng, 2, 70, 4 * 64)
     first = run_kernels_bf16(dev, qkv, dout, 4, 2, version=3)
     second = run_kernels_bf16(dev, qkv, dout, 4, 2, version=3)
-    for a, b in zip(first, second):
+    pipelined = run_kernels_bf16(dev, qkv, dout, 4, 2, version=4)
+    for a, b, c in zip(first, second, pipelined):
         assert np.array_equal(a, b)
+        assert np.array_equal(a, c)
 
 
 def test_flash_kernel3_rejects_bad_input():
@@ -149,5 +174,5 @@ def test_gpt2_bf16_trains_with_flash_version_3(dev, monkeypatch):
     assert not any(k.startswith("attention_flash") and k[-1] in "12" and "preprocess" not in k for k in kernels)
     assert np.all(np.isfinite(losses)) and diff < 0.05, (losses, ref)
     assert losses[-1] < losses[0] - 1.0, losses  # it learned
-    with pytest.raises(ValueError, match=r"GPT2: flash_version must be one of \('auto', 1, 2, 3\), got 4"):
-        GPT2(cfg, p0.copy(), device=dev.name, dtype="bf16", flash_version=4)
+    with pytest.raises(ValueError, match=r"GPT2: flash_version must be one of \('auto', 1, 2, 3, 4\), got 5"):
+        GPT2(cfg, p0.copy(), device=dev.name, dtype="bf16", flash_version=5)

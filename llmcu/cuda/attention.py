@@ -85,7 +85,7 @@ FLASH_HS_MAX = 128   # = FLASH_HS_MAX there: the per-thread row buffers' size
 FLASH2_TILE, FLASH2_THREADS = 64, 128   # version 2: 64-row tiles, 4 warps
 FLASH2_HEAD_SIZES = (64, 128)
 FLASH3_TILE, FLASH3_THREADS, FLASH3_HS = 64, 128, 64   # version 3 (mma.sync): 64-row tiles, 4 warps, hs 64
-FLASH_VERSIONS = (1, 2, 3)
+FLASH_VERSIONS = (1, 2, 3, 4)
 
 
 def _flash2_smem(kernel: str, hs: int) -> int:
@@ -107,7 +107,7 @@ def _flash_launch(be, kernel, version, floatX, T, heads, B, args, smem_kind=None
         be.launch("attention", name, (math.ceil(T / FLASH_TILE), heads, B), (FLASH_TILE,), args,
                   floatX=floatX)
         return
-    if version == 3:  # static shared memory only
+    if version in (3, 4):  # static shared memory only
         be.launch("attention", name, (math.ceil(T / FLASH3_TILE), heads, B), (FLASH3_THREADS,), args,
                   floatX=floatX)
         return
@@ -123,7 +123,10 @@ def _flash_check(fn, be, qkv, num_heads, num_kv_heads, version, **named):
     """Version 1: floatX arrays (float32, or uint16 holding bf16: qkv's dtype picks the
     build), hs <= 128. Version 2 (wmma tensor cores): bf16 only (uint16 bit patterns, see
     llmcu.formats.float32_to_bf16_bits), hs 64 or 128. Version 3 (mma.sync, scores in
-    registers; docs/tensor_cores.md): bf16 only, hs 64. lse is float32 in all.
+    registers; docs/tensor_cores.md): bf16 only, hs 64. Version 4: version 3 with the next
+    K/V (or Q/dO) tile's loads in flight while the current tile is computed (two shared
+    buffers per tile: cp.async groups); the same arithmetic, so the same results; not
+    measured on a GPU yet, so auto keeps 3. lse is float32 in all.
     Returns B, T, NH, NKV, hs and the floatX name of the module to launch."""
     if version not in FLASH_VERSIONS:
         raise ValueError(f"{fn}: version must be one of {FLASH_VERSIONS}, got {version!r}")
@@ -142,8 +145,8 @@ def _flash_check(fn, be, qkv, num_heads, num_kv_heads, version, **named):
         raise ValueError(f"{fn}: head size hs must be in 1..{FLASH_HS_MAX}, got {hs}")
     if version == 2 and hs not in FLASH2_HEAD_SIZES:
         raise ValueError(f"{fn}: version 2 needs head size hs in {FLASH2_HEAD_SIZES}, got {hs}")
-    if version == 3 and hs != FLASH3_HS:
-        raise ValueError(f"{fn}: version 3 needs head size hs = {FLASH3_HS}, got {hs}")
+    if version in (3, 4) and hs != FLASH3_HS:
+        raise ValueError(f"{fn}: version {version} needs head size hs = {FLASH3_HS}, got {hs}")
     shapes = {"out": (B, T, NH * hs), "dout": (B, T, NH * hs), "dqkv": (B, T, W), "lse": (B, NH, T)}
     for name, a in named.items():
         check_array(fn, name, a, be, dtype=np.float32 if name == "lse" else dtype, shape=shapes[name])
