@@ -47,6 +47,15 @@
 //      scores, probabilities and accumulators in registers, cp.async tile loads,
 //      hs = 64 only. H200, B=16 NH=12 T=1024: 0.19 ms fwd (1.21x as fast as PyTorch's
 //      flash backend), 0.76 ms fwd+bwd (1.06x its time); the default for bf16 at hs = 64.
+//   flash 4 (attention_flash_*_kernel4): version 3 with two shared buffers per streamed
+//      tile: the next K/V (forward, dq) or Q/dO (dkdv) tile's cp.async loads are in
+//      flight while the current tile's products run (commit_group / wait_group 1), one
+//      barrier more per tile. The same arithmetic in the same order as version 3 (the
+//      kernels are one template, flash3_*<STAGES>), so the same results. Static shared
+//      memory: forward 45 KiB, dq 36 KiB, dkdv 36.5 KiB. Speed not measured on a GPU yet.
+//      The emulator checks its indexing, not its barriers: copies there complete when
+//      issued, and removing the end-of-tile barrier passed every emulated test in all
+//      three fiber orders (checked by hand), so a missing barrier shows only on a GPU.
 #include "common.cuh"
 
 extern "C" __global__ void attention_permute_kernel1(floatX* __restrict__ q,

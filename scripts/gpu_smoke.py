@@ -101,6 +101,15 @@ def newest_kernels(device, xp, host) -> int:
     check("flash attention v3 backward",
           lambda: attention.flash_attention_backward(dqkv, dout_d, qkv_d, out, lse, NH, version=3),
           lambda: (bf16_bits_to_float32(host(dqkv)), dqkv_r), 0.1)
+    # version 4 (pipelined loads) must give version 3's bits
+    out3, dqkv3 = host(out).copy(), host(dqkv).copy()
+    out4 = xp.full(out_r.shape, 0x7FC0, dtype=np.uint16)
+    dqkv4 = xp.full(qkv.shape, 0x7FC0, dtype=np.uint16)
+    check("flash attention v4 forward+backward (bits of v3)",
+          lambda: (attention.flash_attention_forward(out4, lse, qkv_d, NH, version=4),
+                   attention.flash_attention_backward(dqkv4, dout_d, qkv_d, out4, lse, NH, version=4)),
+          lambda: (np.concatenate([host(out4).ravel(), host(dqkv4).ravel()]).astype(np.int64),
+                   np.concatenate([out3.ravel(), dqkv3.ravel()]).astype(np.int64)), 0)
 
     # the two-pass reductions, fp32: N = 300 rows, C = 96
     N, C = 300, 96
