@@ -75,6 +75,26 @@ __device__ __forceinline__ float adamw_element(float grad, float& m, float& v, f
     return p - lr * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * p);
 }
 
+// Element i of versions 2 and 4: read grads, m, v and the master (or floatX) parameter,
+// adamw_element, write them back, and the floatX parameter stochastically rounded with
+// the random bits random_u32(seed, r) (r: the index within the launch's tensor).
+__device__ __forceinline__ void adamw_index(floatX* __restrict__ params, float* __restrict__ master_params,
+                                            const floatX* __restrict__ grads, float* __restrict__ m,
+                                            float* __restrict__ v, long long i, long long r,
+                                            unsigned int seed, float lr, float beta1, float beta2,
+                                            float beta1_correction, float beta2_correction, float eps,
+                                            float weight_decay, float grad_scale) {
+    float mi = m[i];
+    float vi = v[i];
+    float p = (master_params != nullptr) ? master_params[i] : to_float(params[i]);
+    p = adamw_element(to_float(grads[i]), mi, vi, p, lr, beta1, beta2, beta1_correction,
+                      beta2_correction, eps, weight_decay, grad_scale);
+    m[i] = mi;
+    v[i] = vi;
+    if (master_params != nullptr) { master_params[i] = p; }
+    params[i] = from_float_stochastic(p, random_u32(seed, r));
+}
+
 extern "C" __global__ void adamw_kernel1(float* __restrict__ params,
                                          const float* __restrict__ grads,
                                          float* __restrict__ m, float* __restrict__ v,
@@ -107,15 +127,8 @@ extern "C" __global__ void adamw_kernel2(floatX* __restrict__ params,
                                          unsigned int seed) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        float mi = m[i];
-        float vi = v[i];
-        float p = (master_params != nullptr) ? master_params[i] : to_float(params[i]);
-        p = adamw_element(to_float(grads[i]), mi, vi, p, lr, beta1, beta2, beta1_correction,
-                          beta2_correction, eps, weight_decay, grad_scale);
-        m[i] = mi;
-        v[i] = vi;
-        if (master_params != nullptr) { master_params[i] = p; }
-        params[i] = from_float_stochastic(p, random_u32(seed, i));
+        adamw_index(params, master_params, grads, m, v, i, i, seed, lr, beta1, beta2,
+                    beta1_correction, beta2_correction, eps, weight_decay, grad_scale);
     }
 }
 
@@ -184,14 +197,7 @@ extern "C" __global__ void adamw_kernel4(floatX* __restrict__ params,
     // those of its own kernel2 launch, indexed from the tensor's first element.
     const unsigned int seed = mix32(mix32(mix32(step_seed[0]) ^ step_seed[1]) ^ (unsigned int)(t + 1));
     for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
-        float mi = m[i];
-        float vi = v[i];
-        float p = (master_params != nullptr) ? master_params[i] : to_float(params[i]);
-        p = adamw_element(to_float(grads[i]), mi, vi, p, lr, beta1, beta2, beta1_correction,
-                          beta2_correction, eps, weight_decay, grad_scale);
-        m[i] = mi;
-        v[i] = vi;
-        if (master_params != nullptr) { master_params[i] = p; }
-        params[i] = from_float_stochastic(p, random_u32(seed, i - first));
+        adamw_index(params, master_params, grads, m, v, i, i - first, seed, lr, beta1, beta2,
+                    beta1_correction, beta2_correction, eps, weight_decay, grad_scale);
     }
 }

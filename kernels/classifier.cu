@@ -77,6 +77,23 @@ __device__ __forceinline__ void online_softmax_merge(float& m, float& s, float m
     m = mx;
 }
 
+// Every thread's (m, s) merged over the block, in a fixed tree (lanes, then warps): on
+// return every thread of warp 0 holds the block's state (thread 0 is what the kernels use).
+__device__ __forceinline__ void block_online_softmax_merge(float& m, float& s, float* shared_m, float* shared_s) {
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
+        online_softmax_merge(m, s, __shfl_xor_sync(0xffffffff, m, offset), __shfl_xor_sync(0xffffffff, s, offset));
+    }
+    if (lane == 0) { shared_m[warp] = m; shared_s[warp] = s; }
+    __syncthreads();
+    const int num_warps = blockDim.x / WARP_SIZE;
+    m = lane < num_warps ? shared_m[lane] : -INFINITY;
+    s = lane < num_warps ? shared_s[lane] : 0.0f;
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
+        online_softmax_merge(m, s, __shfl_xor_sync(0xffffffff, m, offset), __shfl_xor_sync(0xffffffff, s, offset));
+    }
+}
+
 extern "C" __global__ void fused_classifier_kernel2(floatX* logits, float* __restrict__ losses,
                                                     const int* __restrict__ targets,
                                                     float dloss, int N, int V, int Vp,
@@ -88,7 +105,6 @@ extern "C" __global__ void fused_classifier_kernel2(floatX* logits, float* __res
     floatX* x = logits + (long long)row * Vp;
     const int target = targets[row];
     const float target_logit = to_float(x[target]);  // read before the barriers below, so before any write
-    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
     const int stride = blockDim.x * x128::size;
 
     float m = -INFINITY, s = 0.0f;
@@ -102,17 +118,7 @@ extern "C" __global__ void fused_classifier_kernel2(floatX* logits, float* __res
             }
         }
     }
-    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
-        online_softmax_merge(m, s, __shfl_xor_sync(0xffffffff, m, offset), __shfl_xor_sync(0xffffffff, s, offset));
-    }
-    if (lane == 0) { shared_m[warp] = m; shared_s[warp] = s; }
-    __syncthreads();
-    const int num_warps = blockDim.x / WARP_SIZE;
-    m = lane < num_warps ? shared_m[lane] : -INFINITY;
-    s = lane < num_warps ? shared_s[lane] : 0.0f;
-    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
-        online_softmax_merge(m, s, __shfl_xor_sync(0xffffffff, m, offset), __shfl_xor_sync(0xffffffff, s, offset));
-    }
+    block_online_softmax_merge(m, s, shared_m, shared_s);
     if (threadIdx.x == 0) { losses[row] = logf(s) + m - target_logit; }
 
     if (write_dlogits) {
@@ -174,7 +180,6 @@ extern "C" __global__ void fused_classifier_kernel3(floatX* logits, float* __res
     floatX* x = logits + (long long)row * Vp;
     const int target = targets[row];
     const float target_logit = to_float(x[target]);  // read before the barriers below, so before any write
-    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
 
     x128 keep[CLASSIFIER3_PACKETS];
 #pragma unroll
@@ -194,17 +199,7 @@ extern "C" __global__ void fused_classifier_kernel3(floatX* logits, float* __res
             }
         }
     }
-    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
-        online_softmax_merge(m, s, __shfl_xor_sync(0xffffffff, m, offset), __shfl_xor_sync(0xffffffff, s, offset));
-    }
-    if (lane == 0) { shared_m[warp] = m; shared_s[warp] = s; }
-    __syncthreads();
-    const int num_warps = blockDim.x / WARP_SIZE;
-    m = lane < num_warps ? shared_m[lane] : -INFINITY;
-    s = lane < num_warps ? shared_s[lane] : 0.0f;
-    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
-        online_softmax_merge(m, s, __shfl_xor_sync(0xffffffff, m, offset), __shfl_xor_sync(0xffffffff, s, offset));
-    }
+    block_online_softmax_merge(m, s, shared_m, shared_s);
     if (threadIdx.x == 0) { losses[row] = logf(s) + m - target_logit; }
 
     if (write_dlogits) {

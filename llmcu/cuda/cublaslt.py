@@ -98,23 +98,31 @@ def library_candidates(stem: str = "libcublasLt") -> list[str]:
 _lib = None
 
 
+def load_library(stem: str, signatures: dict):
+    """The first of library_candidates(stem) that loads (ctypes.CDLL), with each function in
+    signatures given its argument types and an int (status) result; RuntimeError naming
+    every place it looked."""
+    tried = []
+    for cand in library_candidates(stem):
+        try:
+            lib = ctypes.CDLL(cand)
+            break
+        except OSError as e:
+            tried.append(f"{cand}: {e}")
+    else:
+        raise RuntimeError(f"{stem} not found (install nvidia-cublas or the CUDA toolkit); tried "
+                           + "; ".join(tried))
+    for name, args in signatures.items():  # every argument typed: no int truncation
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = ctypes.c_int, args
+    return lib
+
+
 def library():
     """The loaded libcublasLt (ctypes.CDLL); RuntimeError naming where it looked."""
     global _lib
     if _lib is None:
-        tried = []
-        for cand in library_candidates():
-            try:
-                _lib = ctypes.CDLL(cand)
-                break
-            except OSError as e:
-                tried.append(f"{cand}: {e}")
-        if _lib is None:
-            raise RuntimeError("cublaslt: libcublasLt not found (install nvidia-cublas or the CUDA "
-                               "toolkit); tried " + "; ".join(tried))
-        for name, args in _SIGNATURES.items():  # every argument typed: no int truncation
-            fn = getattr(_lib, name)
-            fn.restype, fn.argtypes = ctypes.c_int, args
+        _lib = load_library("libcublasLt", _SIGNATURES)
     return _lib
 
 

@@ -195,27 +195,15 @@ def _cublas_api():
 
     import cupy
 
-    from .cublaslt import library_candidates
+    from .cublaslt import load_library
     if "lib" not in _api:
-        lib, tried = None, []
-        for cand in library_candidates("libcublas"):
-            try:
-                lib = ctypes.CDLL(cand)
-                break
-            except OSError as e:
-                tried.append(f"{cand}: {e}")
-        if lib is None:
-            raise RuntimeError("gemm: libcublas not found; tried " + "; ".join(tried))
         P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
-        for name, args in {
-                "cublasCreate_v2": [ctypes.POINTER(P)], "cublasSetStream_v2": [P, P],
-                "cublasSetWorkspace_v2": [P, P, ctypes.c_size_t],
-                "cublasGemmEx": [P, I, I, I, I, I, P, P, I, I, P, I, I, P, P, I, I, I, I],
-                "cublasGemmStridedBatchedEx": [P, I, I, I, I, I, P, P, I, I, L, P, I, I, L, P, P, I,
-                                               I, L, I, I, I]}.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = ctypes.c_int, args
-        _api["lib"] = lib
+        _api["lib"] = load_library("libcublas", {
+            "cublasCreate_v2": [ctypes.POINTER(P)], "cublasSetStream_v2": [P, P],
+            "cublasSetWorkspace_v2": [P, P, ctypes.c_size_t],
+            "cublasGemmEx": [P, I, I, I, I, I, P, P, I, I, P, I, I, P, P, I, I, I, I],
+            "cublasGemmStridedBatchedEx": [P, I, I, I, I, I, P, P, I, I, L, P, I, I, L, P, P, I,
+                                           I, L, I, I, I]})
     dev = cupy.cuda.Device().id
     if dev not in _api:
         lib, handle = _api["lib"], ctypes.c_void_p()
