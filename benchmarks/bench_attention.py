@@ -187,7 +187,9 @@ def main(argv=None) -> int:
     fwd_flops, both_flops = attention_flops(B, NH, T, hs)
     card = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+        # --dirty: a tree that differs from its HEAD says so (the device machine's copy of a
+        # working tree once carried a stale .git and printed an old commit, 2026-11-28)
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"

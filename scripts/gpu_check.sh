@@ -26,7 +26,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # the venv (2026-11-28: "No module named numpy"). PYTHON overrides.
 PY=${PYTHON:-python3}
 {
-  date -u; git rev-parse HEAD 2>/dev/null || echo "commit: unknown (no git)"
+  # --dirty: a copied tree whose .git is stale or behind says so instead of naming a wrong commit
+  date -u; git describe --always --dirty 2>/dev/null || echo "commit: unknown (no git)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
   "$PY" -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1
 } > "$out/env.txt"
