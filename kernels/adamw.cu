@@ -55,6 +55,9 @@
 //      (n_chunks,); tensor_start (n_tensors + 1,); tensor_decay (n_tensors,);
 //      hyper (4,) = [lr, beta1_correction, beta2_correction, grad_scale];
 //      step_seed (2,) = [seed, step].
+//      wide = 1: 16-byte loads and stores (adamw_packet, version 3's), where every tensor
+//      starts at a multiple of x128::size, the chunk is one, and the arrays are 16-byte
+//      aligned (the wrapper checks): the same arithmetic and random bits, so the same results.
 //      Bought: not measured on a GPU.
 #include "common.cuh"
 
@@ -93,6 +96,41 @@ __device__ __forceinline__ void adamw_index(floatX* __restrict__ params, float* 
     v[i] = vi;
     if (master_params != nullptr) { master_params[i] = p; }
     params[i] = from_float_stochastic(p, random_u32(seed, r));
+}
+
+// The x128 packet of elements [i, i + x128::size) (16-byte loads and stores), each as
+// adamw_index with random index r + its offset in the packet: versions 3 and 4 (wide).
+__device__ __forceinline__ void adamw_packet(floatX* __restrict__ params, float* __restrict__ master_params,
+                                             const floatX* __restrict__ grads, float* __restrict__ m,
+                                             float* __restrict__ v, long long i, long long r,
+                                             unsigned int seed, float lr, float beta1, float beta2,
+                                             float beta1_correction, float beta2_correction, float eps,
+                                             float weight_decay, float grad_scale) {
+    const x128 g = load128(grads + i);
+    x128 p_old;
+    if (master_params == nullptr) { p_old = load128(params + i); }
+    x128 p_new;
+    for (int j = 0; j < x128::size; j += f128::size) {
+        f128 mj = load128f(m + i + j);
+        f128 vj = load128f(v + i + j);
+        f128 pj;
+        if (master_params != nullptr) {
+            pj = load128f(master_params + i + j);
+        } else {
+            for (int k = 0; k < f128::size; k++) { pj[k] = to_float(p_old[j + k]); }
+        }
+        for (int k = 0; k < f128::size; k++) {
+            float p = adamw_element(to_float(g[j + k]), mj[k], vj[k], pj[k], lr, beta1,
+                                    beta2, beta1_correction, beta2_correction, eps,
+                                    weight_decay, grad_scale);
+            pj[k] = p;
+            p_new[j + k] = from_float_stochastic(p, random_u32(seed, r + j + k));
+        }
+        store128f(m + i + j, mj);
+        store128f(v + i + j, vj);
+        if (master_params != nullptr) { store128f(master_params + i + j, pj); }
+    }
+    store128(params + i, p_new);
 }
 
 extern "C" __global__ void adamw_kernel1(float* __restrict__ params,
@@ -143,31 +181,8 @@ extern "C" __global__ void adamw_kernel3(floatX* __restrict__ params,
     const long long stride = (long long)gridDim.x * blockDim.x * x128::size;
     for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * x128::size; i < n;
          i += stride) {
-        const x128 g = load128(grads + i);
-        x128 p_old;
-        if (master_params == nullptr) { p_old = load128(params + i); }
-        x128 p_new;
-        for (int j = 0; j < x128::size; j += f128::size) {
-            f128 mj = load128f(m + i + j);
-            f128 vj = load128f(v + i + j);
-            f128 pj;
-            if (master_params != nullptr) {
-                pj = load128f(master_params + i + j);
-            } else {
-                for (int k = 0; k < f128::size; k++) { pj[k] = to_float(p_old[j + k]); }
-            }
-            for (int k = 0; k < f128::size; k++) {
-                float p = adamw_element(to_float(g[j + k]), mj[k], vj[k], pj[k], lr, beta1,
-                                        beta2, beta1_correction, beta2_correction, eps,
-                                        weight_decay, grad_scale);
-                pj[k] = p;
-                p_new[j + k] = from_float_stochastic(p, random_u32(seed, i + j + k));
-            }
-            store128f(m + i + j, mj);
-            store128f(v + i + j, vj);
-            if (master_params != nullptr) { store128f(master_params + i + j, pj); }
-        }
-        store128(params + i, p_new);
+        adamw_packet(params, master_params, grads, m, v, i, i, seed, lr, beta1, beta2,
+                     beta1_correction, beta2_correction, eps, weight_decay, grad_scale);
     }
 }
 
@@ -181,7 +196,7 @@ extern "C" __global__ void adamw_kernel4(floatX* __restrict__ params,
                                          const float* __restrict__ tensor_decay,
                                          const float* __restrict__ hyper,
                                          const unsigned int* __restrict__ step_seed,
-                                         float beta1, float beta2, float eps, int chunk) {
+                                         float beta1, float beta2, float eps, int chunk, int wide) {
     // This block's chunk: elements [start, end) of tensor t, never past its end.
     const int t = chunk_tensor[blockIdx.x];
     const long long first = tensor_start[t];
@@ -196,6 +211,14 @@ extern "C" __global__ void adamw_kernel4(floatX* __restrict__ params,
     // mixed_precision.rounding_seed(seed, step, t): each tensor's random bits are
     // those of its own kernel2 launch, indexed from the tensor's first element.
     const unsigned int seed = mix32(mix32(mix32(step_seed[0]) ^ step_seed[1]) ^ (unsigned int)(t + 1));
+    if (wide) {  // every tensor start and the chunk a multiple of x128::size, arrays 16-byte aligned
+        for (long long i = start + (long long)threadIdx.x * x128::size; i < end;
+             i += (long long)blockDim.x * x128::size) {
+            adamw_packet(params, master_params, grads, m, v, i, i - first, seed, lr, beta1, beta2,
+                         beta1_correction, beta2_correction, eps, weight_decay, grad_scale);
+        }
+        return;
+    }
     for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
         adamw_index(params, master_params, grads, m, v, i, i - first, seed, lr, beta1, beta2,
                     beta1_correction, beta2_correction, eps, weight_decay, grad_scale);

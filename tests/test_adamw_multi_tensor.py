@@ -44,7 +44,10 @@ SEED = 0xDEADBEEF
 # (step, grad_clip): clipping on, off, and a clip above the norm (scale 1); a
 # step number that is not the previous one plus one (bias corrections, seeds).
 STEPS = [(1, 1.0), (2, None), (10, 1e6)]
-GUARD = 5  # poisoned elements before and after each flat array: must stay untouched
+GUARD = 8  # poisoned elements before and after each flat array: must stay untouched
+# (8: the arrays inside stay 16-byte aligned, so sizes in whole packets take the 16-byte path)
+PACKED_SIZES = [8, 4096, 768, 0, 4104, 2304, 16]  # every tensor start on an 8-element packet
+PACKED_DECAYS = [0.1, 0.0, 0.1, 0.0, 0.05, 0.1, 0.0]
 
 
 def _slices(sizes):
@@ -79,11 +82,26 @@ def _assert_guards(dev, whole, name):
             assert np.all(np.isnan(side)), f"{name}: an element outside the array was written"
 
 
-@pytest.mark.parametrize("chunk", [k.ADAMW_CHUNK, 100])
+@pytest.mark.parametrize("sizes,decays,chunk,wide", [
+    (SIZES, DECAYS, k.ADAMW_CHUNK, False), (SIZES, DECAYS, 100, False),
+    (PACKED_SIZES, PACKED_DECAYS, k.ADAMW_CHUNK, True), (PACKED_SIZES, PACKED_DECAYS, 104, True)],
+    ids=["odd", "odd-chunk100", "packets", "packets-chunk104"])
 @pytest.mark.parametrize("dtype,with_master", VARIANTS)
-def test_multi_tensor_equals_per_tensor_loop(dev, dtype, with_master, chunk):
+def test_multi_tensor_equals_per_tensor_loop(dev, dtype, with_master, sizes, decays, chunk, wide,
+                                             monkeypatch):
+    """The scalar path for odd sizes, the 16-byte path where every tensor starts on a
+    packet (wide: checked from the launch's last argument)."""
+    from llmcu.cuda import runtime
+    be = runtime.get_backend(dev.name)
+    launched = []
+    original = be.launch
+    def spy(stem, kernel, grid, block, args, **kw):
+        launched.append((kernel, args[-1]))
+        return original(stem, kernel, grid, block, args, **kw)
+    monkeypatch.setattr(be, "launch", spy)
+    DECAYS = decays  # noqa: N806  (the reference loop below reads DECAYS)
     rng = np.random.default_rng(31)
-    slices, n = _slices(SIZES)
+    slices, n = _slices(sizes)
     master0 = rand(rng, n)
     params0 = to_bits(master0) if dtype == np.uint16 else master0.copy()
     m0, v0 = rand(rng, n, 0.1), np.abs(rand(rng, n, 0.1))
@@ -134,6 +152,8 @@ def test_multi_tensor_equals_per_tensor_loop(dev, dtype, with_master, chunk):
     assert np.count_nonzero(dev.get(p) != params0) > n // 5
     if not with_master:  # the master copy is neither read nor written
         np.testing.assert_array_equal(dev.get(master), master0)
+    flags = {int(flag) for kernel, flag in launched if kernel == "adamw_kernel4"}
+    assert flags == {int(wide)}, f"adamw_kernel4 ran with wide={flags}, expected {int(wide)}"
 
 
 def test_kernel2_equals_kernel1_in_fp32(dev):
