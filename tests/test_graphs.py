@@ -258,3 +258,26 @@ def test_learning_rate_schedule_is_what_the_graph_reads():
         step.update(lr, 1)
         results.append(model.params.copy())
     assert not np.array_equal(*results)
+
+
+def test_recaptures_after_loading_optimizer_state():
+    """A resumed run loads AdamW's moments into new arrays (load_optimizer_state): the
+    graphs hold the old addresses, so the next step captures again and still equals the
+    eager step from the same loaded state."""
+    eager, graphed = _models("emu", "fp32")
+    step = graphs.GraphStep(graphed, B, T, weight_decay=WD, grad_clip=CLIP)
+    batches = _batches(7, 3, 1)
+    _eager_step(eager, batches[0], LRS[0], 1)
+    step.forward_backward(batches[0])
+    step.update(LRS[0], 1)
+    rng = np.random.default_rng(8)
+    m = rng.standard_normal(eager.params.size).astype(np.float32) * 1e-3
+    v = np.abs(rng.standard_normal(eager.params.size).astype(np.float32)) * 1e-6
+    for model in (eager, graphed):
+        model.load_optimizer_state(m.copy(), v.copy())
+    for s in (1, 2):
+        _eager_step(eager, batches[s], LRS[s], s + 1)
+        step.forward_backward(batches[s])
+        step.update(LRS[s], s + 1)
+    assert step.captures == 2
+    _assert_same_state(eager, graphed, "after load_optimizer_state")
