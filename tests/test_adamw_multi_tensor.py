@@ -92,13 +92,15 @@ def test_multi_tensor_equals_per_tensor_loop(dev, dtype, with_master, sizes, dec
     """The scalar path for odd sizes, the 16-byte path where every tensor starts on a
     packet (wide: checked from the launch's last argument)."""
     from llmcu.cuda import runtime
-    be = runtime.get_backend(dev.name)
     launched = []
-    original = be.launch
-    def spy(stem, kernel, grid, block, args, **kw):
+    original = runtime.Backend.launch
+
+    def spy(self, stem, kernel, grid, block, args, **kw):
         launched.append((kernel, args[-1]))
-        return original(stem, kernel, grid, block, args, **kw)
-    monkeypatch.setattr(be, "launch", spy)
+        return original(self, stem, kernel, grid, block, args, **kw)
+    # on the class: patching the instance would leave an instance attribute behind after the
+    # test, shadowing other tests' class-level spies
+    monkeypatch.setattr(runtime.Backend, "launch", spy)
     DECAYS = decays  # noqa: N806  (the reference loop below reads DECAYS)
     rng = np.random.default_rng(31)
     slices, n = _slices(sizes)
