@@ -1342,4 +1342,188 @@ extern "C" __global__ void attention_flash_backward_dkdv_kernel4(bf16* __restric
     flash3_backward_dkdv<2>(dqkv, dout, qkv, lse, D, B, T, NH, NKV, hs, scale);
 }
 
+// ============================================================================
+// Version 5: version 3's forward, and a backward in ONE pass over the key tiles
+// with dQ accumulated by fp32 atomics (FlashAttention-2's backward).
+//
+// Version 3's backward is two deterministic kernels: dkdv (per key tile: S, dP,
+// dV += P^T dO, dK += dS^T Q) and dq (per query tile: S, dP again, dQ += dS K),
+// 7 tile products per (query tile, key tile) pair. Here the dkdv kernel also
+// does the dQ product, 5 products per pair: each step writes its dS^T tile (bf16,
+// the values dV/dK used) to shared memory, and each warp multiplies 16 of its
+// query rows by the key tile, then adds the 16 x 64 fp32 partial dQ into a
+// (B, NH, T, 64) fp32 accumulator with atomics (float2 red on sm_90). The order of
+// those additions varies from run to run on a GPU: dq's bits are not
+// reproducible there (dk, dv are). Under the emulator blocks run in order, so
+// its results are fixed.
+//
+//   attention_flash_backward_preprocess_kernel5: version 2's D = rowsum(dout * out),
+//       and zeroes the row's 64 accumulator floats; one warp per row of (B,NH,T).
+//   attention_flash_backward_kernel5: grid (CEIL_DIV(T, 64), NKV, B), block 128,
+//       static shared memory 36.5 KiB (K, Q, dO and dS^T tiles).
+//   attention_flash_backward_dq_convert_kernel5: dqkv's q third = bf16(scale * accumulator);
+//       one thread per 8 values, grid CEIL_DIV(B*NH*T*64 / 8, 256), block 256.
+// The forward is attention_flash_forward_kernel3. Speed not measured on a GPU yet.
+
+// p[0] += a, p[1] += b without a result (red.global): p 8-byte aligned.
+__device__ __forceinline__ void flash5_red2(float* p, float a, float b) {
+#ifndef LLMCU_EMU
+#if __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+#else  // the emulator: two scalar atomics (blocks run one after another there)
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
+// A fragments (16 rows x 64 columns) of a shared tile's transpose: A[m][k] = tile[k][col0 + m]
+// (transposed ldmatrix: lane gets tile[2t, 2t+1][g] = A[g][2t, 2t+1]).
+__device__ __forceinline__ void flash5_load_a_trans(unsigned (*frag)[4], const flash3_tile tile, int col0) {
+    const int lane = threadIdx.x % WARP_SIZE;
+#pragma unroll
+    for (int kk = 0; kk < FLASH3_TILE / 16; kk++) {
+        flash3_ldmatrix_trans(frag[kk], &tile[kk * 16 + (lane / 16) * 8 + lane % 8][col0 + ((lane / 8) % 2) * 8]);
+    }
+}
+
+extern "C" __global__ void attention_flash_backward_preprocess_kernel5(float* __restrict__ D,
+                                                                       float* __restrict__ dq_accum,
+                                                                       const bf16* __restrict__ dout,
+                                                                       const bf16* __restrict__ out,
+                                                                       int B, int T, int NH, int hs) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (row >= B * NH * T) { return; }
+    const int t = row % T, h = (row / T) % NH, b = row / (T * NH);
+    const long long off = ((long long)b * T + t) * NH * hs + h * hs;
+    float sum = 0.0f;
+    for (int d = lane; d < hs; d += WARP_SIZE) {
+        sum += (float)dout[off + d] * (float)out[off + d];
+        dq_accum[(long long)row * hs + d] = 0.0f;
+    }
+    sum = warp_reduce_sum(sum);
+    if (lane == 0) { D[row] = sum; }
+}
+
+extern "C" __global__ void attention_flash_backward_kernel5(bf16* __restrict__ dqkv, float* __restrict__ dq_accum,
+                                                            const bf16* __restrict__ dout,
+                                                            const bf16* __restrict__ qkv, const float* __restrict__ lse,
+                                                            const float* __restrict__ D, int B, int T, int NH, int NKV,
+                                                            int hs, float scale) {
+    __shared__ __align__(16) flash3_tile Ks;   // this block's keys, for dQ += dS K
+    __shared__ __align__(16) flash3_tile Qs;   // V first (for its fragments), then query tiles
+    __shared__ __align__(16) flash3_tile dOs;
+    __shared__ __align__(16) flash3_tile dSs;  // dS^T of the current step: rows keys, columns queries
+    __shared__ float lse_s[FLASH3_TILE], D_s[FLASH3_TILE];
+    const int ktile = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+    const int group = NH / NKV;
+    const long long W = (long long)(NH + 2 * NKV) * FLASH3_HS, WO = (long long)NH * FLASH3_HS;
+    const bf16* base = qkv + (long long)b * T * W;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4, t = lane % 4;
+    const int k0 = ktile * FLASH3_TILE + warp * 16 + g;  // this lane's key rows: k0 and k0 + 8
+    const int ntiles = gridDim.x;
+    const float sl2 = scale * FLASH3_LOG2E;
+
+    flash3_load_tile(Ks, base + (NH + kvh) * FLASH3_HS, ktile * FLASH3_TILE, T, W);
+    flash3_load_tile(Qs, base + (NH + NKV + kvh) * FLASH3_HS, ktile * FLASH3_TILE, T, W);
+    flash3_cp_wait();
+    __syncthreads();
+    unsigned kf[FLASH3_HS / 16][4], vf[FLASH3_HS / 16][4];
+    flash3_load_a(kf, Ks, warp * 16);
+    flash3_load_a(vf, Qs, warp * 16);
+
+    float dk[FLASH3_HS / 8][4], dv[FLASH3_HS / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < FLASH3_HS / 8; nd++) {
+        dk[nd][0] = dk[nd][1] = dk[nd][2] = dk[nd][3] = 0.0f;
+        dv[nd][0] = dv[nd][1] = dv[nd][2] = dv[nd][3] = 0.0f;
+    }
+    // (query head, query tile) pairs as version 3's dkdv kernel
+    const int per_head = ntiles - ktile, steps = group * per_head;
+    for (int step = 0; step < steps; step++) {
+        const int h = kvh * group + step / per_head, qt = ktile + step % per_head;
+        __syncthreads();  // every warp is done with V's fragments / the previous step's Q, dO, dS^T, lse_s, D_s
+        flash3_load_tile(Qs, base + h * FLASH3_HS, qt * FLASH3_TILE, T, W);
+        flash3_load_tile(dOs, dout + (long long)b * T * WO + h * FLASH3_HS, qt * FLASH3_TILE, T, WO);
+        for (int r = threadIdx.x; r < FLASH3_TILE; r += blockDim.x) {
+            const int q = qt * FLASH3_TILE + r;
+            lse_s[r] = q < T ? lse[((long long)b * NH + h) * T + q] * FLASH3_LOG2E : INFINITY;  // p = 0
+            D_s[r] = q < T ? D[((long long)b * NH + h) * T + q] : 0.0f;
+        }
+        flash3_cp_wait();
+        __syncthreads();
+
+        float s[FLASH3_TILE / 8][4], dp[FLASH3_TILE / 8][4];  // transposed: rows = keys, columns = queries
+#pragma unroll
+        for (int nt = 0; nt < FLASH3_TILE / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+        }
+        flash3_mma_abt(s, kf, Qs);    // S^T = K Q^T
+        flash3_mma_abt(dp, vf, dOs);  // dP^T = V dO^T
+        const bool diag = qt == ktile;
+#pragma unroll
+        for (int nt = 0; nt < FLASH3_TILE / 8; nt++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int c = nt * 8 + 2 * t + (i & 1);
+                const int q = qt * FLASH3_TILE + c, key = k0 + 8 * (i / 2);
+                const float p = (diag && key > q) ? 0.0f : exp2f(s[nt][i] * sl2 - lse_s[c]);
+                s[nt][i] = p;
+                dp[nt][i] = p * (dp[nt][i] - D_s[c]);  // dS^T (without the scale)
+            }
+        }
+        unsigned pf[FLASH3_TILE / 16][4];
+        flash3_acc_to_a(pf, s);
+        flash3_mma_ab(dv, pf, dOs);  // dV += P^T dO
+        flash3_acc_to_a(pf, dp);
+        flash3_mma_ab(dk, pf, Qs);   // dK += dS^T Q
+#pragma unroll
+        for (int kk = 0; kk < FLASH3_TILE / 16; kk++) {  // dS^T (bf16, as dK used it) to shared
+            flash3_store2(&dSs[warp * 16 + g][kk * 16 + 2 * t], pf[kk][0]);
+            flash3_store2(&dSs[warp * 16 + g + 8][kk * 16 + 2 * t], pf[kk][1]);
+            flash3_store2(&dSs[warp * 16 + g][kk * 16 + 8 + 2 * t], pf[kk][2]);
+            flash3_store2(&dSs[warp * 16 + g + 8][kk * 16 + 8 + 2 * t], pf[kk][3]);
+        }
+        __syncthreads();  // the whole dS^T tile is written
+
+        // dQ[q rows warp*16..+16] += dS K: A = dS (16 queries x 64 keys) = dS^T's columns
+        float dq[FLASH3_HS / 8][4];
+#pragma unroll
+        for (int nd = 0; nd < FLASH3_HS / 8; nd++) { dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.0f; }
+        flash5_load_a_trans(pf, dSs, warp * 16);
+        flash3_mma_ab(dq, pf, Ks);
+        const int q = qt * FLASH3_TILE + warp * 16 + g;
+        float* acc = dq_accum + (((long long)b * NH + h) * T + q) * FLASH3_HS + 2 * t;
+#pragma unroll
+        for (int nd = 0; nd < FLASH3_HS / 8; nd++) {
+            if (q < T) { flash5_red2(acc + nd * 8, dq[nd][0], dq[nd][1]); }
+            if (q + 8 < T) { flash5_red2(acc + 8 * FLASH3_HS + nd * 8, dq[nd][2], dq[nd][3]); }
+        }
+    }
+    bf16* dst = dqkv + (long long)b * T * W;
+    flash3_store_rows(dst + (NH + kvh) * FLASH3_HS, W, ktile * FLASH3_TILE + warp * 16, T, dk, scale, scale);
+    flash3_store_rows(dst + (NH + NKV + kvh) * FLASH3_HS, W, ktile * FLASH3_TILE + warp * 16, T, dv, 1.0f, 1.0f);
+}
+
+extern "C" __global__ void attention_flash_backward_dq_convert_kernel5(bf16* __restrict__ dqkv,
+                                                                       const float* __restrict__ dq_accum,
+                                                                       int B, int T, int NH, int NKV, int hs,
+                                                                       float scale) {
+    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;  // (B,NH,T,64) index
+    if (i >= (long long)B * NH * T * FLASH3_HS) { return; }
+    const int d = (int)(i % FLASH3_HS), t = (int)((i / FLASH3_HS) % T);
+    const int h = (int)((i / ((long long)FLASH3_HS * T)) % NH), b = (int)(i / ((long long)FLASH3_HS * T * NH));
+    const f128 lo = load128f(dq_accum + i), hi = load128f(dq_accum + i + 4);
+    bf16* dst = dqkv + ((long long)b * T + t) * (NH + 2 * NKV) * FLASH3_HS + h * FLASH3_HS + d;
+    flash3_store2(dst, flash3_pack(lo[0] * scale, lo[1] * scale));
+    flash3_store2(dst + 2, flash3_pack(lo[2] * scale, lo[3] * scale));
+    flash3_store2(dst + 4, flash3_pack(hi[0] * scale, hi[1] * scale));
+    flash3_store2(dst + 6, flash3_pack(hi[2] * scale, hi[3] * scale));
+}
+
 #endif  // LLMCU_FLASH2

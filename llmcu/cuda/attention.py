@@ -85,7 +85,7 @@ FLASH_HS_MAX = 128   # = FLASH_HS_MAX there: the per-thread row buffers' size
 FLASH2_TILE, FLASH2_THREADS = 64, 128   # version 2: 64-row tiles, 4 warps
 FLASH2_HEAD_SIZES = (64, 128)
 FLASH3_TILE, FLASH3_THREADS, FLASH3_HS = 64, 128, 64   # version 3 (mma.sync): 64-row tiles, 4 warps, hs 64
-FLASH_VERSIONS = (1, 2, 3, 4)
+FLASH_VERSIONS = (1, 2, 3, 4, 5)
 
 
 def _flash2_smem(kernel: str, hs: int) -> int:
@@ -102,12 +102,12 @@ def _flash2_smem(kernel: str, hs: int) -> int:
 
 def _flash_launch(be, kernel, version, floatX, T, heads, B, args, smem_kind=None, hs=None):
     """Grid over (query or key tiles, heads, B); version 2 with its dynamic shared memory."""
-    name = f"attention_flash_{kernel}_kernel{version}"
+    name = f"attention_flash_{kernel}_kernel{3 if (version, kernel) == (5, 'forward') else version}"
     if version == 1:
         be.launch("attention", name, (math.ceil(T / FLASH_TILE), heads, B), (FLASH_TILE,), args,
                   floatX=floatX)
         return
-    if version in (3, 4):  # static shared memory only
+    if version in (3, 4, 5):  # static shared memory only
         be.launch("attention", name, (math.ceil(T / FLASH3_TILE), heads, B), (FLASH3_THREADS,), args,
                   floatX=floatX)
         return
@@ -126,7 +126,10 @@ def _flash_check(fn, be, qkv, num_heads, num_kv_heads, version, **named):
     registers; docs/tensor_cores.md): bf16 only, hs 64. Version 4: version 3 with the next
     K/V (or Q/dO) tile's loads in flight while the current tile is computed (two shared
     buffers per tile: cp.async groups); the same arithmetic, so the same results; not
-    measured on a GPU yet, so auto keeps 3. lse is float32 in all.
+    measured on a GPU yet, so auto keeps 3. Version 5: version 3's forward; the backward in
+    one kernel per key tile that also adds each tile's dQ terms into an fp32 accumulator with
+    atomics (5 tile products per tile pair instead of 7; dq's bits vary between GPU runs);
+    not measured on a GPU yet. lse is float32 in all.
     Returns B, T, NH, NKV, hs and the floatX name of the module to launch."""
     if version not in FLASH_VERSIONS:
         raise ValueError(f"{fn}: version must be one of {FLASH_VERSIONS}, got {version!r}")
@@ -145,7 +148,7 @@ def _flash_check(fn, be, qkv, num_heads, num_kv_heads, version, **named):
         raise ValueError(f"{fn}: head size hs must be in 1..{FLASH_HS_MAX}, got {hs}")
     if version == 2 and hs not in FLASH2_HEAD_SIZES:
         raise ValueError(f"{fn}: version 2 needs head size hs in {FLASH2_HEAD_SIZES}, got {hs}")
-    if version in (3, 4) and hs != FLASH3_HS:
+    if version in (3, 4, 5) and hs != FLASH3_HS:
         raise ValueError(f"{fn}: version {version} needs head size hs = {FLASH3_HS}, got {hs}")
     shapes = {"out": (B, T, NH * hs), "dout": (B, T, NH * hs), "dqkv": (B, T, W), "lse": (B, NH, T)}
     for name, a in named.items():
@@ -188,8 +191,19 @@ def flash_attention_backward(dqkv, dout, qkv, out, lse, num_heads, num_kv_heads=
                                              version, dqkv=dqkv, dout=dout, out=out, lse=lse)
     D = runtime.scratch(be, "flash_D", (B, NH, T), np.float32)  # rowsum(dout * out), per call
     grid, block = warp_per_row(B * NH * T)
+    scale = f32(1.0 / math.sqrt(hs))
+    if version == 5:  # one pass over the key tiles; dq through an fp32 accumulator (atomics)
+        dq_accum = runtime.scratch(be, "flash_dq_accum", (B, NH, T, hs), np.float32)
+        be.launch("attention", "attention_flash_backward_preprocess_kernel5", grid, block,
+                  (D, dq_accum, dout, out, i32(B), i32(T), i32(NH), i32(hs)), floatX=floatX)
+        _flash_launch(be, "backward", version, floatX, T, NKV, B,
+                      (dqkv, dq_accum, dout, qkv, lse, D, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), scale))
+        grid, block = launch_config(B * NH * T * hs // 8)
+        be.launch("attention", "attention_flash_backward_dq_convert_kernel5", grid, block,
+                  (dqkv, dq_accum, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), scale), floatX=floatX)
+        return
     be.launch("attention", f"attention_flash_backward_preprocess_kernel{min(version, 2)}", grid, block,
               (D, dout, out, i32(B), i32(T), i32(NH), i32(hs)), floatX=floatX)
-    args = (dqkv, dout, qkv, lse, D, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), f32(1.0 / math.sqrt(hs)))
+    args = (dqkv, dout, qkv, lse, D, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), scale)
     _flash_launch(be, "backward_dq", version, floatX, T, NH, B, args, "dq", hs)
     _flash_launch(be, "backward_dkdv", version, floatX, T, NKV, B, args, "dkdv", hs)
