@@ -50,6 +50,11 @@
 //      random_u32(seed_t, i - tensor_start[t]), seed_t = mix32(mix32(mix32(seed)
 //      ^ step) ^ (t + 1)) (llmcu/cuda/mixed_precision.rounding_seed): its results
 //      are the per-tensor kernel2 launches' bit for bit.
+//      Bought (H200, 2026-11-28, GPT-2 d12's 16 tensors, before the wide mode; an
+//      inline timing script, mean of 20; benchmarks/RESULTS.md "GPU pass 3"): about the
+//      time of the 16 per-tensor launches (fp32 1.05 ms vs kernel1 1.24; bf16 with master
+//      weights 0.99 vs 0.97; bf16 without 0.94 vs 0.86): what it buys is the captured
+//      graph's device-side scalars, not speed.
 //      Launch: grid n_chunks, block 256. Shapes: params,
 //      grads, m, v, master_params n elements; chunk_tensor, chunk_start
 //      (n_chunks,); tensor_start (n_tensors + 1,); tensor_decay (n_tensors,);
