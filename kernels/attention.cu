@@ -1344,23 +1344,30 @@ extern "C" __global__ void attention_flash_backward_dkdv_kernel4(bf16* __restric
 
 // ============================================================================
 // Version 5: version 3's forward, and a backward in ONE pass over the key tiles
-// with dQ accumulated by fp32 atomics (FlashAttention-2's backward).
+// with dQ accumulated by fp32 atomics (FlashAttention-2's backward). Version 6: the
+// same with 128-key blocks.
 //
 // Version 3's backward is two deterministic kernels: dkdv (per key tile: S, dP,
 // dV += P^T dO, dK += dS^T Q) and dq (per query tile: S, dP again, dQ += dS K),
 // 7 tile products per (query tile, key tile) pair. Here the dkdv kernel also
 // does the dQ product, 5 products per pair: each step writes its dS^T tile (bf16,
-// the values dV/dK used) to shared memory, and each warp multiplies 16 of its
-// query rows by the key tile, then adds the 16 x 64 fp32 partial dQ into a
-// (B, NH, T, 64) fp32 accumulator with atomics (float2 red on sm_90). The order of
-// those additions varies from run to run on a GPU: dq's bits are not
-// reproducible there (dk, dv are). Under the emulator blocks run in order, so
-// its results are fixed.
+// the values dK used) to shared memory, and each warp multiplies 16 query rows of
+// it by the key tile (version 6: 16 query rows x 32 head-size columns, over 128
+// keys), then adds its fp32 partial dQ into a (B, NH, T, 64) fp32 accumulator with
+// atomics (float2 red on sm_90). The order of those additions varies from run to
+// run on a GPU: dq's bits are not reproducible there (dk, dv are). Under the
+// emulator blocks run in order, so its results are fixed. Version 6 halves the
+// atomics and the Q/dO tile loads per key (each query tile is streamed once per
+// 128 keys, not per 64) at the cost of one 8-warp block per SM instead of two
+// 4-warp blocks (~240 registers a thread either way) and some fully masked work
+// on the diagonal.
 //
 //   attention_flash_backward_preprocess_kernel5: version 2's D = rowsum(dout * out),
 //       and zeroes the row's 64 accumulator floats; one warp per row of (B,NH,T).
-//   attention_flash_backward_kernel5: grid (CEIL_DIV(T, 64), NKV, B), block 128,
-//       static shared memory 36.5 KiB (K, Q, dO and dS^T tiles).
+//   attention_flash_backward_kernel5: grid (CEIL_DIV(T, 64), NKV, B), block 128;
+//   attention_flash_backward_kernel6: grid (CEIL_DIV(T, 128), NKV, B), block 256;
+//       dynamic shared memory (2 * 16 * warps + 128) * 72 * 2 bytes (36 KiB, 54 KiB:
+//       K and dS^T tiles of the block's keys, Q and dO tiles of 64 queries).
 //   attention_flash_backward_dq_convert_kernel5: dqkv's q third = bf16(scale * accumulator);
 //       one thread per 8 values, grid CEIL_DIV(B*NH*T*64 / 8, 256), block 256.
 // The forward is attention_flash_forward_kernel3. Speed not measured on a GPU yet.
@@ -1378,16 +1385,6 @@ __device__ __forceinline__ void flash5_red2(float* p, float a, float b) {
     atomicAdd(p, a);
     atomicAdd(p + 1, b);
 #endif
-}
-
-// A fragments (16 rows x 64 columns) of a shared tile's transpose: A[m][k] = tile[k][col0 + m]
-// (transposed ldmatrix: lane gets tile[2t, 2t+1][g] = A[g][2t, 2t+1]).
-__device__ __forceinline__ void flash5_load_a_trans(unsigned (*frag)[4], const flash3_tile tile, int col0) {
-    const int lane = threadIdx.x % WARP_SIZE;
-#pragma unroll
-    for (int kk = 0; kk < FLASH3_TILE / 16; kk++) {
-        flash3_ldmatrix_trans(frag[kk], &tile[kk * 16 + (lane / 16) * 8 + lane % 8][col0 + ((lane / 8) % 2) * 8]);
-    }
 }
 
 extern "C" __global__ void attention_flash_backward_preprocess_kernel5(float* __restrict__ D,
@@ -1409,32 +1406,61 @@ extern "C" __global__ void attention_flash_backward_preprocess_kernel5(float* __
     if (lane == 0) { D[row] = sum; }
 }
 
-extern "C" __global__ void attention_flash_backward_kernel5(bf16* __restrict__ dqkv, float* __restrict__ dq_accum,
-                                                            const bf16* __restrict__ dout,
-                                                            const bf16* __restrict__ qkv, const float* __restrict__ lse,
-                                                            const float* __restrict__ D, int B, int T, int NH, int NKV,
-                                                            int hs, float scale) {
-    __shared__ __align__(16) flash3_tile Ks;   // this block's keys, for dQ += dS K
-    __shared__ __align__(16) flash3_tile Qs;   // V first (for its fragments), then query tiles
-    __shared__ __align__(16) flash3_tile dOs;
-    __shared__ __align__(16) flash3_tile dSs;  // dS^T of the current step: rows keys, columns queries
+// acc (16 x 8*NT) += A (16 x 16*KS, fragments) * M[0..16*KS)[col0 .. col0 + 8*NT) for shared
+// rows M of FLASH3_LD elements: flash3_mma_ab for any key count and a column slice.
+template <int KS, int NT>
+__device__ __forceinline__ void flash5_mma_ab(float (*acc)[4], const unsigned (*a)[4], const bf16 (*m)[FLASH3_LD],
+                                              int col0) {
+    const int lane = threadIdx.x % WARP_SIZE;
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+#pragma unroll
+        for (int np = 0; np < NT / 2; np++) {
+            unsigned b[4];
+            flash3_ldmatrix_trans(b, &m[kk * 16 + ((lane / 8) % 2) * 8 + lane % 8][col0 + np * 16 + (lane / 16) * 8]);
+            flash3_mma(acc[2 * np], a[kk], b);
+            flash3_mma(acc[2 * np + 1], a[kk], b + 2);
+        }
+    }
+}
+
+// The one-pass backward for a key tile of 16 * WARPS rows (16 per warp): WARPS = 4 is
+// version 5, WARPS = 8 version 6 (128 keys: half the Q/dO tile loads and half the dQ
+// atomics per key, one block of 8 warps per SM at ~240 registers a thread).
+// Dynamic shared memory: K and dS^T tiles of 16 * WARPS rows, Q and dO tiles of 64 rows,
+// FLASH3_LD bf16 per row (flash5_smem_bytes below; the wrapper's copy must match).
+template <int WARPS>
+__device__ __forceinline__ void flash5_backward(bf16* __restrict__ dqkv, float* __restrict__ dq_accum,
+                                                const bf16* __restrict__ dout, const bf16* __restrict__ qkv,
+                                                const float* __restrict__ lse, const float* __restrict__ D,
+                                                int B, int T, int NH, int NKV, float scale) {
+    constexpr int NKEY = 16 * WARPS;            // keys per block
+    constexpr int SPLIT = WARPS / 4;            // dQ: 4 groups of 16 query rows x SPLIT column slices
+    constexpr int DQ_COLS = FLASH3_HS / SPLIT;  // head-size columns per warp in the dQ product
+    DYNAMIC_SHARED(flash2_smem_unit, smem_units);
+    bf16 (*Ks)[FLASH3_LD] = reinterpret_cast<bf16 (*)[FLASH3_LD]>(smem_units);  // NKEY rows: this block's keys
+    bf16 (*dSs)[FLASH3_LD] = Ks + NKEY;   // NKEY rows: V first (its fragments), then dS^T (keys x queries)
+    bf16 (*Qs)[FLASH3_LD] = dSs + NKEY;   // 64 rows
+    bf16 (*dOs)[FLASH3_LD] = Qs + FLASH3_TILE;
     __shared__ float lse_s[FLASH3_TILE], D_s[FLASH3_TILE];
     const int ktile = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
     const int group = NH / NKV;
     const long long W = (long long)(NH + 2 * NKV) * FLASH3_HS, WO = (long long)NH * FLASH3_HS;
     const bf16* base = qkv + (long long)b * T * W;
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4, t = lane % 4;
-    const int k0 = ktile * FLASH3_TILE + warp * 16 + g;  // this lane's key rows: k0 and k0 + 8
-    const int ntiles = gridDim.x;
+    const int kstart = ktile * NKEY;
+    const int k0 = kstart + warp * 16 + g;  // this lane's key rows: k0 and k0 + 8
     const float sl2 = scale * FLASH3_LOG2E;
 
-    flash3_load_tile(Ks, base + (NH + kvh) * FLASH3_HS, ktile * FLASH3_TILE, T, W);
-    flash3_load_tile(Qs, base + (NH + NKV + kvh) * FLASH3_HS, ktile * FLASH3_TILE, T, W);
+    for (int r = 0; r < NKEY; r += FLASH3_TILE) {
+        flash3_load_tile(Ks + r, base + (NH + kvh) * FLASH3_HS, kstart + r, T, W);
+        flash3_load_tile(dSs + r, base + (NH + NKV + kvh) * FLASH3_HS, kstart + r, T, W);
+    }
     flash3_cp_wait();
     __syncthreads();
     unsigned kf[FLASH3_HS / 16][4], vf[FLASH3_HS / 16][4];
     flash3_load_a(kf, Ks, warp * 16);
-    flash3_load_a(vf, Qs, warp * 16);
+    flash3_load_a(vf, dSs, warp * 16);
 
     float dk[FLASH3_HS / 8][4], dv[FLASH3_HS / 8][4];
 #pragma unroll
@@ -1442,10 +1468,12 @@ extern "C" __global__ void attention_flash_backward_kernel5(bf16* __restrict__ d
         dk[nd][0] = dk[nd][1] = dk[nd][2] = dk[nd][3] = 0.0f;
         dv[nd][0] = dv[nd][1] = dv[nd][2] = dv[nd][3] = 0.0f;
     }
-    // (query head, query tile) pairs as version 3's dkdv kernel
-    const int per_head = ntiles - ktile, steps = group * per_head;
+    // (query head, query tile) pairs: the query heads sharing this kv head, and for each the
+    // 64-row query tiles from the first one holding a query >= kstart (earlier ones are masked)
+    const int first_qt = kstart / FLASH3_TILE, nqt = (T + FLASH3_TILE - 1) / FLASH3_TILE;
+    const int per_head = nqt - first_qt, steps = group * per_head;
     for (int step = 0; step < steps; step++) {
-        const int h = kvh * group + step / per_head, qt = ktile + step % per_head;
+        const int h = kvh * group + step / per_head, qt = first_qt + step % per_head;
         __syncthreads();  // every warp is done with V's fragments / the previous step's Q, dO, dS^T, lse_s, D_s
         flash3_load_tile(Qs, base + h * FLASH3_HS, qt * FLASH3_TILE, T, W);
         flash3_load_tile(dOs, dout + (long long)b * T * WO + h * FLASH3_HS, qt * FLASH3_TILE, T, WO);
@@ -1465,7 +1493,7 @@ extern "C" __global__ void attention_flash_backward_kernel5(bf16* __restrict__ d
         }
         flash3_mma_abt(s, kf, Qs);    // S^T = K Q^T
         flash3_mma_abt(dp, vf, dOs);  // dP^T = V dO^T
-        const bool diag = qt == ktile;
+        const bool diag = qt * FLASH3_TILE < kstart + NKEY;  // a key of this block may follow a query
 #pragma unroll
         for (int nt = 0; nt < FLASH3_TILE / 8; nt++) {
 #pragma unroll
@@ -1491,23 +1519,41 @@ extern "C" __global__ void attention_flash_backward_kernel5(bf16* __restrict__ d
         }
         __syncthreads();  // the whole dS^T tile is written
 
-        // dQ[q rows warp*16..+16] += dS K: A = dS (16 queries x 64 keys) = dS^T's columns
-        float dq[FLASH3_HS / 8][4];
+        // dQ[16 query rows, DQ_COLS columns] += dS K: A = dS (16 queries x NKEY keys), the
+        // columns (warp % 4) * 16.. of dS^T; B = K's rows, columns (warp / 4) * DQ_COLS..
+        const int qrow = (warp % 4) * 16, col0 = (warp / 4) * DQ_COLS;
+        unsigned af[NKEY / 16][4];
 #pragma unroll
-        for (int nd = 0; nd < FLASH3_HS / 8; nd++) { dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.0f; }
-        flash5_load_a_trans(pf, dSs, warp * 16);
-        flash3_mma_ab(dq, pf, Ks);
-        const int q = qt * FLASH3_TILE + warp * 16 + g;
-        float* acc = dq_accum + (((long long)b * NH + h) * T + q) * FLASH3_HS + 2 * t;
+        for (int kk = 0; kk < NKEY / 16; kk++) {  // A[m][k] = dSs[k][qrow + m] (transposed ldmatrix)
+            flash3_ldmatrix_trans(af[kk], &dSs[kk * 16 + (lane / 16) * 8 + lane % 8][qrow + ((lane / 8) % 2) * 8]);
+        }
+        float dq[DQ_COLS / 8][4];
 #pragma unroll
-        for (int nd = 0; nd < FLASH3_HS / 8; nd++) {
+        for (int nd = 0; nd < DQ_COLS / 8; nd++) { dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.0f; }
+        flash5_mma_ab<NKEY / 16, DQ_COLS / 8>(dq, af, Ks, col0);
+        const int q = qt * FLASH3_TILE + qrow + g;
+        float* acc = dq_accum + (((long long)b * NH + h) * T + q) * FLASH3_HS + col0 + 2 * t;
+#pragma unroll
+        for (int nd = 0; nd < DQ_COLS / 8; nd++) {
             if (q < T) { flash5_red2(acc + nd * 8, dq[nd][0], dq[nd][1]); }
             if (q + 8 < T) { flash5_red2(acc + 8 * FLASH3_HS + nd * 8, dq[nd][2], dq[nd][3]); }
         }
     }
     bf16* dst = dqkv + (long long)b * T * W;
-    flash3_store_rows(dst + (NH + kvh) * FLASH3_HS, W, ktile * FLASH3_TILE + warp * 16, T, dk, scale, scale);
-    flash3_store_rows(dst + (NH + NKV + kvh) * FLASH3_HS, W, ktile * FLASH3_TILE + warp * 16, T, dv, 1.0f, 1.0f);
+    flash3_store_rows(dst + (NH + kvh) * FLASH3_HS, W, kstart + warp * 16, T, dk, scale, scale);
+    flash3_store_rows(dst + (NH + NKV + kvh) * FLASH3_HS, W, kstart + warp * 16, T, dv, 1.0f, 1.0f);
+}
+
+extern "C" __global__ void attention_flash_backward_kernel5(bf16* __restrict__ dqkv, float* __restrict__ dq_accum, const bf16* __restrict__ dout,
+        const bf16* __restrict__ qkv, const float* __restrict__ lse, const float* __restrict__ D,
+        int B, int T, int NH, int NKV, int hs, float scale) {
+    flash5_backward<4>(dqkv, dq_accum, dout, qkv, lse, D, B, T, NH, NKV, scale);
+}
+
+extern "C" __global__ void attention_flash_backward_kernel6(bf16* __restrict__ dqkv, float* __restrict__ dq_accum, const bf16* __restrict__ dout,
+        const bf16* __restrict__ qkv, const float* __restrict__ lse, const float* __restrict__ D,
+        int B, int T, int NH, int NKV, int hs, float scale) {
+    flash5_backward<8>(dqkv, dq_accum, dout, qkv, lse, D, B, T, NH, NKV, scale);
 }
 
 extern "C" __global__ void attention_flash_backward_dq_convert_kernel5(bf16* __restrict__ dqkv,

@@ -23,8 +23,8 @@ from test_flash_attention import (Device, bf16_round, check_bf16_against_simple,
 
 
 # 4: version 3 with double-buffered tile loads; 5: version 3's forward, a one-pass backward
-# with dQ accumulated by atomics
-VERSIONS = pytest.mark.parametrize("version", [3, 4, 5])
+# with dQ accumulated by atomics; 6: version 5 with 128-key backward blocks
+VERSIONS = pytest.mark.parametrize("version", [3, 4, 5, 6])
 
 
 @pytest.mark.parametrize("B,T,NH,NKV", [
@@ -126,8 +126,9 @@ def test_flash_kernel3_deterministic(dev):
         assert np.array_equal(a, c)
 
 
-def test_flash_kernel5_matches_version_3(dev):
-    """Version 5 runs version 3's forward (same out and lse bits) and the same dK/dV
+@pytest.mark.parametrize("version", [5, 6])
+def test_flash_kernel5_matches_version_3(dev, version):
+    """Version 5 (and 6) runs version 3's forward (same out and lse bits) and the same dK/dV
     arithmetic in the same order (same bits); only dQ is summed differently (fp32 partial
     per key tile, added atomically), so it is checked against version 3's within one bf16
     rounding (2^-8 relative) plus 2^-10 of the largest |dq| for fp32 order effects. Under
@@ -136,20 +137,21 @@ def test_flash_kernel5_matches_version_3(dev):
     NH, NKV = 4, 2
     qkv, dout = bf16_round(rand(rng, 2, 150, (NH + 2 * NKV) * 64)), bf16_round(rand(rng, 2, 150, NH * 64))
     out3, lse3, dqkv3 = run_kernels_bf16(dev, qkv, dout, NH, NKV, version=3)
-    out5, lse5, dqkv5 = run_kernels_bf16(dev, qkv, dout, NH, NKV, version=5)
+    out5, lse5, dqkv5 = run_kernels_bf16(dev, qkv, dout, NH, NKV, version=version)
     assert np.array_equal(out3, out5) and np.array_equal(lse3, lse5)
     g3, g5 = split_heads(dqkv3, NH, NKV), split_heads(dqkv5, NH, NKV)
     assert np.array_equal(g3["dk"], g5["dk"]) and np.array_equal(g3["dv"], g5["dv"])
     bound = 2.0 ** -8 * np.abs(g3["dq"]) + 2.0 ** -10 * np.abs(g3["dq"]).max()
     worst = float((np.abs(g5["dq"] - g3["dq"]) / bound).max())
-    print(f"flash5 dq vs flash3 dq: worst {worst:.2f} of the bound")
+    print(f"flash{version} dq vs flash3 dq: worst {worst:.2f} of the bound")
     assert worst <= 1.0, worst
     assert not np.array_equal(g3["dq"], 0 * g3["dq"])
 
 
-def test_flash_kernel5_launches():
-    """Version 5's backward is three launches (preprocess + zeroing, the one-pass kernel, the
-    dq conversion) and none of version 3's backward kernels."""
+@pytest.mark.parametrize("version", [5, 6])
+def test_flash_kernel5_launches(version):
+    """Version 5's (6's) backward is three launches (preprocess + zeroing, the one-pass kernel,
+    the dq conversion) and none of version 3's backward kernels."""
     from llmcu.cuda import runtime
     kernels = []
     real = runtime.Backend.launch
@@ -157,11 +159,13 @@ def test_flash_kernel5_launches():
         runtime.Backend.launch = lambda self, stem, kernel, *a, **k: (kernels.append(kernel),
                                                                       real(self, stem, kernel, *a, **k))[1]
         rng = np.random.default_rng(1)
-        run_kernels_bf16(Device("emu"), rand(rng, 1, 9, 3 * 2 * 64), rand(rng, 1, 9, 2 * 64), 2, 2, version=5)
+        run_kernels_bf16(Device("emu"), rand(rng, 1, 9, 3 * 2 * 64), rand(rng, 1, 9, 2 * 64), 2, 2,
+                         version=version)
     finally:
         runtime.Backend.launch = real
     assert kernels == ["attention_flash_forward_kernel3", "attention_flash_backward_preprocess_kernel5",
-                       "attention_flash_backward_kernel5", "attention_flash_backward_dq_convert_kernel5"], kernels
+                       f"attention_flash_backward_kernel{version}",
+                       "attention_flash_backward_dq_convert_kernel5"], kernels
 
 
 def test_flash_kernel3_rejects_bad_input():
@@ -214,5 +218,5 @@ def test_gpt2_bf16_trains_with_flash_version_3(dev, monkeypatch):
     assert not any(k.startswith("attention_flash") and k[-1] in "12" and "preprocess" not in k for k in kernels)
     assert np.all(np.isfinite(losses)) and diff < 0.05, (losses, ref)
     assert losses[-1] < losses[0] - 1.0, losses  # it learned
-    with pytest.raises(ValueError, match=r"GPT2: flash_version must be one of \('auto', 1, 2, 3, 4, 5\), got 6"):
-        GPT2(cfg, p0.copy(), device=dev.name, dtype="bf16", flash_version=6)
+    with pytest.raises(ValueError, match=r"GPT2: flash_version must be one of \('auto', 1, 2, 3, 4, 5, 6\), got 7"):
+        GPT2(cfg, p0.copy(), device=dev.name, dtype="bf16", flash_version=7)

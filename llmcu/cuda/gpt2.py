@@ -75,7 +75,7 @@ KERNEL_OPS = SimpleNamespace(
     gelu_backward=functools.partial(gelu_backward, version="auto"),
     residual_forward=functools.partial(residual_forward, version="auto"),
     adamw_update=adamw_update, global_norm=global_norm)
-FLASH_VERSIONS = ("auto", 1, 2, 3, 4, 5)  # GPT2(flash_version=): llmcu/cuda/attention.py's versions
+FLASH_VERSIONS = ("auto", 1, 2, 3, 4, 5, 6)  # GPT2(flash_version=): llmcu/cuda/attention.py's versions
 
 ACTIVATIONS = (  # name: shape in units of (L, B, T, NH, C, Vp); per-layer tensors lead with L
     ("encoded", "BTC"), ("ln1", "LBTC"), ("ln1_mean", "LBT"), ("ln1_rstd", "LBT"),
