@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def cuda_time(fn, reps: int, warmup: int = 3) -> float:
 
 
 def bench_llmcu_step(config, params, x, y, steps, dtype="fp32", flash_version="auto", graph=False,
-                     gemm="cublas"):
+                     gemm="cublas", classifier_version="auto", fuse_residual=True):
     """(median ms, peak bytes held by CuPy's memory pool) of one llmcu step; graph=True
     runs it as CUDA graphs (llmcu/cuda/graphs.py: one replay for the forward/backward,
     one for the update) instead of ~500 launches from Python."""
@@ -53,7 +54,8 @@ def bench_llmcu_step(config, params, x, y, steps, dtype="fp32", flash_version="a
     from llmcu.cuda.graphs import GraphStep
     pool = cupy.get_default_memory_pool()
     pool.free_all_blocks()
-    model = GPT2(config, params, device="cuda", dtype=dtype, flash_version=flash_version, gemm=gemm)
+    model = GPT2(config, params, device="cuda", dtype=dtype, flash_version=flash_version, gemm=gemm,
+                 classifier_version=classifier_version, fuse_residual=fuse_residual)
     B, T = x.shape
 
     if graph:
@@ -156,6 +158,48 @@ def bench_kernels(config, B, T, reps):
     return out_rows
 
 
+VARIANT_KEYS = {"flash": "auto", "gemm": "auto", "classifier": "auto", "lnfuse": True, "graph": False}
+
+
+def parse_variants(text: str) -> list[dict]:
+    """--variants: 'flash=5,graph=1;gemm=cublaslt_tuned' -> [{flash: 5, gemm: auto, classifier:
+    auto, graph: True}, ...]; ValueError naming the spec and what was expected."""
+    from llmcu.cuda.classifier import VERSIONS as CLASSIFIER_VERSIONS
+    from llmcu.cuda.gpt2 import FLASH_VERSIONS
+    from llmcu.cuda.matmul import GEMM_LIBRARIES
+    out = []
+    for spec in filter(None, (s.strip() for s in text.split(";"))):
+        v = dict(VARIANT_KEYS)
+        for item in filter(None, (i.strip() for i in spec.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or key not in VARIANT_KEYS:
+                raise ValueError(f"--variants: '{item}' in '{spec}': expected key=value with key one of "
+                                 f"{sorted(VARIANT_KEYS)}")
+            if key in ("flash", "classifier"):
+                value = value if value == "auto" else int(value)
+                allowed = FLASH_VERSIONS if key == "flash" else CLASSIFIER_VERSIONS + ("auto",)
+            elif key == "gemm":
+                allowed = GEMM_LIBRARIES + ("auto",)
+            else:  # graph, lnfuse
+                value, allowed = {"0": False, "1": True}.get(value, value), (False, True)
+            if value not in allowed:
+                raise ValueError(f"--variants: {key}={value!r} in '{spec}': expected one of {allowed}")
+            v[key] = value
+        out.append(v)
+    if not out:
+        raise ValueError(f"--variants: no variant in {text!r}")
+    return out
+
+
+def variant_name(spec: dict) -> str:
+    """The row name: 'llmcu' plus what differs from the defaults (same names as the grid's)."""
+    name = "llmcu" if spec["flash"] == "auto" else f"llmcu flash v{spec['flash']}"
+    name += "" if spec["gemm"] == "auto" else f" {spec['gemm']}"
+    name += "" if spec["classifier"] == "auto" else f" classifier v{spec['classifier']}"
+    name += "" if spec["lnfuse"] else " unfused-ln"
+    return name + (" graph" if spec["graph"] else "")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="d12")
@@ -175,15 +219,24 @@ def main(argv=None) -> int:
                     help="comma-separated GEMM libraries for llmcu's linear layers, each its own row: "
                          "cublas (cuBLAS + llmcu's bias and GELU kernels), cublaslt (bias and GELU "
                          "as cuBLASLt epilogues), cublaslt_all (every overwriting GEMM on cuBLASLt), "
-                         "auto (the model's default)")
+                         "cublaslt_tuned / cublaslt_all_tuned (the same with cuBLASLt's algorithms "
+                         "autotuned per shape; the decisions are printed), auto (the model's default)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="also time each llmcu row as CUDA graphs (the same step, launched from "
                          "two graph replays), in the same run")
+    ap.add_argument("--variants", default=None,
+                    help="instead of the flash x gemm x graph grid, these llmcu rows only: "
+                         "';'-separated specs of comma-separated key=value (flash=auto|1..6, "
+                         "gemm=<a --gemm name>, classifier=auto|1|2|3, lnfuse=0|1 (the residual + "
+                         "layernorm fusions), graph=0|1), e.g. "
+                         "'flash=3;flash=5,graph=1;flash=5,gemm=cublaslt_tuned,classifier=3,graph=1'")
     a = ap.parse_args(argv)
     versions = [v if v == "auto" else int(v) for v in a.flash_versions.split(",")]
+    variants = parse_variants(a.variants) if a.variants else None
     import cupy
     from llmcu.config import gpt2_config
     from llmcu.cpu.gpt2 import init_parameters
+    from llmcu.cuda import cublaslt
     config = gpt2_config(a.model)
     B, T = a.batch_size, a.seq_len
     params = init_parameters(config, seed=42)
@@ -194,17 +247,24 @@ def main(argv=None) -> int:
     card = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     precision = "fp32 (TF32 off)" if a.dtype == "fp32" else "bf16 (llmcu mixed precision; PyTorch autocast)"
     print(f"card: {card}; GPT-2 {a.model}, B={B}, T={T}, {precision}, median of {a.steps} steps")
+    if variants is None:
+        variants = [dict(VARIANT_KEYS, flash=v, gemm=gemm, graph=graph)
+                    for v in versions for gemm in a.gemm.split(",")
+                    for graph in ((False, True) if a.cuda_graph else (False,))]
     results = {}
-    for v in versions:
-        for gemm in a.gemm.split(","):
-            name = ("llmcu" if v == "auto" else f"llmcu flash v{v}") + ("" if gemm == "auto" else f" {gemm}")
-            for graph in (False, True) if a.cuda_graph else (False,):
-                row = name + (" graph" if graph else "")
-                try:  # one failing variant (an untested kernel) must not lose the other rows
-                    results[row] = bench_llmcu_step(config, params.copy(), x, y, a.steps, a.dtype,
-                                                    flash_version=v, graph=graph, gemm=gemm)
-                except Exception as e:  # noqa: BLE001
-                    print(f"{row}: FAILED: {type(e).__name__}: {e}", flush=True)
+    for spec in variants:
+        row = variant_name(spec)
+        tuned_before = len(cublaslt.tuning_report())
+        try:  # one failing variant (an untested kernel) must not lose the other rows
+            results[row] = bench_llmcu_step(config, params.copy(), x, y, a.steps, a.dtype,
+                                            flash_version=spec["flash"], graph=spec["graph"],
+                                            gemm=spec["gemm"], classifier_version=spec["classifier"],
+                                            fuse_residual=spec["lnfuse"])
+            print(f"{row}: {results[row][0]:.2f} ms/step", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"{row}: FAILED: {type(e).__name__}: {e}", flush=True)
+        for line in cublaslt.tuning_lines(cublaslt.tuning_report()[tuned_before:]):
+            print(f"{row}: {line}", flush=True)  # the autotune decisions this row made
     for name, compiled in (("pytorch", False),) + ((("pytorch+compile", True),) if a.compile else ()):
         try:  # PyTorch eager may not fit a batch llmcu fits: report it, keep the other rows
             results[name] = bench_torch_step(config, params.copy(), x, y, a.steps, a.dtype,
@@ -220,7 +280,12 @@ def main(argv=None) -> int:
         mfu = flops / (ms * 1e-3) / (a.peak_tflops * 1e12)
         print(f"{name:34s} {ms:9.2f} ms/step {tok / ms * 1e3:10.0f} tok/s  MFU {100 * mfu:5.1f}% "
               f"of {a.peak_tflops:g} TFLOP/s  peak memory {peak / 2**30:6.2f} GiB")
-    for ours in [k for k in results if k.startswith("llmcu") and " cublaslt" in k]:
+    for ours in [k for k in results if k.startswith("llmcu") and "_tuned" in k]:
+        base = ours.replace("_tuned", "")
+        if base in results:
+            print(f"ratio {ours} / {base} (time; autotuned cuBLASLt algorithms against the "
+                  f"heuristic's first): {results[ours][0] / results[base][0]:.3f}")
+    for ours in [k for k in results if k.startswith("llmcu") and " cublaslt" in k and "_tuned" not in k]:
         base = ours.replace(" cublaslt_all", " cublaslt") if "cublaslt_all" in ours else \
             ours.replace(" cublaslt", " cublas")
         if base not in results:
@@ -228,10 +293,18 @@ def main(argv=None) -> int:
         what = ("every GEMM on cuBLASLt against the epilogue GEMMs only" if "cublaslt_all" in ours
                 else "cuBLASLt epilogues against cuBLAS + kernels")
         print(f"ratio {ours} / {base} (time; {what}): {results[ours][0] / results[base][0]:.3f}")
-    for ours in [k for k in results if "flash v4" in k]:
-        base = ours.replace("flash v4", "flash v3")
+    for ours in [k for k in results if any(f"flash v{n}" in k for n in (4, 5, 6))]:
+        base = ours.replace("flash v4", "flash v3").replace("flash v5", "flash v3").replace("flash v6", "flash v3")
+        if base not in results:
+            base = base.replace("llmcu flash v3", "llmcu")  # auto = version 3 on a GPU (bf16, hs 64)
         if base in results:
-            print(f"ratio {ours} / {base} (time; attention's pipelined loads against version 3): "
+            print(f"ratio {ours} / {base} (time; attention version against version 3): "
+                  f"{results[ours][0] / results[base][0]:.3f}")
+    for ours in [k for k in results if " classifier v" in k or " unfused-ln" in k]:
+        base = re.sub(r" classifier v\d| unfused-ln", "", ours)
+        if base in results:
+            print(f"ratio {ours} / {base} (time; the classifier version / the unfused layernorms "
+                  f"against the defaults): "
                   f"{results[ours][0] / results[base][0]:.3f}")
     for ours in [k for k in results if k.startswith("llmcu") and k.endswith(" graph")]:
         eager = ours[:-len(" graph")]

@@ -145,6 +145,11 @@ def napkin(op, args, kwargs):
         return "bytes", _nbytes(dinp, dout, inp, w, mean, rstd) + 2 * _nbytes(dw, db)
     if op == "residual_forward":
         return "bytes", 3 * args[0].nbytes
+    if op == "residual_layernorm_forward":  # reads inp1, inp2, weight, bias; writes residual, out, stats
+        return "bytes", _nbytes(*args[:8])
+    if op == "layernorm_backward_add":  # dres read-modify-write, dweight/dbias accumulated
+        dres, dw, db, dout, inp, w, mean, rstd = args[:8]
+        return "bytes", 2 * _nbytes(dres, dw, db) + _nbytes(dout, inp, w, mean, rstd)
     if op == "gelu_forward":
         return "bytes", 2 * args[0].nbytes
     if op == "gelu_backward":
@@ -484,9 +489,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-ceilings", action="store_true", help="skip the ceiling measurements")
-    ap.add_argument("--flash-version", default="auto", choices=["auto", "1", "2", "3"],
+    ap.add_argument("--flash-version", default="auto", choices=["auto", "1", "2", "3", "4", "5", "6"],
                     help="the fused attention's version (GPT2(flash_version=))")
-    ap.add_argument("--gemm", default="auto", choices=["auto", "cublas", "cublaslt", "cublaslt_all"],
+    ap.add_argument("--gemm", default="auto", choices=["auto", "cublas", "cublaslt", "cublaslt_all",
+                                                   "cublaslt_tuned", "cublaslt_all_tuned"],
                     help="the linear layers' GEMM library (GPT2(gemm=))")
     for flag in ("num-layers", "channels", "num-heads", "vocab-size"):
         ap.add_argument(f"--{flag}", type=int, default=None,

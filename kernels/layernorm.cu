@@ -7,7 +7,8 @@
 //             dweight += sum over rows of dout * n                     (accumulate)
 //             dbias   += sum over rows of dout                         (accumulate)
 // Shapes: N = B*T rows; inp/out/dout/dinp (N,C), weight/bias/dweight/dbias (C,),
-// mean/rstd (N,) float, cached by the forward for the backward.
+// mean/rstd (N,) float, cached by the forward for the backward; the fused forward's
+// inp1/inp2/residual and the fused backward's dres (N,C).
 //
 // Launch (the wrapper's grid/block helper):
 //   layernorm_forward_kernel0: one thread per row; block 256, grid CEIL_DIV(N, 256).
@@ -23,6 +24,10 @@
 //       W * 2 * CP floats (CP = C rounded up to 32 * V); scratch (grid, 2C) float.
 //   layernorm_param_backward_reduce_kernel2 (pass 2): block 256 (8 warps x 32
 //       columns), grid CEIL_DIV(2C, 32), 4 KiB static shared memory.
+//   residual_layernorm_forward_kernel1: one warp per row, as layernorm_forward_kernel1
+//       (block 256, grid CEIL_DIV(N * 32, 256), no shared memory).
+//   layernorm_backward_add (wrapper): layernorm_backward_kernel2 with add = 1, then
+//       layernorm_param_backward_reduce_kernel2, launched as above.
 //
 // Versions (the forward has three; llmcu.cuda.layernorm.layernorm_forward(version=)):
 //   0: one thread per row, a loop over C exactly like the oracle's row: kept for
@@ -52,6 +57,25 @@
 //      constant, not the SM count, so the summation order is the same on every card.
 //      Should buy: the whole backward near the copy ceiling, from 1% of it; GPU
 //      speed not measured yet (benchmarks/bench_kernels.py runs 1 and 2 side by side).
+//
+// Residual adds fused in (llm.c's fused_residual_forward5 and its layernorm backward
+// adding into dinp). On an H200 (bf16 d12, B=16, T=1024, benchmarks/
+// bench_step_breakdown.py) residual_forward ran 48 times a step, half of them adding a
+// layernorm's input gradient into the residual stream's gradient, each moving (B,T,C)
+// three times; each forward add was followed by a layernorm reading its sum again.
+//   residual_layernorm_forward_kernel1: residual = inp1 + inp2 (rounded to floatX,
+//      stored) and the layernorm of it in one warp per row; wide = 0 sums the row in
+//      layernorm_forward_kernel1's order, wide = 1 (16-byte loads and stores) in
+//      kernel2's, so it equals residual_forward + that layernorm_forward bit for bit.
+//      Per row in floatX it moves 4C (reads inp1, inp2; writes residual, out) where the
+//      two calls move 5C (read 2C, write C; read the residual back, write out).
+//   layernorm_backward_kernel2, add = 1: dinp += the input gradient in fp32 with one
+//      rounding (bf16: one rounding fewer than layernorm_backward into a temporary and
+//      residual_forward), dweight/dbias unchanged. Per row it moves 4C (reads dout,
+//      inp, dres; writes dres) where the two calls move 6C (dout, inp, dtmp; then
+//      dres, dtmp, dres).
+//      Bought: not measured on a GPU yet (benchmarks/bench_step_breakdown.py times
+//      both ops, residual_layernorm_forward and layernorm_backward_add, with GB/s).
 #include "common.cuh"
 
 // Version 0: one thread per row. Thread `row` walks its row three times
@@ -178,6 +202,99 @@ extern "C" __global__ void layernorm_forward_kernel2(floatX* __restrict__ out,
     }
 }
 
+// ----------------------------------------------------------------------------
+// The residual add fused into the layernorm that reads it (llm.c's
+// fused_residual_forward5): residual = inp1 + inp2, rounded to floatX and stored,
+// then out/mean/rstd = layernorm(residual) computed from the rounded values. The
+// separate residual_forward + layernorm_forward pair writes residual, then reads
+// it back for the layernorm; here the row stays in the warp's L1/L2 between the
+// three passes. Same arithmetic, in the same order, as residual_forward_kernel1/2
+// followed by layernorm_forward_kernel1 (V = 1) or layernorm_forward_kernel2
+// (V = x128::size), so the results are the same bit for bit (tested).
+
+// One warp's row: lane `lane` handles columns c = lane * V + k + p * 32 * V in
+// every pass, so it reads back only the residual values it wrote itself.
+template <int V>
+__device__ void residual_layernorm_row(floatX* __restrict__ res, floatX* __restrict__ out,
+                                       float* __restrict__ mean, float* __restrict__ rstd,
+                                       const floatX* __restrict__ inp1,
+                                       const floatX* __restrict__ inp2,
+                                       const floatX* __restrict__ weight,
+                                       const floatX* __restrict__ bias,
+                                       int row, int C, float eps) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int step = WARP_SIZE * V;
+    const long long offset = (long long)row * C;
+    floatX* r = res + offset;
+
+    float sum = 0.0f;
+    for (int c = lane * V; c < C; c += step) {
+        float as[V], bs[V], rs[V];
+        load_floats<V>(as, inp1 + offset + c);
+        load_floats<V>(bs, inp2 + offset + c);
+#pragma unroll
+        for (int k = 0; k < V; k++) {
+            rs[k] = to_float(from_float(as[k] + bs[k]));  // the stored (rounded) residual
+            sum += rs[k];
+        }
+        store_floats<V>(r + c, rs);  // exact: rs[k] are floatX values already
+    }
+    const float m = warp_reduce_sum(sum) / C;
+
+    float sq = 0.0f;
+    for (int c = lane * V; c < C; c += step) {
+        float xs[V];
+        load_floats<V>(xs, r + c);
+#pragma unroll
+        for (int k = 0; k < V; k++) {
+            float d = xs[k] - m;
+            sq += d * d;
+        }
+    }
+    const float var = warp_reduce_sum(sq) / C;
+    const float s = 1.0f / sqrtf(var + eps);
+
+    floatX* o = out + offset;
+    for (int c = lane * V; c < C; c += step) {
+        float xs[V], ws[V], bs[V], result[V];
+        load_floats<V>(xs, r + c);
+        load_floats<V>(ws, weight + c);
+        load_floats<V>(bs, bias + c);
+#pragma unroll
+        for (int k = 0; k < V; k++) {
+            float n = (xs[k] - m) * s;
+            result[k] = n * ws[k] + bs[k];
+        }
+        store_floats<V>(o + c, result);
+    }
+    if (lane == 0) {
+        if (mean != nullptr) { mean[row] = m; }
+        if (rstd != nullptr) { rstd[row] = s; }
+    }
+}
+
+// res (N,C) = inp1 + inp2; out (N,C), mean/rstd (N,) = layernorm(res). One warp per
+// row (warp_per_row). wide: 16-byte loads and stores (needs C % x128::size == 0 and
+// every floatX array 16-byte aligned; the wrapper checks), else scalar. res and out
+// must not overlap each other or the inputs (the wrapper checks). mean/rstd may be null.
+extern "C" __global__ void residual_layernorm_forward_kernel1(floatX* __restrict__ res,
+                                                              floatX* __restrict__ out,
+                                                              float* __restrict__ mean,
+                                                              float* __restrict__ rstd,
+                                                              const floatX* __restrict__ inp1,
+                                                              const floatX* __restrict__ inp2,
+                                                              const floatX* __restrict__ weight,
+                                                              const floatX* __restrict__ bias,
+                                                              int N, int C, float eps, int wide) {
+    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (row >= N) { return; }  // the whole warp leaves together
+    if (wide) {
+        residual_layernorm_row<x128::size>(res, out, mean, rstd, inp1, inp2, weight, bias, row, C, eps);
+    } else {
+        residual_layernorm_row<1>(res, out, mean, rstd, inp1, inp2, weight, bias, row, C, eps);
+    }
+}
+
 extern "C" __global__ void layernorm_backward_kernel1(floatX* __restrict__ dinp,
                                                       const floatX* __restrict__ dout,
                                                       const floatX* __restrict__ inp,
@@ -265,7 +382,7 @@ __device__ void layernorm_backward2_rows(floatX* __restrict__ dinp, float* acc,
                                          const floatX* __restrict__ weight,
                                          const float* __restrict__ mean,
                                          const float* __restrict__ rstd,
-                                         int N, int C) {
+                                         int N, int C, int add) {
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
     const int warps = blockDim.x / WARP_SIZE;
@@ -311,6 +428,14 @@ __device__ void layernorm_backward2_rows(floatX* __restrict__ dinp, float* acc,
                 const float g = ds[k] * ws[k];
                 result[k] = (g - g_mean - n * gn_mean) * s;
             }
+            if (add) {  // dinp += the input gradient: fp32 add, one rounding
+                float prev[V];
+                load_floats<V>(prev, dx + c);
+                // __fadd_rn: never contracted with the "* s" above into an FMA, so in fp32
+                // this is residual_forward's add of the stored gradient, bit for bit
+#pragma unroll
+                for (int k = 0; k < V; k++) { result[k] = __fadd_rn(prev[k], result[k]); }
+            }
             store_floats<V>(dx + c, result);
         }
     }
@@ -318,6 +443,10 @@ __device__ void layernorm_backward2_rows(floatX* __restrict__ dinp, float* acc,
 
 // Pass 1. scratch: (gridDim.x, 2C) float, every element written. Dynamic shared
 // memory: (blockDim.x / 32) * 2 * CP floats (the wrapper computes it).
+// add = 0: dinp = the input gradient (layernorm_backward); add = 1: dinp += it, in
+// fp32 with one rounding to floatX (layernorm_backward_add: the GPT-2 backward adds
+// each layernorm's input gradient into the residual stream's gradient here instead
+// of a separate residual_forward). dinp must not overlap dout or inp (__restrict__).
 extern "C" __global__ void layernorm_backward_kernel2(floatX* __restrict__ dinp,
                                                       float* __restrict__ scratch,
                                                       const floatX* __restrict__ dout,
@@ -325,7 +454,7 @@ extern "C" __global__ void layernorm_backward_kernel2(floatX* __restrict__ dinp,
                                                       const floatX* __restrict__ weight,
                                                       const float* __restrict__ mean,
                                                       const float* __restrict__ rstd,
-                                                      int N, int C, int wide) {
+                                                      int N, int C, int wide, int add) {
     DYNAMIC_SHARED(float, acc);
     const int V = wide ? x128::size : 1;
     const int step = WARP_SIZE * V;
@@ -334,9 +463,9 @@ extern "C" __global__ void layernorm_backward_kernel2(floatX* __restrict__ dinp,
     for (int i = threadIdx.x; i < warps * 2 * CP; i += blockDim.x) { acc[i] = 0.0f; }
     __syncthreads();
     if (wide) {
-        layernorm_backward2_rows<x128::size>(dinp, acc, dout, inp, weight, mean, rstd, N, C);
+        layernorm_backward2_rows<x128::size>(dinp, acc, dout, inp, weight, mean, rstd, N, C, add);
     } else {
-        layernorm_backward2_rows<1>(dinp, acc, dout, inp, weight, mean, rstd, N, C);
+        layernorm_backward2_rows<1>(dinp, acc, dout, inp, weight, mean, rstd, N, C, add);
     }
     __syncthreads();
     float* partial = scratch + (long long)blockIdx.x * 2 * C;

@@ -3,21 +3,23 @@
 # already installed (no network needed), run the CUDA tests and the GPU
 # benchmarks from the source tree.
 #
-#   scripts/gpu_check.sh OUTDIR [tests|bench|bench2|all]     (default: all)
+#   scripts/gpu_check.sh OUTDIR [quick|tests|bench|bench2|all]     (default: all)
 #
-# The device lease allows 10 minutes per command and 15 in all, so the two
-# stages are sized to run as separate commands: "tests" (every cuda-marked
-# test), "bench" (the step: breakdown, and llmcu against PyTorch at B=16 and
-# B=64) and "bench2" (d24, attention, kernels, layers), each stage's timeouts summing to at
-# most 8 minutes: a command that reaches the lease's limit comes back with
+# The device lease allows 10 minutes per command and 15 in all, so the
+# stages are sized to run as separate commands: "quick" (the first command of a lease:
+# the smoke run, the cuda tests of the code added since the last lease, the attention
+# benchmark, and the step's prepared variants against the defaults and PyTorch in one
+# run), "tests" (every cuda-marked test), "bench" (the step: breakdown, and llmcu
+# against PyTorch at B=16 and B=64) and "bench2" (d24, attention, kernels, layers), each
+# stage's timeouts summing to at most 8 minutes: a command that reaches the lease's limit comes back with
 # none of its files (2026-11-28: a 590 s command whose timeouts summed to
 # 570 s lost every log).
 # Writes OUTDIR/env.txt and, per stage, OUTDIR/tests.log or the bench_*.log
 # and *.json files.
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests|bench|bench2|all]}
+out=${1:?usage: scripts/gpu_check.sh OUTDIR [quick|tests|bench|bench2|all]}
 stage=${2:-all}
-case "$stage" in tests|bench|bench2|all) ;; *) echo "unknown stage '$stage': expected tests, bench, bench2 or all" >&2; exit 2;; esac
+case "$stage" in quick|tests|bench|bench2|all) ;; *) echo "unknown stage '$stage': expected quick, tests, bench, bench2 or all" >&2; exit 2;; esac
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -34,6 +36,30 @@ PY=${PYTHON:-python3}
 cat "$out/env.txt"
 status=0
 
+per_test=()
+# (no "-p pytest_timeout": the image loads it already, and naming it again is an error)
+"$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 60 --timeout_method thread)
+
+if [ "$stage" = quick ]; then
+  # 60 + 150 + 50 + 170 = 430 s of timeouts: run it with the device tool's timeout_s ~470
+  timeout 60 "$PY" scripts/gpu_smoke.py --device cuda 2>&1 | tee "$out/smoke.log" || status=1
+  # the cuda tests of what is new since the last lease: attention versions 5 and 6, cuBLASLt
+  # autotuning, the residual + layernorm fusions, the classifier's version 3, the graphs
+  timeout 150 "$PY" -m pytest -m cuda -v -rs -s -p no:cacheprovider "${per_test[@]}" \
+    tests/test_flash_attention_v3.py tests/test_cublaslt_tune.py tests/test_layernorm_fused.py \
+    tests/test_graphs.py tests/test_cublaslt.py tests/test_kernels_bf16.py -k "not llama" \
+    2>&1 | tee "$out/tests_quick.log" || status=1
+  timeout 50 "$PY" benchmarks/bench_attention.py --json "$out/bench_attention.json" 2>&1 \
+    | tee "$out/bench_attention.log" || status=1
+  # the prepared variants, each against the defaults, as CUDA graphs (the MFU figure's
+  # setting), and PyTorch eager and torch.compile, all in one process
+  timeout 170 "$PY" benchmarks/bench_gpu_step.py --dtype bf16 -b 16 --compile --no-kernels --steps 20 \
+    --variants "graph=0;graph=1;flash=5,graph=1;flash=6,graph=1;gemm=cublaslt_tuned,graph=1;\
+gemm=cublaslt_all_tuned,graph=1;classifier=3,graph=1;lnfuse=0,graph=1;\
+flash=5,gemm=cublaslt_all_tuned,classifier=3,graph=1;flash=6,gemm=cublaslt_all_tuned,classifier=3,graph=1" \
+    --json "$out/bench_step_variants.json" 2>&1 | tee "$out/bench_step_variants.log" || status=1
+fi
+
 if [ "$stage" = tests ] || [ "$stage" = all ]; then
   # Fail fast if CuPy cannot compile and launch one kernel file, fp32 and bf16.
   timeout 90 "$PY" scripts/gpu_smoke.py --device cuda 2>&1 | tee "$out/smoke.log" || status=1
@@ -42,12 +68,9 @@ if [ "$stage" = tests ] || [ "$stage" = all ]; then
   # A test that hangs (a kernel that never returns) is stopped after 90 s by pytest-timeout
   # where the image has it (it does: KINDS.md), so the others still run and report. The
   # newest kernels' tests come first.
-  per_test=()
-  # (no "-p pytest_timeout": the image loads it already, and naming it again is an error)
-  "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 90 --timeout_method thread)
   timeout 360 "$PY" -m pytest -m cuda -v -rs -s -p no:cacheprovider "${per_test[@]}" \
-    tests/test_graphs.py tests/test_cublaslt.py tests/test_adamw_multi_tensor.py \
-    tests/test_flash_attention_v3.py tests/test_reductions_v2.py \
+    tests/test_graphs.py tests/test_cublaslt.py tests/test_cublaslt_tune.py tests/test_adamw_multi_tensor.py \
+    tests/test_flash_attention_v3.py tests/test_layernorm_fused.py tests/test_reductions_v2.py \
     tests/test_kernels.py tests/test_kernels_bf16.py tests/test_layernorm_versions.py \
     tests/test_flash_attention.py tests/test_llama_kernels.py tests/test_llama_kernels_model.py \
     tests/test_gpu_parity.py tests/test_distributed.py tests/test_bf16_training.py \

@@ -111,6 +111,18 @@ def newest_kernels(device, xp, host) -> int:
           lambda: (np.concatenate([host(out4).ravel(), host(dqkv4).ravel()]).astype(np.int64),
                    np.concatenate([out3.ravel(), dqkv3.ravel()]).astype(np.int64)), 0)
 
+    # versions 5 and 6 (one-pass backward, dQ by atomics): the oracle's bound, and dK/dV (the
+    # last two thirds of dqkv, no atomics) with version 3's bits
+    for v in (5, 6):
+        dqkv5 = xp.full(qkv.shape, 0x7FC0, dtype=np.uint16)
+        check(f"flash attention v{v} backward",
+              lambda v=v, dqkv5=dqkv5: attention.flash_attention_backward(dqkv5, dout_d, qkv_d, out, lse, NH,
+                                                                          version=v),
+              lambda dqkv5=dqkv5: (bf16_bits_to_float32(host(dqkv5)), dqkv_r), 0.1)
+        check(f"flash attention v{v} dK, dV (bits of v3)", lambda: None,
+              lambda dqkv5=dqkv5: (host(dqkv5)[..., NH * hs:].astype(np.int64),
+                                   dqkv3[..., NH * hs:].astype(np.int64)), 0)
+
     # the two-pass reductions, fp32: N = 300 rows, C = 96
     N, C = 300, 96
     x, d, w = (rng.standard_normal(s, dtype=np.float32) for s in ((N, C), (N, C), (C,)))

@@ -65,23 +65,41 @@ def init_parameters(config: GPT2Config, seed: int = 42) -> np.ndarray:
     return flat
 
 
+def _residual_layernorm(ops, residual_out, ln_out, mean, rstd, inp1, inp2, weight, bias):
+    """residual_out = inp1 + inp2, then ln_out = layernorm(residual_out): one call when ops
+    has residual_layernorm_forward (llmcu/cuda/layernorm.py, the same values), else two."""
+    fused = getattr(ops, "residual_layernorm_forward", None)
+    if fused is not None:
+        fused(residual_out, ln_out, mean, rstd, inp1, inp2, weight, bias)
+    else:
+        ops.residual_forward(residual_out, inp1, inp2)
+        ops.layernorm_forward(ln_out, mean, rstd, residual_out, weight, bias)
+
+
 def forward_layers(ops, config: GPT2Config, p, a, inputs):
     """GPT-2's forward from token ids to a.logits, through the layer functions in `ops`.
     ops may add matmul_gelu_forward (the fc GEMM with its GELU as an epilogue,
-    llmcu/cuda/matmul.py); without it the fc layer and the GELU are two calls."""
-    NH = config.num_heads
+    llmcu/cuda/matmul.py); without it the fc layer and the GELU are two calls. ops may
+    add residual_layernorm_forward (a residual add and the layernorm that reads its sum
+    in one call); so each residual add is followed at once by its layernorm: residual2
+    by ln2, residual3[l] by ln1 of layer l + 1 (by lnf after the last layer)."""
+    NH, L = config.num_heads, config.num_layers
     ops.encoder_forward(a.encoded, inputs, p["wte"], p["wpe"])
+    if L > 0:
+        ops.layernorm_forward(a.ln1[0], a.ln1_mean[0], a.ln1_rstd[0], a.encoded, p["ln1w"][0], p["ln1b"][0])
+    else:
+        ops.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, a.encoded, p["lnfw"], p["lnfb"])
     residual = a.encoded
-    for l in range(config.num_layers):
-        ops.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], residual, p["ln1w"][l], p["ln1b"][l])
+    for l in range(L):
+        # a.ln1[l] is layernorm(residual), written before the loop or by the previous layer
         ops.matmul_forward(a.qkv[l], a.ln1[l], p["qkvw"][l], p["qkvb"][l])
         if getattr(a, "attention", "simple") == "flash":  # fused: saves lse (L,B,NH,T), not att
             ops.flash_attention_forward(a.atty[l], a.lse[l], a.qkv[l], NH)
         else:
             ops.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH)
         ops.matmul_forward(a.attproj[l], a.atty[l], p["attprojw"][l], p["attprojb"][l])
-        ops.residual_forward(a.residual2[l], residual, a.attproj[l])
-        ops.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], p["ln2w"][l], p["ln2b"][l])
+        _residual_layernorm(ops, a.residual2[l], a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], residual,
+                            a.attproj[l], p["ln2w"][l], p["ln2b"][l])
         fused = getattr(ops, "matmul_gelu_forward", None)  # one GEMM with a GELU epilogue (cuBLASLt)
         if fused is not None:
             fused(a.fch_gelu[l], a.fch[l], a.ln2[l], p["fcw"][l], p["fcb"][l])
@@ -89,9 +107,13 @@ def forward_layers(ops, config: GPT2Config, p, a, inputs):
             ops.matmul_forward(a.fch[l], a.ln2[l], p["fcw"][l], p["fcb"][l])
             ops.gelu_forward(a.fch_gelu[l], a.fch[l])
         ops.matmul_forward(a.fcproj[l], a.fch_gelu[l], p["fcprojw"][l], p["fcprojb"][l])
-        ops.residual_forward(a.residual3[l], a.residual2[l], a.fcproj[l])
+        if l + 1 < L:  # the next layer's ln1
+            ln = (a.ln1[l + 1], a.ln1_mean[l + 1], a.ln1_rstd[l + 1], p["ln1w"][l + 1], p["ln1b"][l + 1])
+        else:  # the final layernorm
+            ln = (a.lnf, a.lnf_mean, a.lnf_rstd, p["lnfw"], p["lnfb"])
+        _residual_layernorm(ops, a.residual3[l], ln[0], ln[1], ln[2], a.residual2[l], a.fcproj[l],
+                            ln[3], ln[4])
         residual = a.residual3[l]
-    ops.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, p["lnfw"], p["lnfb"])
     ops.matmul_forward(a.logits, a.lnf, p["wte"])  # weight tying: wte is the LM head
 
 
@@ -102,12 +124,25 @@ def backward_scratch(zeros, B: int, T: int, C: int) -> dict:
             "dfch": zeros(B, T, 4 * C), "dfch_gelu": zeros(B, T, 4 * C)}
 
 
+def _layernorm_backward_add(ops, dres, dtmp, dweight, dbias, dout, inp, weight, mean, rstd):
+    """dres += the layernorm's input gradient: one call when ops has layernorm_backward_add
+    (llmcu/cuda/layernorm.py), else layernorm_backward into dtmp and a residual add."""
+    fused = getattr(ops, "layernorm_backward_add", None)
+    if fused is not None:
+        fused(dres, dweight, dbias, dout, inp, weight, mean, rstd)
+    else:
+        ops.layernorm_backward(dtmp, dweight, dbias, dout, inp, weight, mean, rstd)
+        ops.residual_forward(dres, dres, dtmp)
+
+
 def backward_layers(ops, config: GPT2Config, p, g, a, dlogits, inputs, s):
     """From dlogits back through every layer, accumulating into the gradients g.
 
     s: backward_scratch buffers. dres carries the residual stream's gradient;
-    each layernorm's input gradient lands in dtmp and is added into it. ops may add
-    matmul_dgelu_backward (fcproj's backward with the GELU's backward as its epilogue).
+    each layernorm's input gradient lands in dtmp and is added into it, or, when ops has
+    layernorm_backward_add, is added into dres by the layernorm's backward itself. ops
+    may add matmul_dgelu_backward (fcproj's backward with the GELU's backward as its
+    epilogue).
     """
     NH = config.num_heads
     dres, dtmp, dln = s["dres"], s["dtmp"], s["dln"]
@@ -125,18 +160,17 @@ def backward_layers(ops, config: GPT2Config, p, g, a, dlogits, inputs, s):
                                 p["fcprojw"][l])
             ops.gelu_backward(s["dfch"], s["dfch_gelu"], a.fch[l])
         ops.matmul_backward(dln, g["fcw"][l], g["fcb"][l], s["dfch"], a.ln2[l], p["fcw"][l])
-        ops.layernorm_backward(dtmp, g["ln2w"][l], g["ln2b"][l], dln, a.residual2[l], p["ln2w"][l],
-                               a.ln2_mean[l], a.ln2_rstd[l])
-        ops.residual_forward(dres, dres, dtmp)  # now d/d residual2[l]; the attention branch:
+        _layernorm_backward_add(ops, dres, dtmp, g["ln2w"][l], g["ln2b"][l], dln, a.residual2[l],
+                                p["ln2w"][l], a.ln2_mean[l], a.ln2_rstd[l])
+        # dres is now d/d residual2[l]; the attention branch:
         ops.matmul_backward(s["datty"], g["attprojw"][l], g["attprojb"][l], dres, a.atty[l], p["attprojw"][l])
         if getattr(a, "attention", "simple") == "flash":
             ops.flash_attention_backward(s["dqkv"], s["datty"], a.qkv[l], a.atty[l], a.lse[l], NH)
         else:
             ops.attention_backward(s["dqkv"], s["datty"], a.qkv[l], a.att[l], NH)
         ops.matmul_backward(dln, g["qkvw"][l], g["qkvb"][l], s["dqkv"], a.ln1[l], p["qkvw"][l])
-        ops.layernorm_backward(dtmp, g["ln1w"][l], g["ln1b"][l], dln, res_in, p["ln1w"][l],
-                               a.ln1_mean[l], a.ln1_rstd[l])
-        ops.residual_forward(dres, dres, dtmp)  # now d/d res_in
+        _layernorm_backward_add(ops, dres, dtmp, g["ln1w"][l], g["ln1b"][l], dln, res_in, p["ln1w"][l],
+                                a.ln1_mean[l], a.ln1_rstd[l])  # dres is now d/d res_in
     ops.encoder_backward(g["wte"], g["wpe"], dres, inputs)
 
 

@@ -1,7 +1,7 @@
 """GEMMs with fused epilogues through cuBLASLt (ctypes), and their CPU emulation.
 
     lt_matmul(out, a, b, transpose_a=False, transpose_b=False, bias=None,
-              gelu_aux=None, dgelu_aux=None)
+              gelu_aux=None, dgelu_aux=None, tune=False)
 
 Row-major, as llmcu/cuda/gemm.py: out (M,N) = op(a) (M,K) @ op(b) (K,N), then
 the epilogue, in fp32 before out's single rounding:
@@ -35,6 +35,24 @@ Measured on an H200 (2026-11-28, bf16 d12 B=16 T=1024, benchmarks/bench_gpu_step
 llmcu's bias and GELU kernels (0.90x), the forward GEMMs at 400-750 TFLOP/s where
 cuBLAS's gemmEx ran them at 270-560; so the GPT-2 model uses it by default on a
 GPU (GPT2(gemm="auto")).
+
+Autotuning (opt-in: tune=True, or the GEMM libraries "cublaslt_tuned" /
+"cublaslt_all_tuned" of llmcu/cuda/matmul.py). The heuristic's first algorithm ran
+these GEMMs unevenly on that H200 against a measured 769 TFLOP/s bf16 GEMM ceiling
+(fc forward with GELU_AUX_BIAS 405 TFLOP/s where the same-size fcproj forward ran
+at 753; fcproj's DGELU backward 517, attproj backward 438, qkv forward 502). With
+tuning, the first call of a key asks the heuristic for up to TUNE_CANDIDATES
+algorithms, runs each usable one TUNE_WARMUP + TUNE_REPS times on the call's own
+arrays (CUDA events on the current stream; out is overwritten with beta = 0, so
+the reruns are idempotent, and lt_matmul refuses a written array that overlaps an
+input), keeps the fastest median (choose_fastest), and caches it under the key and
+the tuning flag, so tuned and untuned choices coexist in one process and a
+benchmark compares them in one run. Nothing is tuned while a CUDA graph is being
+captured (the timing synchronizes): the tuned algorithm if the key has one, else
+the untuned heuristic choice (not recorded as tuned). tuning_report() lists every
+decision (each candidate's median ms, the chosen one, the heuristic's first) and
+tuning_lines() formats it for a log. What tuning buys on a GPU: not measured yet.
+Under the emulator tune=True changes nothing (the arithmetic is NumPy's).
 """
 
 from __future__ import annotations
@@ -62,7 +80,14 @@ REDUCTION_SCHEME_COMPUTE_TYPE = 2  # split-K partial sums in fp32 only (not in b
 EPILOGUE_DEFAULT, EPILOGUE_BIAS = 1, 4
 EPILOGUE_GELU_AUX_BIAS = 32 | 128 | 4
 EPILOGUE_DGELU = 64 | 128
+EPILOGUE_GELU_AUX = 32 | 128
+EPILOGUE_NAMES = {EPILOGUE_DEFAULT: "DEFAULT", EPILOGUE_BIAS: "BIAS", EPILOGUE_GELU_AUX: "GELU_AUX",
+                  EPILOGUE_GELU_AUX_BIAS: "GELU_AUX_BIAS", EPILOGUE_DGELU: "DGELU"}
 WORKSPACE_BYTES = 32 * 1024 * 1024
+# autotuning (module doc): candidates asked of the heuristic, and runs of each (the warm-up
+# ones untimed; the median of the timed ones decides)
+TUNE_CANDIDATES = 8
+TUNE_WARMUP, TUNE_REPS = 2, 5
 
 
 class _Heuristic(ctypes.Structure):
@@ -205,7 +230,8 @@ class _Desc:
 
 
 _handles: dict = {}
-_algos: dict = {}
+_algos: dict = {}    # (key, tuned) -> _Heuristic: the algorithm lt_matmul runs for that GEMM
+_tuning: list = []   # tuning_report(): one dict per tuned key, in the order they were tuned
 _ONE = np.ones(1, np.float32)
 _ZERO = np.zeros(1, np.float32)
 
@@ -220,7 +246,81 @@ def _handle():
     return _handles[dev]
 
 
-def _check(fn, out, a, b, transpose_a, transpose_b, bias, gelu_aux, dgelu_aux):
+def _heuristics(lib, handle, d, la, lb, ld, pref, n, key) -> list:
+    """Up to n algorithms for the GEMM described by d and the layouts (C and D share ld),
+    the heuristic's order, as copies that outlive the result array; RuntimeError naming
+    key when there is none."""
+    results, count = (_Heuristic * n)(), ctypes.c_int(0)
+    _ok(lib.cublasLtMatmulAlgoGetHeuristic(handle, d, la, lb, ld, ld, pref, n, results,
+                                           ctypes.pointer(count)),
+        "cublasLtMatmulAlgoGetHeuristic")
+    if not 0 < count.value <= n:
+        raise RuntimeError(f"cublaslt: no algorithm for {key} (the heuristic returned "
+                           f"{count.value} of at most {n})")
+    return [_Heuristic.from_buffer_copy(results[i]) for i in range(count.value)]
+
+
+def choose_fastest(candidates, run_and_time, key=None):
+    """(index, times): run_and_time(candidate) -> its median milliseconds, or None when it
+    failed (a nonzero status); times[i] is candidate i's, index the fastest that ran (the
+    heuristic's earlier one on a tie). RuntimeError naming key when none ran."""
+    times = [run_and_time(c) for c in candidates]
+    ran = [i for i, t in enumerate(times) if t is not None]
+    if not ran:
+        raise RuntimeError(f"cublaslt: all {len(times)} candidate algorithms failed for {key}")
+    return min(ran, key=lambda i: times[i]), times
+
+
+def pick_algo(key, tune, capturing, heuristics, run_and_time, label=None):
+    """The algorithm for one GEMM, cached in _algos under (key, tune). heuristics(n) -> the
+    heuristic's first <= n candidates (at least one); run_and_time as choose_fastest's.
+    Untuned: the heuristic's first. Tuned: the fastest of TUNE_CANDIDATES, recorded in
+    tuning_report() with label's entries (shape, epilogue). While a CUDA graph is being
+    captured (capturing) nothing is timed: the tuned algorithm if key has one, else the
+    untuned one, which is not cached as tuned, so the next call outside a capture tunes."""
+    algo = _algos.get((key, tune))
+    if algo is not None:
+        return algo
+    if not tune or capturing:
+        algo = _algos.get((key, False))
+        if algo is None:
+            algo = _algos[(key, False)] = heuristics(1)[0]
+        return algo
+    found = heuristics(TUNE_CANDIDATES)
+    index, times = choose_fastest(found, run_and_time, key)
+    _tuning.append(dict(label or {}, key=key, candidates=len(found), ms=times, chosen=index,
+                        chosen_ms=times[index], heuristic_first_ms=times[0]))
+    algo = _algos[(key, True)] = found[index]
+    return algo
+
+
+def tuning_report() -> list[dict]:
+    """Every tuning decision of this process, oldest first: dicts with the GEMM's dtype, M,
+    K, N, transposes and epilogue name, key (the cache key), candidates (how many the
+    heuristic gave), ms (each candidate's median milliseconds, None where it failed),
+    chosen (the index run from then on), chosen_ms, heuristic_first_ms (candidate 0's,
+    what the untuned path runs; None if it failed)."""
+    return [dict(entry, ms=list(entry["ms"])) for entry in _tuning]
+
+
+def tuning_lines(entries=None) -> list[str]:
+    """tuning_report() (or entries from it) as one log line per tuned GEMM."""
+    def ms(t):
+        return "fail" if t is None else f"{t:.4f}"
+    lines = []
+    for e in tuning_report() if entries is None else entries:
+        first = e["heuristic_first_ms"]
+        gain = f" ({e['chosen_ms'] / first:.3f}x the heuristic's first)" if first else ""
+        lines.append(f"tuned {e.get('dtype', '?')} M={e.get('M')} K={e.get('K')} N={e.get('N')} "
+                     f"ta={int(bool(e.get('transpose_a')))} tb={int(bool(e.get('transpose_b')))} "
+                     f"{e.get('epilogue', '?')}: {e['candidates']} candidates, chose #{e['chosen']} "
+                     f"{ms(e['chosen_ms'])} ms{gain}; all ms: {' '.join(ms(t) for t in e['ms'])}")
+    return lines
+
+
+def _check(fn, out, a, b, transpose_a, transpose_b, bias, gelu_aux, dgelu_aux, tune=False):
+    if not isinstance(tune, bool):
+        raise TypeError(f"{fn}: tune must be a bool, got {type(tune).__name__}")
     be, dt, M, K, N = _check_gemm(fn, out, a, b, transpose_a, transpose_b, 2)
     if gelu_aux is not None and dgelu_aux is not None:
         raise ValueError(f"{fn}: pass gelu_aux (forward) or dgelu_aux (backward), not both")
@@ -234,20 +334,50 @@ def _check(fn, out, a, b, transpose_a, transpose_b, bias, gelu_aux, dgelu_aux):
     if (gelu_aux is not None or dgelu_aux is not None) and N % 8:
         raise ValueError(f"{fn}: the GELU epilogues need out's row length N to be a multiple of 8 "
                          f"(cuBLASLt's aux leading dimension), got N={N}")
+    if tune:  # tuning reruns the GEMM: an input it overwrote would change the later runs
+        written = dict(out=out, gelu_aux=gelu_aux)
+        read = dict(a=a, b=b, bias=bias, dgelu_aux=dgelu_aux)
+        for wname, w in written.items():
+            for rname, r in read.items():
+                if w is not None and r is not None and _overlap(be, w, r):
+                    raise ValueError(f"{fn}: with tune=True, {wname} (written) must not overlap "
+                                     f"{rname} (read): each candidate algorithm reruns the GEMM")
     return be, dt, M, K, N
 
 
+def _overlap(be, x, y) -> bool:
+    """Whether two C-contiguous arrays share bytes."""
+    px = x.data.ptr if be.name == "cuda" else x.ctypes.data
+    py = y.data.ptr if be.name == "cuda" else y.ctypes.data
+    return px < py + y.nbytes and py < px + x.nbytes and x.nbytes > 0 and y.nbytes > 0
+
+
+def _capturing(be) -> bool:
+    """A CUDA graph capture in progress: llmcu/cuda/graphs.py's flag, or the stream's own
+    state (a capture begun outside llmcu). A query that fails counts as capturing (the
+    runtime refuses it on the legacy stream while another stream captures)."""
+    if be.capturing:
+        return True
+    import cupy
+    is_capturing = getattr(cupy.cuda.get_current_stream(), "is_capturing", None)
+    try:
+        return bool(is_capturing()) if is_capturing is not None else False
+    except Exception:  # noqa: BLE001 (cudaErrorStreamCaptureImplicit and the like)
+        return True
+
+
 def lt_matmul(out, a, b, transpose_a=False, transpose_b=False, bias=None, gelu_aux=None,
-              dgelu_aux=None):
-    """out = epilogue(op(a) @ op(b)) (module doc); every array fp32 or every array bf16."""
+              dgelu_aux=None, tune=False):
+    """out = epilogue(op(a) @ op(b)) (module doc); every array fp32 or every array bf16.
+    tune=True: the fastest of the heuristic's candidates for this key (module doc)."""
     be, dt, M, K, N = _check("lt_matmul", out, a, b, transpose_a, transpose_b, bias, gelu_aux,
-                             dgelu_aux)
+                             dgelu_aux, tune)
     if be.name == "emu":
         be.run(_emu_lt_matmul, out, a, b, transpose_a, transpose_b, bias, gelu_aux, dgelu_aux)
         return
     import cupy
     if gelu_aux is not None:
-        epilogue, aux = EPILOGUE_GELU_AUX_BIAS if bias is not None else (32 | 128), gelu_aux
+        epilogue, aux = EPILOGUE_GELU_AUX_BIAS if bias is not None else EPILOGUE_GELU_AUX, gelu_aux
     elif dgelu_aux is not None:
         epilogue, aux = EPILOGUE_DGELU, dgelu_aux
     else:
@@ -260,6 +390,8 @@ def lt_matmul(out, a, b, transpose_a=False, transpose_b=False, bias=None, gelu_a
     rows_b, cols_b = (K, N) if transpose_b else (N, K)   # b as stored, column-major
     rows_a, cols_a = (M, K) if transpose_a else (K, M)
     ws = runtime.scratch(be, "cublaslt_workspace", (WORKSPACE_BYTES,), np.uint8)
+    lib, handle = library(), _handle()
+    stream = cupy.cuda.get_current_stream()
     desc = _Desc()
     try:
         d = desc.matmul(epilogue, op_b, op_a, bias.data.ptr if bias is not None else 0, t,
@@ -268,26 +400,48 @@ def lt_matmul(out, a, b, transpose_a=False, transpose_b=False, bias=None, gelu_a
         lb = desc.layout(t, rows_a, cols_a, a.shape[-1])
         ld = desc.layout(t, N, M, N)
         key = (dt.str, M, K, N, op_a, op_b, epilogue, _alignment(out, a, b, bias, aux))
-        algo = _algos.get(key)
-        if algo is None:
-            pref = desc.preference(WORKSPACE_BYTES)
-            result, count = _Heuristic(), ctypes.c_int(0)
-            _ok(library().cublasLtMatmulAlgoGetHeuristic(_handle(), d, la, lb, ld, ld, pref, 1,
-                                                         ctypes.byref(result), ctypes.byref(count)),
-                "cublasLtMatmulAlgoGetHeuristic")
-            if count.value == 0:
-                raise RuntimeError(f"cublaslt: no algorithm for {key}")
-            algo = _algos[key] = result
-        stream = cupy.cuda.get_current_stream().ptr
-        _ok(library().cublasLtMatmul(_handle(), d, ctypes.c_void_p(_ONE.ctypes.data),
-                                     ctypes.c_void_p(b.data.ptr), la, ctypes.c_void_p(a.data.ptr), lb,
-                                     ctypes.c_void_p(_ZERO.ctypes.data),
-                                     ctypes.c_void_p(out.data.ptr), ld, ctypes.c_void_p(out.data.ptr), ld,
-                                     ctypes.addressof(algo.algo), ctypes.c_void_p(ws.data.ptr),
-                                     ctypes.c_size_t(WORKSPACE_BYTES), ctypes.c_void_p(stream)),
-            "cublasLtMatmul")
+
+        def call(algo) -> int:  # the cublasStatus_t of one launch on the current stream
+            return lib.cublasLtMatmul(handle, d, ctypes.c_void_p(_ONE.ctypes.data),
+                                      ctypes.c_void_p(b.data.ptr), la, ctypes.c_void_p(a.data.ptr), lb,
+                                      ctypes.c_void_p(_ZERO.ctypes.data),
+                                      ctypes.c_void_p(out.data.ptr), ld, ctypes.c_void_p(out.data.ptr), ld,
+                                      ctypes.addressof(algo.algo), ctypes.c_void_p(ws.data.ptr),
+                                      ctypes.c_size_t(WORKSPACE_BYTES), ctypes.c_void_p(stream.ptr))
+
+        def heuristics(n):
+            return _heuristics(lib, handle, d, la, lb, ld, desc.preference(WORKSPACE_BYTES), n, key)
+
+        label = dict(dtype="bf16" if dt == BF16 else "fp32", M=M, K=K, N=N, transpose_a=transpose_a,
+                     transpose_b=transpose_b, epilogue=EPILOGUE_NAMES.get(epilogue, str(epilogue)))
+        algo = pick_algo(key, tune, tune and _capturing(be), heuristics,
+                         lambda candidate: _time_on_stream(call, candidate, stream), label)
+        _ok(call(algo), "cublasLtMatmul")
     finally:
         desc.close()
+
+
+def _time_on_stream(call, candidate, stream):
+    """The median milliseconds of TUNE_REPS calls of one candidate algorithm after
+    TUNE_WARMUP untimed ones (CUDA events on stream), or None when the heuristic marked it
+    unusable (state) or a call returned a nonzero status."""
+    import cupy
+    if candidate.state != 0:
+        return None
+    for _ in range(TUNE_WARMUP):
+        if call(candidate) != 0:
+            return None
+    times = []
+    for _ in range(TUNE_REPS):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        status = call(candidate)
+        end.record(stream)
+        end.synchronize()
+        if status != 0:
+            return None
+        times.append(cupy.cuda.get_elapsed_time(start, end))
+    return float(np.median(times))
 
 
 def _alignment(*arrays) -> tuple:

@@ -51,11 +51,13 @@ from . import runtime
 from .adamw import adamw_update, global_norm
 from .attention import (attention_backward, attention_forward, flash_attention_backward,
                         flash_attention_forward)
+from .classifier import VERSIONS as CLASSIFIER_VERSIONS
 from .classifier import crossentropy_forward, fused_classifier_dlogits
 from .encoder import encoder_backward, encoder_forward, token_runs
 from .gelu import gelu_backward, gelu_forward
-from .layernorm import layernorm_backward, layernorm_forward
-from .matmul import (GEMM_LIBRARIES, matmul_backward, matmul_dgelu_backward, matmul_forward,
+from .layernorm import (layernorm_backward, layernorm_backward_add, layernorm_forward,
+                        residual_layernorm_forward)
+from .matmul import (GEMM_LIBRARIES, LT_ALL, matmul_backward, matmul_dgelu_backward, matmul_forward,
                      matmul_gelu_forward)
 from .mixed_precision import (DTYPES, MixedPrecisionAdamW, allocate_views, check_dtype,
                               check_params_dtype)
@@ -74,7 +76,13 @@ KERNEL_OPS = SimpleNamespace(
     gelu_forward=functools.partial(gelu_forward, version="auto"),
     gelu_backward=functools.partial(gelu_backward, version="auto"),
     residual_forward=functools.partial(residual_forward, version="auto"),
+    # the residual adds fused into the layernorms (llmcu/cpu/gpt2.py uses them when present):
+    # the forward's add + the layernorm reading its sum, the backward's layernorm input
+    # gradient added straight into the residual stream's gradient
+    residual_layernorm_forward=functools.partial(residual_layernorm_forward, version="auto"),
+    layernorm_backward_add=layernorm_backward_add,
     adamw_update=adamw_update, global_norm=global_norm)
+FUSED_RESIDUAL_OPS = ("residual_layernorm_forward", "layernorm_backward_add")  # GPT2(fuse_residual=)
 FLASH_VERSIONS = ("auto", 1, 2, 3, 4, 5, 6)  # GPT2(flash_version=): llmcu/cuda/attention.py's versions
 
 ACTIVATIONS = (  # name: shape in units of (L, B, T, NH, C, Vp); per-layer tensors lead with L
@@ -152,6 +160,11 @@ class Activations:
 class GPT2(MixedPrecisionAdamW):
     """GPT-2 whose every layer runs a kernel from kernels/ (device "cuda" or "emu").
 
+    flash_version: the fused attention's kernels (llmcu/cuda/attention.py, "auto" picks);
+    gemm: the linear layers' GEMM route (GEMM_LIBRARIES, "auto" picks); classifier_version:
+    the fused classifier's kernel (llmcu/cuda/classifier.py VERSIONS, "auto" picks);
+    fuse_residual: the residual adds fused into the layernorms (FUSED_RESIDUAL_OPS; False
+    runs them as separate kernels, for comparison).
     dtype "fp32" or "bf16" (module doc); params: float32 values (a bf16 model rounds
     them to nearest for its bf16 copy and keeps them as the fp32 master copy), or, for
     dtype "bf16" only, a uint16 array of bf16 bits, which the model then shares."""
@@ -160,8 +173,15 @@ class GPT2(MixedPrecisionAdamW):
 
     def __init__(self, config: GPT2Config, params=None, seed: int = 42, device: str = "cuda",
                  attention: str = DEFAULT_ATTENTION, dtype: str = "fp32", master_weights: bool = True,
-                 flash_version="auto", gemm="auto"):
+                 flash_version="auto", gemm="auto", classifier_version="auto", fuse_residual=True):
         _check_attention("GPT2", attention)
+        if not isinstance(fuse_residual, bool):
+            raise TypeError(f"GPT2: fuse_residual must be a bool, got {type(fuse_residual).__name__}")
+        self.fuse_residual = fuse_residual
+        if classifier_version not in CLASSIFIER_VERSIONS + ("auto",):
+            raise ValueError(f"GPT2: classifier_version must be one of {CLASSIFIER_VERSIONS} or 'auto', "
+                             f"got {classifier_version!r}")
+        self.classifier_version = classifier_version  # the fused classifier's kernel (classifier.py)
         if gemm not in GEMM_LIBRARIES + ("auto",):
             raise ValueError(f"GPT2: gemm must be one of {GEMM_LIBRARIES} or 'auto', got {gemm!r}")
         # auto: cuBLASLt with the bias and GELU epilogues on a GPU (bf16 d12 B=16 T=1024 on an
@@ -231,26 +251,32 @@ class GPT2(MixedPrecisionAdamW):
         a = self.acts
         forward_layers(self._ops(), self.config, self.p, a, inputs)
         if targets is not None:
-            crossentropy_forward(a.losses, a.logits, targets, self.config.vocab_size, version="auto")
+            crossentropy_forward(a.losses, a.logits, targets, self.config.vocab_size,
+                                 version=self.classifier_version)
 
     def _ops(self):
         """KERNEL_OPS, with the fused attention pinned to flash_version unless "auto", and,
         for gemm="cublaslt", the linear layers on cuBLASLt with the bias and the GELU as
         GEMM epilogues (matmul_gelu_forward / matmul_dgelu_backward fuse fc + GELU);
-        "cublaslt_all" also moves the other backward GEMMs there.
+        "cublaslt_all" also moves the other backward GEMMs there; "cublaslt_tuned" and
+        "cublaslt_all_tuned" route as those two with the cuBLASLt algorithms autotuned.
+        fuse_residual=False drops the residual + layernorm fusions (the separate kernels run).
         Looked up on KERNEL_OPS at each call, so a wrapper put there (a profiler) runs."""
-        if self.flash_version == "auto" and self.gemm == "cublas":
+        if self.flash_version == "auto" and self.gemm == "cublas" and self.fuse_residual:
             return KERNEL_OPS
         ops = dict(vars(KERNEL_OPS))
+        if not self.fuse_residual:
+            for name in FUSED_RESIDUAL_OPS:
+                ops.pop(name, None)
         if self.flash_version != "auto":
             for name in ("flash_attention_forward", "flash_attention_backward"):
                 ops[name] = functools.partial(ops[name], version=self.flash_version)
-        if self.gemm != "cublas":  # cublaslt, cublaslt_all (llmcu/cuda/matmul.py GEMM_LIBRARIES)
+        if self.gemm != "cublas":  # cublaslt[_all][_tuned] (llmcu/cuda/matmul.py GEMM_LIBRARIES)
             lib = self.gemm
             ops["matmul_forward"] = functools.partial(ops["matmul_forward"], gemm_library=lib)
             ops["matmul_gelu_forward"] = functools.partial(matmul_gelu_forward, gemm_library=lib)
             ops["matmul_dgelu_backward"] = functools.partial(matmul_dgelu_backward, gemm_library=lib)
-            if lib == "cublaslt_all":
+            if lib in LT_ALL:
                 ops["matmul_backward"] = functools.partial(ops["matmul_backward"], gemm_library=lib)
         return SimpleNamespace(**ops)
 
@@ -277,7 +303,7 @@ class GPT2(MixedPrecisionAdamW):
         cfg, p, g, a = self.config, self.p, self.g, self.acts
         B, T = a.B, a.T
         fused_classifier_dlogits(a.logits, a.losses, targets, cfg.vocab_size, loss_scale / (B * T),
-                                 version="auto")
+                                 version=self.classifier_version)
         ops = self._backward_ops(self._ops())
         ops = SimpleNamespace(**{**vars(ops), "encoder_backward": functools.partial(
             ops.encoder_backward, token_runs=runs)})
@@ -288,4 +314,5 @@ class GPT2(MixedPrecisionAdamW):
         A bf16 model's sampler runs in bf16 (acts.logits holds bf16 bits) without a master copy."""
         return GPT2(self.config, self.params, device=self.device, attention=self.attention,
                     dtype=self.dtype, master_weights=False, flash_version=self.flash_version,
-                    gemm=self.gemm)
+                    gemm=self.gemm, classifier_version=self.classifier_version,
+                    fuse_residual=self.fuse_residual)

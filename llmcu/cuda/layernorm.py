@@ -22,6 +22,15 @@ layernorm_backward takes version= too:
      scalar loads otherwise), each block writes one partial row to a scratch
      buffer (at most runtime.PARTIAL_SUM_BLOCKS rows), and a second kernel sums
      the rows in a fixed order into dweight/dbias (one rounding for bf16).
+
+Two fused ops the GPT-2 layer sequence (llmcu/cpu/gpt2.py) uses when its ops have
+them; the NumPy oracle has no such functions (it runs the separate calls):
+  residual_layernorm_forward(residual_out, ln_out, mean, rstd, inp1, inp2, weight,
+      bias): residual_forward then layernorm_forward in one kernel, bit for bit the
+      two calls (version= 1 or 2 as layernorm_forward's, "auto" by default);
+  layernorm_backward_add(dres, dweight, dbias, dout, inp, weight, mean, rstd):
+      version 2 of layernorm_backward with dres += the input gradient (fp32, one
+      rounding) instead of dinp =; replaces layernorm_backward + residual_forward.
 """
 
 import numpy as np
@@ -29,11 +38,12 @@ import numpy as np
 from . import runtime
 from .runtime import (FLOATX_NAMES, WARP, backend_of, check_array, f32, floatx_dtype, i32,
                       launch_config, warp_per_row)
-from .vectorized import vectorizable
+from .vectorized import check_vectorized, vectorizable
 
 EPS = 1e-5
 FORWARD_VERSIONS = (0, 1, 2)
 BACKWARD_VERSIONS = (1, 2)
+FUSED_FORWARD_VERSIONS = (1, 2)  # residual_layernorm_forward: scalar, 16-byte loads
 # Version 2's per-warp accumulators live in dynamic shared memory; staying within
 # the 48 KiB a launch gets without an opt-in, a block has 8 warps up to C = 768
 # (2 * 768 floats per warp) and fewer above.
@@ -41,9 +51,9 @@ BACKWARD2_SHARED_BYTES = 48 * 1024
 BACKWARD2_MAX_WARPS = 8
 
 
-def _rows(fn, be, inp, **named):
-    dt = floatx_dtype(fn, "inp", inp)
-    check_array(fn, "inp", inp, be, dtype=dt)
+def _rows(fn, be, inp, inp_name="inp", **named):
+    dt = floatx_dtype(fn, inp_name, inp)
+    check_array(fn, inp_name, inp, be, dtype=dt)
     C = inp.shape[-1]
     N = inp.size // C
     for name, (a, shape) in named.items():
@@ -77,6 +87,54 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=EPS, version=1):
               (out, mean, rstd, inp, weight, bias, i32(N), i32(C), f32(eps)), floatX=floatX)
 
 
+def residual_layernorm_forward(residual_out, ln_out, mean, rstd, inp1, inp2, weight, bias, eps=EPS,
+                               version="auto"):
+    """residual_out = inp1 + inp2 (rounded to floatX), then layernorm_forward(ln_out, mean, rstd,
+    residual_out, weight, bias) in one kernel: bit for bit the two separate calls with
+    layernorm_forward's version 1 (version=1 here, scalar loads) or 2 (version=2, 16-byte
+    loads; C % (16 // itemsize) == 0 and 16-byte aligned floatX arrays); "auto" picks 2
+    where it applies. residual_out and ln_out must not overlap each other or any input."""
+    fn = "residual_layernorm_forward"
+    if version not in FUSED_FORWARD_VERSIONS + ("auto",):
+        raise ValueError(f"{fn}: version must be one of {FUSED_FORWARD_VERSIONS} or 'auto', "
+                         f"got {version!r}")
+    be = backend_of(inp1)
+    N, C, floatX = _rows(fn, be, inp1, residual_out=(residual_out, "row"), ln_out=(ln_out, "row"),
+                         inp2=(inp2, "row"), mean=(mean, "stat"), rstd=(rstd, "stat"),
+                         weight=(weight, "C"), bias=(bias, "C"), inp_name="inp1")
+    _check_no_overlap(fn, dict(residual_out=residual_out, ln_out=ln_out, mean=mean, rstd=rstd),
+                      dict(inp1=inp1, inp2=inp2, weight=weight, bias=bias))
+    packed = dict(residual_out=residual_out, ln_out=ln_out, inp1=inp1, inp2=inp2, weight=weight,
+                  bias=bias)
+    if version == "auto":
+        version = 2 if vectorizable(C, packed) else 1
+    if version == 2:
+        check_vectorized(fn, C, packed, what="channels (C)")
+    grid, block = warp_per_row(N)
+    be.launch("layernorm", "residual_layernorm_forward_kernel1", grid, block,
+              (residual_out, ln_out, mean, rstd, inp1, inp2, weight, bias, i32(N), i32(C), f32(eps),
+               i32(version == 2)), floatX=floatX)
+
+
+def _span(a):
+    start = _address(a)
+    return start, start + a.nbytes
+
+
+def _check_no_overlap(fn, outputs: dict, others: dict):
+    """ValueError if an output's memory overlaps another output's or an input's (the
+    kernels' pointers are __restrict__, and the fused kernels read what they write)."""
+    named = list(outputs.items())
+    for i, (name, a) in enumerate(named):
+        lo, hi = _span(a)
+        for other, b in named[i + 1:] + list(others.items()):
+            blo, bhi = _span(b)
+            if lo < bhi and blo < hi:
+                raise ValueError(f"{fn}: {name} must not overlap {other} (expected separate "
+                                 f"buffers, found {name} at [{lo:#x}, {hi:#x}) and {other} at "
+                                 f"[{blo:#x}, {bhi:#x}))")
+
+
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, version=2):
     fn = "layernorm_backward"
     if version not in BACKWARD_VERSIONS:
@@ -93,6 +151,25 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, vers
         be.launch("layernorm", "layernorm_param_backward_kernel1", grid, block,
                   (dweight, dbias, dout, inp, mean, rstd, i32(N), i32(C)), floatX=floatX)
         return
+    _backward2(fn, be, dinp, dweight, dbias, dout, inp, weight, mean, rstd, N, C, floatX, add=False)
+
+
+def layernorm_backward_add(dres, dweight, dbias, dout, inp, weight, mean, rstd):
+    """layernorm_backward, with the input gradient ADDED into dres (dres += dinp, in fp32
+    with one rounding to floatX) instead of overwriting a dinp: the GPT-2 backward's
+    layernorm_backward(dtmp, ...) + residual_forward(dres, dres, dtmp) in one kernel.
+    dweight/dbias accumulate as in layernorm_backward. dres must not overlap dout or inp."""
+    fn = "layernorm_backward_add"
+    be = backend_of(inp)
+    N, C, floatX = _rows(fn, be, inp, dres=(dres, "row"), dout=(dout, "row"),
+                         dweight=(dweight, "C"), dbias=(dbias, "C"), weight=(weight, "C"),
+                         mean=(mean, "stat"), rstd=(rstd, "stat"))
+    _check_no_overlap(fn, dict(dres=dres), dict(dout=dout, inp=inp))
+    _backward2(fn, be, dres, dweight, dbias, dout, inp, weight, mean, rstd, N, C, floatX, add=True)
+
+
+def _backward2(fn, be, dinp, dweight, dbias, dout, inp, weight, mean, rstd, N, C, floatX, add):
+    """Version 2's two launches; add: dinp += the input gradient instead of dinp =."""
     vec = 16 // inp.dtype.itemsize  # x128::size
     wide = vectorizable(C, dict(dinp=dinp, dout=dout, inp=inp, weight=weight))
     step = WARP * (vec if wide else 1)
@@ -100,11 +177,12 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, vers
     warps = min(BACKWARD2_MAX_WARPS, BACKWARD2_SHARED_BYTES // warp_bytes)
     if warps < 1:
         raise ValueError(f"{fn}: version 2 keeps 2 * C floats per warp in shared memory, at most "
-                         f"{BACKWARD2_SHARED_BYTES} bytes; C = {C} needs {warp_bytes}; use version=1")
+                         f"{BACKWARD2_SHARED_BYTES} bytes; C = {C} needs {warp_bytes}"
+                         + ("" if add else "; use version=1"))
     blocks = runtime.partial_sums_grid(N, warps)
     scratch = runtime.partial_sums_scratch(be, (blocks, 2 * C))
     be.launch("layernorm", "layernorm_backward_kernel2", (blocks,), (warps * WARP,),
-              (dinp, scratch, dout, inp, weight, mean, rstd, i32(N), i32(C), i32(wide)),
+              (dinp, scratch, dout, inp, weight, mean, rstd, i32(N), i32(C), i32(wide), i32(add)),
               shared_mem=warps * warp_bytes, floatX=floatX)
     grid, block = runtime.column_tiles(2 * C)  # a block sums 32 of the 2C columns
     be.launch("layernorm", "layernorm_param_backward_reduce_kernel2", grid, block,

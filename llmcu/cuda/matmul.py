@@ -54,8 +54,12 @@ def _check(fn, be, inp, weight, **named):
 # the GELU's backward on cuBLASLt with epilogues, the other backward GEMMs on cuBLAS;
 # "cublaslt_all": every GEMM that overwrites its output on cuBLASLt (the accumulating
 # dweight GEMM of gradient accumulation stays on cuBLAS: one rounding, see gemm.py).
-GEMM_LIBRARIES = ("cublas", "cublaslt", "cublaslt_all")
-LT = ("cublaslt", "cublaslt_all")
+# "..._tuned": the same routing with cuBLASLt's algorithm autotuned per shape on first use
+# (lt_matmul(tune=True), llmcu/cuda/cublaslt.py; its speed not measured on a GPU yet).
+GEMM_LIBRARIES = ("cublas", "cublaslt", "cublaslt_all", "cublaslt_tuned", "cublaslt_all_tuned")
+LT = ("cublaslt", "cublaslt_all", "cublaslt_tuned", "cublaslt_all_tuned")
+LT_ALL = ("cublaslt_all", "cublaslt_all_tuned")
+TUNED = ("cublaslt_tuned", "cublaslt_all_tuned")
 
 
 def _check_library(fn, library):
@@ -70,7 +74,8 @@ def matmul_forward(out, inp, weight, bias=None, gemm_library="cublas"):
     be = backend_of(inp)
     N, C, OC, floatX = _check("matmul_forward", be, inp, weight, out=out, bias=bias)
     if gemm_library in LT:
-        lt_matmul(out.reshape(N, OC), inp.reshape(N, C), weight, transpose_b=True, bias=bias)
+        lt_matmul(out.reshape(N, OC), inp.reshape(N, C), weight, transpose_b=True, bias=bias,
+                  tune=gemm_library in TUNED)
         return
     gemm(out.reshape(N, OC), inp.reshape(N, C), weight, transpose_b=True)
     if bias is not None:
@@ -81,8 +86,8 @@ def matmul_forward(out, inp, weight, bias=None, gemm_library="cublas"):
 
 def matmul_backward(dinp, dweight, dbias, dout, inp, weight, accumulate_weight=True, version=2,
                     gemm_library="cublas"):
-    """gemm_library "cublaslt_all": dinp's GEMM, and dweight's when it overwrites, on
-    cuBLASLt (GEMM_LIBRARIES); otherwise cuBLAS."""
+    """gemm_library "cublaslt_all" (or "cublaslt_all_tuned"): dinp's GEMM, and dweight's when
+    it overwrites, on cuBLASLt (GEMM_LIBRARIES); otherwise cuBLAS."""
     if version not in BIAS_BACKWARD_VERSIONS:
         raise ValueError(f"matmul_backward: version must be one of {BIAS_BACKWARD_VERSIONS}, "
                          f"got {version!r}")
@@ -91,13 +96,16 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, accumulate_weight=T
     N, C, OC, floatX = _check("matmul_backward", be, inp, weight, dinp=dinp, dweight=dweight,
                               dbias=dbias, dout=dout)
     dout2, inp2 = dout.reshape(N, OC), inp.reshape(N, C)
-    lt = gemm_library == "cublaslt_all"
+    lt, tune = gemm_library in LT_ALL, gemm_library in TUNED
     if dinp is not None:
-        (lt_matmul if lt else gemm)(dinp.reshape(N, C), dout2, weight)
+        if lt:
+            lt_matmul(dinp.reshape(N, C), dout2, weight, tune=tune)
+        else:
+            gemm(dinp.reshape(N, C), dout2, weight)
     # accumulate_weight=False (the first backward after zero_grad): dweight and dbias are
     # overwritten, so the GEMM writes dweight directly (bf16: no fp32 temporary + add pass)
     if lt and not accumulate_weight:
-        lt_matmul(dweight, dout2, inp2, transpose_a=True)
+        lt_matmul(dweight, dout2, inp2, transpose_a=True, tune=tune)
     else:
         gemm(dweight, dout2, inp2, transpose_a=True, accumulate=accumulate_weight)
     if dbias is not None:
@@ -114,7 +122,7 @@ def matmul_gelu_forward(out, pre, inp, weight, bias=None, gemm_library="cublaslt
     check_array("matmul_gelu_forward", "pre", pre, be, dtype=out.dtype, shape=out.shape)
     if gemm_library in LT:
         lt_matmul(out.reshape(N, OC), inp.reshape(N, C), weight, transpose_b=True, bias=bias,
-                  gelu_aux=pre.reshape(N, OC))
+                  gelu_aux=pre.reshape(N, OC), tune=gemm_library in TUNED)
         return
     matmul_forward(pre, inp, weight, bias)
     gelu_forward(out, pre, version="auto")
@@ -131,7 +139,8 @@ def matmul_dgelu_backward(dpre, dweight, dbias, dout, inp, weight, pre, accumula
     N, C, OC, _ = _check("matmul_dgelu_backward", be, inp, weight, dinp=dpre, dout=dout)
     check_array("matmul_dgelu_backward", "pre", pre, be, dtype=dpre.dtype, shape=dpre.shape)
     if gemm_library in LT:
-        lt_matmul(dpre.reshape(N, C), dout.reshape(N, OC), weight, dgelu_aux=pre.reshape(N, C))
+        lt_matmul(dpre.reshape(N, C), dout.reshape(N, OC), weight, dgelu_aux=pre.reshape(N, C),
+                  tune=gemm_library in TUNED)
     else:
         dact = runtime.scratch(be, "dgelu_input", dpre.shape, dpre.dtype)
         gemm(dact.reshape(N, C), dout.reshape(N, OC), weight)

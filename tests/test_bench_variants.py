@@ -1,0 +1,117 @@
+"""The knobs the GPU benchmark compares in one run: GPT2(classifier_version=) (which
+fused-classifier kernel the model launches, checked from the launches, and that the
+versions train alike), and benchmarks/bench_gpu_step.py's --variants parser (each spec
+to the model's arguments; bad specs refused with what was expected)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmcu.config import GPT2Config
+from llmcu.cpu.gpt2 import init_parameters
+from llmcu.cuda import runtime
+from llmcu.cuda.gpt2 import GPT2
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_gpu_step  # noqa: E402
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    names = []
+    real = runtime.Backend.launch
+
+    def spy(self, stem, kernel, *args, **kwargs):
+        names.append(kernel)
+        return real(self, stem, kernel, *args, **kwargs)
+    monkeypatch.setattr(runtime.Backend, "launch", spy)
+    return names
+
+
+def _steps(model, batches, n=3):
+    losses = []
+    for s in range(n):
+        x, y = batches[s % len(batches), :, :-1], batches[s % len(batches), :, 1:]
+        losses.append(model.forward(x, y))
+        model.zero_grad()
+        model.backward()
+        model.update(1e-3, s + 1)
+    return np.array(losses)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gpt2_classifier_version_is_the_kernel_launched(launches, dtype):
+    """Each pinned version launches only its own fused_classifier kernel (forward loss and
+    backward dlogits); the three versions' losses agree: the same softmax arithmetic in
+    another order (fp32: 1e-5 relative; bf16: the bf16 dlogits' rounding feeds the next
+    steps, 2e-3)."""
+    cfg = GPT2Config(max_seq_len=16, vocab_size=100, num_layers=1, num_heads=2, channels=32)
+    p0 = init_parameters(cfg, seed=3)
+    batches = np.random.default_rng(4).integers(0, 100, size=(2, 2, 9)).astype(np.int32)
+    losses = {}
+    for version in (1, 2, 3):
+        launches.clear()
+        model = GPT2(cfg, p0.copy(), device="emu", dtype=dtype, classifier_version=version)
+        losses[version] = _steps(model, batches)
+        ran = {k for k in launches if k.startswith("fused_classifier_kernel")}
+        assert ran == {f"fused_classifier_kernel{version}"}, (version, ran)
+        assert model.sampler().classifier_version == version
+    tol = 1e-5 if dtype == "fp32" else 2e-3
+    for version in (2, 3):
+        np.testing.assert_allclose(losses[version], losses[1], rtol=tol)
+
+
+def test_gpt2_classifier_version_rejects_bad_values():
+    cfg = GPT2Config(max_seq_len=8, vocab_size=50, num_layers=1, num_heads=2, channels=16)
+    with pytest.raises(ValueError, match=r"GPT2: classifier_version must be one of \(1, 2, 3\) or 'auto', got 4"):
+        GPT2(cfg, device="emu", classifier_version=4)
+
+
+def test_gpt2_fuse_residual_false_runs_the_separate_kernels(launches):
+    """fuse_residual=False: no fused residual/layernorm kernel launches, residual_forward's do,
+    and (fp32, the fused forward and the separate calls being the same arithmetic, the
+    backward's add one rounding apart) the losses agree to 1e-6 relative."""
+    cfg = GPT2Config(max_seq_len=16, vocab_size=100, num_layers=2, num_heads=2, channels=32)
+    p0 = init_parameters(cfg, seed=5)
+    batches = np.random.default_rng(6).integers(0, 100, size=(2, 2, 9)).astype(np.int32)
+    runs = {}
+    for fuse in (True, False):
+        launches.clear()
+        model = GPT2(cfg, p0.copy(), device="emu", fuse_residual=fuse)
+        runs[fuse] = (_steps(model, batches), set(launches))
+        assert model.sampler().fuse_residual is fuse
+    fused_kernels = {k for k in runs[True][1] if k.startswith("residual_layernorm_forward")}
+    assert fused_kernels and not fused_kernels & runs[False][1]
+    assert not any(k.startswith("residual_forward") for k in runs[True][1])
+    assert any(k.startswith("residual_forward") for k in runs[False][1])
+    np.testing.assert_allclose(runs[False][0], runs[True][0], rtol=1e-6)
+    with pytest.raises(TypeError, match="GPT2: fuse_residual must be a bool, got int"):
+        GPT2(cfg, device="emu", fuse_residual=0)
+
+
+def test_parse_variants():
+    got = bench_gpu_step.parse_variants("flash=3; flash=5,graph=1 ;gemm=cublaslt_tuned,classifier=3,graph=0;"
+                                        "lnfuse=0,graph=1")
+    assert got == [
+        {"flash": 3, "gemm": "auto", "classifier": "auto", "lnfuse": True, "graph": False},
+        {"flash": 5, "gemm": "auto", "classifier": "auto", "lnfuse": True, "graph": True},
+        {"flash": "auto", "gemm": "cublaslt_tuned", "classifier": 3, "lnfuse": True, "graph": False},
+        {"flash": "auto", "gemm": "auto", "classifier": "auto", "lnfuse": False, "graph": True}]
+    assert [bench_gpu_step.variant_name(v) for v in got] == [
+        "llmcu flash v3", "llmcu flash v5 graph", "llmcu cublaslt_tuned classifier v3", "llmcu unfused-ln graph"]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("flash=9", r"flash=9 in 'flash=9': expected one of \('auto', 1, 2, 3, 4, 5, 6\)"),
+    ("colour=red", r"'colour=red' in 'colour=red': expected key=value with key one of"),
+    ("graph", r"'graph' in 'graph': expected key=value"),
+    ("graph=yes", r"graph='yes' in 'graph=yes': expected one of \(False, True\)"),
+    ("lnfuse=2", r"lnfuse='2' in 'lnfuse=2': expected one of \(False, True\)"),
+    ("gemm=cutlass", r"gemm='cutlass' in 'gemm=cutlass': expected one of"),
+    (" ; ", r"no variant in"),
+])
+def test_parse_variants_rejects(text, message):
+    with pytest.raises(ValueError, match=message):
+        bench_gpu_step.parse_variants(text)
