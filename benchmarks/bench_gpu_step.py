@@ -45,7 +45,7 @@ def cuda_time(fn, reps: int, warmup: int = 3) -> float:
 
 
 def bench_llmcu_step(config, params, x, y, steps, dtype="fp32", flash_version="auto", graph=False,
-                     gemm="cublas", classifier_version="auto", fuse_residual=True):
+                     gemm="cublas", classifier_version="auto", fuse_residual=True, bias_epilogue=False):
     """(median ms, peak bytes held by CuPy's memory pool) of one llmcu step; graph=True
     runs it as CUDA graphs (llmcu/cuda/graphs.py: one replay for the forward/backward,
     one for the update) instead of ~500 launches from Python."""
@@ -55,7 +55,8 @@ def bench_llmcu_step(config, params, x, y, steps, dtype="fp32", flash_version="a
     pool = cupy.get_default_memory_pool()
     pool.free_all_blocks()
     model = GPT2(config, params, device="cuda", dtype=dtype, flash_version=flash_version, gemm=gemm,
-                 classifier_version=classifier_version, fuse_residual=fuse_residual)
+                 classifier_version=classifier_version, fuse_residual=fuse_residual,
+                 bias_epilogue=bias_epilogue)
     B, T = x.shape
 
     if graph:
@@ -158,7 +159,8 @@ def bench_kernels(config, B, T, reps):
     return out_rows
 
 
-VARIANT_KEYS = {"flash": "auto", "gemm": "auto", "classifier": "auto", "lnfuse": True, "graph": False}
+VARIANT_KEYS = {"flash": "auto", "gemm": "auto", "classifier": "auto", "lnfuse": True, "bgrad": False,
+                "graph": False}
 
 
 def parse_variants(text: str) -> list[dict]:
@@ -180,7 +182,7 @@ def parse_variants(text: str) -> list[dict]:
                 allowed = FLASH_VERSIONS if key == "flash" else CLASSIFIER_VERSIONS + ("auto",)
             elif key == "gemm":
                 allowed = GEMM_LIBRARIES + ("auto",)
-            else:  # graph, lnfuse
+            else:  # graph, lnfuse, bgrad
                 value, allowed = {"0": False, "1": True}.get(value, value), (False, True)
             if value not in allowed:
                 raise ValueError(f"--variants: {key}={value!r} in '{spec}': expected one of {allowed}")
@@ -197,6 +199,7 @@ def variant_name(spec: dict) -> str:
     name += "" if spec["gemm"] == "auto" else f" {spec['gemm']}"
     name += "" if spec["classifier"] == "auto" else f" classifier v{spec['classifier']}"
     name += "" if spec["lnfuse"] else " unfused-ln"
+    name += " bgrad-epilogue" if spec["bgrad"] else ""
     return name + (" graph" if spec["graph"] else "")
 
 
@@ -228,7 +231,8 @@ def main(argv=None) -> int:
                     help="instead of the flash x gemm x graph grid, these llmcu rows only: "
                          "';'-separated specs of comma-separated key=value (flash=auto|1..6, "
                          "gemm=<a --gemm name>, classifier=auto|1|2|3, lnfuse=0|1 (the residual + "
-                         "layernorm fusions), graph=0|1), e.g. "
+                         "layernorm fusions), bgrad=0|1 (bias gradients from cuBLASLt's BGRADB "
+                         "epilogue; with gemm=cublaslt_all[_tuned]), graph=0|1), e.g. "
                          "'flash=3;flash=5,graph=1;flash=5,gemm=cublaslt_tuned,classifier=3,graph=1'")
     a = ap.parse_args(argv)
     versions = [v if v == "auto" else int(v) for v in a.flash_versions.split(",")]
@@ -259,7 +263,7 @@ def main(argv=None) -> int:
             results[row] = bench_llmcu_step(config, params.copy(), x, y, a.steps, a.dtype,
                                             flash_version=spec["flash"], graph=spec["graph"],
                                             gemm=spec["gemm"], classifier_version=spec["classifier"],
-                                            fuse_residual=spec["lnfuse"])
+                                            fuse_residual=spec["lnfuse"], bias_epilogue=spec["bgrad"])
             print(f"{row}: {results[row][0]:.2f} ms/step", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"{row}: FAILED: {type(e).__name__}: {e}", flush=True)
@@ -300,8 +304,8 @@ def main(argv=None) -> int:
         if base in results:
             print(f"ratio {ours} / {base} (time; attention version against version 3): "
                   f"{results[ours][0] / results[base][0]:.3f}")
-    for ours in [k for k in results if " classifier v" in k or " unfused-ln" in k]:
-        base = re.sub(r" classifier v\d| unfused-ln", "", ours)
+    for ours in [k for k in results if " classifier v" in k or " unfused-ln" in k or " bgrad-epilogue" in k]:
+        base = re.sub(r" classifier v\d| unfused-ln| bgrad-epilogue", "", ours)
         if base in results:
             print(f"ratio {ours} / {base} (time; the classifier version / the unfused layernorms "
                   f"against the defaults): "

@@ -44,10 +44,11 @@ if [ "$stage" = quick ]; then
   # 60 + 150 + 50 + 170 = 430 s of timeouts: run it with the device tool's timeout_s ~470
   timeout 60 "$PY" scripts/gpu_smoke.py --device cuda 2>&1 | tee "$out/smoke.log" || status=1
   # the cuda tests of what is new since the last lease: attention versions 5 and 6, cuBLASLt
-  # autotuning, the residual + layernorm fusions, the classifier's version 3, the graphs
+  # autotuning and its BGRADB epilogue, the residual + layernorm fusions, the classifier's
+  # version 3, the graphs
   timeout 150 "$PY" -m pytest -m cuda -v -rs -s -p no:cacheprovider "${per_test[@]}" \
     tests/test_flash_attention_v3.py tests/test_cublaslt_tune.py tests/test_layernorm_fused.py \
-    tests/test_graphs.py tests/test_cublaslt.py tests/test_kernels_bf16.py -k "not llama" \
+    tests/test_bias_epilogue.py tests/test_graphs.py tests/test_cublaslt.py tests/test_kernels_bf16.py -k "not llama" \
     2>&1 | tee "$out/tests_quick.log" || status=1
   timeout 50 "$PY" benchmarks/bench_attention.py --json "$out/bench_attention.json" 2>&1 \
     | tee "$out/bench_attention.log" || status=1
@@ -55,8 +56,8 @@ if [ "$stage" = quick ]; then
   # setting), and PyTorch eager and torch.compile, all in one process
   timeout 170 "$PY" benchmarks/bench_gpu_step.py --dtype bf16 -b 16 --compile --no-kernels --steps 20 \
     --variants "graph=0;graph=1;flash=5,graph=1;flash=6,graph=1;gemm=cublaslt_tuned,graph=1;\
-gemm=cublaslt_all_tuned,graph=1;classifier=3,graph=1;lnfuse=0,graph=1;\
-flash=5,gemm=cublaslt_all_tuned,classifier=3,graph=1;flash=6,gemm=cublaslt_all_tuned,classifier=3,graph=1" \
+gemm=cublaslt_all_tuned,graph=1;gemm=cublaslt_all_tuned,bgrad=1,graph=1;classifier=3,graph=1;lnfuse=0,graph=1;\
+flash=5,gemm=cublaslt_all_tuned,bgrad=1,classifier=3,graph=1;flash=6,gemm=cublaslt_all_tuned,bgrad=1,classifier=3,graph=1" \
     --json "$out/bench_step_variants.json" 2>&1 | tee "$out/bench_step_variants.log" || status=1
 fi
 
@@ -70,7 +71,8 @@ if [ "$stage" = tests ] || [ "$stage" = all ]; then
   # newest kernels' tests come first.
   timeout 360 "$PY" -m pytest -m cuda -v -rs -s -p no:cacheprovider "${per_test[@]}" \
     tests/test_graphs.py tests/test_cublaslt.py tests/test_cublaslt_tune.py tests/test_adamw_multi_tensor.py \
-    tests/test_flash_attention_v3.py tests/test_layernorm_fused.py tests/test_reductions_v2.py \
+    tests/test_flash_attention_v3.py tests/test_layernorm_fused.py tests/test_bias_epilogue.py \
+    tests/test_reductions_v2.py \
     tests/test_kernels.py tests/test_kernels_bf16.py tests/test_layernorm_versions.py \
     tests/test_flash_attention.py tests/test_llama_kernels.py tests/test_llama_kernels_model.py \
     tests/test_gpu_parity.py tests/test_distributed.py tests/test_bf16_training.py \

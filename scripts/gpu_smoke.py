@@ -173,6 +173,15 @@ def newest_kernels(device, xp, host) -> int:
                             dgelu_aux=xp.asarray(pre2)),
           lambda: (host(lt_d), dpre_r), 1e-3)
 
+    # cuBLASLt's BGRADB epilogue: dweight = dout^T inp with dout's column sums (the bias
+    # gradient) from the same GEMM
+    dsum = xp.full((N,), np.nan, np.float32)
+    dwt = xp.full((N, K), np.nan, np.float32)
+    check("cuBLASLt GEMM + BGRADB epilogue (fp32)",
+          lambda: lt_matmul(dwt, xp.asarray(pre2), xp.asarray(dy), transpose_a=True, a_row_sums=dsum),
+          lambda: (np.concatenate([host(dwt).ravel(), host(dsum)]),
+                   np.concatenate([(pre2.T @ dy).ravel(), pre2.sum(0)])), 1e-3)
+
     # the step as CUDA graphs (capture, replay; one-launch AdamW, the norm and the loss on
     # the device) against the eager step: a tiny bf16 GPT-2, 2 steps, every parameter equal
     from llmcu.config import GPT2Config

@@ -93,14 +93,17 @@ def test_gpt2_fuse_residual_false_runs_the_separate_kernels(launches):
 
 def test_parse_variants():
     got = bench_gpu_step.parse_variants("flash=3; flash=5,graph=1 ;gemm=cublaslt_tuned,classifier=3,graph=0;"
-                                        "lnfuse=0,graph=1")
+                                        "lnfuse=0,graph=1;gemm=cublaslt_all,bgrad=1")
     assert got == [
-        {"flash": 3, "gemm": "auto", "classifier": "auto", "lnfuse": True, "graph": False},
-        {"flash": 5, "gemm": "auto", "classifier": "auto", "lnfuse": True, "graph": True},
-        {"flash": "auto", "gemm": "cublaslt_tuned", "classifier": 3, "lnfuse": True, "graph": False},
-        {"flash": "auto", "gemm": "auto", "classifier": "auto", "lnfuse": False, "graph": True}]
+        {"flash": 3, "gemm": "auto", "classifier": "auto", "lnfuse": True, "bgrad": False, "graph": False},
+        {"flash": 5, "gemm": "auto", "classifier": "auto", "lnfuse": True, "bgrad": False, "graph": True},
+        {"flash": "auto", "gemm": "cublaslt_tuned", "classifier": 3, "lnfuse": True, "bgrad": False, "graph": False},
+        {"flash": "auto", "gemm": "auto", "classifier": "auto", "lnfuse": False, "bgrad": False, "graph": True},
+        {"flash": "auto", "gemm": "cublaslt_all", "classifier": "auto", "lnfuse": True, "bgrad": True,
+         "graph": False}]
     assert [bench_gpu_step.variant_name(v) for v in got] == [
-        "llmcu flash v3", "llmcu flash v5 graph", "llmcu cublaslt_tuned classifier v3", "llmcu unfused-ln graph"]
+        "llmcu flash v3", "llmcu flash v5 graph", "llmcu cublaslt_tuned classifier v3", "llmcu unfused-ln graph",
+        "llmcu cublaslt_all bgrad-epilogue"]
 
 
 @pytest.mark.parametrize("text,message", [

@@ -1,7 +1,7 @@
 """GEMMs with fused epilogues through cuBLASLt (ctypes), and their CPU emulation.
 
     lt_matmul(out, a, b, transpose_a=False, transpose_b=False, bias=None,
-              gelu_aux=None, dgelu_aux=None, tune=False)
+              gelu_aux=None, dgelu_aux=None, a_row_sums=None, tune=False)
 
 Row-major, as llmcu/cuda/gemm.py: out (M,N) = op(a) (M,K) @ op(b) (K,N), then
 the epilogue, in fp32 before out's single rounding:
@@ -12,6 +12,12 @@ the epilogue, in fp32 before out's single rounding:
                    one GEMM; gelu_aux keeps the GELU's input for the backward)
 - dgelu_aux (M,N): out = product * gelu'(dgelu_aux)        (CUBLASLT_EPILOGUE_DGELU:
                    the backward of the GELU applied to the GEMM giving its gradient)
+- a_row_sums (M,): also a_row_sums[i] = sum over k of op(a)[i, k], summed in fp32 and
+                   rounded once (CUBLASLT_EPILOGUE_BGRADB, cuBLAS's B being our a): for
+                   the weight gradient dweight = dout^T @ inp (transpose_a=True) these are
+                   the bias gradient's column sums of dout, computed by the GEMM that
+                   reads dout anyway instead of by a second pass over it. Overwrites
+                   (cuBLASLt has no accumulating form); no other epilogue with it.
 
 GELU is GPT-2's tanh approximation (llmcu/cpu/gelu.py's formulas under the emulator). All arrays bf16 (uint16 bit patterns) or all
 float32. The point is bytes: an unfused bias add reads and writes the output once
@@ -80,9 +86,11 @@ REDUCTION_SCHEME_COMPUTE_TYPE = 2  # split-K partial sums in fp32 only (not in b
 EPILOGUE_DEFAULT, EPILOGUE_BIAS = 1, 4
 EPILOGUE_GELU_AUX_BIAS = 32 | 128 | 4
 EPILOGUE_DGELU = 64 | 128
+EPILOGUE_BGRADB = 512
 EPILOGUE_GELU_AUX = 32 | 128
 EPILOGUE_NAMES = {EPILOGUE_DEFAULT: "DEFAULT", EPILOGUE_BIAS: "BIAS", EPILOGUE_GELU_AUX: "GELU_AUX",
-                  EPILOGUE_GELU_AUX_BIAS: "GELU_AUX_BIAS", EPILOGUE_DGELU: "DGELU"}
+                  EPILOGUE_GELU_AUX_BIAS: "GELU_AUX_BIAS", EPILOGUE_DGELU: "DGELU",
+                  EPILOGUE_BGRADB: "BGRADB"}
 WORKSPACE_BYTES = 32 * 1024 * 1024
 # autotuning (module doc): candidates asked of the heuristic, and runs of each (the warm-up
 # ones untimed; the median of the timed ones decides)
@@ -318,7 +326,7 @@ def tuning_lines(entries=None) -> list[str]:
     return lines
 
 
-def _check(fn, out, a, b, transpose_a, transpose_b, bias, gelu_aux, dgelu_aux, tune=False):
+def _check(fn, out, a, b, transpose_a, transpose_b, bias, gelu_aux, dgelu_aux, tune=False, a_row_sums=None):
     if not isinstance(tune, bool):
         raise TypeError(f"{fn}: tune must be a bool, got {type(tune).__name__}")
     be, dt, M, K, N = _check_gemm(fn, out, a, b, transpose_a, transpose_b, 2)
@@ -326,6 +334,11 @@ def _check(fn, out, a, b, transpose_a, transpose_b, bias, gelu_aux, dgelu_aux, t
         raise ValueError(f"{fn}: pass gelu_aux (forward) or dgelu_aux (backward), not both")
     if dgelu_aux is not None and bias is not None:
         raise ValueError(f"{fn}: dgelu_aux takes no bias (CUBLASLT_EPILOGUE_DGELU)")
+    if a_row_sums is not None:
+        if bias is not None or gelu_aux is not None or dgelu_aux is not None:
+            raise ValueError(f"{fn}: a_row_sums (CUBLASLT_EPILOGUE_BGRADB) takes no bias, gelu_aux "
+                             f"or dgelu_aux")
+        check_array(fn, "a_row_sums", a_row_sums, be, dtype=dt, shape=(M,))
     if bias is not None:
         check_array(fn, "bias", bias, be, dtype=dt, shape=(N,))
     for name, aux in (("gelu_aux", gelu_aux), ("dgelu_aux", dgelu_aux)):
@@ -335,7 +348,7 @@ def _check(fn, out, a, b, transpose_a, transpose_b, bias, gelu_aux, dgelu_aux, t
         raise ValueError(f"{fn}: the GELU epilogues need out's row length N to be a multiple of 8 "
                          f"(cuBLASLt's aux leading dimension), got N={N}")
     if tune:  # tuning reruns the GEMM: an input it overwrote would change the later runs
-        written = dict(out=out, gelu_aux=gelu_aux)
+        written = dict(out=out, gelu_aux=gelu_aux, a_row_sums=a_row_sums)
         read = dict(a=a, b=b, bias=bias, dgelu_aux=dgelu_aux)
         for wname, w in written.items():
             for rname, r in read.items():
@@ -367,19 +380,21 @@ def _capturing(be) -> bool:
 
 
 def lt_matmul(out, a, b, transpose_a=False, transpose_b=False, bias=None, gelu_aux=None,
-              dgelu_aux=None, tune=False):
+              dgelu_aux=None, a_row_sums=None, tune=False):
     """out = epilogue(op(a) @ op(b)) (module doc); every array fp32 or every array bf16.
     tune=True: the fastest of the heuristic's candidates for this key (module doc)."""
     be, dt, M, K, N = _check("lt_matmul", out, a, b, transpose_a, transpose_b, bias, gelu_aux,
-                             dgelu_aux, tune)
+                             dgelu_aux, tune, a_row_sums)
     if be.name == "emu":
-        be.run(_emu_lt_matmul, out, a, b, transpose_a, transpose_b, bias, gelu_aux, dgelu_aux)
+        be.run(_emu_lt_matmul, out, a, b, transpose_a, transpose_b, bias, gelu_aux, dgelu_aux, a_row_sums)
         return
     import cupy
     if gelu_aux is not None:
         epilogue, aux = EPILOGUE_GELU_AUX_BIAS if bias is not None else EPILOGUE_GELU_AUX, gelu_aux
     elif dgelu_aux is not None:
         epilogue, aux = EPILOGUE_DGELU, dgelu_aux
+    elif a_row_sums is not None:  # the bias-gradient vector goes where a bias would
+        epilogue, aux, bias = EPILOGUE_BGRADB, None, a_row_sums
     else:
         epilogue, aux = (EPILOGUE_BIAS if bias is not None else EPILOGUE_DEFAULT), None
     t = CUDA_R_16BF if dt == BF16 else CUDA_R_32F
@@ -451,13 +466,15 @@ def _alignment(*arrays) -> tuple:
 
 # -- the emulator's arithmetic --------------------------------------------------
 
-def _emu_lt_matmul(out, a, b, transpose_a, transpose_b, bias, gelu_aux, dgelu_aux):
+def _emu_lt_matmul(out, a, b, transpose_a, transpose_b, bias, gelu_aux, dgelu_aux, a_row_sums=None):
     from ..cpu.gelu import gelu_backward, gelu_forward
     from ..formats import bf16_bits_to_float32, float32_to_bf16_bits
     bf16 = out.dtype == BF16
     wide = (lambda x: bf16_bits_to_float32(x)) if bf16 else (lambda x: x)
     narrow = float32_to_bf16_bits if bf16 else (lambda x: x.astype(np.float32))
     pa, pb = wide(a), wide(b)
+    if a_row_sums is not None:  # fp32 sums over k of op(a)'s rows, one rounding
+        a_row_sums[...] = narrow((pa.T if transpose_a else pa).sum(axis=1, dtype=np.float32))
     product = ((pa.T if transpose_a else pa) @ (pb.T if transpose_b else pb)).astype(np.float32)
     if bias is not None:
         product += wide(bias)

@@ -164,7 +164,10 @@ class GPT2(MixedPrecisionAdamW):
     gemm: the linear layers' GEMM route (GEMM_LIBRARIES, "auto" picks); classifier_version:
     the fused classifier's kernel (llmcu/cuda/classifier.py VERSIONS, "auto" picks);
     fuse_residual: the residual adds fused into the layernorms (FUSED_RESIDUAL_OPS; False
-    runs them as separate kernels, for comparison).
+    runs them as separate kernels, for comparison); bias_epilogue: with gemm "cublaslt_all"
+    or "cublaslt_all_tuned", the bias gradients from the weight-gradient GEMMs (cuBLASLt's
+    BGRADB epilogue) instead of the bias kernels, when those GEMMs overwrite (the first
+    micro-step); not measured on a GPU yet, so off by default.
     dtype "fp32" or "bf16" (module doc); params: float32 values (a bf16 model rounds
     them to nearest for its bf16 copy and keeps them as the fp32 master copy), or, for
     dtype "bf16" only, a uint16 array of bf16 bits, which the model then shares."""
@@ -173,11 +176,15 @@ class GPT2(MixedPrecisionAdamW):
 
     def __init__(self, config: GPT2Config, params=None, seed: int = 42, device: str = "cuda",
                  attention: str = DEFAULT_ATTENTION, dtype: str = "fp32", master_weights: bool = True,
-                 flash_version="auto", gemm="auto", classifier_version="auto", fuse_residual=True):
+                 flash_version="auto", gemm="auto", classifier_version="auto", fuse_residual=True,
+                 bias_epilogue=False):
         _check_attention("GPT2", attention)
         if not isinstance(fuse_residual, bool):
             raise TypeError(f"GPT2: fuse_residual must be a bool, got {type(fuse_residual).__name__}")
         self.fuse_residual = fuse_residual
+        if not isinstance(bias_epilogue, bool):
+            raise TypeError(f"GPT2: bias_epilogue must be a bool, got {type(bias_epilogue).__name__}")
+        self.bias_epilogue = bias_epilogue
         if classifier_version not in CLASSIFIER_VERSIONS + ("auto",):
             raise ValueError(f"GPT2: classifier_version must be one of {CLASSIFIER_VERSIONS} or 'auto', "
                              f"got {classifier_version!r}")
@@ -277,7 +284,10 @@ class GPT2(MixedPrecisionAdamW):
             ops["matmul_gelu_forward"] = functools.partial(matmul_gelu_forward, gemm_library=lib)
             ops["matmul_dgelu_backward"] = functools.partial(matmul_dgelu_backward, gemm_library=lib)
             if lib in LT_ALL:
-                ops["matmul_backward"] = functools.partial(ops["matmul_backward"], gemm_library=lib)
+                ops["matmul_backward"] = functools.partial(ops["matmul_backward"], gemm_library=lib,
+                                                           bias_epilogue=self.bias_epilogue)
+                ops["matmul_dgelu_backward"] = functools.partial(matmul_dgelu_backward, gemm_library=lib,
+                                                                 bias_epilogue=self.bias_epilogue)
         return SimpleNamespace(**ops)
 
     def _backward_scratch(self, B, T):
@@ -315,4 +325,4 @@ class GPT2(MixedPrecisionAdamW):
         return GPT2(self.config, self.params, device=self.device, attention=self.attention,
                     dtype=self.dtype, master_weights=False, flash_version=self.flash_version,
                     gemm=self.gemm, classifier_version=self.classifier_version,
-                    fuse_residual=self.fuse_residual)
+                    fuse_residual=self.fuse_residual, bias_epilogue=self.bias_epilogue)

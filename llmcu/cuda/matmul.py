@@ -85,9 +85,13 @@ def matmul_forward(out, inp, weight, bias=None, gemm_library="cublas"):
 
 
 def matmul_backward(dinp, dweight, dbias, dout, inp, weight, accumulate_weight=True, version=2,
-                    gemm_library="cublas"):
+                    gemm_library="cublas", bias_epilogue=False):
     """gemm_library "cublaslt_all" (or "cublaslt_all_tuned"): dinp's GEMM, and dweight's when
-    it overwrites, on cuBLASLt (GEMM_LIBRARIES); otherwise cuBLAS."""
+    it overwrites, on cuBLASLt (GEMM_LIBRARIES); otherwise cuBLAS. bias_epilogue=True: where
+    dweight's GEMM is that cuBLASLt one (it overwrites), dbias comes from the same GEMM
+    (cuBLASLt's BGRADB epilogue: dout's column sums while it streams dout, fp32, one
+    rounding) instead of the bias kernels' second pass over dout; elsewhere the kernels run.
+    Not measured on a GPU yet."""
     if version not in BIAS_BACKWARD_VERSIONS:
         raise ValueError(f"matmul_backward: version must be one of {BIAS_BACKWARD_VERSIONS}, "
                          f"got {version!r}")
@@ -105,7 +109,10 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, accumulate_weight=T
     # accumulate_weight=False (the first backward after zero_grad): dweight and dbias are
     # overwritten, so the GEMM writes dweight directly (bf16: no fp32 temporary + add pass)
     if lt and not accumulate_weight:
-        lt_matmul(dweight, dout2, inp2, transpose_a=True, tune=tune)
+        fused_bias = bias_epilogue and dbias is not None
+        lt_matmul(dweight, dout2, inp2, transpose_a=True, tune=tune, a_row_sums=dbias if fused_bias else None)
+        if fused_bias:
+            return
     else:
         gemm(dweight, dout2, inp2, transpose_a=True, accumulate=accumulate_weight)
     if dbias is not None:
@@ -129,11 +136,12 @@ def matmul_gelu_forward(out, pre, inp, weight, bias=None, gemm_library="cublaslt
 
 
 def matmul_dgelu_backward(dpre, dweight, dbias, dout, inp, weight, pre, accumulate_weight=True,
-                          version=2, gemm_library="cublaslt"):
+                          version=2, gemm_library="cublaslt", bias_epilogue=False):
     """matmul_backward of the layer after a GELU, whose input gradient then goes through the
     GELU's backward: dpre = (dout @ weight) * gelu'(pre) (the activation gradient is
     overwritten), dweight/dbias as matmul_backward. "cublaslt": dpre from one GEMM with
-    cuBLASLt's DGELU epilogue; "cublas": the GEMM into a scratch buffer, then gelu_backward."""
+    cuBLASLt's DGELU epilogue; "cublas": the GEMM into a scratch buffer, then gelu_backward.
+    bias_epilogue: as matmul_backward's."""
     _check_library("matmul_dgelu_backward", gemm_library)
     be = backend_of(inp)
     N, C, OC, _ = _check("matmul_dgelu_backward", be, inp, weight, dinp=dpre, dout=dout)
@@ -146,7 +154,7 @@ def matmul_dgelu_backward(dpre, dweight, dbias, dout, inp, weight, pre, accumula
         gemm(dact.reshape(N, C), dout.reshape(N, OC), weight)
         gelu_backward(dpre, dact, pre, version="auto")
     matmul_backward(None, dweight, dbias, dout, inp, weight, accumulate_weight, version,
-                    gemm_library=gemm_library)
+                    gemm_library=gemm_library, bias_epilogue=bias_epilogue)
 
 
 def matmul_bias_backward(dbias, dout, accumulate=True, version=2):
