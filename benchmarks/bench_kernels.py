@@ -327,13 +327,14 @@ def test_softmax_forward(benchmark, ceilings, dtype):
                  lambda: softmax_forward(probs, logits, V), N * Vp * (s + 4))
 
 
+@pytest.mark.parametrize("version", [1, 2])  # 2: 16-byte loads
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_global_norm(benchmark, ceilings, dtype):
+def test_global_norm(benchmark, ceilings, dtype, version):
     from llmcu.cuda.adamw import global_norm
     s = np.dtype(dtype).itemsize
     g = _rand((NPARAMS,), dtype)
-    report_bytes(benchmark, ceilings, f"global_norm_squared_kernel1 {_name(dtype)} (+ host sum)",
-                 lambda: global_norm(g), NPARAMS * s)
+    report_bytes(benchmark, ceilings, f"global_norm_squared_kernel{version} {_name(dtype)} (+ finish, host read)",
+                 lambda: global_norm(g, version=version), NPARAMS * s)
 
 
 @pytest.mark.parametrize("version", [None, 3])  # None: kernel1 (fp32) or kernel2 (bf16)

@@ -231,6 +231,42 @@ def test_global_norm_device(dev, dtype, n):
     assert dev.get(scale)[0] < 0.51
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [3, 7, 8, 9, 70001])
+@pytest.mark.parametrize("version", [1, 2])
+def test_global_norm_versions(dev, dtype, n, version, monkeypatch):
+    """Version 2 (16-byte loads, the tail past the last whole packet added by block 0)
+    against the float64 norm, for sizes with no packet, a whole packet, a packet and a
+    tail; the tolerance and what a missing or doubled element does as above. The kernel
+    launched is the version asked for; "auto" takes 2 for an aligned array and 1 for one
+    at an odd offset, and an explicit 2 on such an array is refused."""
+    from llmcu.cuda import runtime
+    rng = np.random.default_rng(n)
+    g = rand(rng, n + 1)
+    g = to_bits(g) if dtype == np.uint16 else g
+    g_f = to_f32(g) if dtype == np.uint16 else g
+    want = math.sqrt(float(np.sum(g_f[:n].astype(np.float64) ** 2)))
+    launched = []
+    real = runtime.Backend.launch
+    monkeypatch.setattr(runtime.Backend, "launch", lambda self, stem, kernel, *a, **kw: (
+        launched.append(kernel), real(self, stem, kernel, *a, **kw))[1])
+    dg = dev.put(g)
+    norm = dev.poisoned((1,), np.float64)
+    k.global_norm_device(dg[:n], norm, dev.poisoned((1,), np.float32), version=version)
+    assert_close("norm", float(dev.get(norm)[0]), want, atol=0.0, rtol=1e-5)
+    assert launched[0] == f"global_norm_squared_kernel{version}", launched
+    launched.clear()
+    k.global_norm_device(dg[1:], norm, dev.poisoned((1,), np.float32))  # odd offset: auto -> 1
+    want_shifted = math.sqrt(float(np.sum(g_f[1:].astype(np.float64) ** 2)))
+    assert_close("norm (offset)", float(dev.get(norm)[0]), want_shifted, atol=0.0, rtol=1e-5)
+    assert launched[0] == "global_norm_squared_kernel1", launched
+    if version == 2:
+        with pytest.raises(ValueError, match="global_norm_device: the 16-byte-load version needs grads 16-byte aligned"):
+            k.global_norm_device(dg[1:], norm, dev.poisoned((1,), np.float32), version=2)
+        with pytest.raises(ValueError, match=r"global_norm_device: version must be one of \(1, 2\) or 'auto', got 3"):
+            k.global_norm_device(dg, norm, dev.poisoned((1,), np.float32), version=3)
+
+
 # ------------------------------------------------------------------ bad arguments
 
 def _small():

@@ -44,7 +44,10 @@ NORM_BLOCK = 1024
 NORM_GRID = 264   # at most 2 blocks per SM of a 132-SM H100; fixed per size, so the sum order is fixed
 
 
-def global_norm_device(grads, norm, grad_scale, grad_clip=None):
+NORM_VERSIONS = (1, 2)
+
+
+def global_norm_device(grads, norm, grad_scale, grad_clip=None, version="auto"):
     """sqrt(sum g^2) into norm[0] (float64, shape (1,)) and the clipping factor
     clip_scale(norm, grad_clip) into grad_scale[0] (float32, shape (1,); any
     contiguous view, e.g. hyper[3:4] of adamw_multi_tensor's hyper), both on the
@@ -52,7 +55,9 @@ def global_norm_device(grads, norm, grad_scale, grad_clip=None):
     thread sums them in float64 in index order and does clip_scale's arithmetic
     (global_norm_finish_kernel1). No host sync; nothing is allocated after the
     first call for a given grads size (the partials are a runtime.scratch buffer),
-    so a CUDA graph can capture it. grad_clip None or <= 0: no clipping (scale 1)."""
+    so a CUDA graph can capture it. grad_clip None or <= 0: no clipping (scale 1).
+    version: 1 (one element per load), 2 (16-byte loads; needs grads 16-byte aligned, any
+    size), "auto" (2 where it applies)."""
     fn = "global_norm_device"
     be = backend_of(grads)
     dt = floatx_dtype(fn, "grads", grads)
@@ -64,22 +69,30 @@ def global_norm_device(grads, norm, grad_scale, grad_clip=None):
     clip = 0.0 if grad_clip is None else float(grad_clip)
     if np.isnan(clip):
         raise ValueError(f"{fn}: grad_clip must be a number or None, got {grad_clip!r}")
-    grid, block = launch_config(min(grads.size, NORM_GRID * NORM_BLOCK), NORM_BLOCK)
+    if version not in NORM_VERSIONS + ("auto",):
+        raise ValueError(f"{fn}: version must be one of {NORM_VERSIONS} or 'auto', got {version!r}")
+    aligned = vectorizable(16 // grads.dtype.itemsize, dict(grads=grads))  # alignment only: a tail is fine
+    if version == "auto":
+        version = 2 if aligned else 1
+    if version == 2 and not aligned:
+        check_vectorized(fn, 16 // grads.dtype.itemsize, dict(grads=grads))  # raises, naming the address
+    work = grads.size if version == 1 else max(1, grads.size // (16 // grads.dtype.itemsize))
+    grid, block = launch_config(min(work, NORM_GRID * NORM_BLOCK), NORM_BLOCK)
     partial = scratch(be, "global_norm_partial", grid, np.float32)
-    be.launch("global_norm", "global_norm_squared_kernel1", grid, block,
+    be.launch("global_norm", f"global_norm_squared_kernel{version}", grid, block,
               (partial, grads, i64(grads.size)), floatX=FLOATX_NAMES[dt])
     one_grid, one_block = launch_config(1, block=1)
     be.launch("global_norm", "global_norm_finish_kernel1", one_grid, one_block,
               (norm, grad_scale, partial, i32(grid[0]), np.float64(clip)))
 
 
-def global_norm(grads):
+def global_norm(grads, version="auto"):
     """sqrt(sum g^2) as a Python float: global_norm_device into scratch buffers and
     one device-to-host read, so the eager norm and a graph's are computed alike."""
     be = backend_of(grads)
     norm = scratch(be, "global_norm_norm", (1,), np.float64)
     grad_scale = scratch(be, "global_norm_scale", (1,), np.float32)
-    global_norm_device(grads, norm, grad_scale)
+    global_norm_device(grads, norm, grad_scale, version=version)
     return float(norm.get()[0] if be.name == "cuda" else norm[0])
 
 
