@@ -208,6 +208,34 @@ def test_layernorm_backward(benchmark, ceilings, dtype, version):
                  3 * N * C * s + 2 * N * 4 + 5 * C * s)
 
 
+# The residual adds fused into the layernorms (what GPT-2's step runs since the fusions):
+# the forward reads inp1, inp2 and writes the residual, the normalised row and the stats;
+# the backward reads dout, inp, dres and writes dres (bias kernels' partial sums not counted).
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_layernorm_forward(benchmark, ceilings, dtype):
+    from llmcu.cuda.layernorm import residual_layernorm_forward
+    s = np.dtype(dtype).itemsize
+    a, b2, w, bias = _rand((B, T, C), dtype), _rand((B, T, C), dtype), _rand((C,), dtype), _rand((C,), dtype)
+    res, out = _empty((B, T, C), dtype), _empty((B, T, C), dtype)
+    mean, rstd = _empty((B, T), np.float32), _empty((B, T), np.float32)
+    report_bytes(benchmark, ceilings, f"residual_layernorm_forward_kernel1 (auto) {_name(dtype)}",
+                 lambda: residual_layernorm_forward(res, out, mean, rstd, a, b2, w, bias),
+                 4 * N * C * s + 2 * N * 4 + 2 * C * s)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layernorm_backward_add(benchmark, ceilings, dtype):
+    import cupy
+    from llmcu.cuda.layernorm import layernorm_backward_add
+    s = np.dtype(dtype).itemsize
+    x, w, dout, dres = _rand((B, T, C), dtype), _rand((C,), dtype), _rand((B, T, C), dtype), _rand((B, T, C), dtype)
+    dw, db = _rand((C,), dtype, 0.0), _rand((C,), dtype, 0.0)
+    mean, rstd = cupy.zeros((B, T), np.float32), cupy.ones((B, T), np.float32)
+    report_bytes(benchmark, ceilings, f"layernorm_backward_add (row + param kernels) {_name(dtype)}",
+                 lambda: layernorm_backward_add(dres, dw, db, dout, x, w, mean, rstd),
+                 4 * N * C * s + 2 * N * 4 + 5 * C * s)
+
+
 MATMULS = [pytest.param(3 * C, C, id="qkv"), pytest.param(C, C, id="attproj"),
            pytest.param(4 * C, C, id="fc"), pytest.param(C, 4 * C, id="fcproj")]
 
