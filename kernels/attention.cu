@@ -1228,6 +1228,42 @@ extern "C" __global__ void attention_flash_backward_dq_kernel4(bf16* __restrict_
     flash3_backward_dq<2>(dqkv, dout, qkv, lse, D, B, T, NH, NKV, hs, scale);
 }
 
+// One step of the dK/dV backward for this warp's 16 key rows (k0, k0 + 8 on this lane) and a
+// 64-row query tile starting at q_base: S^T = K Q^T and dP^T = V dO^T (kf, vf: K's and V's A
+// fragments), P = exp(S scale - lse) (0 above the diagonal when diag), dS^T = P (dP - D)
+// without the scale, dV += P^T dO, dK += dS^T Q. dsf gets dS^T's bf16 A fragments (version
+// 5's dQ product reuses them). lse_s (in log2 units) and D_s: the tile's 64 rows.
+__device__ __forceinline__ void flash3_dkdv_tile(float (*dk)[4], float (*dv)[4], unsigned (*dsf)[4],
+                                                 const unsigned (*kf)[4], const unsigned (*vf)[4],
+                                                 const flash3_tile Qs, const flash3_tile dOs,
+                                                 const float* lse_s, const float* D_s, bool diag,
+                                                 int q_base, int k0, float sl2) {
+    const int t = threadIdx.x % WARP_SIZE % 4;
+    float s[FLASH3_TILE / 8][4], dp[FLASH3_TILE / 8][4];  // transposed: rows = keys, columns = queries
+#pragma unroll
+    for (int nt = 0; nt < FLASH3_TILE / 8; nt++) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+    }
+    flash3_mma_abt(s, kf, Qs);    // S^T = K Q^T
+    flash3_mma_abt(dp, vf, dOs);  // dP^T = V dO^T
+#pragma unroll
+    for (int nt = 0; nt < FLASH3_TILE / 8; nt++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int c = nt * 8 + 2 * t + (i & 1);
+            const int q = q_base + c, key = k0 + 8 * (i / 2);
+            const float p = (diag && key > q) ? 0.0f : exp2f(s[nt][i] * sl2 - lse_s[c]);
+            s[nt][i] = p;
+            dp[nt][i] = p * (dp[nt][i] - D_s[c]);  // dS^T (without the scale)
+        }
+    }
+    flash3_acc_to_a(dsf, s);
+    flash3_mma_ab(dv, dsf, dOs);  // dV += P^T dO
+    flash3_acc_to_a(dsf, dp);
+    flash3_mma_ab(dk, dsf, Qs);   // dK += dS^T Q
+}
+
 template <int STAGES>
 __device__ __forceinline__ void flash3_backward_dkdv(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
                                                      const bf16* __restrict__ qkv, const float* __restrict__ lse,
@@ -1242,7 +1278,7 @@ __device__ __forceinline__ void flash3_backward_dkdv(bf16* __restrict__ dqkv, co
     const int group = NH / NKV;
     const long long W = (long long)(NH + 2 * NKV) * FLASH3_HS, WO = (long long)NH * FLASH3_HS;
     const bf16* base = qkv + (long long)b * T * W;
-    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4, t = lane % 4;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4;
     const int k0 = ktile * FLASH3_TILE + warp * 16 + g;  // this lane's key rows: k0 and k0 + 8
     const int ntiles = gridDim.x;
     const float sl2 = scale * FLASH3_LOG2E;
@@ -1291,36 +1327,8 @@ __device__ __forceinline__ void flash3_backward_dkdv(bf16* __restrict__ dqkv, co
         }
         if (STAGES == 2 && step + 1 < steps) { flash3_cp_wait_prev(); } else { flash3_cp_wait(); }
         __syncthreads();
-        {
-            flash3_tile& Qs = Qb[buf];
-            flash3_tile& dOs = dOb[buf];
-
-            float s[FLASH3_TILE / 8][4], dp[FLASH3_TILE / 8][4];  // transposed: rows = keys, columns = queries
-#pragma unroll
-            for (int nt = 0; nt < FLASH3_TILE / 8; nt++) {
-                s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-                dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
-            }
-            flash3_mma_abt(s, kf, Qs);    // S^T = K Q^T
-            flash3_mma_abt(dp, vf, dOs);  // dP^T = V dO^T
-            const bool diag = qt == ktile;
-            unsigned pf[FLASH3_TILE / 16][4];
-#pragma unroll
-            for (int nt = 0; nt < FLASH3_TILE / 8; nt++) {
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int c = nt * 8 + 2 * t + (i & 1);
-                    const int q = qt * FLASH3_TILE + c, key = k0 + 8 * (i / 2);
-                    const float p = (diag && key > q) ? 0.0f : exp2f(s[nt][i] * sl2 - lse_s[c]);
-                    s[nt][i] = p;
-                    dp[nt][i] = p * (dp[nt][i] - D_s[c]);  // dS^T (without the scale)
-                }
-            }
-            flash3_acc_to_a(pf, s);
-            flash3_mma_ab(dv, pf, dOs);  // dV += P^T dO
-            flash3_acc_to_a(pf, dp);
-            flash3_mma_ab(dk, pf, Qs);   // dK += dS^T Q
-        }
+        unsigned dsf[FLASH3_TILE / 16][4];
+        flash3_dkdv_tile(dk, dv, dsf, kf, vf, Qb[buf], dOb[buf], lse_s, D_s, qt == ktile, qt * FLASH3_TILE, k0, sl2);
         if (STAGES == 2) { __syncthreads(); }  // every warp done with buf, lse_s, D_s before the refill
     }
     bf16* dst = dqkv + (long long)b * T * W;
@@ -1485,31 +1493,10 @@ __device__ __forceinline__ void flash5_backward(bf16* __restrict__ dqkv, float* 
         flash3_cp_wait();
         __syncthreads();
 
-        float s[FLASH3_TILE / 8][4], dp[FLASH3_TILE / 8][4];  // transposed: rows = keys, columns = queries
-#pragma unroll
-        for (int nt = 0; nt < FLASH3_TILE / 8; nt++) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
-        }
-        flash3_mma_abt(s, kf, Qs);    // S^T = K Q^T
-        flash3_mma_abt(dp, vf, dOs);  // dP^T = V dO^T
-        const bool diag = qt * FLASH3_TILE < kstart + NKEY;  // a key of this block may follow a query
-#pragma unroll
-        for (int nt = 0; nt < FLASH3_TILE / 8; nt++) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int c = nt * 8 + 2 * t + (i & 1);
-                const int q = qt * FLASH3_TILE + c, key = k0 + 8 * (i / 2);
-                const float p = (diag && key > q) ? 0.0f : exp2f(s[nt][i] * sl2 - lse_s[c]);
-                s[nt][i] = p;
-                dp[nt][i] = p * (dp[nt][i] - D_s[c]);  // dS^T (without the scale)
-            }
-        }
-        unsigned pf[FLASH3_TILE / 16][4];
-        flash3_acc_to_a(pf, s);
-        flash3_mma_ab(dv, pf, dOs);  // dV += P^T dO
-        flash3_acc_to_a(pf, dp);
-        flash3_mma_ab(dk, pf, Qs);   // dK += dS^T Q
+        unsigned pf[FLASH3_TILE / 16][4];  // dS^T's A fragments
+        // diag: a key of this block may follow a query of the tile
+        flash3_dkdv_tile(dk, dv, pf, kf, vf, Qs, dOs, lse_s, D_s, qt * FLASH3_TILE < kstart + NKEY,
+                         qt * FLASH3_TILE, k0, sl2);
 #pragma unroll
         for (int kk = 0; kk < FLASH3_TILE / 16; kk++) {  // dS^T (bf16, as dK used it) to shared
             flash3_store2(&dSs[warp * 16 + g][kk * 16 + 2 * t], pf[kk][0]);

@@ -16,3 +16,18 @@ def shared_dir() -> Path:
             pytest.fail(f"shared data directory {path} not found (CI is set); set LLMCU_SHARED_DIR")
         pytest.skip(f"shared data directory {path} not found; set LLMCU_SHARED_DIR to it")
     return path
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The names of the kernels launched during the test, in order (a spy on
+    llmcu.cuda.runtime.Backend.launch, patched on the class so no instance keeps it)."""
+    from llmcu.cuda import runtime
+    names = []
+    real = runtime.Backend.launch
+
+    def spy(self, stem, kernel, *args, **kwargs):
+        names.append(kernel)
+        return real(self, stem, kernel, *args, **kwargs)
+    monkeypatch.setattr(runtime.Backend, "launch", spy)
+    return names

@@ -12,19 +12,7 @@ import pytest
 
 from helpers import assert_close
 from llmcu.cpu import gelu as cpu_gelu
-from llmcu.cuda import gelu, residual, runtime
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    names = []
-    real = runtime.Backend.launch
-
-    def spy(self, stem, kernel, *args, **kwargs):
-        names.append(kernel)
-        return real(self, stem, kernel, *args, **kwargs)
-    monkeypatch.setattr(runtime.Backend, "launch", spy)
-    return names
+from llmcu.cuda import gelu, residual
 
 
 def _misaligned(a):

@@ -11,23 +11,10 @@ import pytest
 
 from llmcu.config import GPT2Config
 from llmcu.cpu.gpt2 import init_parameters
-from llmcu.cuda import runtime
 from llmcu.cuda.gpt2 import GPT2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_gpu_step  # noqa: E402
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    names = []
-    real = runtime.Backend.launch
-
-    def spy(self, stem, kernel, *args, **kwargs):
-        names.append(kernel)
-        return real(self, stem, kernel, *args, **kwargs)
-    monkeypatch.setattr(runtime.Backend, "launch", spy)
-    return names
 
 
 def _steps(model, batches, n=3):

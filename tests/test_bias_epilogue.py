@@ -13,7 +13,7 @@ import pytest
 from helpers import KERNEL_BACKENDS, Device, assert_close
 from llmcu.config import GPT2Config
 from llmcu.cpu.gpt2 import init_parameters
-from llmcu.cuda import cublaslt, matmul, runtime
+from llmcu.cuda import cublaslt, matmul
 from llmcu.formats import bf16_bits_to_float32, float32_to_bf16_bits
 
 BF16_TOL = dict(atol=2.0 ** -7, rtol=2.0 ** -7)   # one bf16 rounding of each side, + order
@@ -36,18 +36,6 @@ def _get(dev, a):
 
 def _poison(dev, shape, dtype):
     return _put(dev, np.full(shape, np.nan, np.float32), dtype)
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    names = []
-    real = runtime.Backend.launch
-
-    def spy(self, stem, kernel, *args, **kwargs):
-        names.append(kernel)
-        return real(self, stem, kernel, *args, **kwargs)
-    monkeypatch.setattr(runtime.Backend, "launch", spy)
-    return names
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
