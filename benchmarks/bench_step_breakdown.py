@@ -424,7 +424,7 @@ def print_report(result, log=print):
 
 def run_breakdown(config, B, T, dtype="bf16", device="cuda", steps=10, profile_steps=3,
                   warmup=2, ceilings=None, seed=42, model_name="custom", flash_version="auto",
-                  gemm="auto"):
+                  gemm="auto", classifier_version="auto", fuse_residual=True, bias_epilogue=False):
     """Build the kernel GPT-2, warm up, time the uninstrumented and the instrumented
     steps; returns the result dict (the JSON). ceilings: a dict as measure_ceilings's,
     or None (not measured)."""
@@ -438,7 +438,9 @@ def run_breakdown(config, B, T, dtype="bf16", device="cuda", steps=10, profile_s
     rng = np.random.default_rng(0)
     x = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
     y = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
-    model = GPT2(config, params, device=device, dtype=dtype, flash_version=flash_version, gemm=gemm)
+    model = GPT2(config, params, device=device, dtype=dtype, flash_version=flash_version, gemm=gemm,
+                 classifier_version=classifier_version, fuse_residual=fuse_residual,
+                 bias_epilogue=bias_epilogue)
     step = 0
     for _ in range(warmup):
         step += 1
@@ -462,7 +464,8 @@ def run_breakdown(config, B, T, dtype="bf16", device="cuda", steps=10, profile_s
     ops = aggregate(calls, step_instr, ceilings, dtype)
     return {
         "card": card, "device": device, "model": model_name, "dtype": dtype, "B": B, "T": T,
-        "flash_version": flash_version, "gemm": model.gemm,
+        "flash_version": flash_version, "gemm": model.gemm, "classifier_version": classifier_version,
+        "fuse_residual": fuse_residual, "bias_epilogue": bias_epilogue,
         "config": {"num_layers": config.num_layers, "channels": config.channels,
                    "num_heads": config.num_heads, "vocab_size": config.vocab_size,
                    "padded_vocab_size": config.padded_vocab_size},
@@ -494,6 +497,13 @@ def main(argv=None) -> int:
     ap.add_argument("--gemm", default="auto", choices=["auto", "cublas", "cublaslt", "cublaslt_all",
                                                    "cublaslt_tuned", "cublaslt_all_tuned"],
                     help="the linear layers' GEMM library (GPT2(gemm=))")
+    ap.add_argument("--classifier-version", default="auto", choices=["auto", "1", "2", "3"],
+                    help="the fused classifier's kernel (GPT2(classifier_version=))")
+    ap.add_argument("--no-fuse-residual", action="store_true",
+                    help="the residual adds as separate kernels (GPT2(fuse_residual=False))")
+    ap.add_argument("--bias-epilogue", action="store_true",
+                    help="bias gradients from cuBLASLt's BGRADB epilogue (GPT2(bias_epilogue=True); "
+                         "with --gemm cublaslt_all[_tuned])")
     for flag in ("num-layers", "channels", "num-heads", "vocab-size"):
         ap.add_argument(f"--{flag}", type=int, default=None,
                         help="override the descriptor's value (a tiny model for tests)")
@@ -515,7 +525,10 @@ def main(argv=None) -> int:
     result = run_breakdown(config, a.batch_size, a.seq_len, a.dtype, a.device, a.steps,
                            a.profile_steps, a.warmup, ceilings, model_name=name,
                            flash_version=a.flash_version if a.flash_version == "auto" else int(a.flash_version),
-                           gemm=a.gemm)
+                           gemm=a.gemm,
+                           classifier_version=a.classifier_version if a.classifier_version == "auto"
+                           else int(a.classifier_version),
+                           fuse_residual=not a.no_fuse_residual, bias_epilogue=a.bias_epilogue)
     result["args"] = vars(a)
     print_report(result)
     if a.json:
