@@ -53,9 +53,11 @@
 //      barrier more per tile. The same arithmetic in the same order as version 3 (the
 //      kernels are one template, flash3_*<STAGES>), so the same results. Static shared
 //      memory: forward 45 KiB, dq 36 KiB, dkdv 36.5 KiB. Speed not measured on a GPU yet.
-//      The emulator checks its indexing, not its barriers: copies there complete when
-//      issued, and removing the end-of-tile barrier passed every emulated test in all
-//      three fiber orders (checked by hand), so a missing barrier shows only on a GPU.
+//      Copies complete when issued under the emulator, so its default fiber orders (which
+//      keep warps in step at every shuffle) missed a removed end-of-tile barrier; the
+//      warp-serial orders (LLMCU_EMU_ORDER=warps|warps-reverse: each warp alone up to its
+//      next __syncthreads) catch each of the three (tests/test_flash_attention_v3.py,
+//      test_barriers_under_warp_serial_orders; checked by hand).
 #include "common.cuh"
 
 extern "C" __global__ void attention_permute_kernel1(floatX* __restrict__ q,

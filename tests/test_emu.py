@@ -135,6 +135,19 @@ extern "C" __global__ void run_order(int* out, int* counter) {
     out[threadIdx.x] = atomicAdd(counter, 1);
 }
 
+// Each warp writes its 32 values to shared memory and reads the other warp's 32 after two
+// shuffles (warp operations, as in an emulated mma), with (fixed = 1) or without (fixed = 0)
+// the __syncthreads that must come between: two warps of 32, block 64.
+extern "C" __global__ void cross_warp_read(float* out, const float* x, int fixed) {
+    __shared__ float buf[64];
+    const int t = threadIdx.x;
+    buf[t] = x[t];
+    if (fixed) { __syncthreads(); }
+    float v = __shfl_xor_sync(0xffffffff, x[t], 1);
+    v = __shfl_xor_sync(0xffffffff, v, 1);  // x[t] again
+    out[t] = buf[(t + 32) % 64] + (v - x[t]);
+}
+
 extern "C" __global__ void bf16_round(__nv_bfloat16* out, const float* x, float* back, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
@@ -333,6 +346,42 @@ def test_run_order_env(mod, monkeypatch):
         out = np.full(64, -1, np.int32)
         k(1, 64, (out, np.zeros(1, np.int32)))
         assert check(out), (order, out)
+
+
+def test_run_order_warp_serial(mod, monkeypatch):
+    """warps: warp 0's lanes, then warp 1's (no shuffles here, so as the default order);
+    warps-reverse: warp 1 first. An unknown order is refused, naming the ones there are."""
+    k = mod.get_function("run_order")
+    for order, want in [("warps", np.arange(64)),
+                        ("warps-reverse", np.r_[np.arange(32, 64), np.arange(32)])]:
+        monkeypatch.setenv("LLMCU_EMU_ORDER", order)
+        out = np.full(64, -1, np.int32)
+        k(1, 64, (out, np.zeros(1, np.int32)))
+        assert (out == want).all(), (order, out)
+    monkeypatch.setenv("LLMCU_EMU_ORDER", "sideways")
+    with pytest.raises(EmuError, match="LLMCU_EMU_ORDER must be forward, reverse, random, warps or "
+                                       "warps-reverse, got 'sideways'"):
+        k(1, 64, (np.zeros(64, np.int32), np.zeros(1, np.int32)))
+
+
+@pytest.mark.parametrize("order", ["", "reverse", "random", "warps", "warps-reverse"])
+def test_missing_barrier_between_warps(mod, monkeypatch, order):
+    """A warp reading another warp's shared-memory writes without a __syncthreads: the
+    warp-serial orders run each warp alone to its barrier, so the reader finds the unwritten
+    (NaN-filled) values and the bug shows; the default orders keep the warps in step at the
+    shuffles, and the values happen to be there. With the barrier every order is right."""
+    monkeypatch.setenv("LLMCU_EMU_ORDER", order)
+    x = rng().standard_normal(64).astype(np.float32)
+    k = mod.get_function("cross_warp_read")
+    out = np.full(64, -1.0, np.float32)
+    k(1, 64, (out, x, np.int32(1)))
+    np.testing.assert_array_equal(out, np.roll(x, -32))
+    out = np.full(64, -1.0, np.float32)
+    k(1, 64, (out, x, np.int32(0)))
+    if order.startswith("warps"):
+        assert np.isnan(out).sum() == 32, out  # the warp that ran first read nothing written
+    elif order != "random":  # (random may or may not: its interleaving varies)
+        np.testing.assert_array_equal(out, np.roll(x, -32))  # what the lockstep orders miss
 
 
 def bf16_rne(x: np.ndarray) -> np.ndarray:

@@ -168,6 +168,21 @@ def test_flash_kernel5_launches(version):
                        "attention_flash_backward_dq_convert_kernel5"], kernels
 
 
+@pytest.mark.parametrize("order", ["warps", "warps-reverse"])
+@pytest.mark.parametrize("version", [3, 4, 5, 6])
+def test_barriers_under_warp_serial_orders(monkeypatch, order, version):
+    """The emulator's warp-serial orders (LLMCU_EMU_ORDER=warps|warps-reverse: each warp runs
+    alone up to its next __syncthreads) make a missing barrier between warps visible: a
+    warp reads shared tiles other warps have not written yet, or overwrites ones they have
+    not read. T = 255: four tiles, so version 4's double buffers are each refilled, and a
+    grouped-query head pair. Removing any one of version 4's three end-of-tile barriers, or
+    version 5's barrier before the dQ product, fails this test (checked by hand); the
+    default order passes all four."""
+    monkeypatch.setenv("LLMCU_EMU_ORDER", order)
+    check_bf16_against_simple(f"flash{version} T=255 {order}", Device("emu"), 1, 255, 2, 1, 64, seed=11,
+                              version=version)
+
+
 def test_flash_kernel3_rejects_bad_input():
     from llmcu.cuda import attention as k
     lse = np.zeros((1, 2, 4), np.float32)

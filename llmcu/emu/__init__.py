@@ -27,7 +27,11 @@ Environment:
   LLMCU_EMU_STACK    fiber stack size in bytes, e.g. 256K (default 64K); a
                      stack overflow hits a guard page and kills the process
   LLMCU_EMU_ORDER    reverse|random: run a block's fibers in another order,
-                     which exposes missing barriers before shared-memory reuse
+                     which exposes missing barriers before shared-memory reuse;
+                     warps|warps-reverse: run each warp alone up to its next
+                     __syncthreads (first to last, or last to first), which
+                     exposes missing barriers between warps (the other orders
+                     keep warps in step at every shuffle)
   LLMCU_EMU_ASAN=1   build with AddressSanitizer (out-of-bounds accesses are
                      reported with the .cu line); the Python process must
                      preload it: LD_PRELOAD=$(g++ -print-file-name=libasan.so)

@@ -9,6 +9,17 @@
 // LLMCU_EMU_ORDER=reverse|random). The last fiber to reach a barrier releases
 // it and runs on. No runnable fiber while some are still alive is a deadlock.
 //
+// In those orders the warps advance together: every warp operation (a shuffle
+// inside an emulated mma, say) hands over to the next warp, so a warp seldom
+// runs far ahead of the others and a missing __syncthreads between one warp's
+// shared-memory writes and another's reads usually goes unseen. The warp-serial
+// orders (LLMCU_EMU_ORDER=warps|warps-reverse) run one warp as far as it can go
+// (its lanes take turns at its warp operations) before any other warp runs: each
+// warp reaches the next __syncthreads (or exits) alone, first to last or last to
+// first, so a warp that reads shared memory another warp has not written yet (or
+// overwrites what another has not read yet) without a barrier in between sees
+// stale or NaN-poisoned data and the test fails.
+//
 // Errors (divergent barrier, deadlock, shuffle from an exited lane, device
 // assert) switch straight back to the launcher, which returns 1; the Python
 // side reads emu_last_error() and raises EmuError. A segfault (bad pointer,
@@ -166,6 +177,7 @@ struct Launch {
     BlockBarrier bar;
     bool in_fiber = false;
     bool failed = false;
+    bool warp_serial = false;  // LLMCU_EMU_ORDER=warps|warps-reverse (switch_to_next)
     char error[4096];
     unsigned char* dyn_shared = nullptr;
     size_t dyn_cap = 0, dyn_size = 0;
@@ -245,8 +257,24 @@ void deadlock(Thread* self) {
     fail("%s", msg);
 }
 
-// Leave `self` (blocked or exited) for the next runnable fiber in order.
+// Leave `self` (blocked or exited) for the next runnable fiber in order (in the
+// warp-serial orders: another lane of its own warp first).
 void switch_to_next(Thread* self) {
+    if (L.warp_serial) {
+        Warp* w = self->warp;
+        for (unsigned int k = 1; k <= 32; k++) {
+            unsigned int lane = (self->lane + k) % 32;
+            if (!((w->present >> lane) & 1u)) continue;
+            Thread* c = w->lanes[lane];
+            if (c->state == RUNNABLE) {
+                if (c == self) return;
+                L.switches++;
+                set_current(c);
+                ctx_switch(&self->ctx, &c->ctx);
+                return;
+            }
+        }
+    }
     unsigned int n = L.n, pos = self->pos;
     for (unsigned int k = 1; k <= n; k++) {
         unsigned int q = pos + k;
@@ -391,6 +419,10 @@ void start_block(unsigned int order_mode) {
     for (unsigned int i = 0; i < n; i++) L.order[i] = &L.threads[i];
     if (order_mode == 1) {
         for (unsigned int i = 0; i < n; i++) L.order[i] = &L.threads[n - 1 - i];
+    } else if (order_mode == 4) {  // warps last to first, each warp's lanes in order
+        unsigned int k = 0;
+        for (unsigned int wi = (n + 31) / 32; wi-- > 0;)
+            for (unsigned int i = wi * 32; i < n && i < wi * 32 + 32; i++) L.order[k++] = &L.threads[i];
     } else if (order_mode == 2) {
         for (unsigned int i = n; i > 1; i--) {  // Fisher-Yates, xorshift64
             L.rng ^= L.rng << 13;
@@ -605,6 +637,15 @@ int emu_launch(const char* name, const emu_dim3* grid, const emu_dim3* block, si
     unsigned int order_mode = 0;
     if (ord && strcmp(ord, "reverse") == 0) order_mode = 1;
     else if (ord && strcmp(ord, "random") == 0) order_mode = 2;
+    else if (ord && strcmp(ord, "warps") == 0) order_mode = 3;
+    else if (ord && strcmp(ord, "warps-reverse") == 0) order_mode = 4;
+    else if (ord && *ord && strcmp(ord, "forward") != 0) {
+        L.failed = true;
+        snprintf(L.error, sizeof L.error, "kernel %s: LLMCU_EMU_ORDER must be forward, reverse, random, warps "
+                 "or warps-reverse, got '%.64s'", name, ord);
+        return 1;
+    }
+    L.warp_serial = order_mode >= 3;
 
     L.body = body;
     L.args = args;
