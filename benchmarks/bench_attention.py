@@ -21,7 +21,9 @@ warm-up, one row per implementation:
 
 All rows start from a (B,T,3C) qkv tensor (PyTorch gets strided q, k, v views
 of it, as nanoGPT does) and produce a (B,T,C)-equivalent output; "fwd+bwd" is
-one forward and one backward returning d(qkv).
+one forward and one backward returning d(qkv). Each row's output and d(qkv) are
+compared with the simple fp32 path's (the largest absolute difference): a check
+at full size that a fast row computes the right thing.
 
 Napkin math (FlashAttention's convention): the causal forward does two
 (T x T x hs) GEMMs per head, half of them masked: 4 * B * NH * T^2 * hs / 2
@@ -95,7 +97,7 @@ def llmcu_rows(qkv32, dout32, NH, reps):
     def v1_both():
         v1_fwd()
         k.flash_attention_backward(dqkv, dout, qkv, out, lse, NH, version=1)
-    rows["llmcu flash v1 fp32"] = (cuda_time(v1_fwd, reps), cuda_time(v1_both, reps), out.get())
+    rows["llmcu flash v1 fp32"] = (cuda_time(v1_fwd, reps), cuda_time(v1_both, reps), out.get(), dqkv.get())
 
     qkv16, dout16 = float32_to_bf16_bits(qkv), float32_to_bf16_bits(dout)
     for version, how in ((2, "wmma"), (3, "mma.sync"), (4, "mma.sync, pipelined loads"),
@@ -111,7 +113,7 @@ def llmcu_rows(qkv32, dout32, NH, reps):
             k.flash_attention_backward(dqkv16, dout16, qkv16, out16, lse, NH, version=version)
         name = f"llmcu flash v{version} bf16 ({how})"
         try:
-            rows[name] = (cuda_time(fwd, reps), cuda_time(both, reps), out16)
+            rows[name] = (cuda_time(fwd, reps), cuda_time(both, reps), out16, dqkv16)
         except Exception as e:  # e.g. the module was built without the tensor-core kernels
             print(f"{name}: failed: {type(e).__name__}: {e}")
 
@@ -123,7 +125,7 @@ def llmcu_rows(qkv32, dout32, NH, reps):
     def simple_both():
         simple_fwd()
         k.attention_backward(dqkv, dout, qkv, att, NH)
-    rows["llmcu simple fp32"] = (cuda_time(simple_fwd, reps), cuda_time(simple_both, reps), out.get())
+    rows["llmcu simple fp32"] = (cuda_time(simple_fwd, reps), cuda_time(simple_both, reps), out.get(), dqkv.get())
     return rows
 
 
@@ -153,7 +155,9 @@ def torch_rows(qkv32, dout32, NH, reps):
         def both():
             torch.autograd.grad(forward(), qkv, dout)
         try:
-            rows[name] = (cuda_time(fwd, reps), cuda_time(both, reps), forward().detach().float().cpu().numpy())
+            dq = torch.autograd.grad(forward(), qkv, dout)[0]
+            rows[name] = (cuda_time(fwd, reps), cuda_time(both, reps), forward().detach().float().cpu().numpy(),
+                          dq.float().cpu().numpy())
         except Exception as e:  # a backend this card or build lacks
             print(f"{name}: failed: {type(e).__name__}: {e}")
     return rows
@@ -201,18 +205,23 @@ def main(argv=None) -> int:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"\ncausal attention B={B} NH={NH} T={T} hs={hs} on {card}, {date}, commit {commit}")
     print(f"FLOPs: forward {fwd_flops / 1e9:.1f} G, forward+backward {both_flops / 1e9:.1f} G")
-    print(f"{'implementation':<34} {'fwd ms':>8} {'TFLOP/s':>8} {'fwd+bwd ms':>11} {'TFLOP/s':>8}  max|out - fp32 ref|")
-    ref = rows["llmcu simple fp32"][2]
+    print(f"{'implementation':<34} {'fwd ms':>8} {'TFLOP/s':>8} {'fwd+bwd ms':>11} {'TFLOP/s':>8}  "
+          f"max|out - fp32 ref|  max|dqkv - fp32 ref|")
+    ref, dref = rows["llmcu simple fp32"][2], rows["llmcu simple fp32"][3]
     results = []
-    for name, (t_fwd, t_both, out) in rows.items():
-        if hasattr(out, "get"):  # bf16 bits on the device
-            from llmcu.formats import bf16_bits_to_float32
-            out = bf16_bits_to_float32(out.get())
-        err = float(np.abs(out - ref).max())
+    from llmcu.formats import bf16_bits_to_float32
+
+    def host32(a):  # bf16 bits on the device, or a float array
+        a = a.get() if hasattr(a, "get") else a
+        return bf16_bits_to_float32(a) if a.dtype == np.uint16 else a
+    for name, (t_fwd, t_both, out, dqkv) in rows.items():
+        err = float(np.abs(host32(out) - ref).max())
+        derr = float(np.abs(host32(dqkv) - dref).max())  # the last backward's gradients
         print(f"{name:<34} {t_fwd:>8.3f} {fwd_flops / t_fwd / 1e9:>8.1f} {t_both:>11.3f} "
-              f"{both_flops / t_both / 1e9:>8.1f}  {err:.2e}")
+              f"{both_flops / t_both / 1e9:>8.1f}  {err:.2e}             {derr:.2e}")
         results.append(dict(name=name, fwd_ms=t_fwd, fwd_tflops=fwd_flops / t_fwd / 1e9, fwd_bwd_ms=t_both,
-                            fwd_bwd_tflops=both_flops / t_both / 1e9, max_abs_diff_vs_simple_fp32=err))
+                            fwd_bwd_tflops=both_flops / t_both / 1e9, max_abs_diff_vs_simple_fp32=err,
+                            dqkv_max_abs_diff_vs_simple_fp32=derr))
     if args.json:
         args.json.write_text(json.dumps(dict(card=card, date=date, commit=commit, B=B, NH=NH, T=T, hs=hs,
                                              reps=args.reps, fwd_flops=fwd_flops, fwd_bwd_flops=both_flops,
