@@ -137,7 +137,8 @@ def test_descriptors_on_the_host():
         pytest.skip(str(e))
     desc = cublaslt._Desc()
     try:
-        for epilogue in (cublaslt.EPILOGUE_BIAS, cublaslt.EPILOGUE_GELU_AUX_BIAS, cublaslt.EPILOGUE_DGELU):
+        for epilogue in (cublaslt.EPILOGUE_BIAS, cublaslt.EPILOGUE_GELU_AUX_BIAS, cublaslt.EPILOGUE_DGELU,
+                         cublaslt.EPILOGUE_BGRADB):
             desc.matmul(epilogue, 1, 0, bias_ptr=256, bias_type=cublaslt.CUDA_R_16BF, aux_ptr=512,
                         aux_ld=64)
         desc.layout(cublaslt.CUDA_R_16BF, 64, 32, 64)
