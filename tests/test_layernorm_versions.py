@@ -108,7 +108,7 @@ def test_vectorised_needs_aligned_pointers(xp):
     from llmcu.cuda.layernorm import layernorm_forward
     C = 8
     buf = xp.zeros(2 * C + 1, np.float32)
-    from llmcu.cuda.layernorm import _address
+    from llmcu.cuda.vectorized import address as _address
     start = 1 if _address(buf) % 16 == 0 else 0
     inp = buf[start:start + 2 * C].reshape(2, C)  # C-contiguous, not 16-byte aligned
     assert _address(inp) % 16 != 0

@@ -72,6 +72,7 @@ import numpy as np
 from . import runtime
 from .gemm import _check as _check_gemm
 from .runtime import BF16, check_array
+from .vectorized import overlaps
 
 # cublasLt.h / library_types.h / cublas_api.h (cuBLAS 13)
 CUBLAS_COMPUTE_32F = 68
@@ -352,17 +353,10 @@ def _check(fn, out, a, b, transpose_a, transpose_b, bias, gelu_aux, dgelu_aux, t
         read = dict(a=a, b=b, bias=bias, dgelu_aux=dgelu_aux)
         for wname, w in written.items():
             for rname, r in read.items():
-                if w is not None and r is not None and _overlap(be, w, r):
+                if w is not None and r is not None and overlaps(w, r):
                     raise ValueError(f"{fn}: with tune=True, {wname} (written) must not overlap "
                                      f"{rname} (read): each candidate algorithm reruns the GEMM")
     return be, dt, M, K, N
-
-
-def _overlap(be, x, y) -> bool:
-    """Whether two C-contiguous arrays share bytes."""
-    px = x.data.ptr if be.name == "cuda" else x.ctypes.data
-    py = y.data.ptr if be.name == "cuda" else y.ctypes.data
-    return px < py + y.nbytes and py < px + x.nbytes and x.nbytes > 0 and y.nbytes > 0
 
 
 def _capturing(be) -> bool:

@@ -38,7 +38,7 @@ import numpy as np
 from . import runtime
 from .runtime import (FLOATX_NAMES, WARP, backend_of, check_array, f32, floatx_dtype, i32,
                       launch_config, warp_per_row)
-from .vectorized import check_vectorized, vectorizable
+from .vectorized import address, check_vectorized, overlaps, vectorizable
 
 EPS = 1e-5
 FORWARD_VERSIONS = (0, 1, 2)
@@ -62,9 +62,6 @@ def _rows(fn, be, inp, inp_name="inp", **named):
     return N, C, FLOATX_NAMES[dt]
 
 
-def _address(a) -> int:
-    """The device (cupy) or host (numpy) address of a's first element."""
-    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
 
 
 def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=EPS, version=1):
@@ -79,9 +76,9 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=EPS, version=1):
             raise ValueError(f"layernorm_forward: version 2 (16-byte loads) needs C % {vec} == 0, "
                              f"got C = {C}; use version=1")
         for name, a in (("out", out), ("inp", inp), ("weight", weight), ("bias", bias)):
-            if _address(a) % 16 != 0:
+            if address(a) % 16 != 0:
                 raise ValueError(f"layernorm_forward: version 2 needs {name} 16-byte aligned, "
-                                 f"got address {_address(a):#x}; pass a fresh array or use version=1")
+                                 f"got address {address(a):#x}; pass a fresh array or use version=1")
     grid, block = launch_config(N) if version == 0 else warp_per_row(N)
     be.launch("layernorm", f"layernorm_forward_kernel{version}", grid, block,
               (out, mean, rstd, inp, weight, bias, i32(N), i32(C), f32(eps)), floatX=floatX)
@@ -116,23 +113,17 @@ def residual_layernorm_forward(residual_out, ln_out, mean, rstd, inp1, inp2, wei
                i32(version == 2)), floatX=floatX)
 
 
-def _span(a):
-    start = _address(a)
-    return start, start + a.nbytes
-
-
 def _check_no_overlap(fn, outputs: dict, others: dict):
     """ValueError if an output's memory overlaps another output's or an input's (the
     kernels' pointers are __restrict__, and the fused kernels read what they write)."""
     named = list(outputs.items())
     for i, (name, a) in enumerate(named):
-        lo, hi = _span(a)
         for other, b in named[i + 1:] + list(others.items()):
-            blo, bhi = _span(b)
-            if lo < bhi and blo < hi:
+            if overlaps(a, b):
+                lo, blo = address(a), address(b)
                 raise ValueError(f"{fn}: {name} must not overlap {other} (expected separate "
-                                 f"buffers, found {name} at [{lo:#x}, {hi:#x}) and {other} at "
-                                 f"[{blo:#x}, {bhi:#x}))")
+                                 f"buffers, found {name} at [{lo:#x}, {lo + a.nbytes:#x}) and {other} at "
+                                 f"[{blo:#x}, {blo + b.nbytes:#x}))")
 
 
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, version=2):

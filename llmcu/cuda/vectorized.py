@@ -10,6 +10,12 @@ def address(a) -> int:
     return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
 
 
+def overlaps(a, b) -> bool:
+    """Whether two contiguous arrays (device or host) share any byte."""
+    lo_a, lo_b = address(a), address(b)
+    return a.nbytes > 0 and b.nbytes > 0 and lo_a < lo_b + b.nbytes and lo_b < lo_a + a.nbytes
+
+
 def packet_size(a) -> int:
     return 16 // a.dtype.itemsize
 
