@@ -259,34 +259,30 @@ void deadlock(Thread* self) {
 
 // Leave `self` (blocked or exited) for the next runnable fiber in order (in the
 // warp-serial orders: another lane of its own warp first).
+// Continue with c if it can run (switching to it unless it is self); false if it cannot.
+inline bool resume_if_runnable(Thread* self, Thread* c) {
+    if (c->state != RUNNABLE) return false;
+    if (c != self) {
+        L.switches++;
+        set_current(c);
+        ctx_switch(&self->ctx, &c->ctx);
+    }
+    return true;
+}
+
 void switch_to_next(Thread* self) {
     if (L.warp_serial) {
         Warp* w = self->warp;
         for (unsigned int k = 1; k <= 32; k++) {
             unsigned int lane = (self->lane + k) % 32;
-            if (!((w->present >> lane) & 1u)) continue;
-            Thread* c = w->lanes[lane];
-            if (c->state == RUNNABLE) {
-                if (c == self) return;
-                L.switches++;
-                set_current(c);
-                ctx_switch(&self->ctx, &c->ctx);
-                return;
-            }
+            if (((w->present >> lane) & 1u) && resume_if_runnable(self, w->lanes[lane])) return;
         }
     }
     unsigned int n = L.n, pos = self->pos;
     for (unsigned int k = 1; k <= n; k++) {
         unsigned int q = pos + k;
         if (q >= n) q -= n;
-        Thread* c = L.order[q];
-        if (c->state == RUNNABLE) {
-            if (c == self) return;
-            L.switches++;
-            set_current(c);
-            ctx_switch(&self->ctx, &c->ctx);
-            return;
-        }
+        if (resume_if_runnable(self, L.order[q])) return;
     }
     if (L.live == 0) {
         L.in_fiber = false;
