@@ -111,15 +111,15 @@ assert ctypes.sizeof(_Heuristic) == 96
 
 
 def library_candidates(stem: str = "libcublasLt") -> list[str]:
-    """Where libcublasLt (or libcublas: stem) may be: the soname (already loaded by CuPy's
-    cuBLAS, or on the loader path), NVIDIA's pip wheels (nvidia/cu13/lib,
-    nvidia/cublas/lib), the toolkit."""
+    """Where libcublasLt (or another CUDA library: stem, e.g. libcublas, libnvrtc) may be:
+    the soname (already loaded by CuPy, or on the loader path), NVIDIA's pip wheels
+    (nvidia/*/lib: cu13/lib, cublas/lib, cuda_nvrtc/lib), the toolkit."""
     names = [f"{stem}.so.13", f"{stem}.so.12", f"{stem}.so"]
     dirs = []
     try:
         import nvidia
         for base in nvidia.__path__:
-            dirs += [Path(base) / "cu13" / "lib", Path(base) / "cublas" / "lib"]
+            dirs += sorted(Path(base).glob("*/lib"))
     except ImportError:
         pass
     for var in ("CUDA_HOME", "CUDA_PATH"):
@@ -144,7 +144,8 @@ def load_library(stem: str, signatures: dict):
         except OSError as e:
             tried.append(f"{cand}: {e}")
     else:
-        raise RuntimeError(f"{stem} not found (install nvidia-cublas or the CUDA toolkit); tried "
+        raise RuntimeError(f"{stem} not found (install NVIDIA's pip wheel for it, e.g. nvidia-cublas, "
+                           f"or the CUDA toolkit); tried "
                            + "; ".join(tried))
     for name, args in signatures.items():  # every argument typed: no int truncation
         fn = getattr(lib, name)

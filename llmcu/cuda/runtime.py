@@ -230,23 +230,21 @@ class Backend:
         return isinstance(a, self.xp.ndarray)
 
 
-def _cuda_header_options(floatX: str) -> tuple[str, ...]:
-    """NVRTC include path for cuda_bf16.h (common.cuh includes it for bf16) and, for
-    the tensor-core attention, mma.h with its crt/mma.h. CuPy cannot bundle these, so
-    they come from the CUDA toolkit CuPy finds, $CUDA_HOME / $CUDA_PATH,
-    /usr/local/cuda, or NVIDIA's pip packages (nvidia/*/include); a directory holding
-    both headers wins over one with cuda_bf16.h alone (on an H200 machine, 2026-11-28,
-    the CUDA 13 pip headers lacked crt/ and the toolkit's had it). None found: rely on
-    CuPy's own include paths."""
-    if floatX != "__nv_bfloat16":
-        return ()
-    import cupy
+def cuda_include_dir():
+    """The CUDA include directory NVRTC needs for cuda_bf16.h (common.cuh includes it for
+    bf16) and, for the tensor-core attention, mma.h with its crt/mma.h, or None. CuPy
+    cannot bundle these, so they come from the CUDA toolkit CuPy finds (when CuPy is
+    installed), $CUDA_HOME / $CUDA_PATH, /usr/local/cuda, or NVIDIA's pip packages
+    (nvidia/*/include); a directory holding both headers wins over one with cuda_bf16.h
+    alone (on an H200 machine, 2026-11-28, the CUDA 13 pip headers lacked crt/ and the
+    toolkit's had it)."""
     candidates = []
     try:
+        import cupy
         root = cupy.cuda.get_cuda_path()
         if root:
             candidates.append(Path(root) / "include")
-    except Exception:  # an old CuPy without get_cuda_path
+    except Exception:  # no CuPy, or an old one without get_cuda_path
         pass
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
@@ -261,8 +259,17 @@ def _cuda_header_options(floatX: str) -> tuple[str, ...]:
     with_bf16 = [c for c in candidates if (c / "cuda_bf16.h").is_file()]
     for include in with_bf16:
         if (include / "crt" / "mma.h").is_file():
-            return (f"--include-path={include}",)
-    return (f"--include-path={with_bf16[0]}",) if with_bf16 else ()
+            return include
+    return with_bf16[0] if with_bf16 else None
+
+
+def _cuda_header_options(floatX: str) -> tuple[str, ...]:
+    """NVRTC's include option for a bf16 build (cuda_include_dir); none found or fp32:
+    rely on CuPy's own include paths."""
+    if floatX != "__nv_bfloat16":
+        return ()
+    include = cuda_include_dir()
+    return (f"--include-path={include}",) if include is not None else ()
 
 
 @functools.lru_cache(maxsize=None)
