@@ -1355,7 +1355,7 @@ extern "C" __global__ void attention_flash_backward_dkdv_kernel4(bf16* __restric
 // ============================================================================
 // Version 5: version 3's forward, and a backward in ONE pass over the key tiles
 // with dQ accumulated by fp32 atomics (FlashAttention-2's backward). Version 6: the
-// same with 128-key blocks.
+// same with 128-key blocks. Versions 7 and 8: 5 and 6 with two query/dO buffers.
 //
 // Version 3's backward is two deterministic kernels: dkdv (per key tile: S, dP,
 // dV += P^T dO, dK += dS^T Q) and dq (per query tile: S, dP again, dQ += dS K),
@@ -1370,14 +1370,22 @@ extern "C" __global__ void attention_flash_backward_dkdv_kernel4(bf16* __restric
 // atomics and the Q/dO tile loads per key (each query tile is streamed once per
 // 128 keys, not per 64) at the cost of one 8-warp block per SM instead of two
 // 4-warp blocks (~240 registers a thread either way) and some fully masked work
-// on the diagonal.
+// on the diagonal. Versions 7 and 8 keep two buffers for the query and dO tiles
+// (and their lse and D rows): step s + 1's cp.async loads go out before step s's
+// products, into the buffer step s - 1 used, whose readers all passed step s - 1's
+// dS^T barrier; a step then needs two barriers (tiles landed / step s - 1 done, and
+// dS^T written) where versions 5 and 6 need three. Only 2 (or 1) blocks fit an SM at
+// ~230-250 registers a thread, so other blocks hide little of a tile load's latency:
+// that is what the second buffer is for.
 //
 //   attention_flash_backward_preprocess_kernel5: version 2's D = rowsum(dout * out),
 //       and zeroes the row's 64 accumulator floats; one warp per row of (B,NH,T).
 //   attention_flash_backward_kernel5: grid (CEIL_DIV(T, 64), NKV, B), block 128;
 //   attention_flash_backward_kernel6: grid (CEIL_DIV(T, 128), NKV, B), block 256;
-//       dynamic shared memory (2 * 16 * warps + 128) * 72 * 2 bytes (36 KiB, 54 KiB:
-//       K and dS^T tiles of the block's keys, Q and dO tiles of 64 queries).
+//   attention_flash_backward_kernel7, 8: as 5, 6;
+//       dynamic shared memory (2 * 16 * warps + 2 * 64 * stages) * 72 * 2 bytes (versions
+//       5-8: 36, 54, 54, 72 KiB: K and dS^T tiles of the block's keys, Q and dO tiles of
+//       64 queries per stage).
 //   attention_flash_backward_dq_convert_kernel5: dqkv's q third = bf16(scale * accumulator);
 //       one thread per 8 values, grid CEIL_DIV(B*NH*T*64 / 8, 256), block 256.
 // The forward is attention_flash_forward_kernel3. Speed not measured on a GPU yet.
@@ -1439,7 +1447,7 @@ __device__ __forceinline__ void flash5_mma_ab(float (*acc)[4], const unsigned (*
 // atomics per key, one block of 8 warps per SM at ~240 registers a thread).
 // Dynamic shared memory: K and dS^T tiles of 16 * WARPS rows, Q and dO tiles of 64 rows,
 // FLASH3_LD bf16 per row (flash5_smem_bytes below; the wrapper's copy must match).
-template <int WARPS>
+template <int WARPS, int STAGES>
 __device__ __forceinline__ void flash5_backward(bf16* __restrict__ dqkv, float* __restrict__ dq_accum,
                                                 const bf16* __restrict__ dout, const bf16* __restrict__ qkv,
                                                 const float* __restrict__ lse, const float* __restrict__ D,
@@ -1450,9 +1458,9 @@ __device__ __forceinline__ void flash5_backward(bf16* __restrict__ dqkv, float* 
     DYNAMIC_SHARED(flash2_smem_unit, smem_units);
     bf16 (*Ks)[FLASH3_LD] = reinterpret_cast<bf16 (*)[FLASH3_LD]>(smem_units);  // NKEY rows: this block's keys
     bf16 (*dSs)[FLASH3_LD] = Ks + NKEY;   // NKEY rows: V first (its fragments), then dS^T (keys x queries)
-    bf16 (*Qs)[FLASH3_LD] = dSs + NKEY;   // 64 rows
-    bf16 (*dOs)[FLASH3_LD] = Qs + FLASH3_TILE;
-    __shared__ float lse_s[FLASH3_TILE], D_s[FLASH3_TILE];
+    bf16 (*Qb)[FLASH3_LD] = dSs + NKEY;   // STAGES query tiles of 64 rows
+    bf16 (*dOb)[FLASH3_LD] = Qb + STAGES * FLASH3_TILE;  // STAGES dO tiles of 64 rows
+    __shared__ float lse_b[STAGES][FLASH3_TILE], D_b[STAGES][FLASH3_TILE];
     const int ktile = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
     const int group = NH / NKV;
     const long long W = (long long)(NH + 2 * NKV) * FLASH3_HS, WO = (long long)NH * FLASH3_HS;
@@ -1462,10 +1470,29 @@ __device__ __forceinline__ void flash5_backward(bf16* __restrict__ dqkv, float* 
     const int k0 = kstart + warp * 16 + g;  // this lane's key rows: k0 and k0 + 8
     const float sl2 = scale * FLASH3_LOG2E;
 
+    // (query head, query tile) pairs: the query heads sharing this kv head, and for each the
+    // 64-row query tiles from the first one holding a query >= kstart (earlier ones are masked)
+    const int first_qt = kstart / FLASH3_TILE, nqt = (T + FLASH3_TILE - 1) / FLASH3_TILE;
+    const int per_head = nqt - first_qt, steps = group * per_head;
+    // one step's query and dO tiles (cp.async) and its rows' lse (log2 units) and D (plain
+    // loads) into buffer buf
+    auto load_step = [&](int step, int buf) {
+        const int h = kvh * group + step / per_head, qt = first_qt + step % per_head;
+        flash3_load_tile(Qb + buf * FLASH3_TILE, base + h * FLASH3_HS, qt * FLASH3_TILE, T, W);
+        flash3_load_tile(dOb + buf * FLASH3_TILE, dout + (long long)b * T * WO + h * FLASH3_HS, qt * FLASH3_TILE,
+                         T, WO);
+        for (int r = threadIdx.x; r < FLASH3_TILE; r += blockDim.x) {
+            const int q = qt * FLASH3_TILE + r;
+            lse_b[buf][r] = q < T ? lse[((long long)b * NH + h) * T + q] * FLASH3_LOG2E : INFINITY;  // p = 0
+            D_b[buf][r] = q < T ? D[((long long)b * NH + h) * T + q] : 0.0f;
+        }
+    };
+
     for (int r = 0; r < NKEY; r += FLASH3_TILE) {
         flash3_load_tile(Ks + r, base + (NH + kvh) * FLASH3_HS, kstart + r, T, W);
         flash3_load_tile(dSs + r, base + (NH + NKV + kvh) * FLASH3_HS, kstart + r, T, W);
     }
+    if (STAGES == 2 && steps > 0) { load_step(0, 0); }  // step 0's tiles come with K and V
     flash3_cp_wait();
     __syncthreads();
     unsigned kf[FLASH3_HS / 16][4], vf[FLASH3_HS / 16][4];
@@ -1478,22 +1505,31 @@ __device__ __forceinline__ void flash5_backward(bf16* __restrict__ dqkv, float* 
         dk[nd][0] = dk[nd][1] = dk[nd][2] = dk[nd][3] = 0.0f;
         dv[nd][0] = dv[nd][1] = dv[nd][2] = dv[nd][3] = 0.0f;
     }
-    // (query head, query tile) pairs: the query heads sharing this kv head, and for each the
-    // 64-row query tiles from the first one holding a query >= kstart (earlier ones are masked)
-    const int first_qt = kstart / FLASH3_TILE, nqt = (T + FLASH3_TILE - 1) / FLASH3_TILE;
-    const int per_head = nqt - first_qt, steps = group * per_head;
     for (int step = 0; step < steps; step++) {
         const int h = kvh * group + step / per_head, qt = first_qt + step % per_head;
-        __syncthreads();  // every warp is done with V's fragments / the previous step's Q, dO, dS^T, lse_s, D_s
-        flash3_load_tile(Qs, base + h * FLASH3_HS, qt * FLASH3_TILE, T, W);
-        flash3_load_tile(dOs, dout + (long long)b * T * WO + h * FLASH3_HS, qt * FLASH3_TILE, T, WO);
-        for (int r = threadIdx.x; r < FLASH3_TILE; r += blockDim.x) {
-            const int q = qt * FLASH3_TILE + r;
-            lse_s[r] = q < T ? lse[((long long)b * NH + h) * T + q] * FLASH3_LOG2E : INFINITY;  // p = 0
-            D_s[r] = q < T ? D[((long long)b * NH + h) * T + q] : 0.0f;
+        const int buf = STAGES == 2 ? step % 2 : 0;
+        if (STAGES == 2) {
+            // the next step's loads go out before this step's products. They refill the buffer
+            // step - 1 used: every warp read that one's Q, dO, lse, D before the dS^T barrier
+            // of step - 1, which this thread has passed.
+            if (step + 1 < steps) {
+                load_step(step + 1, buf ^ 1);
+                flash3_cp_commit();
+                flash3_cp_wait_prev();  // this step's group (issued one step earlier) has landed
+            } else {
+                flash3_cp_wait();
+            }
+            __syncthreads();  // this step's tiles are visible; every warp is done with step - 1 (dS^T, K)
+        } else {
+            __syncthreads();  // every warp is done with V's fragments / the previous step's Q, dO, dS^T, lse, D
+            load_step(step, 0);
+            flash3_cp_wait();
+            __syncthreads();
         }
-        flash3_cp_wait();
-        __syncthreads();
+        bf16 (*Qs)[FLASH3_LD] = Qb + buf * FLASH3_TILE;
+        bf16 (*dOs)[FLASH3_LD] = dOb + buf * FLASH3_TILE;
+        const float* lse_s = lse_b[buf];
+        const float* D_s = D_b[buf];
 
         unsigned pf[FLASH3_TILE / 16][4];  // dS^T's A fragments
         // diag: a key of this block may follow a query of the tile
@@ -1536,13 +1572,25 @@ __device__ __forceinline__ void flash5_backward(bf16* __restrict__ dqkv, float* 
 extern "C" __global__ void attention_flash_backward_kernel5(bf16* __restrict__ dqkv, float* __restrict__ dq_accum, const bf16* __restrict__ dout,
         const bf16* __restrict__ qkv, const float* __restrict__ lse, const float* __restrict__ D,
         int B, int T, int NH, int NKV, int hs, float scale) {
-    flash5_backward<4>(dqkv, dq_accum, dout, qkv, lse, D, B, T, NH, NKV, scale);
+    flash5_backward<4, 1>(dqkv, dq_accum, dout, qkv, lse, D, B, T, NH, NKV, scale);
 }
 
 extern "C" __global__ void attention_flash_backward_kernel6(bf16* __restrict__ dqkv, float* __restrict__ dq_accum, const bf16* __restrict__ dout,
         const bf16* __restrict__ qkv, const float* __restrict__ lse, const float* __restrict__ D,
         int B, int T, int NH, int NKV, int hs, float scale) {
-    flash5_backward<8>(dqkv, dq_accum, dout, qkv, lse, D, B, T, NH, NKV, scale);
+    flash5_backward<8, 1>(dqkv, dq_accum, dout, qkv, lse, D, B, T, NH, NKV, scale);
+}
+
+extern "C" __global__ void attention_flash_backward_kernel7(bf16* __restrict__ dqkv, float* __restrict__ dq_accum,
+        const bf16* __restrict__ dout, const bf16* __restrict__ qkv, const float* __restrict__ lse,
+        const float* __restrict__ D, int B, int T, int NH, int NKV, int hs, float scale) {
+    flash5_backward<4, 2>(dqkv, dq_accum, dout, qkv, lse, D, B, T, NH, NKV, scale);
+}
+
+extern "C" __global__ void attention_flash_backward_kernel8(bf16* __restrict__ dqkv, float* __restrict__ dq_accum,
+        const bf16* __restrict__ dout, const bf16* __restrict__ qkv, const float* __restrict__ lse,
+        const float* __restrict__ D, int B, int T, int NH, int NKV, int hs, float scale) {
+    flash5_backward<8, 2>(dqkv, dq_accum, dout, qkv, lse, D, B, T, NH, NKV, scale);
 }
 
 extern "C" __global__ void attention_flash_backward_dq_convert_kernel5(bf16* __restrict__ dqkv,

@@ -111,9 +111,9 @@ def newest_kernels(device, xp, host) -> int:
           lambda: (np.concatenate([host(out4).ravel(), host(dqkv4).ravel()]).astype(np.int64),
                    np.concatenate([out3.ravel(), dqkv3.ravel()]).astype(np.int64)), 0)
 
-    # versions 5 and 6 (one-pass backward, dQ by atomics): the oracle's bound, and dK/dV (the
+    # versions 5 to 8 (one-pass backward, dQ by atomics): the oracle's bound, and dK/dV (the
     # last two thirds of dqkv, no atomics) with version 3's bits
-    for v in (5, 6):
+    for v in (5, 6, 7, 8):
         dqkv5 = xp.full(qkv.shape, 0x7FC0, dtype=np.uint16)
         check(f"flash attention v{v} backward",
               lambda v=v, dqkv5=dqkv5: attention.flash_attention_backward(dqkv5, dout_d, qkv_d, out, lse, NH,

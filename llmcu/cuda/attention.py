@@ -85,14 +85,16 @@ FLASH_HS_MAX = 128   # = FLASH_HS_MAX there: the per-thread row buffers' size
 FLASH2_TILE, FLASH2_THREADS = 64, 128   # version 2: 64-row tiles, 4 warps
 FLASH2_HEAD_SIZES = (64, 128)
 FLASH3_TILE, FLASH3_THREADS, FLASH3_HS = 64, 128, 64   # version 3 (mma.sync): 64-row tiles, 4 warps, hs 64
-FLASH_VERSIONS = (1, 2, 3, 4, 5, 6)
-FLASH5_WARPS = {5: 4, 6: 8}   # the one-pass backward: 16 keys per warp, 64 or 128 per block
+FLASH_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+ONE_PASS = (5, 6, 7, 8)       # the one-pass backward (dQ by atomics); their forward is version 3's
+FLASH5_WARPS = {5: 4, 6: 8, 7: 4, 8: 8}   # 16 keys per warp: 64 or 128 per block
+FLASH5_STAGES = {5: 1, 6: 1, 7: 2, 8: 2}  # query/dO tile buffers: 2 = the next step's loads in flight
 
 
 def _flash5_smem(version: int) -> int:
-    """Dynamic shared memory bytes of attention_flash_backward_kernel5/6: K and dS^T tiles of
-    the block's keys, Q and dO tiles of 64 rows, 72 bf16 per row (kernels/attention.cu)."""
-    return (2 * 16 * FLASH5_WARPS[version] + 2 * FLASH3_TILE) * (FLASH3_HS + 8) * 2
+    """Dynamic shared memory bytes of attention_flash_backward_kernel5..8: K and dS^T tiles of
+    the block's keys, STAGES Q and dO tiles of 64 rows, 72 bf16 per row (kernels/attention.cu)."""
+    return (2 * 16 * FLASH5_WARPS[version] + 2 * FLASH5_STAGES[version] * FLASH3_TILE) * (FLASH3_HS + 8) * 2
 
 
 def _flash2_smem(kernel: str, hs: int) -> int:
@@ -109,19 +111,19 @@ def _flash2_smem(kernel: str, hs: int) -> int:
 
 def _flash_launch(be, kernel, version, floatX, T, heads, B, args, smem_kind=None, hs=None):
     """Grid over (query or key tiles, heads, B); version 2 with its dynamic shared memory."""
-    name = f"attention_flash_{kernel}_kernel{3 if version in (5, 6) and kernel == 'forward' else version}"
+    name = f"attention_flash_{kernel}_kernel{3 if version in ONE_PASS and kernel == 'forward' else version}"
     if version == 1:
         be.launch("attention", name, (math.ceil(T / FLASH_TILE), heads, B), (FLASH_TILE,), args,
                   floatX=floatX)
         return
-    if version in (5, 6) and kernel == "backward":  # the one-pass backward: dynamic shared memory
+    if version in ONE_PASS and kernel == "backward":  # the one-pass backward: dynamic shared memory
         smem, warps = _flash5_smem(version), FLASH5_WARPS[version]
         if smem > 48 * 1024:  # CUDA's limit without an opt-in
             be.module("attention", floatX).get_function(name).max_dynamic_shared_size_bytes = smem
         be.launch("attention", name, (math.ceil(T / (16 * warps)), heads, B), (32 * warps,), args,
                   shared_mem=smem, floatX=floatX)
         return
-    if version in (3, 4, 5, 6):  # static shared memory only
+    if version in (3, 4) + ONE_PASS:  # static shared memory only
         be.launch("attention", name, (math.ceil(T / FLASH3_TILE), heads, B), (FLASH3_THREADS,), args,
                   floatX=floatX)
         return
@@ -144,7 +146,9 @@ def _flash_check(fn, be, qkv, num_heads, num_kv_heads, version, **named):
     one kernel per key tile that also adds each tile's dQ terms into an fp32 accumulator with
     atomics (5 tile products per tile pair instead of 7; dq's bits vary between GPU runs);
     not measured on a GPU yet. Version 6: version 5 with 128 keys per backward block (8
-    warps): half the atomics and Q/dO tile loads; not measured. lse is float32 in all.
+    warps): half the atomics and Q/dO tile loads; not measured. Versions 7 and 8: 5 and 6
+    with two Q/dO buffers, the next step's loads in flight during this step's products;
+    not measured. lse is float32 in all.
     Returns B, T, NH, NKV, hs and the floatX name of the module to launch."""
     if version not in FLASH_VERSIONS:
         raise ValueError(f"{fn}: version must be one of {FLASH_VERSIONS}, got {version!r}")
@@ -163,7 +167,7 @@ def _flash_check(fn, be, qkv, num_heads, num_kv_heads, version, **named):
         raise ValueError(f"{fn}: head size hs must be in 1..{FLASH_HS_MAX}, got {hs}")
     if version == 2 and hs not in FLASH2_HEAD_SIZES:
         raise ValueError(f"{fn}: version 2 needs head size hs in {FLASH2_HEAD_SIZES}, got {hs}")
-    if version in (3, 4, 5, 6) and hs != FLASH3_HS:
+    if version in (3, 4) + ONE_PASS and hs != FLASH3_HS:
         raise ValueError(f"{fn}: version {version} needs head size hs = {FLASH3_HS}, got {hs}")
     shapes = {"out": (B, T, NH * hs), "dout": (B, T, NH * hs), "dqkv": (B, T, W), "lse": (B, NH, T)}
     for name, a in named.items():
@@ -207,7 +211,7 @@ def flash_attention_backward(dqkv, dout, qkv, out, lse, num_heads, num_kv_heads=
     D = runtime.scratch(be, "flash_D", (B, NH, T), np.float32)  # rowsum(dout * out), per call
     grid, block = warp_per_row(B * NH * T)
     scale = f32(1.0 / math.sqrt(hs))
-    if version in (5, 6):  # one pass over the key tiles; dq through an fp32 accumulator (atomics)
+    if version in ONE_PASS:  # one pass over the key tiles; dq through an fp32 accumulator (atomics)
         dq_accum = runtime.scratch(be, "flash_dq_accum", (B, NH, T, hs), np.float32)
         be.launch("attention", "attention_flash_backward_preprocess_kernel5", grid, block,
                   (D, dq_accum, dout, out, i32(B), i32(T), i32(NH), i32(hs)), floatX=floatX)
