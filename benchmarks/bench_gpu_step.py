@@ -273,6 +273,7 @@ def main(argv=None) -> int:
         try:  # PyTorch eager may not fit a batch llmcu fits: report it, keep the other rows
             results[name] = bench_torch_step(config, params.copy(), x, y, a.steps, a.dtype,
                                              compile=compiled)
+            print(f"{name}: {results[name][0]:.2f} ms/step", flush=True)  # kept if a timeout cuts the run
         except Exception as e:  # noqa: BLE001
             print(f"{name}: FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                   flush=True)
