@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from helpers import BF16_NAN, KERNEL_BACKENDS, Device, assert_close
+from test_kernels_bf16 import rand_x, value
 from llmcu.config import GPT2Config, parameter_views
 from llmcu.cpu import layernorm as cpu_layernorm
 from llmcu.cpu.gpt2 import init_parameters
@@ -55,20 +56,6 @@ BACKWARD_CASES = [
 @pytest.fixture(params=KERNEL_BACKENDS)
 def dev(request):
     return Device(request.param)
-
-
-def rand_x(rng, dtype, *shape, scale=1.0, shift=0.0):
-    """(kernel input in dtype, its exact fp32 value for the oracle)."""
-    x = (rng.standard_normal(shape) * scale + shift).astype(np.float32)
-    if dtype == BF16:
-        bits = to_bits(x)
-        return bits, to_f32(bits)
-    return x, x
-
-
-def value(a):
-    a = np.asarray(a)
-    return to_f32(a) if a.dtype == np.uint16 else a
 
 
 def rounded(x, dtype):
