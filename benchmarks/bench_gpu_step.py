@@ -193,6 +193,13 @@ def parse_variants(text: str) -> list[dict]:
     return out
 
 
+def variant_spec(spec: dict) -> str:
+    """The --variants text of one variant (parse_variants(variant_spec(v)) == [v])."""
+    def text(value):
+        return str(int(value)) if isinstance(value, bool) else str(value)
+    return ",".join(f"{key}={text(spec[key])}" for key in VARIANT_KEYS)
+
+
 def variant_name(spec: dict) -> str:
     """The row name: 'llmcu' plus what differs from the defaults (same names as the grid's)."""
     name = "llmcu" if spec["flash"] == "auto" else f"llmcu flash v{spec['flash']}"
@@ -329,6 +336,8 @@ def main(argv=None) -> int:
         Path(a.json).write_text(json.dumps({"card": card, "args": vars(a), "dtype": a.dtype,
                                             "steps": {k: {"ms": ms, "peak_bytes": peak}
                                                       for k, (ms, peak) in results.items()},
+                                            "variants": {variant_name(v): {**v, "spec": variant_spec(v)}
+                                                         for v in variants},
                                             "kernels": kernels}, indent=1))
     return 0
 

@@ -3,7 +3,7 @@
 # already installed (no network needed), run the CUDA tests and the GPU
 # benchmarks from the source tree.
 #
-#   scripts/gpu_check.sh OUTDIR [quick|tests|bench|bench2|all]     (default: all)
+#   scripts/gpu_check.sh OUTDIR [quick|tests|bench|bench2|all] [QUICK_JSON]     (default: all)
 #
 # The device lease allows 10 minutes per command and 15 in all, so the
 # stages are sized to run as separate commands: "quick" (the first command of a lease:
@@ -17,8 +17,9 @@
 # Writes OUTDIR/env.txt and, per stage, OUTDIR/tests.log or the bench_*.log
 # and *.json files.
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUTDIR [quick|tests|bench|bench2|all]}
+out=${1:?usage: scripts/gpu_check.sh OUTDIR [quick|tests|bench|bench2|all] [QUICK_JSON]}
 stage=${2:-all}
+quick_json=${3:-}  # bench: a quick stage's bench_step_variants.json, whose fastest variant it times
 case "$stage" in quick|tests|bench|bench2|all) ;; *) echo "unknown stage '$stage': expected quick, tests, bench, bench2 or all" >&2; exit 2;; esac
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -85,21 +86,35 @@ if [ "$stage" = tests ] || [ "$stage" = all ]; then
 fi
 
 if [ "$stage" = bench ] || [ "$stage" = all ]; then
+  # With a quick stage's JSON (third argument), the fastest of its graph rows is timed here
+  # beside the defaults (scripts/best_variant.py), and the breakdown runs its settings.
+  variant="" bd_flags=()
+  if [ -n "$quick_json" ]; then
+    variant=$("$PY" scripts/best_variant.py "$quick_json" --graph 1) || variant=""
+    flags=$("$PY" scripts/best_variant.py "$quick_json" --graph 1 --breakdown-flags) && read -r -a bd_flags <<< "$flags"
+    echo "bench: the quick stage's fastest variant: ${variant:-none}"
+  fi
   # first, so it runs even if a later entry times out: where one bf16 d12 step (B=16, T=1024)
   # goes, op by op, beside the copy and GEMM ceilings of this run (about 30 s once the
   # kernels are compiled: 2 + 10 + 3 steps; the compile it does is cached for the entries below)
-  timeout 100 "$PY" benchmarks/bench_step_breakdown.py --dtype bf16 -b 16 -t 1024 \
+  timeout 100 "$PY" benchmarks/bench_step_breakdown.py --dtype bf16 -b 16 -t 1024 "${bd_flags[@]}" \
     --json "$out/bench_step_breakdown.json" 2>&1 | tee "$out/bench_step_breakdown.log" || status=1
-  # the headline: bf16 d12 at T=1024 against PyTorch autocast, eager and torch.compile
-  # (llmcu with the fused attention's version 3 (the default) and 4 (pipelined loads), and
-  # two GEMM routes: cuBLASLt epilogues (the default) and every GEMM on cuBLASLt; each also
-  # as CUDA graphs: 8 llmcu rows of 20 steps, in the same run)
-  timeout 170 "$PY" benchmarks/bench_gpu_step.py --dtype bf16 -b 16 --compile --flash-versions 3,4 \
-    --gemm cublaslt,cublaslt_all --cuda-graph --steps 20 \
+  # the headline: bf16 d12 at T=1024 against PyTorch autocast, eager and torch.compile, in the
+  # same run: llmcu's defaults eager and as CUDA graphs, and the quick stage's fastest variant
+  # eager and as graphs (without one: the fused attention's versions 3 and 4 and two GEMM routes)
+  if [ -n "$variant" ]; then
+    headline=(--variants "graph=0;graph=1;${variant/graph=1/graph=0};$variant")
+  else
+    headline=(--flash-versions 3,4 --gemm cublaslt,cublaslt_all --cuda-graph)
+  fi
+  timeout 170 "$PY" benchmarks/bench_gpu_step.py --dtype bf16 -b 16 --compile "${headline[@]}" --steps 20 \
     --json "$out/bench_step_bf16.json" 2>&1 | tee "$out/bench_step_bf16.log" || status=1
   # the issue's "largest micro-batch that fits": B=64 (llmcu needs about 4 x 9 GiB; PyTorch
-  # eager about 4 x 30 GiB, within an H200's 141 GB), llmcu's defaults against both PyTorch rows
-  timeout 170 "$PY" benchmarks/bench_gpu_step.py --dtype bf16 -b 64 --compile --cuda-graph --steps 10 \
+  # eager about 4 x 30 GiB, within an H200's 141 GB), llmcu (the defaults, and the fastest
+  # variant) as graphs against both PyTorch rows
+  b64=(--cuda-graph)
+  [ -n "$variant" ] && b64=(--variants "graph=1;$variant")
+  timeout 170 "$PY" benchmarks/bench_gpu_step.py --dtype bf16 -b 64 --compile "${b64[@]}" --steps 10 \
     --no-kernels --json "$out/bench_step_bf16_b64.json" 2>&1 | tee "$out/bench_step_bf16_b64.log" || status=1
 fi
 

@@ -105,3 +105,41 @@ def test_parse_variants():
 def test_parse_variants_rejects(text, message):
     with pytest.raises(ValueError, match=message):
         bench_gpu_step.parse_variants(text)
+
+
+def test_variant_spec_round_trips():
+    for text in ("flash=3", "flash=7,gemm=cublaslt_all_tuned,bgrad=1,classifier=3,graph=1", "lnfuse=0"):
+        for v in bench_gpu_step.parse_variants(text):
+            assert bench_gpu_step.parse_variants(bench_gpu_step.variant_spec(v)) == [v]
+
+
+def _result(rows):
+    """A bench_gpu_step --json result with these (spec, ms) llmcu rows and a PyTorch row."""
+    variants = {}
+    steps = {"pytorch+compile": {"ms": 1.0, "peak_bytes": 0}}  # faster, but not an llmcu row
+    for text, ms in rows:
+        v = bench_gpu_step.parse_variants(text)[0]
+        name = bench_gpu_step.variant_name(v)
+        variants[name] = {**v, "spec": bench_gpu_step.variant_spec(v)}
+        steps[name] = {"ms": ms, "peak_bytes": 0}
+    return {"steps": steps, "variants": variants}
+
+
+def test_best_variant(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import best_variant
+    result = _result([("graph=0", 30.0), ("graph=1", 37.0), ("flash=7,graph=1", 35.0),
+                      ("flash=8,gemm=cublaslt_all_tuned,bgrad=1,classifier=3,lnfuse=0,graph=1", 33.0)])
+    name, v, ms = best_variant.best(result)
+    assert (name, ms) == ("llmcu", 30.0)  # the eager row is the fastest here
+    name, v, ms = best_variant.best(result, graph=1)
+    assert ms == 33.0 and v["flash"] == 8
+    assert best_variant.breakdown_flags(v) == ("--flash-version 8 --gemm cublaslt_all_tuned --classifier-version 3 "
+                                               "--no-fuse-residual --bias-epilogue")
+    path = tmp_path / "r.json"
+    path.write_text(__import__("json").dumps(result))
+    assert best_variant.main([str(path), "--graph", "1"]) == 0
+    assert capsys.readouterr().out.strip() == v["spec"]
+    path.write_text(__import__("json").dumps({"steps": {"pytorch": {"ms": 1.0}}}))
+    assert best_variant.main([str(path)]) == 1
+    assert "no llmcu row" in capsys.readouterr().err

@@ -1,0 +1,59 @@
+"""The fastest llmcu row of a bench_gpu_step.py JSON (its --json), as a --variants spec
+or as the matching bench_step_breakdown.py flags, for the next GPU command:
+
+    python scripts/best_variant.py OUT/bench_step_variants.json            # flash=7,gemm=...,graph=1
+    python scripts/best_variant.py OUT/bench_step_variants.json --breakdown-flags
+    python scripts/best_variant.py OUT/bench_step_variants.json --graph 1  # among graph rows only
+
+Exits 1 (saying why) when the file has no llmcu row with a time and a spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def best(result: dict, graph=None) -> tuple[str, dict, float]:
+    """(row name, its variant dict, ms) of the fastest llmcu row (graph rows only, or eager
+    only, when graph is 1 or 0); ValueError when there is none."""
+    variants = result.get("variants") or {}
+    rows = [(name, variants[name], step["ms"]) for name, step in result.get("steps", {}).items()
+            if name in variants and step.get("ms") is not None
+            and (graph is None or bool(variants[name].get("graph")) == bool(graph))]
+    if not rows:
+        raise ValueError("no llmcu row with a time and a variant spec (a JSON from bench_gpu_step.py "
+                         "--json, written after this script existed?)")
+    return min(rows, key=lambda r: r[2])
+
+
+def breakdown_flags(v: dict) -> str:
+    """bench_step_breakdown.py's flags for a variant (the breakdown has no graph mode)."""
+    flags = [f"--flash-version {v['flash']}", f"--gemm {v['gemm']}", f"--classifier-version {v['classifier']}"]
+    if not v.get("lnfuse", True):
+        flags.append("--no-fuse-residual")
+    if v.get("bgrad"):
+        flags.append("--bias-epilogue")
+    return " ".join(flags)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", type=Path)
+    ap.add_argument("--graph", type=int, choices=[0, 1], default=None)
+    ap.add_argument("--breakdown-flags", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        name, variant, ms = best(json.loads(a.json.read_text()), a.graph)
+    except (OSError, ValueError) as e:
+        print(f"best_variant: {a.json}: {e}", file=sys.stderr)
+        return 1
+    print(f"best_variant: {name} at {ms:.2f} ms/step", file=sys.stderr)
+    print(breakdown_flags(variant) if a.breakdown_flags else variant["spec"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
