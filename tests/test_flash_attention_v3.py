@@ -197,10 +197,11 @@ def test_flash_kernel3_rejects_bad_input():
                                    version=3)
 
 
-def test_gpt2_bf16_trains_with_flash_version_3(dev, monkeypatch):
-    """GPT2(flash_version=3): a tiny bf16 GPT-2 with head size 64 (C = 128, NH = 2) runs its
-    attention on version 3 (checked from the launches) and its 10 AdamW-step losses stay
-    within llm.c's bf16 tolerance 0.05 of the fp32 NumPy model's from the same init."""
+@pytest.mark.parametrize("version", [3, 7])  # 7: the one-pass backward, double-buffered
+def test_gpt2_bf16_trains_with_flash_version_3(dev, monkeypatch, version):
+    """GPT2(flash_version=3 or 7): a tiny bf16 GPT-2 with head size 64 (C = 128, NH = 2) runs
+    its attention on that version (checked from the launches) and its 10 AdamW-step losses
+    stay within llm.c's bf16 tolerance 0.05 of the fp32 NumPy model's from the same init."""
     from llmcu.config import GPT2Config
     from llmcu.cpu.gpt2 import GPT2 as Oracle
     from llmcu.cpu.gpt2 import init_parameters
@@ -226,12 +227,14 @@ def test_gpt2_bf16_trains_with_flash_version_3(dev, monkeypatch):
     real = runtime.Backend.launch
     monkeypatch.setattr(runtime.Backend, "launch",
                         lambda self, stem, kernel, *a, **k: (kernels.append(kernel), real(self, stem, kernel, *a, **k))[1])
-    model = GPT2(cfg, p0.copy(), device=dev.name, dtype="bf16", flash_version=3)
+    model = GPT2(cfg, p0.copy(), device=dev.name, dtype="bf16", flash_version=version)
     losses = run(model)
     diff = np.abs(losses - ref).max()
-    print(f"flash v3 bf16 GPT-2 vs fp32 oracle: max loss difference {diff:.4f}; fp32 {ref[0]:.3f} -> {ref[-1]:.3f}")
-    assert {"attention_flash_forward_kernel3", "attention_flash_backward_dq_kernel3",
-            "attention_flash_backward_dkdv_kernel3"} <= set(kernels)
+    print(f"flash v{version} bf16 GPT-2 vs fp32 oracle: max loss difference {diff:.4f}; "
+          f"fp32 {ref[0]:.3f} -> {ref[-1]:.3f}")
+    want = ({"attention_flash_backward_dq_kernel3", "attention_flash_backward_dkdv_kernel3"} if version == 3 else
+            {"attention_flash_backward_kernel7", "attention_flash_backward_dq_convert_kernel5"})
+    assert {"attention_flash_forward_kernel3"} | want <= set(kernels)
     assert not any(k.startswith("attention_flash") and k[-1] in "12" and "preprocess" not in k for k in kernels)
     assert np.all(np.isfinite(losses)) and diff < 0.05, (losses, ref)
     assert losses[-1] < losses[0] - 1.0, losses  # it learned
