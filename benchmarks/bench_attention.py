@@ -15,6 +15,7 @@ warm-up, one row per implementation:
                          added into an fp32 buffer with atomics (5 tile products, not 7)
   llmcu flash v6 bf16    version 5 with 128 keys (8 warps) per backward block
   llmcu flash v7, v8     versions 5 and 6 with two query/dO buffers (the next tile's loads in flight)
+  llmcu flash v9 bf16    version 7's backward; a forward with 128 query rows (8 warps) per block
   llmcu simple fp32      permute + cuBLAS GEMMs (CuPy) + softmax kernels, (B,NH,T,T) stored
   torch sdpa flash bf16  F.scaled_dot_product_attention, SDPBackend.FLASH_ATTENTION, is_causal
   torch sdpa efficient fp32  the same with SDPBackend.EFFICIENT_ATTENTION (flash has no fp32):
@@ -104,7 +105,8 @@ def llmcu_rows(qkv32, dout32, NH, reps):
     for version, how in ((2, "wmma"), (3, "mma.sync"), (4, "mma.sync, pipelined loads"),
                          (5, "mma.sync, one-pass backward, atomic dQ"),
                          (6, "as v5, 128-key backward blocks"),
-                         (7, "as v5, double-buffered Q/dO"), (8, "as v6, double-buffered Q/dO")):
+                         (7, "as v5, double-buffered Q/dO"), (8, "as v6, double-buffered Q/dO"),
+                         (9, "v7's backward, 128-row forward blocks")):
         out16, dqkv16 = cupy.empty((B, T, C), np.uint16), cupy.empty_like(qkv16)
 
         def fwd(version=version, out16=out16):

@@ -492,7 +492,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-ceilings", action="store_true", help="skip the ceiling measurements")
-    ap.add_argument("--flash-version", default="auto", choices=["auto", "1", "2", "3", "4", "5", "6", "7", "8"],
+    ap.add_argument("--flash-version", default="auto", choices=["auto", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
                     help="the fused attention's version (GPT2(flash_version=))")
     ap.add_argument("--gemm", default="auto", choices=["auto", "cublas", "cublaslt", "cublaslt_all",
                                                    "cublaslt_tuned", "cublaslt_all_tuned"],

@@ -58,6 +58,10 @@
 //      warp-serial orders (LLMCU_EMU_ORDER=warps|warps-reverse: each warp alone up to its
 //      next __syncthreads) catch each of the three (tests/test_flash_attention_v3.py,
 //      test_barriers_under_warp_serial_orders; checked by hand).
+//   flash 9: version 7's backward (attention_flash_backward_kernel7) and a forward with 128
+//      query rows (8 warps) per block (attention_flash_forward_kernel9, flash3_forward<1, 8>):
+//      each K/V tile is loaded once per 128 queries instead of per 64; a warp's arithmetic
+//      is version 3's, so the same out and lse bits. Speed not measured on a GPU yet.
 #include "common.cuh"
 
 extern "C" __global__ void attention_permute_kernel1(floatX* __restrict__ q,
@@ -1012,21 +1016,30 @@ __device__ __forceinline__ void flash3_store_rows(bf16* dst, long long ld, int r
     }
 }
 
-template <int STAGES>
+// QW warps of 16 query rows each: 4 (a 64-row query tile, versions 3-8) or 8 (128 rows,
+// version 9: each K/V tile is loaded once per 128 queries; only with STAGES = 1, whose
+// 36 KiB of static shared memory fit).
+template <int STAGES, int QW = 4>
 __device__ __forceinline__ void flash3_forward(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv,
                                                int B, int T, int NH, int NKV, int hs, float scale) {
-    __shared__ __align__(16) flash3_tile Qs;
+    constexpr int NQ = 16 * QW;  // query rows per block
+    __shared__ __align__(16) flash3_tile Qb[QW / 4];  // NQ rows
     __shared__ __align__(16) flash3_tile Kb[STAGES];
     __shared__ __align__(16) flash3_tile Vb[STAGES];
+    bf16 (*Qs)[FLASH3_LD] = Qb[0];
     const int qtile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int kvh = h / (NH / NKV);
     const long long W = (long long)(NH + 2 * NKV) * FLASH3_HS;
     const bf16* base = qkv + (long long)b * T * W;
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4, t = lane % 4;
-    const int q0 = qtile * FLASH3_TILE + warp * 16 + g;  // this lane's query rows: q0 and q0 + 8
-    const float sl2 = scale * FLASH3_LOG2E;              // scores in log2 units: exp(x) = exp2(x log2 e)
+    const int q0 = qtile * NQ + warp * 16 + g;  // this lane's query rows: q0 and q0 + 8
+    const float sl2 = scale * FLASH3_LOG2E;     // scores in log2 units: exp(x) = exp2(x log2 e)
+    // the key tiles up to the block's last query row (or T); for QW = 4, kt <= qtile
+    const int last_kt = (min(qtile * NQ + NQ, T) - 1) / FLASH3_TILE;
 
-    flash3_load_tile(Qs, base + h * FLASH3_HS, qtile * FLASH3_TILE, T, W);
+    for (int r = 0; r < NQ; r += FLASH3_TILE) {
+        flash3_load_tile(Qs + r, base + h * FLASH3_HS, qtile * NQ + r, T, W);
+    }
     flash3_cp_wait();
     __syncthreads();
     unsigned qf[FLASH3_HS / 16][4];
@@ -1042,12 +1055,12 @@ __device__ __forceinline__ void flash3_forward(bf16* __restrict__ out, float* __
         flash3_load_tile(Vb[buf], base + (NH + NKV + kvh) * FLASH3_HS, kt * FLASH3_TILE, T, W);
     };
     if (STAGES == 2) { load_kv(0, 0); flash3_cp_commit(); }  // the first tile's loads in flight
-    for (int kt = 0; kt <= qtile; kt++) {
+    for (int kt = 0; kt <= last_kt; kt++) {
         const int buf = STAGES == 2 ? kt % 2 : 0;
         if (STAGES == 2) {
             // the next tile's loads go out before this tile's products; the buffer they fill
             // was last read in iteration kt - 1, which every warp has left (barrier below)
-            if (kt < qtile) { load_kv(kt + 1, buf ^ 1); flash3_cp_commit(); flash3_cp_wait_prev(); }
+            if (kt < last_kt) { load_kv(kt + 1, buf ^ 1); flash3_cp_commit(); flash3_cp_wait_prev(); }
             else { flash3_cp_wait(); }
             __syncthreads();
         } else {
@@ -1064,7 +1077,10 @@ __device__ __forceinline__ void flash3_forward(bf16* __restrict__ out, float* __
         for (int nt = 0; nt < FLASH3_TILE / 8; nt++) { s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f; }
         flash3_mma_abt(s, qf, Ks);
 
-        const bool diag = kt == qtile;  // the only tile with keys after a query (and keys >= T)
+        // a tile with a key after one of the block's queries (keys >= T included): for QW = 4
+        // only kt == qtile; for QW = 8 the last two, where a warp may find all its keys masked
+        // (then p = 0 and its running max stays that of tile 0, which every row attends)
+        const bool diag = kt * FLASH3_TILE + FLASH3_TILE - 1 > qtile * NQ;
         float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
         for (int nt = 0; nt < FLASH3_TILE / 8; nt++) {
@@ -1117,12 +1133,18 @@ __device__ __forceinline__ void flash3_forward(bf16* __restrict__ out, float* __
         }
     }
     flash3_store_rows(out + (long long)b * T * NH * FLASH3_HS + h * FLASH3_HS, (long long)NH * FLASH3_HS,
-                      qtile * FLASH3_TILE + warp * 16, T, o, inv[0], inv[1]);
+                      qtile * NQ + warp * 16, T, o, inv[0], inv[1]);
 }
 
 extern "C" __global__ void attention_flash_forward_kernel3(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv,
                                 int B, int T, int NH, int NKV, int hs, float scale) {
     flash3_forward<1>(out, lse, qkv, B, T, NH, NKV, hs, scale);
+}
+
+// Version 9's forward: 128 query rows (8 warps) per block; grid (CEIL_DIV(T, 128), NH, B), block 256.
+extern "C" __global__ void attention_flash_forward_kernel9(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv,
+                                int B, int T, int NH, int NKV, int hs, float scale) {
+    flash3_forward<1, 8>(out, lse, qkv, B, T, NH, NKV, hs, scale);
 }
 
 extern "C" __global__ void attention_flash_forward_kernel4(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv,

@@ -44,7 +44,7 @@ per_test=()
 if [ "$stage" = quick ]; then
   # 60 + 110 + 40 + 50 + 210 = 470 s of timeouts: run it with the device tool's timeout_s ~500
   timeout 60 "$PY" scripts/gpu_smoke.py --device cuda 2>&1 | tee "$out/smoke.log" || status=1
-  # the cuda tests of what is new since the last lease: attention versions 5 to 8, cuBLASLt
+  # the cuda tests of what is new since the last lease: attention versions 5 to 9, cuBLASLt
   # autotuning and its BGRADB epilogue, the residual + layernorm fusions, the classifier's
   # version 3, the graphs
   timeout 110 "$PY" -m pytest -m cuda -v -rs -s -p no:cacheprovider "${per_test[@]}" \
@@ -59,7 +59,7 @@ if [ "$stage" = quick ]; then
   # the prepared variants, each against the defaults, as CUDA graphs (the MFU figure's
   # setting), and PyTorch eager and torch.compile, all in one process
   timeout 210 "$PY" benchmarks/bench_gpu_step.py --dtype bf16 -b 16 --compile --no-kernels --steps 20 \
-    --variants "graph=0;graph=1;flash=5,graph=1;flash=6,graph=1;flash=7,graph=1;flash=8,graph=1;\
+    --variants "graph=0;graph=1;flash=5,graph=1;flash=6,graph=1;flash=7,graph=1;flash=8,graph=1;flash=9,graph=1;\
 gemm=cublaslt_tuned,graph=1;gemm=cublaslt_all_tuned,graph=1;gemm=cublaslt_all_tuned,bgrad=1,graph=1;\
 classifier=3,graph=1;lnfuse=0,graph=1;\
 flash=7,gemm=cublaslt_all_tuned,bgrad=1,classifier=3,graph=1;flash=8,gemm=cublaslt_all_tuned,bgrad=1,classifier=3,graph=1" \

@@ -111,9 +111,9 @@ def newest_kernels(device, xp, host) -> int:
           lambda: (np.concatenate([host(out4).ravel(), host(dqkv4).ravel()]).astype(np.int64),
                    np.concatenate([out3.ravel(), dqkv3.ravel()]).astype(np.int64)), 0)
 
-    # versions 5 to 8 (one-pass backward, dQ by atomics): the oracle's bound, and dK/dV (the
+    # versions 5 to 9 (one-pass backward, dQ by atomics): the oracle's bound, and dK/dV (the
     # last two thirds of dqkv, no atomics) with version 3's bits
-    for v in (5, 6, 7, 8):
+    for v in (5, 6, 7, 8, 9):
         dqkv5 = xp.full(qkv.shape, 0x7FC0, dtype=np.uint16)
         check(f"flash attention v{v} backward",
               lambda v=v, dqkv5=dqkv5: attention.flash_attention_backward(dqkv5, dout_d, qkv_d, out, lse, NH,
@@ -122,6 +122,14 @@ def newest_kernels(device, xp, host) -> int:
         check(f"flash attention v{v} dK, dV (bits of v3)", lambda: None,
               lambda dqkv5=dqkv5: (host(dqkv5)[..., NH * hs:].astype(np.int64),
                                    dqkv3[..., NH * hs:].astype(np.int64)), 0)
+
+    # version 9's forward (128-row blocks): version 3's out and lse bits
+    out9, lse9 = xp.full(out_r.shape, 0x7FC0, dtype=np.uint16), xp.full(lse_r.shape, np.nan, dtype=np.float32)
+    lse3 = host(lse).copy()
+    check("flash attention v9 forward (bits of v3)",
+          lambda: attention.flash_attention_forward(out9, lse9, qkv_d, NH, version=9),
+          lambda: (np.concatenate([host(out9).ravel().astype(np.float64), host(lse9).ravel()]),
+                   np.concatenate([out3.ravel().astype(np.float64), lse3.ravel()])), 0)
 
     # the two-pass reductions, fp32: N = 300 rows, C = 96
     N, C = 300, 96

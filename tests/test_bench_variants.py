@@ -94,7 +94,7 @@ def test_parse_variants():
 
 
 @pytest.mark.parametrize("text,message", [
-    ("flash=9", r"flash=9 in 'flash=9': expected one of \('auto', 1, 2, 3, 4, 5, 6, 7, 8\)"),
+    ("flash=10", r"flash=10 in 'flash=10': expected one of \('auto', 1, 2, 3, 4, 5, 6, 7, 8, 9\)"),
     ("colour=red", r"'colour=red' in 'colour=red': expected key=value with key one of"),
     ("graph", r"'graph' in 'graph': expected key=value"),
     ("graph=yes", r"graph='yes' in 'graph=yes': expected one of \(False, True\)"),

@@ -24,9 +24,9 @@ from test_flash_attention import (Device, bf16_round, check_bf16_against_simple,
 
 # 4: version 3 with double-buffered tile loads; 5: version 3's forward, a one-pass backward
 # with dQ accumulated by atomics; 6: version 5 with 128-key backward blocks; 7, 8: 5 and 6
-# with double-buffered query/dO tiles
-VERSIONS = pytest.mark.parametrize("version", [3, 4, 5, 6, 7, 8])
-ONE_PASS = [5, 6, 7, 8]
+# with double-buffered query/dO tiles; 9: 7's backward, a forward with 128-row query blocks
+VERSIONS = pytest.mark.parametrize("version", [3, 4, 5, 6, 7, 8, 9])
+ONE_PASS = [5, 6, 7, 8, 9]
 
 
 @pytest.mark.parametrize("B,T,NH,NKV", [
@@ -42,7 +42,7 @@ def test_flash_kernel3_bf16_vs_oracle(dev, B, T, NH, NKV, version):
                               version=version)
 
 
-@pytest.mark.parametrize("version", [3, 4, 5, 8])  # 6 and 7 mix 5's and 8's code paths (time)
+@pytest.mark.parametrize("version", [3, 4, 5, 8, 9])  # 6 and 7 mix 5's and 8's code paths (time)
 def test_flash_kernel3_bf16_gpt2_length(dev, version):
     """GPT-2's T = 1024: 16 query tiles, 136 tile pairs, two query heads sharing a kv head."""
     check_bf16_against_simple(f"flash{version} T=1024", dev, 1, 1024, 2, 1, 64, seed=1024, version=version)
@@ -130,7 +130,8 @@ def test_flash_kernel3_deterministic(dev):
 
 @pytest.mark.parametrize("version", ONE_PASS)
 def test_flash_kernel5_matches_version_3(dev, version):
-    """Version 5 (and 6) runs version 3's forward (same out and lse bits) and the same dK/dV
+    """Versions 5 to 9 run version 3's forward (9: with 128-row blocks, the same arithmetic per
+    row: same out and lse bits) and the same dK/dV
     arithmetic in the same order (same bits); only dQ is summed differently (fp32 partial
     per key tile, added atomically), so it is checked against version 3's within one bf16
     rounding (2^-8 relative) plus 2^-10 of the largest |dq| for fp32 order effects. Under
@@ -165,13 +166,14 @@ def test_flash_kernel5_launches(version):
                          version=version)
     finally:
         runtime.Backend.launch = real
-    assert kernels == ["attention_flash_forward_kernel3", "attention_flash_backward_preprocess_kernel5",
-                       f"attention_flash_backward_kernel{version}",
+    assert kernels == [f"attention_flash_forward_kernel{9 if version == 9 else 3}",
+                       "attention_flash_backward_preprocess_kernel5",
+                       f"attention_flash_backward_kernel{7 if version == 9 else version}",
                        "attention_flash_backward_dq_convert_kernel5"], kernels
 
 
 @pytest.mark.parametrize("order", ["warps", "warps-reverse"])
-@pytest.mark.parametrize("version", [3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("version", [3, 4, 5, 6, 7, 8, 9])
 def test_barriers_under_warp_serial_orders(monkeypatch, order, version):
     """The emulator's warp-serial orders (LLMCU_EMU_ORDER=warps|warps-reverse: each warp runs
     alone up to its next __syncthreads) make a missing barrier between warps visible: a
@@ -238,5 +240,5 @@ def test_gpt2_bf16_trains_with_flash_version_3(dev, monkeypatch, version):
     assert not any(k.startswith("attention_flash") and k[-1] in "12" and "preprocess" not in k for k in kernels)
     assert np.all(np.isfinite(losses)) and diff < 0.05, (losses, ref)
     assert losses[-1] < losses[0] - 1.0, losses  # it learned
-    with pytest.raises(ValueError, match=r"GPT2: flash_version must be one of \('auto', 1, 2, 3, 4, 5, 6, 7, 8\), got 9"):
-        GPT2(cfg, p0.copy(), device=dev.name, dtype="bf16", flash_version=9)
+    with pytest.raises(ValueError, match=r"GPT2: flash_version must be one of \('auto', 1, 2, 3, 4, 5, 6, 7, 8, 9\), got 10"):
+        GPT2(cfg, p0.copy(), device=dev.name, dtype="bf16", flash_version=10)

@@ -85,8 +85,11 @@ FLASH_HS_MAX = 128   # = FLASH_HS_MAX there: the per-thread row buffers' size
 FLASH2_TILE, FLASH2_THREADS = 64, 128   # version 2: 64-row tiles, 4 warps
 FLASH2_HEAD_SIZES = (64, 128)
 FLASH3_TILE, FLASH3_THREADS, FLASH3_HS = 64, 128, 64   # version 3 (mma.sync): 64-row tiles, 4 warps, hs 64
-FLASH_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
-ONE_PASS = (5, 6, 7, 8)       # the one-pass backward (dQ by atomics); their forward is version 3's
+FLASH_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+ONE_PASS = (5, 6, 7, 8, 9)    # the one-pass backward (dQ by atomics)
+FORWARD_KERNEL = {5: 3, 6: 3, 7: 3, 8: 3, 9: 9}    # 9: 128 query rows (8 warps) per block
+BACKWARD_KERNEL = {5: 5, 6: 6, 7: 7, 8: 8, 9: 7}
+FORWARD_ROWS = {9: 128}  # query rows per forward block where not FLASH3_TILE
 FLASH5_WARPS = {5: 4, 6: 8, 7: 4, 8: 8}   # 16 keys per warp: 64 or 128 per block
 FLASH5_STAGES = {5: 1, 6: 1, 7: 2, 8: 2}  # query/dO tile buffers: 2 = the next step's loads in flight
 
@@ -111,21 +114,25 @@ def _flash2_smem(kernel: str, hs: int) -> int:
 
 def _flash_launch(be, kernel, version, floatX, T, heads, B, args, smem_kind=None, hs=None):
     """Grid over (query or key tiles, heads, B); version 2 with its dynamic shared memory."""
-    name = f"attention_flash_{kernel}_kernel{3 if version in ONE_PASS and kernel == 'forward' else version}"
+    number = version
+    if version in ONE_PASS:
+        number = FORWARD_KERNEL[version] if kernel == "forward" else BACKWARD_KERNEL[version]
+    name = f"attention_flash_{kernel}_kernel{number}"
     if version == 1:
         be.launch("attention", name, (math.ceil(T / FLASH_TILE), heads, B), (FLASH_TILE,), args,
                   floatX=floatX)
         return
     if version in ONE_PASS and kernel == "backward":  # the one-pass backward: dynamic shared memory
-        smem, warps = _flash5_smem(version), FLASH5_WARPS[version]
+        smem, warps = _flash5_smem(number), FLASH5_WARPS[number]
         if smem > 48 * 1024:  # CUDA's limit without an opt-in
             be.module("attention", floatX).get_function(name).max_dynamic_shared_size_bytes = smem
         be.launch("attention", name, (math.ceil(T / (16 * warps)), heads, B), (32 * warps,), args,
                   shared_mem=smem, floatX=floatX)
         return
     if version in (3, 4) + ONE_PASS:  # static shared memory only
-        be.launch("attention", name, (math.ceil(T / FLASH3_TILE), heads, B), (FLASH3_THREADS,), args,
-                  floatX=floatX)
+        rows = FORWARD_ROWS.get(version, FLASH3_TILE) if kernel == "forward" else FLASH3_TILE
+        be.launch("attention", name, (math.ceil(T / rows), heads, B), (FLASH3_THREADS * rows // FLASH3_TILE,),
+                  args, floatX=floatX)
         return
     smem = _flash2_smem(smem_kind, hs)
     fn = be.module("attention", floatX).get_function(name)
@@ -148,7 +155,9 @@ def _flash_check(fn, be, qkv, num_heads, num_kv_heads, version, **named):
     not measured on a GPU yet. Version 6: version 5 with 128 keys per backward block (8
     warps): half the atomics and Q/dO tile loads; not measured. Versions 7 and 8: 5 and 6
     with two Q/dO buffers, the next step's loads in flight during this step's products;
-    not measured. lse is float32 in all.
+    not measured. Version 9: version 7's backward and a forward with 128 query rows (8
+    warps) per block, each K/V tile loaded once per 128 queries; not measured. lse is
+    float32 in all.
     Returns B, T, NH, NKV, hs and the floatX name of the module to launch."""
     if version not in FLASH_VERSIONS:
         raise ValueError(f"{fn}: version must be one of {FLASH_VERSIONS}, got {version!r}")

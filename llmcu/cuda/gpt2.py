@@ -83,7 +83,7 @@ KERNEL_OPS = SimpleNamespace(
     layernorm_backward_add=layernorm_backward_add,
     adamw_update=adamw_update, global_norm=global_norm)
 FUSED_RESIDUAL_OPS = ("residual_layernorm_forward", "layernorm_backward_add")  # GPT2(fuse_residual=)
-FLASH_VERSIONS = ("auto", 1, 2, 3, 4, 5, 6, 7, 8)  # GPT2(flash_version=): llmcu/cuda/attention.py's versions
+FLASH_VERSIONS = ("auto", 1, 2, 3, 4, 5, 6, 7, 8, 9)  # GPT2(flash_version=): llmcu/cuda/attention.py's versions
 
 ACTIVATIONS = (  # name: shape in units of (L, B, T, NH, C, Vp); per-layer tensors lead with L
     ("encoded", "BTC"), ("ln1", "LBTC"), ("ln1_mean", "LBT"), ("ln1_rstd", "LBT"),
