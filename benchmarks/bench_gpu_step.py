@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -200,6 +201,20 @@ def variant_spec(spec: dict) -> str:
     return ",".join(f"{key}={text(spec[key])}" for key in VARIANT_KEYS)
 
 
+def write_json(path, card: str, args, results: dict, variants: list, kernels: list) -> None:
+    """The run's JSON (card, arguments, each finished row's ms and peak bytes, every variant's
+    spec, the kernel rows), replaced whole: written to a temporary file beside it and renamed,
+    so a run stopped mid-write leaves the previous complete file, never half of one."""
+    path = Path(path)
+    text = json.dumps({"card": card, "args": vars(args), "dtype": args.dtype,
+                       "steps": {k: {"ms": ms, "peak_bytes": peak} for k, (ms, peak) in results.items()},
+                       "variants": {variant_name(v): {**v, "spec": variant_spec(v)} for v in variants},
+                       "kernels": kernels}, indent=1)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def variant_name(spec: dict) -> str:
     """The row name: 'llmcu' plus what differs from the defaults (same names as the grid's)."""
     name = "llmcu" if spec["flash"] == "auto" else f"llmcu flash v{spec['flash']}"
@@ -236,7 +251,7 @@ def main(argv=None) -> int:
                          "two graph replays), in the same run")
     ap.add_argument("--variants", default=None,
                     help="instead of the flash x gemm x graph grid, these llmcu rows only: "
-                         "';'-separated specs of comma-separated key=value (flash=auto|1..6, "
+                         "';'-separated specs of comma-separated key=value (flash=auto|1..9, "
                          "gemm=<a --gemm name>, classifier=auto|1|2|3, lnfuse=0|1 (the residual + "
                          "layernorm fusions), bgrad=0|1 (bias gradients from cuBLASLt's BGRADB "
                          "epilogue; with gemm=cublaslt_all[_tuned]), graph=0|1), e.g. "
@@ -274,6 +289,8 @@ def main(argv=None) -> int:
             print(f"{row}: {results[row][0]:.2f} ms/step", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"{row}: FAILED: {type(e).__name__}: {e}", flush=True)
+        if a.json:  # after every row: a run cut by a timeout keeps the rows it finished
+            write_json(a.json, card, a, results, variants, [])
         for line in cublaslt.tuning_lines(cublaslt.tuning_report()[tuned_before:]):
             print(f"{row}: {line}", flush=True)  # the autotune decisions this row made
     for name, compiled in (("pytorch", False),) + ((("pytorch+compile", True),) if a.compile else ()):
@@ -281,6 +298,8 @@ def main(argv=None) -> int:
             results[name] = bench_torch_step(config, params.copy(), x, y, a.steps, a.dtype,
                                              compile=compiled)
             print(f"{name}: {results[name][0]:.2f} ms/step", flush=True)  # kept if a timeout cuts the run
+            if a.json:
+                write_json(a.json, card, a, results, variants, [])
         except Exception as e:  # noqa: BLE001
             print(f"{name}: FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                   flush=True)
@@ -305,8 +324,8 @@ def main(argv=None) -> int:
         what = ("every GEMM on cuBLASLt against the epilogue GEMMs only" if "cublaslt_all" in ours
                 else "cuBLASLt epilogues against cuBLAS + kernels")
         print(f"ratio {ours} / {base} (time; {what}): {results[ours][0] / results[base][0]:.3f}")
-    for ours in [k for k in results if any(f"flash v{n}" in k for n in (4, 5, 6))]:
-        base = ours.replace("flash v4", "flash v3").replace("flash v5", "flash v3").replace("flash v6", "flash v3")
+    for ours in [k for k in results if re.search(r"flash v([4-9]|\d\d)", k)]:
+        base = re.sub(r"flash v\d+", "flash v3", ours)
         if base not in results:
             base = base.replace("llmcu flash v3", "llmcu")  # auto = version 3 on a GPU (bf16, hs 64)
         if base in results:
@@ -333,12 +352,7 @@ def main(argv=None) -> int:
     for name, ms, gbs in kernels:
         print(f"{name:34s} {ms:9.3f} {gbs:8.1f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"card": card, "args": vars(a), "dtype": a.dtype,
-                                            "steps": {k: {"ms": ms, "peak_bytes": peak}
-                                                      for k, (ms, peak) in results.items()},
-                                            "variants": {variant_name(v): {**v, "spec": variant_spec(v)}
-                                                         for v in variants},
-                                            "kernels": kernels}, indent=1))
+        write_json(a.json, card, a, results, variants, kernels)
     return 0
 
 

@@ -143,3 +143,33 @@ def test_best_variant(tmp_path, capsys):
     path.write_text(__import__("json").dumps({"steps": {"pytorch": {"ms": 1.0}}}))
     assert best_variant.main([str(path)]) == 1
     assert "no llmcu row" in capsys.readouterr().err
+
+
+def test_json_written_after_each_row_is_whole_and_readable(tmp_path, monkeypatch):
+    """bench_gpu_step writes its JSON after every row (a timeout keeps the finished rows):
+    each write replaces the file whole, and a partial run's file already names its fastest
+    variant for best_variant.py."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import argparse
+    import json
+    import best_variant
+    variants = bench_gpu_step.parse_variants("graph=1;flash=7,graph=1;flash=9,graph=1")
+    args = argparse.Namespace(dtype="bf16", steps=20)
+    path = tmp_path / "r.json"
+    results = {}
+    for v, ms in zip(variants[:2], (37.0, 35.5)):  # the third row never finished
+        results[bench_gpu_step.variant_name(v)] = (ms, 123)
+        bench_gpu_step.write_json(path, "card", args, results, variants, [])
+        got = json.loads(path.read_text())
+        assert set(got["steps"]) == set(results) and got["card"] == "card"
+        assert set(got["variants"]) == {bench_gpu_step.variant_name(v) for v in variants}
+    assert best_variant.best(got)[:3:2] == ("llmcu flash v7 graph", 35.5)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left beside it
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(bench_gpu_step.os, "replace", broken_replace)
+    results["llmcu flash v9 graph"] = (30.0, 1)
+    with pytest.raises(OSError):
+        bench_gpu_step.write_json(path, "card", args, results, variants, [])
+    assert json.loads(path.read_text())["steps"] == got["steps"]  # the previous file, whole
