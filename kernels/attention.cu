@@ -53,11 +53,13 @@
 //      barrier more per tile. The same arithmetic in the same order as version 3 (the
 //      kernels are one template, flash3_*<STAGES>), so the same results. Static shared
 //      memory: forward 45 KiB, dq 36 KiB, dkdv 36.5 KiB. Speed not measured on a GPU yet.
-//      Copies complete when issued under the emulator, so its default fiber orders (which
-//      keep warps in step at every shuffle) missed a removed end-of-tile barrier; the
-//      warp-serial orders (LLMCU_EMU_ORDER=warps|warps-reverse: each warp alone up to its
-//      next __syncthreads) catch each of the three (tests/test_flash_attention_v3.py,
-//      test_barriers_under_warp_serial_orders; checked by hand).
+//      The emulator's default fiber orders (which keep warps in step at every shuffle)
+//      missed a removed end-of-tile barrier; the warp-serial orders
+//      (LLMCU_EMU_ORDER=warps|warps-reverse: each warp alone up to its next
+//      __syncthreads) catch each of the three (tests/test_flash_attention_v3.py,
+//      test_barriers_under_warp_serial_orders; checked by hand). Under the emulator a
+//      copy lands only at the wait_group that covers it (NaN until then), so a missing
+//      wait fails too (test_missing_cp_async_wait_fails_under_the_emulator).
 //   flash 9: version 7's backward (attention_flash_backward_kernel7) and a forward with 128
 //      query rows (8 warps) per block (attention_flash_forward_kernel9, flash3_forward<1, 8>):
 //      each K/V tile is loaded once per 128 queries instead of per 64; a warp's arithmetic
@@ -920,12 +922,13 @@ __device__ __forceinline__ void flash3_ldmatrix_trans(unsigned* r, const bf16* p
         r[m] = flash3_bits2(row0 + lane / 4, row1 + lane / 4);
     }
 }
-__device__ __forceinline__ void flash3_cp16(bf16* smem, const bf16* gmem) {
-    for (int e = 0; e < 8; e++) { smem[e] = gmem[e]; }
-}
-__device__ __forceinline__ void flash3_cp_wait() {}
-__device__ __forceinline__ void flash3_cp_commit() {}     // copies are done when issued here
-__device__ __forceinline__ void flash3_cp_wait_prev() {}
+// cp.async as CUDA's pipeline primitives, which the emulator models: a copy's
+// destination reads NaN until the wait that covers it (emu/include/cuda_pipeline.h).
+#include <cuda_pipeline.h>
+__device__ __forceinline__ void flash3_cp16(bf16* smem, const bf16* gmem) { __pipeline_memcpy_async(smem, gmem, 16); }
+__device__ __forceinline__ void flash3_cp_wait() { __pipeline_commit(); __pipeline_wait_prior(0); }
+__device__ __forceinline__ void flash3_cp_commit() { __pipeline_commit(); }
+__device__ __forceinline__ void flash3_cp_wait_prev() { __pipeline_wait_prior(1); }
 __device__ __forceinline__ void flash3_store2(bf16* p, unsigned v) {
     p[0] = __ushort_as_bfloat16((unsigned short)(v & 0xffffu));
     p[1] = __ushort_as_bfloat16((unsigned short)(v >> 16));

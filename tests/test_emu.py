@@ -202,6 +202,60 @@ extern "C" __global__ void shuffle_from_exited(float* x) {
 """
 
 KERNELS += r"""
+#include <cuda_pipeline.h>
+// cp.async through CUDA's pipeline primitives. Sums element (t + 32) % 64 (the other warp's
+// half) of each of `tiles` tiles of 64 floats, loaded into two shared buffers, the next
+// tile's copies in flight during this tile's reads; block 64 (two warps), 16 threads copy
+// 16 bytes each. bug = 1 drops the wait (reads a tile before it lands), bug = 2 drops the
+// barrier after the reads (refills a buffer the other warp may still be reading).
+extern "C" __global__ void pipelined_sum(float* out, const float* x, int tiles, int bug) {
+    __shared__ __align__(16) float buf[2][64];
+    const int t = threadIdx.x;
+    float acc = 0.0f;
+    if (t < 16) __pipeline_memcpy_async(&buf[0][4 * t], x + 4 * t, 16);
+    __pipeline_commit();
+    for (int k = 0; k < tiles; k++) {
+        if (k + 1 < tiles && t < 16) __pipeline_memcpy_async(&buf[(k + 1) % 2][4 * t], x + (k + 1) * 64 + 4 * t, 16);
+        __pipeline_commit();
+        if (bug != 1) __pipeline_wait_prior(1);  // tile k's group has landed; k + 1's may not have
+        __syncthreads();
+        acc += buf[k % 2][(t + 32) % 64];
+        if (bug != 2) __syncthreads();
+    }
+    out[t] = acc;
+}
+
+// One thread, three copies of 4 floats: A (group 0), B (group 1), C (not committed), and
+// D (16 bytes, the last 8 zero-filled). out[0:4] = A after wait_prior(1); out[4:8] = B
+// then (still in flight); out[8:12] = B after wait_prior(0); out[12:16] = C then (in
+// flight: wait_group covers committed groups only); out[16:20] = D after a final wait.
+extern "C" __global__ void pipeline_groups(float* out, const float* x) {
+    __shared__ __align__(16) float s[16];
+    __pipeline_memcpy_async(&s[0], x, 16);
+    __pipeline_commit();
+    __pipeline_memcpy_async(&s[4], x + 4, 16);
+    __pipeline_commit();
+    __pipeline_memcpy_async(&s[8], x + 8, 16);
+    __pipeline_wait_prior(1);
+    for (int i = 0; i < 8; i++) out[i] = s[i];
+    __pipeline_wait_prior(0);
+    for (int i = 0; i < 4; i++) { out[8 + i] = s[4 + i]; out[12 + i] = s[8 + i]; }
+    __pipeline_memcpy_async(&s[12], x + 12, 16, 8);
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
+    for (int i = 0; i < 4; i++) out[16 + i] = s[12 + i];
+}
+
+// cp.async needs aligned addresses: a 16-byte copy from x + 1 is refused.
+extern "C" __global__ void pipeline_misaligned(const float* x) {
+    __shared__ __align__(16) float s[4];
+    __pipeline_memcpy_async(s, x + 1, 16);
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
+}
+"""
+
+KERNELS += r"""
 // A warp-per-row "layernorm" (mean and rstd only), the shape of the real one.
 extern "C" __global__ void row_stats(float* mean, float* rstd, const float* x, int N, int C) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -382,6 +436,61 @@ def test_missing_barrier_between_warps(mod, monkeypatch, order):
         assert np.isnan(out).sum() == 32, out  # the warp that ran first read nothing written
     elif order != "random":  # (random may or may not: its interleaving varies)
         np.testing.assert_array_equal(out, np.roll(x, -32))  # what the lockstep orders miss
+
+
+
+# --- cp.async (CUDA's pipeline primitives; LLMCU_EMU_CP_ASYNC) -------------------------
+
+@pytest.mark.parametrize("mode", ["", "late", "eager"])
+def test_cp_async_pipeline(mod, monkeypatch, mode):
+    """A correct double-buffered pipeline is right in both modes. A missing wait reads
+    poison (NaN) in the late mode, the default, where a copy lands only at its wait, and
+    slips through the eager one (copies at issue: the emulator before it modelled cp.async).
+    A missing barrier before a buffer is refilled shows in both: the poison (late) or the
+    next tile (eager) reaches the other warp's reads."""
+    monkeypatch.setenv("LLMCU_EMU_CP_ASYNC", mode)
+    tiles = 5
+    x = rng().standard_normal(tiles * 64).astype(np.float32)
+    want = x.reshape(tiles, 64)[:, (np.arange(64) + 32) % 64].sum(0)
+    k = mod.get_function("pipelined_sum")
+
+    def run(bug):
+        out = np.full(64, -1.0, np.float32)
+        k(1, 64, (out, x, np.int32(tiles), np.int32(bug)))
+        return out
+    np.testing.assert_allclose(run(0), want, rtol=1e-6)
+    no_wait = run(1)
+    if mode == "eager":
+        np.testing.assert_allclose(no_wait, want, rtol=1e-6)  # what copying at issue misses
+    else:
+        assert np.isnan(no_wait).all(), no_wait
+    no_barrier = run(2)
+    assert not np.allclose(no_barrier, want, rtol=1e-6, equal_nan=False), no_barrier
+    if mode != "eager":
+        assert np.isnan(no_barrier).any(), no_barrier  # reads of the half a refill had poisoned
+
+
+def test_cp_async_groups_and_zero_fill(mod, monkeypatch):
+    """wait_prior(n) lands all but the newest n committed groups, in order; uncommitted copies
+    stay in flight through a wait; zfill zeroes the tail of a copy."""
+    monkeypatch.delenv("LLMCU_EMU_CP_ASYNC", raising=False)
+    x = np.arange(1, 17, dtype=np.float32)
+    out = np.zeros(20, np.float32)
+    mod.get_function("pipeline_groups")(1, 1, (out, x))
+    np.testing.assert_array_equal(out[0:4], x[0:4])
+    assert np.isnan(out[4:8]).all()          # B: its group is the newest, still in flight
+    np.testing.assert_array_equal(out[8:12], x[4:8])
+    assert np.isnan(out[12:16]).all()        # C: never committed, so not waited for
+    np.testing.assert_array_equal(out[16:20], [13, 14, 0, 0])
+
+
+def test_cp_async_errors(mod, monkeypatch):
+    x = np.zeros(8, np.float32)
+    with pytest.raises(EmuError, match=r"cp\.async of 16 bytes needs 16-byte aligned addresses"):
+        mod.get_function("pipeline_misaligned")(1, 1, (x,))
+    monkeypatch.setenv("LLMCU_EMU_CP_ASYNC", "sometimes")
+    with pytest.raises(EmuError, match="LLMCU_EMU_CP_ASYNC must be late or eager, got 'sometimes'"):
+        mod.get_function("pipeline_groups")(1, 1, (np.zeros(20, np.float32), np.ones(16, np.float32)))
 
 
 def bf16_rne(x: np.ndarray) -> np.ndarray:

@@ -3,12 +3,14 @@ FlashAttention-2-style tensor-core kernels, bf16, head size 64, scores and
 output accumulators kept in mma.sync fragments.
 
 On the GPU ("cuda", skipped without one) the kernels issue mma.sync, ldmatrix and
-cp.async. Under the emulator ("emu", always) those three instructions are
-written out with warp shuffles from the PTX manual's fragment layouts (see
-kernels/attention.cu), so every index computation around them (tiling, the
-fragment <-> row/column mapping, causal masking, the online softmax, the
-accumulator -> A-operand repacking, GQA head groups, stores) runs here; only the
-GPU's own versions of the three instructions are checked by the cuda runs.
+cp.async. Under the emulator ("emu", always) mma.sync and ldmatrix are written out
+with warp shuffles from the PTX manual's fragment layouts (see
+kernels/attention.cu), and cp.async goes through CUDA's pipeline primitives, whose
+copies the emulator lands only at the covering wait (NaN until then). So every index
+computation around them (tiling, the fragment <-> row/column mapping, causal
+masking, the online softmax, the accumulator -> A-operand repacking, GQA head
+groups, stores) and the order of the pipelines' waits and barriers run here; only
+the GPU's own versions of the three instructions are checked by the cuda runs.
 
 Same bound as version 2 (the issue's): no worse than twice the error of llmcu's
 simple bf16 attention path against the fp32 oracle (check_bf16_against_simple in
@@ -242,3 +244,34 @@ def test_gpt2_bf16_trains_with_flash_version_3(dev, monkeypatch, version):
     assert losses[-1] < losses[0] - 1.0, losses  # it learned
     with pytest.raises(ValueError, match=r"GPT2: flash_version must be one of \('auto', 1, 2, 3, 4, 5, 6, 7, 8, 9\), got 10"):
         GPT2(cfg, p0.copy(), device=dev.name, dtype="bf16", flash_version=10)
+
+
+@pytest.mark.parametrize("version", [4, 7])
+def test_missing_cp_async_wait_fails_under_the_emulator(tmp_path, monkeypatch, version):
+    """The emulator lands a cp.async copy only at the wait that covers it, its destination
+    NaN until then (LLMCU_EMU_CP_ASYNC=late, the default; docs/emulation.md), so a pipeline
+    that reads a tile before waiting for it fails. Here the double-buffered versions (4: the
+    forward's and dQ's K/V tiles, 7: the backward's Q/dO tiles) run from a copy of kernels/
+    whose "wait until one group is left in flight" does nothing: they fail in the late mode
+    and pass in the eager one (copies at issue), which is what the emulator did before."""
+    import shutil
+
+    from llmcu.cuda import runtime
+    kdir = tmp_path / "kernels"
+    shutil.copytree(runtime.kernels_dir(), kdir)
+    src = (kdir / "attention.cu").read_text()
+    real = "__device__ __forceinline__ void flash3_cp_wait_prev() { __pipeline_wait_prior(1); }"
+    assert src.count(real) == 1, "the emulator's flash3_cp_wait_prev changed: update this test"
+    (kdir / "attention.cu").write_text(src.replace(real, "__device__ __forceinline__ void flash3_cp_wait_prev() {}"))
+    monkeypatch.setattr(runtime, "kernels_dir", lambda: kdir)
+    runtime.get_backend.cache_clear()  # a backend whose modules come from the copy
+    try:
+        monkeypatch.setenv("LLMCU_EMU_CP_ASYNC", "late")
+        with pytest.raises(AssertionError, match="NaN"):
+            check_bf16_against_simple(f"flash{version} no wait, late", Device("emu"), 1, 255, 2, 1, 64,
+                                      seed=11, version=version)
+        monkeypatch.setenv("LLMCU_EMU_CP_ASYNC", "eager")
+        check_bf16_against_simple(f"flash{version} no wait, eager", Device("emu"), 1, 255, 2, 1, 64,
+                                  seed=11, version=version)
+    finally:
+        runtime.get_backend.cache_clear()  # later tests get the real kernels again

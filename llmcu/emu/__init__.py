@@ -32,6 +32,11 @@ Environment:
                      __syncthreads (first to last, or last to first), which
                      exposes missing barriers between warps (the other orders
                      keep warps in step at every shuffle)
+  LLMCU_EMU_CP_ASYNC late|eager: when a cp.async copy (<cuda_pipeline.h>'s
+                     __pipeline_memcpy_async) lands in shared memory. late (the
+                     default): at the wait that covers it, its destination NaN
+                     until then, so reads before the wait fail their tests;
+                     eager: at issue
   LLMCU_EMU_ASAN=1   build with AddressSanitizer (out-of-bounds accesses are
                      reported with the .cu line); the Python process must
                      preload it: LD_PRELOAD=$(g++ -print-file-name=libasan.so)

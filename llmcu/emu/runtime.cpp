@@ -140,6 +140,18 @@ struct Thread {
     const char* what;
     char* stack_lo;  // lowest usable byte of its stack
     char* stack_top;
+    unsigned int cp_count;  // cp.async copies issued and not yet landed (cp_pending)
+    unsigned int cp_group;  // groups committed so far = the id of the open group
+};
+
+// cp.async (emu_cp_async): one copy issued by a thread and not landed yet. Its source is
+// read at issue; its destination holds the 0xFF poison until a wait lands it.
+enum { EMU_CP_MAX = 256 };  // per thread: a tile load issues a handful per stage
+struct CpAsync {
+    void* dst;
+    unsigned char data[16];
+    unsigned int bytes;
+    unsigned int group;
 };
 
 struct Warp {
@@ -178,6 +190,8 @@ struct Launch {
     bool in_fiber = false;
     bool failed = false;
     bool warp_serial = false;  // LLMCU_EMU_ORDER=warps|warps-reverse (switch_to_next)
+    bool cp_late = true;       // LLMCU_EMU_CP_ASYNC=late (default) | eager
+    CpAsync (*cp_pending)[EMU_CP_MAX] = nullptr;  // [cap][EMU_CP_MAX]
     char error[4096];
     unsigned char* dyn_shared = nullptr;
     size_t dyn_cap = 0, dyn_size = 0;
@@ -403,6 +417,7 @@ void start_block(unsigned int order_mode) {
     for (unsigned int i = 0; i < n; i++) {
         Thread& t = L.threads[i];
         t.state = RUNNABLE;
+        t.cp_count = t.cp_group = 0;  // copies a previous block left in flight died with it
         t.file = nullptr;
         t.line = 0;
         t.what = "";
@@ -586,6 +601,54 @@ void emu_device_assert(const char* expr, const char* file, int line) {
     fail("%s: device assertion `%s` failed at %s:%d", thread_name(g_cur), expr, file, line);
 }
 
+// cp.async, as CUDA's pipeline primitives (include/cuda_pipeline.h) and PTX's cp.async
+// issue, commit_group and wait_group. On the GPU a copy lands in shared memory at some
+// moment between its issue and the wait that covers it. "late" (the default) takes both
+// ends of that window at once: the destination is poisoned (0xFF: NaN in bf16 and fp32)
+// when the copy is issued and gets the data only at the wait, so a read before the wait
+// (or before the barrier after it, in the warp-serial orders) sees NaN, and so does a
+// warp still reading a buffer that another warp has begun to refill. "eager" copies at
+// issue, as the emulator did before it modelled cp.async.
+void emu_cp_async(void* dst, const void* src, size_t bytes, size_t zfill) {
+    Thread* t = g_cur;
+    if (bytes != 4 && bytes != 8 && bytes != 16)
+        fail("%s: cp.async of %zu bytes: the size must be 4, 8 or 16", thread_name(t), bytes);
+    if (zfill > bytes) fail("%s: cp.async zero-fills %zu of %zu bytes", thread_name(t), zfill, bytes);
+    if ((uintptr_t)dst % bytes != 0 || (uintptr_t)src % bytes != 0)
+        fail("%s: cp.async of %zu bytes needs %zu-byte aligned addresses, got dst %p src %p", thread_name(t),
+             bytes, bytes, dst, src);
+    unsigned char data[16];
+    memcpy(data, src, bytes - zfill);
+    memset(data + (bytes - zfill), 0, zfill);
+    if (!L.cp_late) {
+        memcpy(dst, data, bytes);
+        return;
+    }
+    if (t->cp_count == EMU_CP_MAX)
+        fail("%s: more than %d cp.async copies in flight (missing waits?)", thread_name(t), (int)EMU_CP_MAX);
+    CpAsync& c = L.cp_pending[t->linear][t->cp_count++];
+    c.dst = dst;
+    memcpy(c.data, data, bytes);
+    c.bytes = (unsigned int)bytes;
+    c.group = t->cp_group;
+    memset(dst, 0xff, bytes);
+}
+
+void emu_cp_async_commit() { g_cur->cp_group++; }
+
+void emu_cp_async_wait(size_t prior) {
+    // Every committed group but the newest `prior` lands, in issue order; copies not yet
+    // committed stay in flight (as PTX's wait_group: it covers committed groups only).
+    Thread* t = g_cur;
+    CpAsync* p = L.cp_pending[t->linear];
+    unsigned int kept = 0;
+    for (unsigned int i = 0; i < t->cp_count; i++) {
+        if ((size_t)p[i].group + prior < t->cp_group) memcpy(p[i].dst, p[i].data, p[i].bytes);
+        else p[kept++] = p[i];
+    }
+    t->cp_count = kept;
+}
+
 unsigned int emu_active_mask() {
     Warp* w = g_cur->warp;
     return w->present & ~w->exited;
@@ -609,10 +672,12 @@ int emu_launch(const char* name, const emu_dim3* grid, const emu_dim3* block, si
         free(L.threads);
         free(L.warps);
         free(L.order);
+        free(L.cp_pending);
         L.cap = (n + 31) / 32 * 32;
         L.threads = (Thread*)calloc(L.cap, sizeof(Thread));
         L.warps = (Warp*)calloc(L.cap / 32, sizeof(Warp));
         L.order = (Thread**)calloc(L.cap, sizeof(Thread*));
+        L.cp_pending = (CpAsync(*)[EMU_CP_MAX])calloc(L.cap, sizeof *L.cp_pending);
     }
     size_t dyn = shmem ? shmem : 1;
     if (dyn > L.dyn_cap) {
@@ -621,7 +686,7 @@ int emu_launch(const char* name, const emu_dim3* grid, const emu_dim3* block, si
         L.dyn_cap = dyn;
     }
     L.dyn_size = dyn;
-    if (!L.threads || !L.warps || !L.order || !L.dyn_shared || !ensure_stacks(n, env_stack_size())) {
+    if (!L.threads || !L.warps || !L.order || !L.cp_pending || !L.dyn_shared || !ensure_stacks(n, env_stack_size())) {
         L.failed = true;
         snprintf(L.error, sizeof L.error, "kernel %s: out of memory for %u fibers (%s)", name, n, strerror(errno));
         L.cap = 0;
@@ -642,6 +707,14 @@ int emu_launch(const char* name, const emu_dim3* grid, const emu_dim3* block, si
         return 1;
     }
     L.warp_serial = order_mode >= 3;
+    const char* cp = getenv("LLMCU_EMU_CP_ASYNC");
+    if (cp && *cp && strcmp(cp, "late") != 0 && strcmp(cp, "eager") != 0) {
+        L.failed = true;
+        snprintf(L.error, sizeof L.error, "kernel %s: LLMCU_EMU_CP_ASYNC must be late or eager, got '%.64s'",
+                 name, cp);
+        return 1;
+    }
+    L.cp_late = !(cp && strcmp(cp, "eager") == 0);
 
     L.body = body;
     L.args = args;

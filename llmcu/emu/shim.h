@@ -14,7 +14,10 @@
 // sync), intra-block spin-waits/locks (fibers switch only at barriers and warp
 // operations, so a spin loop never ends), the GPU memory model and exact GPU
 // arithmetic, launch limits beyond the block size, inline PTX, tensor cores,
-// cp.async, textures, host-set __constant__, cooperative groups, __half.
+// textures, host-set __constant__, cooperative groups, __half. cp.async is
+// modelled through CUDA's pipeline primitives (include/cuda_pipeline.h): a copy
+// lands only at the wait that covers it, its destination NaN-poisoned until then
+// (LLMCU_EMU_CP_ASYNC=late, the default; =eager copies at issue).
 // Unsupported features fail to compile rather than run wrongly.
 // Fibers do not save the x87/MXCSR control words: kernels must not change the
 // floating-point rounding mode.
@@ -134,6 +137,10 @@ emu_warp_result emu_warp_exchange(int kind, unsigned int mask, unsigned long lon
 [[noreturn]] void emu_bad_lane(const char* op, int src, const char* file, int line);
 [[noreturn]] void emu_device_assert(const char* expr, const char* file, int line);
 unsigned int emu_active_mask();
+// cp.async (include/cuda_pipeline.h; runtime.cpp says how copies land: LLMCU_EMU_CP_ASYNC)
+void emu_cp_async(void* dst, const void* src, size_t bytes, size_t zfill);
+void emu_cp_async_commit();
+void emu_cp_async_wait(size_t prior);
 
 enum { EMU_SYNC_PLAIN = 0, EMU_SYNC_COUNT = 1, EMU_SYNC_AND = 2, EMU_SYNC_OR = 3 };
 enum { EMU_WARP_SHFL = 0, EMU_WARP_VOTE = 1, EMU_WARP_SYNC = 2, EMU_WARP_REDUCE = 3 };
