@@ -40,7 +40,7 @@ def test_named_test_files_exist_and_cover_every_cuda_test():
         assert (ROOT / "benchmarks" / name).is_file(), f"gpu_check.sh names benchmarks/{name}, missing"
 
 
-@pytest.mark.parametrize("stage", ["tests", "bench", "bench2"])
+@pytest.mark.parametrize("stage", ["quick", "tests", "bench", "bench2"])
 def test_stage_timeouts_fit_one_command(stage):
     timeouts = [int(t) for t in re.findall(r"(?<![-\w])timeout (\d+)", _stage_text(stage))]  # commands, not --timeout
     assert timeouts, f"no timeouts in the {stage} stage"
