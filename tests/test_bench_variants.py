@@ -173,3 +173,62 @@ def test_json_written_after_each_row_is_whole_and_readable(tmp_path, monkeypatch
     with pytest.raises(OSError):
         bench_gpu_step.write_json(path, "card", args, results, variants, [])
     assert json.loads(path.read_text())["steps"] == got["steps"]  # the previous file, whole
+
+
+def _quick_stage_variants() -> str:
+    """The --variants text of scripts/gpu_check.sh's quick stage (line continuations joined)."""
+    import re
+    text = (Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh").read_text()
+    quick = text[text.index('if [ "$stage" = quick ]'):]
+    return re.search(r'--variants "([^"]*)"', quick.replace("\\\n", "")).group(1)
+
+
+def test_main_runs_the_quick_stage_variants_with_stand_in_timings(tmp_path, monkeypatch, capsys):
+    """bench_gpu_step.main() from the argument parsing to the summary, the ratio lines and the
+    JSON, with the quick stage's own --variants text, and stand-ins for the two timing
+    functions (which need a GPU) and for CuPy's device query: what runs between the timings
+    is checked here, not first on a borrowed GPU. Every variant's keywords must be ones
+    the GPU model accepts, and a variant that fails is reported and left out, the others kept."""
+    import inspect
+    import json
+    import types
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import best_variant
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"Stand-in GPU"})))
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    model_args = inspect.signature(GPT2).parameters
+    calls = []
+
+    def fake_llmcu(config, params, x, y, steps, dtype="fp32", **kw):
+        unknown = {"graph"} ^ (set(kw) - set(model_args))
+        assert not unknown, f"keywords GPT2 does not take: {unknown}"
+        calls.append(kw)
+        if kw["flash_version"] == 8:
+            raise RuntimeError("an untested kernel failed")
+        ms = 40.0 - 2.0 * kw["graph"] - (kw["flash_version"] == 7) - 1.5 * (kw["classifier_version"] == 3)
+        return ms, 8 << 30
+
+    monkeypatch.setattr(bench_gpu_step, "bench_llmcu_step", fake_llmcu)
+    monkeypatch.setattr(bench_gpu_step, "bench_torch_step",
+                        lambda config, params, x, y, steps, dtype="fp32", compile=False:
+                        (53.8 if compile else 123.0, 20 << 30))
+    text = _quick_stage_variants()
+    out = tmp_path / "variants.json"
+    assert bench_gpu_step.main(["--model", "d6", "-t", "64", "--dtype", "bf16", "-b", "2", "--compile",
+                                "--no-kernels", "--steps", "2", "--variants", text, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    specs = bench_gpu_step.parse_variants(text)
+    assert len(calls) == len(specs)
+    failed = [bench_gpu_step.variant_name(v) for v in specs if v["flash"] == 8]
+    assert failed and all(f"{name}: FAILED: RuntimeError: an untested kernel failed" in printed for name in failed)
+    got = json.loads(out.read_text())
+    assert got["card"] == "Stand-in GPU"
+    assert set(got["steps"]) == ({bench_gpu_step.variant_name(v) for v in specs} - set(failed)
+                                 | {"pytorch", "pytorch+compile"})
+    assert "ratio llmcu flash v7 graph / llmcu graph (time; attention version against version 3): 0.974" in printed
+    assert "ratio llmcu classifier v3 graph / llmcu graph" in printed
+    assert "ratio llmcu graph / pytorch+compile (time): 0.706" in printed
+    assert "MFU" in printed
+    name, variant, ms = best_variant.best(got, graph=1)
+    assert variant["flash"] == 7 and variant["classifier"] == 3 and ms == 35.5, (name, ms)
