@@ -909,6 +909,7 @@ __device__ __forceinline__ unsigned flash3_bits2(const bf16* lo, const bf16* hi)
 }
 __device__ __forceinline__ void flash3_ldmatrix(unsigned* r, const bf16* p) {
     const int lane = threadIdx.x % WARP_SIZE;
+    EMU_CHECK_SHARED(p, 16, 16, "ldmatrix row");  // a shared, 16-byte aligned 8-element row
     for (int m = 0; m < 4; m++) {
         const bf16* row = __shfl_sync(0xffffffff, p, 8 * m + lane / 4);
         r[m] = flash3_bits2(row + 2 * (lane % 4), row + 2 * (lane % 4) + 1);
@@ -916,6 +917,7 @@ __device__ __forceinline__ void flash3_ldmatrix(unsigned* r, const bf16* p) {
 }
 __device__ __forceinline__ void flash3_ldmatrix_trans(unsigned* r, const bf16* p) {
     const int lane = threadIdx.x % WARP_SIZE;
+    EMU_CHECK_SHARED(p, 16, 16, "ldmatrix.trans row");
     for (int m = 0; m < 4; m++) {
         const bf16* row0 = __shfl_sync(0xffffffff, p, 8 * m + 2 * (lane % 4));
         const bf16* row1 = __shfl_sync(0xffffffff, p, 8 * m + 2 * (lane % 4) + 1);

@@ -108,6 +108,23 @@ extern "C" __global__ void read_unwritten_static(float* out, int* iout) {
     iout[blockIdx.x * blockDim.x + threadIdx.x] = i[threadIdx.x];
 }
 
+// The same from a template device function (g++ ignores a section attribute there:
+// llmcu/emu/emu_shared.ld gathers such statics for the refill), whose tile is also a
+// shared-memory operand for the emulator's checks (which = 1).
+template <int N>
+__device__ void template_static_tile(float* out, int which) {
+    __shared__ __align__(16) float tile[N];
+    if (blockIdx.x == 0) { tile[threadIdx.x] = 1.0f; }
+    __syncthreads();
+#ifdef LLMCU_EMU
+    if (which == 1) { EMU_CHECK_SHARED(tile, 16, 16, "template tile"); }
+#endif
+    out[blockIdx.x * blockDim.x + threadIdx.x] = tile[threadIdx.x];
+}
+extern "C" __global__ void read_unwritten_template_static(float* out, int which) {
+    template_static_tile<64>(out, which);
+}
+
 extern "C" __global__ void histogram(int* bins, float* total, const int* x, int n, int nbins) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
@@ -246,6 +263,30 @@ extern "C" __global__ void pipeline_groups(float* out, const float* x) {
     for (int i = 0; i < 4; i++) out[16 + i] = s[12 + i];
 }
 
+// cp.async copies global -> shared: a copy into global memory (which = 0) or from shared
+// memory (which = 1) is refused.
+extern "C" __global__ void pipeline_wrong_spaces(float* g, const float* x, int which) {
+    __shared__ __align__(16) float s[8];
+    if (which == 0) __pipeline_memcpy_async(g, x, 16);
+    else __pipeline_memcpy_async(s + 4, s, 16);
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
+}
+
+// The emulator's operand check for instructions it writes out (ldmatrix in attention.cu):
+// which = 0 a 16-byte aligned static shared row (passes), 1 the same 4 bytes on (refused:
+// misaligned), 2 a global pointer (refused: not shared), 3 dynamic shared memory (passes).
+extern "C" __global__ void check_shared_operand(const float* g, int which) {
+    __shared__ __align__(16) float s[16];
+    DYNAMIC_SHARED(float, dyn);
+    s[threadIdx.x] = g[threadIdx.x];
+#ifdef LLMCU_EMU
+    const void* p = which == 0 ? (const void*)s : which == 1 ? (const void*)(s + 1)
+                  : which == 2 ? (const void*)g : (const void*)dyn;
+    EMU_CHECK_SHARED(p, 16, 16, "test operand");
+#endif
+}
+
 // cp.async needs aligned addresses: a 16-byte copy from x + 1 is refused.
 extern "C" __global__ void pipeline_misaligned(const float* x) {
     __shared__ __align__(16) float s[4];
@@ -374,6 +415,15 @@ def test_unwritten_static_shared_reads_poison(mod):
     assert np.isnan(out[64:]).all() and (iout[64:] == -1).all()
 
 
+def test_unwritten_template_static_shared_reads_poison(mod):
+    """Static shared memory of a template function is refilled before each block too (block 1
+    reads NaN, not block 0's ones) and counts as shared memory for the operand checks."""
+    for which in (0, 1):
+        out = np.zeros(2 * 64, np.float32)
+        mod.get_function("read_unwritten_template_static")(2, 64, (out, np.int32(which)))
+        assert (out[:64] == 1).all() and np.isnan(out[64:]).all(), out
+
+
 def test_atomic_histogram(mod):
     n, nbins = 1000, 7
     x = rng().integers(0, 100, n).astype(np.int32)
@@ -488,9 +538,26 @@ def test_cp_async_errors(mod, monkeypatch):
     x = np.zeros(8, np.float32)
     with pytest.raises(EmuError, match=r"cp\.async of 16 bytes needs 16-byte aligned addresses"):
         mod.get_function("pipeline_misaligned")(1, 1, (x,))
+    with pytest.raises(EmuError, match=r"cp\.async destination 0x[0-9a-f]+ is not in the block's shared memory"):
+        mod.get_function("pipeline_wrong_spaces")(1, 1, (np.zeros(8, np.float32), x, np.int32(0)))
+    with pytest.raises(EmuError, match=r"cp\.async source 0x[0-9a-f]+ is in shared memory"):
+        mod.get_function("pipeline_wrong_spaces")(1, 1, (np.zeros(8, np.float32), x, np.int32(1)))
     monkeypatch.setenv("LLMCU_EMU_CP_ASYNC", "sometimes")
     with pytest.raises(EmuError, match="LLMCU_EMU_CP_ASYNC must be late or eager, got 'sometimes'"):
         mod.get_function("pipeline_groups")(1, 1, (np.zeros(20, np.float32), np.ones(16, np.float32)))
+
+
+def test_shared_operand_check(mod):
+    """EMU_CHECK_SHARED (what the emulated ldmatrix calls): a shared, aligned row passes;
+    a misaligned one and a global pointer are refused, naming the operand and the line."""
+    g = np.ones(16, np.float32)
+    k = mod.get_function("check_shared_operand")
+    k(1, 16, (g, np.int32(0)))
+    k(1, 16, (g, np.int32(3)), shared_mem=64)
+    with pytest.raises(EmuError, match=r"test operand at .*kernels\.cu:\d+: address 0x[0-9a-f]+ is not 16-byte aligned"):
+        k(1, 16, (g, np.int32(1)))
+    with pytest.raises(EmuError, match=r"test operand at .*: address 0x[0-9a-f]+ \(16 bytes\) is not in the block's shared memory"):
+        k(1, 16, (g, np.int32(2)))
 
 
 def bf16_rne(x: np.ndarray) -> np.ndarray:

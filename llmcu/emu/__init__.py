@@ -69,10 +69,14 @@ __all__ = ["EmuError", "EmuModule", "EmuKernel", "parse_kernels"]
 _HERE = Path(__file__).resolve().parent
 SHIM = _HERE / "shim.h"
 RUNTIME = _HERE / "runtime.cpp"
+# Gathers the statics of template and inline functions (their own .bss._ZZ* sections,
+# where g++ puts them whatever their section attribute says) into emu_shared_t, which the
+# runtime refills with 0xFF before every block as it does emu_shared (shim.h, __shared__).
+SHARED_LD = _HERE / "emu_shared.ld"
 STUB_INCLUDE = _HERE / "include"
 
 # Bumped whenever the generated code or the entry-point ABI changes.
-_ABI = "llmcu-emu-1"
+_ABI = "llmcu-emu-2"
 
 # One launch at a time in this process: kernels share static __shared__
 # storage and the scheduler's state, and ctypes releases the GIL.
@@ -300,7 +304,11 @@ class EmuModule:
             # ASan understands swapcontext, not the assembly switch.
             flags += ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address", "-DLLMCU_EMU_UCONTEXT"]
         else:
-            flags += ["-O2"]
+            # (not under ASan: its redzones around those statics would meet the 0xFF refill)
+            flags += ["-O2", f"-Wl,-T,{SHARED_LD}"]
+        # -fno-gnu-unique: each library keeps its own template statics (a unique symbol would
+        # bind every loaded library's copy to the first one, outside this library's sections)
+        flags.append("-fno-gnu-unique")
         if os.environ.get("LLMCU_EMU_UCONTEXT", "") not in ("", "0"):
             flags.append("-DLLMCU_EMU_UCONTEXT")
         flags += ["-include", str(SHIM), "-I", str(STUB_INCLUDE)]
@@ -311,7 +319,7 @@ class EmuModule:
         h = hashlib.sha256()
         for part in (_ABI, _compiler_id(self.cxx), "\0".join(self.flags), str(self.path), ",".join(self.kernels)):
             h.update(part.encode() + b"\0\1")
-        deps = [SHIM, RUNTIME] + sorted(STUB_INCLUDE.rglob("*.h"))
+        deps = [SHIM, RUNTIME, SHARED_LD] + sorted(STUB_INCLUDE.rglob("*.h"))
         deps += _included_files(self.path, list(self.include_dirs))
         for f in deps:
             h.update(str(f).encode() + b"\0" + f.read_bytes() + b"\0\1")

@@ -39,6 +39,10 @@
 // emu_shared; the linker defines these; weak: a file may have none).
 extern "C" char __start_emu_shared[] __attribute__((weak, visibility("hidden")));
 extern "C" char __stop_emu_shared[] __attribute__((weak, visibility("hidden")));
+// ... and of the template and inline functions' statics, gathered by emu_shared.ld (absent in
+// ASan builds, which link without it).
+extern "C" char __start_emu_shared_t[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_emu_shared_t[] __attribute__((weak, visibility("hidden")));
 
 uint3 emu_g_threadIdx;
 uint3 emu_g_blockIdx;
@@ -609,7 +613,31 @@ void emu_device_assert(const char* expr, const char* file, int line) {
 // (or before the barrier after it, in the warp-serial orders) sees NaN, and so does a
 // warp still reading a buffer that another warp has begun to refill. "eager" copies at
 // issue, as the emulator did before it modelled cp.async.
-void emu_cp_async(void* dst, const void* src, size_t bytes, size_t zfill) {
+namespace {
+// 0: not shared memory; 1: this block's dynamic or (static_known) static shared memory;
+// 2: unknown (a static in a build whose statics are not in the emu_shared section).
+int shared_kind(const void* p, size_t bytes, int static_known) {
+    uintptr_t a = (uintptr_t)p;
+    uintptr_t d0 = (uintptr_t)L.dyn_shared, d1 = d0 + L.dyn_size;
+    if (a >= d0 && a + bytes <= d1) return 1;
+    if (!static_known) return 2;
+    uintptr_t s0 = (uintptr_t)__start_emu_shared, s1 = (uintptr_t)__stop_emu_shared;
+    uintptr_t t0 = (uintptr_t)__start_emu_shared_t, t1 = (uintptr_t)__stop_emu_shared_t;
+    return ((s0 != s1 && a >= s0 && a + bytes <= s1) || (t0 != t1 && a >= t0 && a + bytes <= t1)) ? 1 : 0;
+}
+}  // namespace
+
+void emu_check_shared(const void* p, size_t bytes, size_t align, int static_known, const char* what,
+                      const char* file, int line) {
+    if ((uintptr_t)p % align != 0)
+        fail("%s: %s at %s:%d: address %p is not %zu-byte aligned (a misaligned-address fault on a GPU)",
+             thread_name(g_cur), what, file, line, p, align);
+    if (shared_kind(p, bytes, static_known) == 0)
+        fail("%s: %s at %s:%d: address %p (%zu bytes) is not in the block's shared memory", thread_name(g_cur),
+             what, file, line, p, bytes);
+}
+
+void emu_cp_async(void* dst, const void* src, size_t bytes, size_t zfill, int static_known) {
     Thread* t = g_cur;
     if (bytes != 4 && bytes != 8 && bytes != 16)
         fail("%s: cp.async of %zu bytes: the size must be 4, 8 or 16", thread_name(t), bytes);
@@ -617,6 +645,10 @@ void emu_cp_async(void* dst, const void* src, size_t bytes, size_t zfill) {
     if ((uintptr_t)dst % bytes != 0 || (uintptr_t)src % bytes != 0)
         fail("%s: cp.async of %zu bytes needs %zu-byte aligned addresses, got dst %p src %p", thread_name(t),
              bytes, bytes, dst, src);
+    if (shared_kind(dst, bytes, static_known) == 0)
+        fail("%s: cp.async destination %p is not in the block's shared memory", thread_name(t), dst);
+    if (shared_kind(src, bytes, static_known) == 1)
+        fail("%s: cp.async source %p is in shared memory; it must be global memory", thread_name(t), src);
     unsigned char data[16];
     memcpy(data, src, bytes - zfill);
     memset(data + (bytes - zfill), 0, zfill);
@@ -734,12 +766,14 @@ int emu_launch(const char* name, const emu_dim3* grid, const emu_dim3* block, si
         t.stack_top = L.stacks + (i + 1) * L.stack_stride - 64 * (i % 61) - 64;
     }
     size_t shared_bytes = (size_t)((uintptr_t)&__stop_emu_shared[0] - (uintptr_t)&__start_emu_shared[0]);
+    size_t shared_t_bytes = (size_t)((uintptr_t)&__stop_emu_shared_t[0] - (uintptr_t)&__start_emu_shared_t[0]);
     for (unsigned int bz = 0; bz < grid->z && !L.failed; bz++)
         for (unsigned int by = 0; by < grid->y && !L.failed; by++)
             for (unsigned int bx = 0; bx < grid->x && !L.failed; bx++) {
                 emu_g_blockIdx = uint3{bx, by, bz};
                 memset(L.dyn_shared, 0xff, L.dyn_size);  // unwritten reads give NaN
                 if (shared_bytes) memset(__start_emu_shared, 0xff, shared_bytes);
+                if (shared_t_bytes) memset(__start_emu_shared_t, 0xff, shared_t_bytes);
                 start_block(order_mode);
                 Thread* first = L.order[0];
                 set_current(first);

@@ -65,7 +65,9 @@
 // All of them live in one linker section, which the runtime fills with 0xFF
 // bytes before every block, as it does dynamic shared memory: a read of
 // shared memory the block has not written gives NaN (or -1), not a stale or
-// zero value that happens to work. Under AddressSanitizer they stay plain
+// zero value that happens to work. g++ ignores the attribute in template
+// functions (each such static gets a .bss._ZZ<name> section of its own):
+// emu_shared.ld gathers those into emu_shared_t, refilled the same way. Under AddressSanitizer they stay plain
 // statics (ASan puts no redzones around globals in named sections), and in
 // files where g++ refuses the section ("section type conflict": __shared__ in
 // an inline function or template beside one in a plain function) the
@@ -137,8 +139,23 @@ emu_warp_result emu_warp_exchange(int kind, unsigned int mask, unsigned long lon
 [[noreturn]] void emu_bad_lane(const char* op, int src, const char* file, int line);
 [[noreturn]] void emu_device_assert(const char* expr, const char* file, int line);
 unsigned int emu_active_mask();
+// Shared-memory operands of instructions the emulator writes out (ldmatrix, cp.async): the
+// address must lie in this block's shared memory (dynamic or static) and be `align`-byte
+// aligned, or the launch fails naming `what` and the line (on a GPU: a misaligned-address
+// fault or a garbage address). Static __shared__ cannot be told apart from other statics
+// in ASan and plain-shared builds (see __shared__ above), so there only dynamic shared
+// memory counts as known and other addresses pass.
+#if defined(__SANITIZE_ADDRESS__) || defined(LLMCU_EMU_PLAIN_SHARED)
+#define EMU_STATIC_SHARED_KNOWN 0
+#else
+#define EMU_STATIC_SHARED_KNOWN 1
+#endif
+void emu_check_shared(const void* p, size_t bytes, size_t align, int static_known, const char* what,
+                      const char* file, int line);
+#define EMU_CHECK_SHARED(p, bytes, align, what) \
+    emu_check_shared((p), (bytes), (align), EMU_STATIC_SHARED_KNOWN, (what), __FILE__, __LINE__)
 // cp.async (include/cuda_pipeline.h; runtime.cpp says how copies land: LLMCU_EMU_CP_ASYNC)
-void emu_cp_async(void* dst, const void* src, size_t bytes, size_t zfill);
+void emu_cp_async(void* dst, const void* src, size_t bytes, size_t zfill, int static_known);
 void emu_cp_async_commit();
 void emu_cp_async_wait(size_t prior);
 

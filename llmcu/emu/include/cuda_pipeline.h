@@ -7,11 +7,12 @@
 // copies at issue instead. See runtime.cpp (emu_cp_async).
 #pragma once
 
-// Copy size_and_align bytes (4, 8 or 16, both addresses aligned to it); the last zfill
-// bytes of the destination become zeros instead of the source's.
+// Copy size_and_align bytes (4, 8 or 16, both addresses aligned to it) from global memory
+// to this block's shared memory (checked); the last zfill bytes of the destination become
+// zeros instead of the source's.
 inline void __pipeline_memcpy_async(void* __restrict__ dst_shared, const void* __restrict__ src_global,
                                     size_t size_and_align, size_t zfill = 0) {
-    emu_cp_async(dst_shared, src_global, size_and_align, zfill);
+    emu_cp_async(dst_shared, src_global, size_and_align, zfill, EMU_STATIC_SHARED_KNOWN);
 }
 // Close this thread's group of copies (PTX cp.async.commit_group).
 inline void __pipeline_commit() { emu_cp_async_commit(); }
