@@ -169,7 +169,7 @@ def parse_variants(text: str) -> list[dict]:
     auto, graph: True}, ...]; ValueError naming the spec and what was expected."""
     from llmcu.cuda.classifier import VERSIONS as CLASSIFIER_VERSIONS
     from llmcu.cuda.gpt2 import FLASH_VERSIONS
-    from llmcu.cuda.matmul import GEMM_LIBRARIES
+    from llmcu.cuda.matmul import GEMM_LIBRARIES, LT_ALL
     out = []
     for spec in filter(None, (s.strip() for s in text.split(";"))):
         v = dict(VARIANT_KEYS)
@@ -188,6 +188,9 @@ def parse_variants(text: str) -> list[dict]:
             if value not in allowed:
                 raise ValueError(f"--variants: {key}={value!r} in '{spec}': expected one of {allowed}")
             v[key] = value
+        if v["bgrad"] and v["gemm"] not in LT_ALL:  # GPT2 refuses it too, but on the GPU, later
+            raise ValueError(f"--variants: bgrad=1 in '{spec}' needs gemm= one of {LT_ALL} (the bias "
+                             f"gradients come from their cuBLASLt epilogue), got gemm={v['gemm']}")
         out.append(v)
     if not out:
         raise ValueError(f"--variants: no variant in {text!r}")

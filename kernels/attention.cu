@@ -924,9 +924,8 @@ __device__ __forceinline__ void flash3_ldmatrix_trans(unsigned* r, const bf16* p
         r[m] = flash3_bits2(row0 + lane / 4, row1 + lane / 4);
     }
 }
-// cp.async as CUDA's pipeline primitives, which the emulator models: a copy's
-// destination reads NaN until the wait that covers it (emu/include/cuda_pipeline.h).
-#include <cuda_pipeline.h>
+// cp.async as CUDA's pipeline primitives, which the emulator models (llmcu/emu/shim.h): a
+// copy's destination reads NaN until the wait that covers it.
 __device__ __forceinline__ void flash3_cp16(bf16* smem, const bf16* gmem) { __pipeline_memcpy_async(smem, gmem, 16); }
 __device__ __forceinline__ void flash3_cp_wait() { __pipeline_commit(); __pipeline_wait_prior(0); }
 __device__ __forceinline__ void flash3_cp_commit() { __pipeline_commit(); }

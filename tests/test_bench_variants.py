@@ -101,6 +101,8 @@ def test_parse_variants():
     ("lnfuse=2", r"lnfuse='2' in 'lnfuse=2': expected one of \(False, True\)"),
     ("gemm=cutlass", r"gemm='cutlass' in 'gemm=cutlass': expected one of"),
     (" ; ", r"no variant in"),
+    ("gemm=cublaslt,bgrad=1", r"bgrad=1 in 'gemm=cublaslt,bgrad=1' needs gemm= one of \('cublaslt_all', "
+                              r"'cublaslt_all_tuned'\).*got gemm=cublaslt"),
 ])
 def test_parse_variants_rejects(text, message):
     with pytest.raises(ValueError, match=message):

@@ -195,6 +195,10 @@ class GPT2(MixedPrecisionAdamW):
         # H200, 2026-11-28: 37.8 ms/step against 42.0 ms with cuBLAS + llmcu's bias and GELU
         # kernels); under emulation cuBLAS's path, so the tests run llmcu's own kernels
         self.gemm = gemm if gemm != "auto" else ("cublaslt" if device == "cuda" else "cublas")
+        if bias_epilogue and self.gemm not in LT_ALL:
+            raise ValueError(f"GPT2: bias_epilogue=True takes the bias gradients from the weight-gradient "
+                             f"GEMMs' cuBLASLt epilogue, which only gemm={LT_ALL[0]!r} or {LT_ALL[1]!r} "
+                             f"runs; got gemm={gemm!r}" + (f" (here {self.gemm!r})" if gemm == "auto" else ""))
         if flash_version not in FLASH_VERSIONS:
             raise ValueError(f"GPT2: flash_version must be one of {FLASH_VERSIONS}, got {flash_version!r}")
         self.flash_version = flash_version

@@ -15,7 +15,7 @@
 // operations, so a spin loop never ends), the GPU memory model and exact GPU
 // arithmetic, launch limits beyond the block size, inline PTX, tensor cores,
 // textures, host-set __constant__, cooperative groups, __half. cp.async is
-// modelled through CUDA's pipeline primitives (include/cuda_pipeline.h): a copy
+// modelled through CUDA's pipeline primitives (__pipeline_memcpy_async, below): a copy
 // lands only at the wait that covers it, its destination NaN-poisoned until then
 // (LLMCU_EMU_CP_ASYNC=late, the default; =eager copies at issue).
 // Unsupported features fail to compile rather than run wrongly.
@@ -154,10 +154,28 @@ void emu_check_shared(const void* p, size_t bytes, size_t align, int static_know
                       const char* file, int line);
 #define EMU_CHECK_SHARED(p, bytes, align, what) \
     emu_check_shared((p), (bytes), (align), EMU_STATIC_SHARED_KNOWN, (what), __FILE__, __LINE__)
-// cp.async (include/cuda_pipeline.h; runtime.cpp says how copies land: LLMCU_EMU_CP_ASYNC)
+// cp.async (the pipeline primitives below; runtime.cpp says how copies land: LLMCU_EMU_CP_ASYNC)
 void emu_cp_async(void* dst, const void* src, size_t bytes, size_t zfill, int static_known);
 void emu_cp_async_commit();
 void emu_cp_async_wait(size_t prior);
+// CUDA's pipeline primitives (cuda_pipeline_primitives.h): cp.async from global to shared
+// memory, in groups. On the GPU each copy lands at some moment between
+// __pipeline_memcpy_async and the __pipeline_wait_prior that covers it; here
+// (LLMCU_EMU_CP_ASYNC=late, the default) the destination reads as NaN (0xFF bytes) for that
+// whole window and gets the data at the wait, so a kernel that reads too early, or refills
+// a buffer other warps still read, fails its tests; LLMCU_EMU_CP_ASYNC=eager copies at issue.
+// Copy size_and_align bytes (4, 8 or 16, both addresses aligned to it) from global memory
+// to this block's shared memory (checked); the last zfill bytes of the destination become
+// zeros instead of the source's.
+inline void __pipeline_memcpy_async(void* __restrict__ dst_shared, const void* __restrict__ src_global,
+                                    size_t size_and_align, size_t zfill = 0) {
+    emu_cp_async(dst_shared, src_global, size_and_align, zfill, EMU_STATIC_SHARED_KNOWN);
+}
+// Close this thread's group of copies (PTX cp.async.commit_group).
+inline void __pipeline_commit() { emu_cp_async_commit(); }
+// Wait until at most `prior` of this thread's newest committed groups are in flight
+// (PTX cp.async.wait_group prior); copies not yet committed are not waited for.
+inline void __pipeline_wait_prior(size_t prior) { emu_cp_async_wait(prior); }
 
 enum { EMU_SYNC_PLAIN = 0, EMU_SYNC_COUNT = 1, EMU_SYNC_AND = 2, EMU_SYNC_OR = 3 };
 enum { EMU_WARP_SHFL = 0, EMU_WARP_VOTE = 1, EMU_WARP_SYNC = 2, EMU_WARP_REDUCE = 3 };
