@@ -19,6 +19,7 @@ import numpy as np
 from . import checkpoint, formats, runlog
 from .config import GPT2Config, TrainConfig
 from .data import DataLoader
+from .mfu import bf16_peak_tflops, device_name, mfu
 from .schedule import check_schedule, grad_accum_steps, learning_rate
 
 
@@ -259,6 +260,21 @@ def train_step(model, loader, step: int, cfg: TrainConfig, accum_steps: int = 1,
     return StepResult(loss=loss, norm=norm, lr=lr, skipped=skipped)
 
 
+def mfu_peak(device: str, dtype: str, log=print) -> float | None:
+    """The dense bf16 peak (TFLOP/s) for the step lines' MFU column (llm.c's "% bf16 MFU"):
+    bf16 on a GPU whose peak llmcu.mfu knows; otherwise None (no column), saying why on a GPU."""
+    if device != "cuda" or dtype != "bf16":
+        return None
+    name = device_name()
+    peak = bf16_peak_tflops(name)
+    if peak is None:
+        log(f"MFU: no dense bf16 peak known for {name} (llmcu/mfu.py); the step lines leave it out")
+    else:
+        log(f"MFU: llm.c's formula (6N + 6LCT flops per token) against {name}'s dense bf16 peak, "
+            f"{peak:g} TFLOP/s")
+    return peak
+
+
 def make_graph_step(model, B: int, T: int, accum_steps: int, cfg: TrainConfig):
     """--cuda-graph 1: the GraphStep of a GPT-2 kernel model, or a clear error."""
     from .cuda.gpt2 import GPT2 as KernelGPT2
@@ -329,6 +345,7 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
     print_model_summary(config, log)
     if dtype != "fp32":
         log(f"precision: {dtype}, fp32 master weights: {'yes' if cfg.master_weights else 'no'}")
+    peak = mfu_peak(cfg.device, dtype, log)  # TFLOP/s for the step lines' MFU column, or None
     inner = getattr(model, "model", model)  # DataParallel keeps the model it wraps in .model
     if hasattr(inner, "flash_version") and hasattr(inner, "gemm"):  # GPT-2 on the kernels
         log(f"kernels: attention version {inner.flash_version}, GEMMs {inner.gemm}, classifier version "
@@ -411,9 +428,12 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
             if r.skipped:
                 history["skipped"].append(step)
                 log(f"skipping update of step {step + 1} due to {r.skipped}")
-            tok_s = B * T * accum_steps * world / (ms / 1000.0)
+            tokens = B * T * accum_steps * world
+            tok_s = tokens / (ms / 1000.0)
+            util = "" if peak is None else \
+                f"{100 * mfu(config.flops_per_token(T), tokens, ms / 1000.0, peak):.1f}% bf16 MFU | "
             log(f"step {step + 1:4d}/{cfg.max_steps} | train loss {loss:.6f} | norm {r.norm:.4f} | "
-                f"lr {r.lr:.2e} | {ms:.2f} ms | {tok_s:.0f} tok/s")
+                f"lr {r.lr:.2e} | {ms:.2f} ms | {util}{tok_s:.0f} tok/s")
             if logfile:
                 logfile.write(f"s:{step} trl:{loss:.6f} lr:{r.lr:.6f} norm:{r.norm:.2f}\n")
                 logfile.flush()
