@@ -306,9 +306,12 @@ class EmuModule:
         else:
             # (not under ASan: its redzones around those statics would meet the 0xFF refill)
             flags += ["-O2", f"-Wl,-T,{SHARED_LD}"]
-        # -fno-gnu-unique: each library keeps its own template statics (a unique symbol would
-        # bind every loaded library's copy to the first one, outside this library's sections)
-        flags.append("-fno-gnu-unique")
+        # -fno-gnu-unique (g++): each library keeps its own template statics (a unique symbol
+        # would bind every loaded library's copy to the first one, outside this library's
+        # sections); clang emits no unique symbols and has no such flag
+        compiler = _compiler_id(self.cxx)
+        if "clang" not in compiler.lower():
+            flags.append("-fno-gnu-unique")
         if os.environ.get("LLMCU_EMU_UCONTEXT", "") not in ("", "0"):
             flags.append("-DLLMCU_EMU_UCONTEXT")
         flags += ["-include", str(SHIM), "-I", str(STUB_INCLUDE)]
@@ -317,7 +320,7 @@ class EmuModule:
         self.flags = tuple(flags)
 
         h = hashlib.sha256()
-        for part in (_ABI, _compiler_id(self.cxx), "\0".join(self.flags), str(self.path), ",".join(self.kernels)):
+        for part in (_ABI, compiler, "\0".join(self.flags), str(self.path), ",".join(self.kernels)):
             h.update(part.encode() + b"\0\1")
         deps = [SHIM, RUNTIME, SHARED_LD] + sorted(STUB_INCLUDE.rglob("*.h"))
         deps += _included_files(self.path, list(self.include_dirs))
