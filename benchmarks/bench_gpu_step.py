@@ -6,11 +6,18 @@
 --dtype bf16: llmcu's mixed precision (GPT2(dtype="bf16"), fp32 master weights)
 against PyTorch under bf16 autocast (fp32 parameters and AdamW), with MFU by
 llm.c's formula (config.flops_per_token) against --peak-tflops (H100 SXM bf16:
-989). GPU-only; not measured yet.
+989). Measured on an H200 (benchmarks/RESULTS.md, GPU pass 3).
 
 Needs CuPy and a CUDA build of PyTorch on an NVIDIA GPU. Step times are
 medians of CUDA-event timings after warm-up; per-kernel rows give time and the
 achieved GB/s of the napkin-math bytes each kernel must move at least once.
+
+Each llmcu row also runs one forward/backward from the same parameters before it is
+timed, and its loss and gradients are compared with the first row's: a row whose
+gradients differ by more than GRAD_TOLERANCE (relative L2 over all parameters) is
+printed SUSPECT, marked so in the JSON, and never chosen by scripts/best_variant.py. So
+a variant with a kernel that computes wrong gradients at full size is seen in the same
+run that times it.
 """
 
 from __future__ import annotations
@@ -45,11 +52,23 @@ def cuda_time(fn, reps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def grads_fp32(model) -> np.ndarray:
+    """The model's flat gradients as fp32 on the host (bf16 bit patterns widened there, so the
+    check allocates nothing on the device and the rows' peak-memory figures stay the step's)."""
+    g = model.grads.get()
+    if g.dtype == np.uint16:  # bf16 bits: the top half of an fp32
+        return (g.astype(np.uint32) << 16).view(np.float32)
+    return g.astype(np.float32)
+
+
 def bench_llmcu_step(config, params, x, y, steps, dtype="fp32", flash_version="auto", graph=False,
                      gemm="cublas", classifier_version="auto", fuse_residual=True, bias_epilogue=False):
-    """(median ms, peak bytes held by CuPy's memory pool) of one llmcu step; graph=True
-    runs it as CUDA graphs (llmcu/cuda/graphs.py: one replay for the forward/backward,
-    one for the update) instead of ~500 launches from Python."""
+    """(median ms, peak bytes held by CuPy's memory pool, first loss, first gradients) of one
+    llmcu step; graph=True runs it as CUDA graphs (llmcu/cuda/graphs.py: one replay for the
+    forward/backward, one for the update) instead of ~500 launches from Python. The loss
+    and the fp32 gradients (device) of one forward/backward from `params`, before any
+    update, are for the cross-check of the rows against each other (check_against; host
+    arrays)."""
     import cupy
     from llmcu.cuda.gpt2 import GPT2
     from llmcu.cuda.graphs import GraphStep
@@ -59,6 +78,10 @@ def bench_llmcu_step(config, params, x, y, steps, dtype="fp32", flash_version="a
                  classifier_version=classifier_version, fuse_residual=fuse_residual,
                  bias_epilogue=bias_epilogue)
     B, T = x.shape
+    model.zero_grad()
+    loss = model.forward(x, y)
+    model.backward()
+    grads = grads_fp32(model)
 
     if graph:
         graphed = GraphStep(model, B, T, grad_clip=1.0)
@@ -73,7 +96,24 @@ def bench_llmcu_step(config, params, x, y, steps, dtype="fp32", flash_version="a
             model.backward()
             model.update(1e-4, 1, grad_clip=1.0)
     ms = cuda_time(step, steps)
-    return ms, pool.total_bytes()  # llmcu allocates once, so what the pool holds is the peak
+    return ms, pool.total_bytes(), loss, grads  # llmcu allocates once: what the pool holds is the peak
+
+
+# A row whose first gradients differ from the reference row's by more than this (relative L2
+# norm over all parameters) is flagged SUSPECT and left out by scripts/best_variant.py. Rows
+# that differ only in rounding (bf16 GEMM algorithms, atomic summation orders, fused or
+# separate kernels) should sit well below it; a kernel computing a wrong gradient well above.
+GRAD_TOLERANCE = 0.05
+
+
+def check_against(ref, loss, grads) -> dict:
+    """{loss, loss_diff, grad_rel_err} of a row's first loss and gradients against the
+    reference row's (ref = (loss, grads)); grad_rel_err = |g - g_ref| / |g_ref| (L2)."""
+    ref_loss, ref_grads = ref
+    diff = grads.astype(np.float64) - ref_grads
+    err = float(np.sqrt(np.dot(diff, diff)) / max(np.sqrt(np.dot(ref_grads.astype(np.float64), ref_grads)), 1e-30))
+    return {"loss": float(loss), "loss_diff": float(loss) - float(ref_loss), "grad_rel_err": err,
+            "suspect": not err <= GRAD_TOLERANCE}  # NaN is suspect too
 
 
 def bench_torch_step(config, params, x, y, steps, dtype="fp32", compile=False):
@@ -204,13 +244,17 @@ def variant_spec(spec: dict) -> str:
     return ",".join(f"{key}={text(spec[key])}" for key in VARIANT_KEYS)
 
 
-def write_json(path, card: str, args, results: dict, variants: list, kernels: list) -> None:
-    """The run's JSON (card, arguments, each finished row's ms and peak bytes, every variant's
-    spec, the kernel rows), replaced whole: written to a temporary file beside it and renamed,
-    so a run stopped mid-write leaves the previous complete file, never half of one."""
+def write_json(path, card: str, args, results: dict, variants: list, kernels: list,
+               checks: dict | None = None) -> None:
+    """The run's JSON (card, arguments, each finished row's ms and peak bytes, and for llmcu
+    rows its gradient cross-check, every variant's spec, the kernel rows), replaced whole:
+    written to a temporary file beside it and renamed, so a run stopped mid-write leaves the
+    previous complete file, never half of one."""
     path = Path(path)
+    checks = checks or {}
     text = json.dumps({"card": card, "args": vars(args), "dtype": args.dtype,
-                       "steps": {k: {"ms": ms, "peak_bytes": peak} for k, (ms, peak) in results.items()},
+                       "steps": {k: {"ms": ms, "peak_bytes": peak, **checks.get(k, {})}
+                                 for k, (ms, peak) in results.items()},
                        "variants": {variant_name(v): {**v, "spec": variant_spec(v)} for v in variants},
                        "kernels": kernels}, indent=1)
     tmp = path.with_name(path.name + ".tmp")
@@ -280,20 +324,28 @@ def main(argv=None) -> int:
         variants = [dict(VARIANT_KEYS, flash=v, gemm=gemm, graph=graph)
                     for v in versions for gemm in a.gemm.split(",")
                     for graph in ((False, True) if a.cuda_graph else (False,))]
-    results = {}
+    results, checks, ref = {}, {}, None
     for spec in variants:
         row = variant_name(spec)
         tuned_before = len(cublaslt.tuning_report())
         try:  # one failing variant (an untested kernel) must not lose the other rows
-            results[row] = bench_llmcu_step(config, params.copy(), x, y, a.steps, a.dtype,
-                                            flash_version=spec["flash"], graph=spec["graph"],
-                                            gemm=spec["gemm"], classifier_version=spec["classifier"],
-                                            fuse_residual=spec["lnfuse"], bias_epilogue=spec["bgrad"])
-            print(f"{row}: {results[row][0]:.2f} ms/step", flush=True)
+            ms, peak, loss, grads = bench_llmcu_step(
+                config, params.copy(), x, y, a.steps, a.dtype, flash_version=spec["flash"],
+                graph=spec["graph"], gemm=spec["gemm"], classifier_version=spec["classifier"],
+                fuse_residual=spec["lnfuse"], bias_epilogue=spec["bgrad"])
+            results[row] = (ms, peak)
+            if ref is None:  # the first row that ran is the reference of the cross-check
+                ref_row, ref = row, (loss, grads)
+            checks[row] = check_against(ref, loss, grads)
+            del grads
+            c = checks[row]
+            print(f"{row}: {ms:.2f} ms/step; first loss {c['loss']:.6f} ({c['loss_diff']:+.2e}), gradients "
+                  f"vs {ref_row}: relative L2 {c['grad_rel_err']:.2e}"
+                  + (f" SUSPECT (over {GRAD_TOLERANCE})" if c["suspect"] else ""), flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"{row}: FAILED: {type(e).__name__}: {e}", flush=True)
         if a.json:  # after every row: a run cut by a timeout keeps the rows it finished
-            write_json(a.json, card, a, results, variants, [])
+            write_json(a.json, card, a, results, variants, [], checks)
         for line in cublaslt.tuning_lines(cublaslt.tuning_report()[tuned_before:]):
             print(f"{row}: {line}", flush=True)  # the autotune decisions this row made
     for name, compiled in (("pytorch", False),) + ((("pytorch+compile", True),) if a.compile else ()):
@@ -302,7 +354,7 @@ def main(argv=None) -> int:
                                              compile=compiled)
             print(f"{name}: {results[name][0]:.2f} ms/step", flush=True)  # kept if a timeout cuts the run
             if a.json:
-                write_json(a.json, card, a, results, variants, [])
+                write_json(a.json, card, a, results, variants, [], checks)
         except Exception as e:  # noqa: BLE001
             print(f"{name}: FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                   flush=True)
@@ -355,7 +407,7 @@ def main(argv=None) -> int:
     for name, ms, gbs in kernels:
         print(f"{name:34s} {ms:9.3f} {gbs:8.1f}")
     if a.json:
-        write_json(a.json, card, a, results, variants, kernels)
+        write_json(a.json, card, a, results, variants, kernels, checks)
     return 0
 
 

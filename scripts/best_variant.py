@@ -5,7 +5,8 @@ or as the matching bench_step_breakdown.py flags, for the next GPU command:
     python scripts/best_variant.py OUT/bench_step_variants.json --breakdown-flags
     python scripts/best_variant.py OUT/bench_step_variants.json --graph 1  # among graph rows only
 
-Exits 1 (saying why) when the file has no llmcu row with a time and a spec.
+Rows flagged SUSPECT (gradients unlike the reference row's) are never chosen. Exits 1
+(saying why) when the file has no llmcu row with a time and a spec.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from pathlib import Path
 
 def best(result: dict, graph=None) -> tuple[str, dict, float]:
     """(row name, its variant dict, ms) of the fastest llmcu row (graph rows only, or eager
-    only, when graph is 1 or 0); ValueError when there is none."""
+    only, when graph is 1 or 0) whose gradients were not flagged SUSPECT by bench_gpu_step's
+    cross-check (they differ from the reference row's); ValueError when there is none."""
     variants = result.get("variants") or {}
     rows = [(name, variants[name], step["ms"]) for name, step in result.get("steps", {}).items()
-            if name in variants and step.get("ms") is not None
+            if name in variants and step.get("ms") is not None and not step.get("suspect", False)
             and (graph is None or bool(variants[name].get("graph")) == bool(graph))]
     if not rows:
-        raise ValueError("no llmcu row with a time and a variant spec (a JSON from bench_gpu_step.py "
-                         "--json, written after this script existed?)")
+        raise ValueError("no llmcu row with a time, a variant spec and gradients that agree with the "
+                         "reference row's (a JSON from bench_gpu_step.py --json, written after this "
+                         "script existed?)")
     return min(rows, key=lambda r: r[2])
 
 

@@ -3,6 +3,7 @@ fused-classifier kernel the model launches, checked from the launches, and that 
 versions train alike), and benchmarks/bench_gpu_step.py's --variants parser (each spec
 to the model's arguments; bad specs refused with what was expected)."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -201,6 +202,7 @@ def test_main_runs_the_quick_stage_variants_with_stand_in_timings(tmp_path, monk
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
     model_args = inspect.signature(GPT2).parameters
     calls = []
+    base_grads = np.random.default_rng(0).standard_normal(1000)
 
     def fake_llmcu(config, params, x, y, steps, dtype="fp32", **kw):
         unknown = {"graph"} ^ (set(kw) - set(model_args))
@@ -209,7 +211,10 @@ def test_main_runs_the_quick_stage_variants_with_stand_in_timings(tmp_path, monk
         if kw["flash_version"] == 8:
             raise RuntimeError("an untested kernel failed")
         ms = 40.0 - 2.0 * kw["graph"] - (kw["flash_version"] == 7) - 1.5 * (kw["classifier_version"] == 3)
-        return ms, 8 << 30
+        # gradients: the reference's plus rounding-sized noise, or (classifier 3 here) wrong ones
+        wrong = kw["classifier_version"] == 3
+        grads = base_grads + (0.3 if wrong else 1e-3) * np.random.default_rng(len(calls)).standard_normal(1000)
+        return ms, 8 << 30, 10.9 + (0.2 if wrong else 0.0), grads
 
     monkeypatch.setattr(bench_gpu_step, "bench_llmcu_step", fake_llmcu)
     monkeypatch.setattr(bench_gpu_step, "bench_torch_step",
@@ -232,5 +237,17 @@ def test_main_runs_the_quick_stage_variants_with_stand_in_timings(tmp_path, monk
     assert "ratio llmcu classifier v3 graph / llmcu graph" in printed
     assert "ratio llmcu graph / pytorch+compile (time): 0.706" in printed
     assert "MFU" in printed
+    # the gradient cross-check: every llmcu row against the first (the defaults, eager)
+    assert re.search(r"^llmcu: 40\.00 ms/step; first loss 10\.900000 \(\+0\.00e\+00\), gradients vs llmcu: "
+                     r"relative L2 0\.00e\+00$", printed, re.M), printed
+    steps = got["steps"]
+    for name, step in steps.items():
+        if name.startswith("pytorch"):
+            assert "grad_rel_err" not in step
+            continue
+        wrong = " classifier v3" in name
+        assert step["suspect"] == wrong and (step["grad_rel_err"] > 0.05) == wrong, (name, step)
+        assert (f"{name}: " in printed and "SUSPECT (over 0.05)" in printed.split(f"{name}: ")[1].splitlines()[0]) == wrong
+    # the fastest graph row (flash 7 + classifier 3, 35.5 ms) has wrong gradients: passed over
     name, variant, ms = best_variant.best(got, graph=1)
-    assert variant["flash"] == 7 and variant["classifier"] == 3 and ms == 35.5, (name, ms)
+    assert (name, ms) == ("llmcu flash v7 graph", 37.0), (name, ms)
