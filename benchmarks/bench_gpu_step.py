@@ -14,7 +14,7 @@ achieved GB/s of the napkin-math bytes each kernel must move at least once.
 
 Each llmcu row also runs one forward/backward from the same parameters before it is
 timed, and its loss and gradients are compared with the first row's: a row whose
-gradients differ by more than GRAD_TOLERANCE (relative L2 over all parameters) is
+gradients differ by more than GRAD_TOLERANCE (relative L2, in any parameter tensor) is
 printed SUSPECT, marked so in the JSON, and never chosen by scripts/best_variant.py. So
 a variant with a kernel that computes wrong gradients at full size is seen in the same
 run that times it.
@@ -99,21 +99,31 @@ def bench_llmcu_step(config, params, x, y, steps, dtype="fp32", flash_version="a
     return ms, pool.total_bytes(), loss, grads  # llmcu allocates once: what the pool holds is the peak
 
 
-# A row whose first gradients differ from the reference row's by more than this (relative L2
-# norm over all parameters) is flagged SUSPECT and left out by scripts/best_variant.py. Rows
-# that differ only in rounding (bf16 GEMM algorithms, atomic summation orders, fused or
-# separate kernels) should sit well below it; a kernel computing a wrong gradient well above.
+# A row whose first gradients differ from the reference row's by more than this in some
+# parameter tensor (relative L2 norm of the difference, per tensor) is flagged SUSPECT and
+# left out by scripts/best_variant.py. Rows that differ only in rounding sit well below it:
+# on the emulator (2 layers, C=128, T=128, bf16) attention version 1 against 3, the
+# unfused layernorms, the cuBLASLt route, and even the fp32 model against the bf16 one
+# differ by at most 0.9% in any tensor. A kernel computing a wrong gradient shows in its
+# own tensors and in every tensor upstream of it.
 GRAD_TOLERANCE = 0.05
 
 
-def check_against(ref, loss, grads) -> dict:
-    """{loss, loss_diff, grad_rel_err} of a row's first loss and gradients against the
-    reference row's (ref = (loss, grads)); grad_rel_err = |g - g_ref| / |g_ref| (L2)."""
+def check_against(ref, loss, grads, slices) -> dict:
+    """{loss, loss_diff, grad_rel_err, worst, suspect} of a row's first loss and gradients
+    against the reference row's (ref = (loss, grads)): grad_rel_err is the largest, over the
+    parameter tensors (slices: name -> slice of the flat gradients), of |g - g_ref| / |g_ref|
+    (L2), worst the tensor where it is."""
     ref_loss, ref_grads = ref
-    diff = grads.astype(np.float64) - ref_grads
-    err = float(np.sqrt(np.dot(diff, diff)) / max(np.sqrt(np.dot(ref_grads.astype(np.float64), ref_grads)), 1e-30))
+    errs = {}
+    for name, sl in slices.items():
+        r = ref_grads[sl].astype(np.float64)
+        d = grads[sl].astype(np.float64) - r
+        errs[name] = float(np.sqrt(np.dot(d, d)) / max(np.sqrt(np.dot(r, r)), 1e-30))
+    worst = max(errs, key=lambda k: (np.isnan(errs[k]), errs[k]))
+    err = errs[worst]
     return {"loss": float(loss), "loss_diff": float(loss) - float(ref_loss), "grad_rel_err": err,
-            "suspect": not err <= GRAD_TOLERANCE}  # NaN is suspect too
+            "worst": worst, "suspect": not err <= GRAD_TOLERANCE}  # NaN is suspect too
 
 
 def bench_torch_step(config, params, x, y, steps, dtype="fp32", compile=False):
@@ -324,6 +334,8 @@ def main(argv=None) -> int:
         variants = [dict(VARIANT_KEYS, flash=v, gemm=gemm, graph=graph)
                     for v in versions for gemm in a.gemm.split(",")
                     for graph in ((False, True) if a.cuda_graph else (False,))]
+    from llmcu.config import parameter_slices
+    slices = {name: sl for name, sl, _ in parameter_slices(config)}
     results, checks, ref = {}, {}, None
     for spec in variants:
         row = variant_name(spec)
@@ -336,11 +348,11 @@ def main(argv=None) -> int:
             results[row] = (ms, peak)
             if ref is None:  # the first row that ran is the reference of the cross-check
                 ref_row, ref = row, (loss, grads)
-            checks[row] = check_against(ref, loss, grads)
+            checks[row] = check_against(ref, loss, grads, slices)
             del grads
             c = checks[row]
             print(f"{row}: {ms:.2f} ms/step; first loss {c['loss']:.6f} ({c['loss_diff']:+.2e}), gradients "
-                  f"vs {ref_row}: relative L2 {c['grad_rel_err']:.2e}"
+                  f"vs {ref_row}: relative L2 at most {c['grad_rel_err']:.2e} ({c['worst']})"
                   + (f" SUSPECT (over {GRAD_TOLERANCE})" if c["suspect"] else ""), flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"{row}: FAILED: {type(e).__name__}: {e}", flush=True)
