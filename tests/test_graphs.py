@@ -281,3 +281,32 @@ def test_recaptures_after_loading_optimizer_state():
         step.update(LRS[s], s + 1)
     assert step.captures == 2
     _assert_same_state(eager, graphed, "after load_optimizer_state")
+
+
+HS64 = GPT2Config(max_seq_len=80, vocab_size=500, num_layers=1, num_heads=2, channels=128)
+
+
+@pytest.mark.parametrize("version", [5, 7, 9])
+def test_graph_step_with_the_one_pass_attention_backward(version):
+    """The tensor-core attention's one-pass backward (versions 5-9: dQ added into an fp32
+    scratch by atomics, zeroed by a preprocess kernel) inside the captured step: the warm-up
+    allocates the scratch before the capture, and the graph step equals the eager step bit
+    for bit. Emulator only: it runs blocks in order, so the atomics add in a fixed order (on
+    a GPU dQ's last bits vary from run to run; the quick GPU stage times these as graphs)."""
+    p0 = init_parameters(HS64, seed=3)
+    eager, graphed = [GPT2(HS64, p0.copy(), device="emu", dtype="bf16", seed=7, flash_version=version)
+                      for _ in range(2)]
+    Tv = 70  # two 64-row tiles, the second partial
+    rng = np.random.default_rng(5)
+    step = graphs.GraphStep(graphed, 1, Tv, 1, weight_decay=WD, grad_clip=CLIP)
+    for s in range(2):
+        toks = rng.integers(0, HS64.vocab_size, size=(1, Tv + 1)).astype(np.int32)
+        batch = [(toks[:, :-1], toks[:, 1:])]
+        loss_e, norm_e = _eager_step(eager, batch, LRS[s], s + 1)
+        loss_g, norm_g = step.forward_backward(batch)
+        step.update(LRS[s], s + 1)
+        # (the loss mean: the device's sum against the host's, as in the test above)
+        assert abs(loss_g - loss_e) <= 1e-12 * abs(loss_e), (s, loss_g, loss_e)
+        assert norm_g == pytest.approx(norm_e, rel=1e-12), (s, norm_g, norm_e)
+        _assert_same_state(eager, graphed, f"flash v{version} step {s + 1}")
+    assert step.captures == 1
