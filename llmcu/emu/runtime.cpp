@@ -605,7 +605,7 @@ void emu_device_assert(const char* expr, const char* file, int line) {
     fail("%s: device assertion `%s` failed at %s:%d", thread_name(g_cur), expr, file, line);
 }
 
-// cp.async, as CUDA's pipeline primitives (include/cuda_pipeline.h) and PTX's cp.async
+// cp.async, as CUDA's pipeline primitives (shim.h: __pipeline_memcpy_async ...) and PTX's cp.async
 // issue, commit_group and wait_group. On the GPU a copy lands in shared memory at some
 // moment between its issue and the wait that covers it. "late" (the default) takes both
 // ends of that window at once: the destination is poisoned (0xFF: NaN in bf16 and fp32)
