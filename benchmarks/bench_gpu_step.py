@@ -55,10 +55,9 @@ def cuda_time(fn, reps: int, warmup: int = 3) -> float:
 def grads_fp32(model) -> np.ndarray:
     """The model's flat gradients as fp32 on the host (bf16 bit patterns widened there, so the
     check allocates nothing on the device and the rows' peak-memory figures stay the step's)."""
+    from llmcu.formats import bf16_bits_to_float32
     g = model.grads.get()
-    if g.dtype == np.uint16:  # bf16 bits: the top half of an fp32
-        return (g.astype(np.uint32) << 16).view(np.float32)
-    return g.astype(np.float32)
+    return bf16_bits_to_float32(g) if g.dtype == np.uint16 else g.astype(np.float32)
 
 
 def bench_llmcu_step(config, params, x, y, steps, dtype="fp32", flash_version="auto", graph=False,
@@ -66,9 +65,8 @@ def bench_llmcu_step(config, params, x, y, steps, dtype="fp32", flash_version="a
     """(median ms, peak bytes held by CuPy's memory pool, first loss, first gradients) of one
     llmcu step; graph=True runs it as CUDA graphs (llmcu/cuda/graphs.py: one replay for the
     forward/backward, one for the update) instead of ~500 launches from Python. The loss
-    and the fp32 gradients (device) of one forward/backward from `params`, before any
-    update, are for the cross-check of the rows against each other (check_against; host
-    arrays)."""
+    and the fp32 gradients (a host array) of one forward/backward from `params`, before any
+    update, are for the cross-check of the rows against each other (check_against)."""
     import cupy
     from llmcu.cuda.gpt2 import GPT2
     from llmcu.cuda.graphs import GraphStep
@@ -320,14 +318,14 @@ def main(argv=None) -> int:
     from llmcu.config import gpt2_config
     from llmcu.cpu.gpt2 import init_parameters
     from llmcu.cuda import cublaslt
+    from llmcu.mfu import device_name, mfu
     config = gpt2_config(a.model)
     B, T = a.batch_size, a.seq_len
     params = init_parameters(config, seed=42)
     rng = np.random.default_rng(0)
     x = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
     y = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
-    props = cupy.cuda.runtime.getDeviceProperties(0)
-    card = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    card = device_name()
     precision = "fp32 (TF32 off)" if a.dtype == "fp32" else "bf16 (llmcu mixed precision; PyTorch autocast)"
     print(f"card: {card}; GPT-2 {a.model}, B={B}, T={T}, {precision}, median of {a.steps} steps")
     if variants is None:
@@ -373,10 +371,9 @@ def main(argv=None) -> int:
             import torch
             torch.cuda.empty_cache()
     tok = B * T
-    flops = config.flops_per_token(T) * tok  # llm.c's 6N + 6LCT per token
     for name, (ms, peak) in results.items():
-        mfu = flops / (ms * 1e-3) / (a.peak_tflops * 1e12)
-        print(f"{name:34s} {ms:9.2f} ms/step {tok / ms * 1e3:10.0f} tok/s  MFU {100 * mfu:5.1f}% "
+        util = mfu(config.flops_per_token(T), tok, ms * 1e-3, a.peak_tflops)  # llm.c's 6N + 6LCT per token
+        print(f"{name:34s} {ms:9.2f} ms/step {tok / ms * 1e3:10.0f} tok/s  MFU {100 * util:5.1f}% "
               f"of {a.peak_tflops:g} TFLOP/s  peak memory {peak / 2**30:6.2f} GiB")
     for ours in [k for k in results if k.startswith("llmcu") and "_tuned" in k]:
         base = ours.replace("_tuned", "")

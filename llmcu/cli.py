@@ -85,16 +85,20 @@ def _add_train(sub):
                    help="1: capture the training step as CUDA graphs and replay them (one launch "
                         "instead of ~500 per step; GPT-2 on --device cuda or emu, one process)")
     # which kernels GPT-2 runs on --device cuda or emu (llmcu.cuda.gpt2.GPT2's arguments)
-    p.add_argument("--flash-version", default=d.flash_version, choices=["auto"] + [str(v) for v in range(1, 10)],
+    from .cuda.attention import FLASH_VERSIONS
+    from .cuda.classifier import VERSIONS as CLASSIFIER_VERSIONS
+    from .cuda.matmul import GEMM_LIBRARIES
+    p.add_argument("--flash-version", default=d.flash_version, choices=["auto"] + [str(v) for v in FLASH_VERSIONS],
                    help="the fused attention's kernel version (kernels/attention.cu; auto: version 3 "
                         "for bf16 at head size 64 on a GPU, else 1)")
     p.add_argument("--gemm", default=d.gemm,
-                   choices=["auto", "cublas", "cublaslt", "cublaslt_all", "cublaslt_tuned", "cublaslt_all_tuned"],
+                   choices=["auto", *GEMM_LIBRARIES],
                    help="GEMM library of the linear layers: cublas (+ llmcu's bias and GELU kernels), "
                         "cublaslt (bias and GELU as cuBLASLt epilogues), cublaslt_all (every overwriting "
                         "GEMM on cuBLASLt), *_tuned (cuBLASLt's algorithms timed per shape); auto: "
                         "cublaslt on a GPU, cublas on emu")
-    p.add_argument("--classifier-version", default=d.classifier_version, choices=["auto", "1", "2", "3"],
+    p.add_argument("--classifier-version", default=d.classifier_version,
+                   choices=["auto"] + [str(v) for v in CLASSIFIER_VERSIONS],
                    help="the fused classifier's kernel version (kernels/classifier.cu; auto: 2 on a "
                         "GPU where the vocabulary allows 16-byte loads, 3 on emu, else 1)")
     p.add_argument("--fuse-residual", type=int, default=d.fuse_residual, choices=[0, 1],

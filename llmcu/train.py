@@ -111,9 +111,7 @@ def kernel_choices(cfg: TrainConfig) -> dict:
 
 def _kernel_flags_text(kernels: dict) -> str:
     """'--flash-version 7 --bias-epilogue 1' for GPT2 arguments (error messages)."""
-    text = {True: "1", False: "0"}
-    return " ".join(f"{KERNEL_FLAGS[k][0]} {text.get(v, v) if isinstance(v, bool) else v}"
-                    for k, v in kernels.items())
+    return " ".join(f"{KERNEL_FLAGS[k][0]} {int(v) if isinstance(v, bool) else v}" for k, v in kernels.items())
 
 
 def make_model(config: GPT2Config, params, device: str = "cpu", seed: int = 42,

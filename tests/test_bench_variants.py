@@ -198,7 +198,8 @@ def test_main_runs_the_quick_stage_variants_with_stand_in_timings(tmp_path, monk
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import best_variant
     fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
-        runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"Stand-in GPU"})))
+        runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"Stand-in GPU"}),
+        Device=lambda: types.SimpleNamespace(id=0)))
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
     model_args = inspect.signature(GPT2).parameters
     calls = []
