@@ -1404,8 +1404,10 @@ extern "C" __global__ void attention_flash_backward_dkdv_kernel4(bf16* __restric
 // ~230-250 registers a thread, so other blocks hide little of a tile load's latency:
 // that is what the second buffer is for.
 //
-//   attention_flash_backward_preprocess_kernel5: version 2's D = rowsum(dout * out),
-//       and zeroes the row's 64 accumulator floats; one warp per row of (B,NH,T).
+//   attention_flash_backward_preprocess_kernel5 (versions 3 to 9): D = rowsum(dout * out)
+//       with 16-byte loads, 8 threads per row of (B,NH,T) (version 2's kernel: a warp per row
+//       and 2-byte loads), and for versions 5 to 9 the row's 64 accumulator floats zeroed
+//       with 16-byte stores; grid CEIL_DIV(B*NH*T*8, 256), block 256.
 //   attention_flash_backward_kernel5: grid (CEIL_DIV(T, 64), NKV, B), block 128;
 //   attention_flash_backward_kernel6: grid (CEIL_DIV(T, 128), NKV, B), block 256;
 //   attention_flash_backward_kernel7, 8: as 5, 6;
@@ -1413,7 +1415,10 @@ extern "C" __global__ void attention_flash_backward_dkdv_kernel4(bf16* __restric
 //       5-8: 36, 54, 54, 72 KiB: K and dS^T tiles of the block's keys, Q and dO tiles of
 //       64 queries per stage).
 //   attention_flash_backward_dq_convert_kernel5: dqkv's q third = bf16(scale * accumulator);
-//       one thread per 8 values, grid CEIL_DIV(B*NH*T*64 / 8, 256), block 256.
+//       one thread per 8 values (two 16-byte loads, one 16-byte store), grid
+//       CEIL_DIV(B*NH*T*64 / 8, 256), block 256.
+// The wrapper checks that qkv, out, dout and dqkv are 16-byte aligned (every row of hs = 64
+// bf16 then is: 128 bytes).
 // The forward is attention_flash_forward_kernel3. Speed not measured on a GPU yet.
 
 // p[0] += a, p[1] += b without a result (red.global): p 8-byte aligned.
@@ -1431,23 +1436,43 @@ __device__ __forceinline__ void flash5_red2(float* p, float a, float b) {
 #endif
 }
 
+// 8 bf16 (16 bytes) as four pairs: u[k] holds elements 2k (low half) and 2k + 1.
+struct alignas(16) flash5_u4 {
+    unsigned u[4];
+};
+typedef Packed128<bf16> flash5_bf16x8;  // the same 8 bf16 as values (whatever floatX is)
+
 extern "C" __global__ void attention_flash_backward_preprocess_kernel5(float* __restrict__ D,
                                                                        float* __restrict__ dq_accum,
                                                                        const bf16* __restrict__ dout,
                                                                        const bf16* __restrict__ out,
-                                                                       int B, int T, int NH, int hs) {
-    const int lane = threadIdx.x % WARP_SIZE;
-    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
-    if (row >= B * NH * T) { return; }
-    const int t = row % T, h = (row / T) % NH, b = row / (T * NH);
-    const long long off = ((long long)b * T + t) * NH * hs + h * hs;
+                                                                       int B, int T, int NH) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long row = idx / 8;  // (b, h, t): 8 consecutive lanes share a row
+    const int j = (int)(idx % 8);   // this thread's columns: 8j .. 8j + 7
+    const bool live = row < (long long)B * NH * T;
     float sum = 0.0f;
-    for (int d = lane; d < hs; d += WARP_SIZE) {
-        sum += (float)dout[off + d] * (float)out[off + d];
-        dq_accum[(long long)row * hs + d] = 0.0f;
+    if (live) {
+        const int t = (int)(row % T), h = (int)((row / T) % NH), b = (int)(row / ((long long)T * NH));
+        const long long off = ((long long)b * T + t) * NH * FLASH3_HS + h * FLASH3_HS + 8 * j;
+        const flash5_u4 d = *reinterpret_cast<const flash5_u4*>(dout + off);
+        const flash5_u4 o = *reinterpret_cast<const flash5_u4*>(out + off);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            sum += flash3_lo(d.u[k]) * flash3_lo(o.u[k]);
+            sum += flash3_hi(d.u[k]) * flash3_hi(o.u[k]);
+        }
+        if (dq_accum != nullptr) {
+            const f128 zero = {{0.0f, 0.0f, 0.0f, 0.0f}};
+            store128f(dq_accum + row * FLASH3_HS + 8 * j, zero);
+            store128f(dq_accum + row * FLASH3_HS + 8 * j + 4, zero);
+        }
     }
-    sum = warp_reduce_sum(sum);
-    if (lane == 0) { D[row] = sum; }
+    // every lane of the warp takes part (the block is whole warps); xor 4, 2, 1 stays
+    // within the row's 8 lanes
+#pragma unroll
+    for (int offset = 4; offset > 0; offset /= 2) { sum += __shfl_xor_sync(0xffffffff, sum, offset); }
+    if (live && j == 0) { D[row] = sum; }
 }
 
 // acc (16 x 8*NT) += A (16 x 16*KS, fragments) * M[0..16*KS)[col0 .. col0 + 8*NT) for shared
@@ -1628,11 +1653,16 @@ extern "C" __global__ void attention_flash_backward_dq_convert_kernel5(bf16* __r
     const int d = (int)(i % FLASH3_HS), t = (int)((i / FLASH3_HS) % T);
     const int h = (int)((i / ((long long)FLASH3_HS * T)) % NH), b = (int)(i / ((long long)FLASH3_HS * T * NH));
     const f128 lo = load128f(dq_accum + i), hi = load128f(dq_accum + i + 4);
-    bf16* dst = dqkv + ((long long)b * T + t) * (NH + 2 * NKV) * FLASH3_HS + h * FLASH3_HS + d;
-    flash3_store2(dst, flash3_pack(lo[0] * scale, lo[1] * scale));
-    flash3_store2(dst + 2, flash3_pack(lo[2] * scale, lo[3] * scale));
-    flash3_store2(dst + 4, flash3_pack(hi[0] * scale, hi[1] * scale));
-    flash3_store2(dst + 6, flash3_pack(hi[2] * scale, hi[3] * scale));
+    // one 16-byte store: indexing a packet pointer, not casting a bf16 address, is what lets
+    // nvcc emit it as one (st.global.v4)
+    flash5_bf16x8 packet;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        packet[k] = __float2bfloat16(lo[k] * scale);
+        packet[4 + k] = __float2bfloat16(hi[k] * scale);
+    }
+    reinterpret_cast<flash5_bf16x8*>(dqkv)[(((long long)b * T + t) * (NH + 2 * NKV) * FLASH3_HS + h * FLASH3_HS + d) / 8] =
+        packet;
 }
 
 #endif  // LLMCU_FLASH2

@@ -201,6 +201,31 @@ def test_flash_kernel3_rejects_bad_input():
                                    version=3)
 
 
+@pytest.mark.parametrize("version", [3, 5])
+@pytest.mark.parametrize("name", ["qkv", "out", "dout", "dqkv"])
+def test_flash_kernel3_rejects_misaligned_arrays(version, name):
+    """Versions 3 to 9 copy whole head rows in 16-byte pieces (cp.async, 16-byte loads and
+    stores): an array starting off a 16-byte boundary (a view at an odd offset) is refused by
+    name before any launch, instead of a misaligned-address fault on the GPU."""
+    from llmcu.cuda import attention as k
+    B, T, NH = 1, 4, 2
+    arrays = {"qkv": (B, T, 3 * NH * 64), "out": (B, T, NH * 64), "dout": (B, T, NH * 64),
+              "dqkv": (B, T, 3 * NH * 64)}
+    got = {}
+    for key, shape in arrays.items():
+        n = int(np.prod(shape))
+        buf = np.zeros(n + 16, np.uint16)
+        start = (-buf.ctypes.data % 16) // 2  # the first 16-byte boundary
+        got[key] = buf[start + (1 if key == name else 0):][:n].reshape(shape)  # 2 bytes past it
+    lse = np.zeros((B, NH, T), np.float32)
+    with pytest.raises(ValueError, match=rf"flash_attention_backward: version {version} moves {name} in "
+                                         rf"16-byte pieces and needs it 16-byte aligned, got address 0x"):
+        k.flash_attention_backward(got["dqkv"], got["dout"], got["qkv"], got["out"], lse, NH, version=version)
+    if name in ("qkv", "out"):
+        with pytest.raises(ValueError, match=rf"version {version} moves {name} in 16-byte pieces"):
+            k.flash_attention_forward(got["out"], lse, got["qkv"], NH, version=version)
+
+
 @pytest.mark.parametrize("version", [3, 7])  # 7: the one-pass backward, double-buffered
 def test_gpt2_bf16_trains_with_flash_version_3(dev, monkeypatch, version):
     """GPT2(flash_version=3 or 7): a tiny bf16 GPT-2 with head size 64 (C = 128, NH = 2) runs

@@ -14,6 +14,7 @@ import numpy as np
 from . import runtime
 from .runtime import (FLOATX_NAMES, backend_of, check_array, f32, floatx_dtype, i32, launch_config,
                       warp_per_row)
+from .vectorized import address
 
 
 def _check(fn, be, qkv, num_heads, **named):
@@ -157,7 +158,8 @@ def _flash_check(fn, be, qkv, num_heads, num_kv_heads, version, **named):
     with two Q/dO buffers, the next step's loads in flight during this step's products;
     not measured. Version 9: version 7's backward and a forward with 128 query rows (8
     warps) per block, each K/V tile loaded once per 128 queries; not measured. lse is
-    float32 in all.
+    float32 in all. Versions 3 to 9 move whole head rows in 16-byte pieces, so qkv, out,
+    dout and dqkv must start 16-byte aligned (fresh arrays and GPT-2's activations do).
     Returns B, T, NH, NKV, hs and the floatX name of the module to launch."""
     if version not in FLASH_VERSIONS:
         raise ValueError(f"{fn}: version must be one of {FLASH_VERSIONS}, got {version!r}")
@@ -181,6 +183,12 @@ def _flash_check(fn, be, qkv, num_heads, num_kv_heads, version, **named):
     shapes = {"out": (B, T, NH * hs), "dout": (B, T, NH * hs), "dqkv": (B, T, W), "lse": (B, NH, T)}
     for name, a in named.items():
         check_array(fn, name, a, be, dtype=np.float32 if name == "lse" else dtype, shape=shapes[name])
+    if version >= 3:  # cp.async and 16-byte loads and stores of whole 128-byte head rows
+        for name, a in {"qkv": qkv, **named}.items():
+            if name != "lse" and address(a) % 16:
+                raise ValueError(f"{fn}: version {version} moves {name} in 16-byte pieces and needs it "
+                                 f"16-byte aligned, got address {address(a):#x}; pass a fresh array "
+                                 f"or use version=1")
     return B, T, NH, NKV, hs, FLOATX_NAMES[dtype]
 
 
@@ -218,20 +226,25 @@ def flash_attention_backward(dqkv, dout, qkv, out, lse, num_heads, num_kv_heads=
     B, T, NH, NKV, hs, floatX = _flash_check("flash_attention_backward", be, qkv, num_heads, num_kv_heads,
                                              version, dqkv=dqkv, dout=dout, out=out, lse=lse)
     D = runtime.scratch(be, "flash_D", (B, NH, T), np.float32)  # rowsum(dout * out), per call
-    grid, block = warp_per_row(B * NH * T)
     scale = f32(1.0 / math.sqrt(hs))
-    if version in ONE_PASS:  # one pass over the key tiles; dq through an fp32 accumulator (atomics)
-        dq_accum = runtime.scratch(be, "flash_dq_accum", (B, NH, T, hs), np.float32)
+    dq_accum = None
+    if version >= 3:  # hs = 64: D with 16-byte loads, 8 threads a row (and dq_accum zeroed)
+        if version in ONE_PASS:
+            dq_accum = runtime.scratch(be, "flash_dq_accum", (B, NH, T, hs), np.float32)
+        grid, block = launch_config(B * NH * T * 8)
         be.launch("attention", "attention_flash_backward_preprocess_kernel5", grid, block,
-                  (D, dq_accum, dout, out, i32(B), i32(T), i32(NH), i32(hs)), floatX=floatX)
+                  (D, dq_accum, dout, out, i32(B), i32(T), i32(NH)), floatX=floatX)
+    else:
+        grid, block = warp_per_row(B * NH * T)
+        be.launch("attention", f"attention_flash_backward_preprocess_kernel{version}", grid, block,
+                  (D, dout, out, i32(B), i32(T), i32(NH), i32(hs)), floatX=floatX)
+    if version in ONE_PASS:  # one pass over the key tiles; dq through an fp32 accumulator (atomics)
         _flash_launch(be, "backward", version, floatX, T, NKV, B,
                       (dqkv, dq_accum, dout, qkv, lse, D, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), scale))
         grid, block = launch_config(B * NH * T * hs // 8)
         be.launch("attention", "attention_flash_backward_dq_convert_kernel5", grid, block,
                   (dqkv, dq_accum, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), scale), floatX=floatX)
         return
-    be.launch("attention", f"attention_flash_backward_preprocess_kernel{min(version, 2)}", grid, block,
-              (D, dout, out, i32(B), i32(T), i32(NH), i32(hs)), floatX=floatX)
     args = (dqkv, dout, qkv, lse, D, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), scale)
     _flash_launch(be, "backward_dq", version, floatX, T, NH, B, args, "dq", hs)
     _flash_launch(be, "backward_dkdv", version, floatX, T, NKV, B, args, "dkdv", hs)
