@@ -16,6 +16,9 @@ warm-up, one row per implementation:
   llmcu flash v6 bf16    version 5 with 128 keys (8 warps) per backward block
   llmcu flash v7, v8     versions 5 and 6 with two query/dO buffers (the next tile's loads in flight)
   llmcu flash v9 bf16    version 7's backward; a forward with 128 query rows (8 warps) per block
+  ... heavy-first        versions 3 to 9 again with schedule="heavy_first": the blocks go out
+                         heaviest causal tiles first over the whole grid (a shorter last wave)
+                         instead of one (head, batch) at a time (which shares L2)
   llmcu simple fp32      permute + cuBLAS GEMMs (CuPy) + softmax kernels, (B,NH,T,T) stored
   torch sdpa flash bf16  F.scaled_dot_product_attention, SDPBackend.FLASH_ATTENTION, is_causal
   torch sdpa efficient fp32  the same with SDPBackend.EFFICIENT_ATTENTION (flash has no fp32):
@@ -25,7 +28,8 @@ All rows start from a (B,T,3C) qkv tensor (PyTorch gets strided q, k, v views
 of it, as nanoGPT does) and produce a (B,T,C)-equivalent output; "fwd+bwd" is
 one forward and one backward returning d(qkv). Each row's output and d(qkv) are
 compared with the simple fp32 path's (the largest absolute difference): a check
-at full size that a fast row computes the right thing.
+at full size that a fast row computes the right thing. Last, each llmcu bf16 row's
+time over PyTorch's flash row's (below 1: llmcu is faster), and the fastest of them.
 
 Napkin math (FlashAttention's convention): the causal forward does two
 (T x T x hs) GEMMs per head, half of them masked: 4 * B * NH * T^2 * hs / 2
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -120,6 +125,21 @@ def llmcu_rows(qkv32, dout32, NH, reps):
             rows[name] = (cuda_time(fwd, reps), cuda_time(both, reps), out16, dqkv16)
         except Exception as e:  # e.g. the module was built without the tensor-core kernels
             print(f"{name}: failed: {type(e).__name__}: {e}")
+    for version in (3, 4, 5, 6, 7, 8, 9):  # the same kernels, the blocks in another order
+        out16, dqkv16 = cupy.empty((B, T, C), np.uint16), cupy.empty_like(qkv16)
+
+        def fwd(version=version, out16=out16):
+            k.flash_attention_forward(out16, lse, qkv16, NH, version=version, schedule="heavy_first")
+
+        def both(version=version, out16=out16, dqkv16=dqkv16):
+            fwd()
+            k.flash_attention_backward(dqkv16, dout16, qkv16, out16, lse, NH, version=version,
+                                       schedule="heavy_first")
+        name = f"llmcu flash v{version} bf16 heavy-first"
+        try:
+            rows[name] = (cuda_time(fwd, reps), cuda_time(both, reps), out16, dqkv16)
+        except Exception as e:
+            print(f"{name}: failed: {type(e).__name__}: {e}")
 
     att = cupy.empty((B, NH, T, T), np.float32)
 
@@ -131,6 +151,33 @@ def llmcu_rows(qkv32, dout32, NH, reps):
         k.attention_backward(dqkv, dout, qkv, att, NH)
     rows["llmcu simple fp32"] = (cuda_time(simple_fwd, reps), cuda_time(simple_both, reps), out.get(), dqkv.get())
     return rows
+
+
+TORCH_FLASH = "torch sdpa flash bf16"
+
+
+def ratio_lines(times: dict) -> tuple[list[str], dict]:
+    """Each llmcu bf16 row's forward and forward+backward time over PyTorch's flash row's, and
+    the fastest llmcu bf16 row of each: (printable lines, the same as a dict for the JSON).
+    times: {row name: (fwd ms, fwd+bwd ms)}. No lines without the PyTorch row."""
+    if TORCH_FLASH not in times:
+        return [f"no {TORCH_FLASH} row: no ratios"], {}
+    tf, tb = times[TORCH_FLASH]
+    ours = {name: t for name, t in times.items() if name.startswith("llmcu flash") and "bf16" in name}
+    lines = [f"against {TORCH_FLASH} (llmcu ms / torch ms; below 1: llmcu is faster):"]
+    ratios = {}
+    for name, (t_fwd, t_both) in ours.items():
+        ratios[name] = dict(fwd=t_fwd / tf, fwd_bwd=t_both / tb)
+        lines.append(f"  {name:<62} fwd {t_fwd / tf:6.3f}   fwd+bwd {t_both / tb:6.3f}")
+    best = {}
+    for key, column, torch_ms in (("fwd", 0, tf), ("fwd_bwd", 1, tb)):
+        if ours:
+            name = min(ours, key=lambda n: ours[n][column])
+            best[key] = dict(row=name, ms=ours[name][column], torch_ms=torch_ms,
+                             ratio=ours[name][column] / torch_ms)
+            lines.append(f"fastest llmcu {key.replace('_', '+')}: {name}, {ours[name][column]:.3f} ms against "
+                         f"{torch_ms:.3f} ms ({ours[name][column] / torch_ms:.3f}x the time)")
+    return lines, dict(per_row=ratios, best=best)
 
 
 def torch_rows(qkv32, dout32, NH, reps):
@@ -202,8 +249,9 @@ def main(argv=None) -> int:
     try:
         # --dirty: a tree that differs from its HEAD says so (the device machine's copy of a
         # working tree once carried a stale .git and printed an old commit, 2026-11-28)
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip() or "unknown"
+        commit = os.environ.get("GPU_CHECK_COMMIT") or subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True).stdout.strip() \
+            or "unknown"
     except OSError:
         commit = "unknown"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -226,10 +274,12 @@ def main(argv=None) -> int:
         results.append(dict(name=name, fwd_ms=t_fwd, fwd_tflops=fwd_flops / t_fwd / 1e9, fwd_bwd_ms=t_both,
                             fwd_bwd_tflops=both_flops / t_both / 1e9, max_abs_diff_vs_simple_fp32=err,
                             dqkv_max_abs_diff_vs_simple_fp32=derr))
+    lines, ratios = ratio_lines({name: row[:2] for name, row in rows.items()})
+    print("\n" + "\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(dict(card=card, date=date, commit=commit, B=B, NH=NH, T=T, hs=hs,
                                              reps=args.reps, fwd_flops=fwd_flops, fwd_bwd_flops=both_flops,
-                                             rows=results), indent=2))
+                                             rows=results, against_torch_flash=ratios), indent=2))
     return 0
 
 

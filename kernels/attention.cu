@@ -1023,15 +1023,39 @@ __device__ __forceinline__ void flash3_store_rows(bf16* dst, long long ld, int r
 // QW warps of 16 query rows each: 4 (a 64-row query tile, versions 3-8) or 8 (128 rows,
 // version 9: each K/V tile is loaded once per 128 queries; only with STAGES = 1, whose
 // 36 KiB of static shared memory fit).
+// This block's (tile, head, batch) in a (tiles, heads or kv heads, B) grid; heavy_low: tile 0
+// has the most work (the key tiles of the backward), else the last tile (the query tiles).
+// order 0 ("grouped"): blockIdx as is, a (head, batch)'s tiles going out together, heaviest
+// first; they read the same K/V (or Q/dO) tiles, which L2 then serves more than once.
+// order 1 ("heavy_first"): the blocks go out in order of work over the whole grid (every
+// (head, batch)'s heaviest tile, then every second heaviest, ...: the linear block index
+// ranks them), so the last wave holds the lightest blocks and the tail is short, but one
+// (head, batch)'s blocks run at different times. The same arithmetic per block either way.
+__device__ __forceinline__ void flash3_block_coords(int order, bool heavy_low, int& tile, int& head, int& b) {
+    if (order == 0) {
+        tile = heavy_low ? (int)blockIdx.x : (int)(gridDim.x - 1 - blockIdx.x);
+        head = blockIdx.y;
+        b = blockIdx.z;
+        return;
+    }
+    const long long groups = (long long)gridDim.y * gridDim.z;
+    const long long linear = blockIdx.x + (long long)gridDim.x * (blockIdx.y + (long long)gridDim.y * blockIdx.z);
+    const int rank = (int)(linear / groups), g = (int)(linear % groups);
+    tile = heavy_low ? rank : (int)gridDim.x - 1 - rank;
+    head = g % gridDim.y;
+    b = g / gridDim.y;
+}
+
 template <int STAGES, int QW = 4>
 __device__ __forceinline__ void flash3_forward(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv,
-                                               int B, int T, int NH, int NKV, int hs, float scale) {
+                                               int B, int T, int NH, int NKV, int hs, float scale, int order) {
     constexpr int NQ = 16 * QW;  // query rows per block
     __shared__ __align__(16) flash3_tile Qb[QW / 4];  // NQ rows
     __shared__ __align__(16) flash3_tile Kb[STAGES];
     __shared__ __align__(16) flash3_tile Vb[STAGES];
     bf16 (*Qs)[FLASH3_LD] = Qb[0];
-    const int qtile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    int qtile, h, b;
+    flash3_block_coords(order, false, qtile, h, b);
     const int kvh = h / (NH / NKV);
     const long long W = (long long)(NH + 2 * NKV) * FLASH3_HS;
     const bf16* base = qkv + (long long)b * T * W;
@@ -1141,31 +1165,32 @@ __device__ __forceinline__ void flash3_forward(bf16* __restrict__ out, float* __
 }
 
 extern "C" __global__ void attention_flash_forward_kernel3(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv,
-                                int B, int T, int NH, int NKV, int hs, float scale) {
-    flash3_forward<1>(out, lse, qkv, B, T, NH, NKV, hs, scale);
+                                int B, int T, int NH, int NKV, int hs, float scale, int order) {
+    flash3_forward<1>(out, lse, qkv, B, T, NH, NKV, hs, scale, order);
 }
 
 // Version 9's forward: 128 query rows (8 warps) per block; grid (CEIL_DIV(T, 128), NH, B), block 256.
 extern "C" __global__ void attention_flash_forward_kernel9(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv,
-                                int B, int T, int NH, int NKV, int hs, float scale) {
-    flash3_forward<1, 8>(out, lse, qkv, B, T, NH, NKV, hs, scale);
+                                int B, int T, int NH, int NKV, int hs, float scale, int order) {
+    flash3_forward<1, 8>(out, lse, qkv, B, T, NH, NKV, hs, scale, order);
 }
 
 extern "C" __global__ void attention_flash_forward_kernel4(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv,
-                                int B, int T, int NH, int NKV, int hs, float scale) {
-    flash3_forward<2>(out, lse, qkv, B, T, NH, NKV, hs, scale);
+                                int B, int T, int NH, int NKV, int hs, float scale, int order) {
+    flash3_forward<2>(out, lse, qkv, B, T, NH, NKV, hs, scale, order);
 }
 
 template <int STAGES>
 __device__ __forceinline__ void flash3_backward_dq(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
                                                    const bf16* __restrict__ qkv, const float* __restrict__ lse,
                                                    const float* __restrict__ D, int B, int T, int NH, int NKV,
-                                                   int hs, float scale) {
+                                                   int hs, float scale, int order) {
     __shared__ __align__(16) flash3_tile Kb[STAGES];  // Q in Kb[0], then K tiles
     __shared__ __align__(16) flash3_tile Vb[STAGES];  // dO in Vb[0], then V tiles
     flash3_tile& Qs = Kb[0];
     flash3_tile& dOs = Vb[0];
-    const int qtile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    int qtile, h, b;
+    flash3_block_coords(order, false, qtile, h, b);
     const int kvh = h / (NH / NKV);
     const long long W = (long long)(NH + 2 * NKV) * FLASH3_HS, WO = (long long)NH * FLASH3_HS;
     const bf16* base = qkv + (long long)b * T * W;
@@ -1245,15 +1270,15 @@ __device__ __forceinline__ void flash3_backward_dq(bf16* __restrict__ dqkv, cons
 extern "C" __global__ void attention_flash_backward_dq_kernel3(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
                                     const bf16* __restrict__ qkv, const float* __restrict__ lse,
                                     const float* __restrict__ D, int B, int T, int NH, int NKV, int hs,
-                                    float scale) {
-    flash3_backward_dq<1>(dqkv, dout, qkv, lse, D, B, T, NH, NKV, hs, scale);
+                                    float scale, int order) {
+    flash3_backward_dq<1>(dqkv, dout, qkv, lse, D, B, T, NH, NKV, hs, scale, order);
 }
 
 extern "C" __global__ void attention_flash_backward_dq_kernel4(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
                                     const bf16* __restrict__ qkv, const float* __restrict__ lse,
                                     const float* __restrict__ D, int B, int T, int NH, int NKV, int hs,
-                                    float scale) {
-    flash3_backward_dq<2>(dqkv, dout, qkv, lse, D, B, T, NH, NKV, hs, scale);
+                                    float scale, int order) {
+    flash3_backward_dq<2>(dqkv, dout, qkv, lse, D, B, T, NH, NKV, hs, scale, order);
 }
 
 // One step of the dK/dV backward for this warp's 16 key rows (k0, k0 + 8 on this lane) and a
@@ -1296,13 +1321,14 @@ template <int STAGES>
 __device__ __forceinline__ void flash3_backward_dkdv(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
                                                      const bf16* __restrict__ qkv, const float* __restrict__ lse,
                                                      const float* __restrict__ D, int B, int T, int NH, int NKV,
-                                                     int hs, float scale) {
+                                                     int hs, float scale, int order) {
     __shared__ __align__(16) flash3_tile Qb[STAGES];   // K in Qb[0], then query tiles
     __shared__ __align__(16) flash3_tile dOb[STAGES];  // V in dOb[0], then dO tiles
     flash3_tile& Qs = Qb[0];
     flash3_tile& dOs = dOb[0];
     __shared__ float lse_s[FLASH3_TILE], D_s[FLASH3_TILE];
-    const int ktile = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;  // tile 0 has the most query tiles: first
+    int ktile, kvh, b;
+    flash3_block_coords(order, true, ktile, kvh, b);  // tile 0 has the most query tiles
     const int group = NH / NKV;
     const long long W = (long long)(NH + 2 * NKV) * FLASH3_HS, WO = (long long)NH * FLASH3_HS;
     const bf16* base = qkv + (long long)b * T * W;
@@ -1367,15 +1393,15 @@ __device__ __forceinline__ void flash3_backward_dkdv(bf16* __restrict__ dqkv, co
 extern "C" __global__ void attention_flash_backward_dkdv_kernel3(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
                                       const bf16* __restrict__ qkv, const float* __restrict__ lse,
                                       const float* __restrict__ D, int B, int T, int NH, int NKV, int hs,
-                                      float scale) {
-    flash3_backward_dkdv<1>(dqkv, dout, qkv, lse, D, B, T, NH, NKV, hs, scale);
+                                      float scale, int order) {
+    flash3_backward_dkdv<1>(dqkv, dout, qkv, lse, D, B, T, NH, NKV, hs, scale, order);
 }
 
 extern "C" __global__ void attention_flash_backward_dkdv_kernel4(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
                                       const bf16* __restrict__ qkv, const float* __restrict__ lse,
                                       const float* __restrict__ D, int B, int T, int NH, int NKV, int hs,
-                                      float scale) {
-    flash3_backward_dkdv<2>(dqkv, dout, qkv, lse, D, B, T, NH, NKV, hs, scale);
+                                      float scale, int order) {
+    flash3_backward_dkdv<2>(dqkv, dout, qkv, lse, D, B, T, NH, NKV, hs, scale, order);
 }
 
 // ============================================================================
@@ -1502,7 +1528,7 @@ template <int WARPS, int STAGES>
 __device__ __forceinline__ void flash5_backward(bf16* __restrict__ dqkv, float* __restrict__ dq_accum,
                                                 const bf16* __restrict__ dout, const bf16* __restrict__ qkv,
                                                 const float* __restrict__ lse, const float* __restrict__ D,
-                                                int B, int T, int NH, int NKV, float scale) {
+                                                int B, int T, int NH, int NKV, float scale, int order) {
     constexpr int NKEY = 16 * WARPS;            // keys per block
     constexpr int SPLIT = WARPS / 4;            // dQ: 4 groups of 16 query rows x SPLIT column slices
     constexpr int DQ_COLS = FLASH3_HS / SPLIT;  // head-size columns per warp in the dQ product
@@ -1512,7 +1538,8 @@ __device__ __forceinline__ void flash5_backward(bf16* __restrict__ dqkv, float* 
     bf16 (*Qb)[FLASH3_LD] = dSs + NKEY;   // STAGES query tiles of 64 rows
     bf16 (*dOb)[FLASH3_LD] = Qb + STAGES * FLASH3_TILE;  // STAGES dO tiles of 64 rows
     __shared__ float lse_b[STAGES][FLASH3_TILE], D_b[STAGES][FLASH3_TILE];
-    const int ktile = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+    int ktile, kvh, b;
+    flash3_block_coords(order, true, ktile, kvh, b);
     const int group = NH / NKV;
     const long long W = (long long)(NH + 2 * NKV) * FLASH3_HS, WO = (long long)NH * FLASH3_HS;
     const bf16* base = qkv + (long long)b * T * W;
@@ -1622,26 +1649,26 @@ __device__ __forceinline__ void flash5_backward(bf16* __restrict__ dqkv, float* 
 
 extern "C" __global__ void attention_flash_backward_kernel5(bf16* __restrict__ dqkv, float* __restrict__ dq_accum, const bf16* __restrict__ dout,
         const bf16* __restrict__ qkv, const float* __restrict__ lse, const float* __restrict__ D,
-        int B, int T, int NH, int NKV, int hs, float scale) {
-    flash5_backward<4, 1>(dqkv, dq_accum, dout, qkv, lse, D, B, T, NH, NKV, scale);
+        int B, int T, int NH, int NKV, int hs, float scale, int order) {
+    flash5_backward<4, 1>(dqkv, dq_accum, dout, qkv, lse, D, B, T, NH, NKV, scale, order);
 }
 
 extern "C" __global__ void attention_flash_backward_kernel6(bf16* __restrict__ dqkv, float* __restrict__ dq_accum, const bf16* __restrict__ dout,
         const bf16* __restrict__ qkv, const float* __restrict__ lse, const float* __restrict__ D,
-        int B, int T, int NH, int NKV, int hs, float scale) {
-    flash5_backward<8, 1>(dqkv, dq_accum, dout, qkv, lse, D, B, T, NH, NKV, scale);
+        int B, int T, int NH, int NKV, int hs, float scale, int order) {
+    flash5_backward<8, 1>(dqkv, dq_accum, dout, qkv, lse, D, B, T, NH, NKV, scale, order);
 }
 
 extern "C" __global__ void attention_flash_backward_kernel7(bf16* __restrict__ dqkv, float* __restrict__ dq_accum,
         const bf16* __restrict__ dout, const bf16* __restrict__ qkv, const float* __restrict__ lse,
-        const float* __restrict__ D, int B, int T, int NH, int NKV, int hs, float scale) {
-    flash5_backward<4, 2>(dqkv, dq_accum, dout, qkv, lse, D, B, T, NH, NKV, scale);
+        const float* __restrict__ D, int B, int T, int NH, int NKV, int hs, float scale, int order) {
+    flash5_backward<4, 2>(dqkv, dq_accum, dout, qkv, lse, D, B, T, NH, NKV, scale, order);
 }
 
 extern "C" __global__ void attention_flash_backward_kernel8(bf16* __restrict__ dqkv, float* __restrict__ dq_accum,
         const bf16* __restrict__ dout, const bf16* __restrict__ qkv, const float* __restrict__ lse,
-        const float* __restrict__ D, int B, int T, int NH, int NKV, int hs, float scale) {
-    flash5_backward<8, 2>(dqkv, dq_accum, dout, qkv, lse, D, B, T, NH, NKV, scale);
+        const float* __restrict__ D, int B, int T, int NH, int NKV, int hs, float scale, int order) {
+    flash5_backward<8, 2>(dqkv, dq_accum, dout, qkv, lse, D, B, T, NH, NKV, scale, order);
 }
 
 extern "C" __global__ void attention_flash_backward_dq_convert_kernel5(bf16* __restrict__ dqkv,

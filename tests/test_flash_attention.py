@@ -306,7 +306,7 @@ def simple_bf16_reference(qkv, dout, NH, NKV):
     return out, dqkv
 
 
-def run_kernels_bf16(dev, qkv, dout, NH, NKV, version=2):
+def run_kernels_bf16(dev, qkv, dout, NH, NKV, version=2, schedule="grouped"):
     from llmcu.cuda import attention as k
     B, T, _ = qkv.shape
     qkv_bits, dout_bits = float32_to_bf16_bits(qkv), float32_to_bf16_bits(dout)
@@ -314,8 +314,8 @@ def run_kernels_bf16(dev, qkv, dout, NH, NKV, version=2):
     lse = dev.poisoned((B, NH, T))
     dqkv = dev.put(np.full(qkv.shape, 0x7FC0, np.uint16))
     dqkv_in, dout_in = dev.put(qkv_bits), dev.put(dout_bits)
-    k.flash_attention_forward(out, lse, dqkv_in, NH, NKV, version=version)
-    k.flash_attention_backward(dqkv, dout_in, dqkv_in, out, lse, NH, NKV, version=version)
+    k.flash_attention_forward(out, lse, dqkv_in, NH, NKV, version=version, schedule=schedule)
+    k.flash_attention_backward(dqkv, dout_in, dqkv_in, out, lse, NH, NKV, version=version, schedule=schedule)
     return (bf16_bits_to_float32(dev.get(out)), dev.get(lse), bf16_bits_to_float32(dev.get(dqkv)))
 
 

@@ -153,6 +153,41 @@ def test_flash_kernel5_matches_version_3(dev, version):
     assert not np.array_equal(g3["dq"], 0 * g3["dq"])
 
 
+@VERSIONS
+def test_flash_schedule_heavy_first_computes_the_same(dev, version):
+    """schedule="heavy_first" only changes which tile each block takes, in which order: every
+    tile is still computed once, by the same arithmetic, so the outputs (NaN-poisoned before)
+    are the same bits as "grouped"'s; only versions 5 to 9's dq, added by atomics in another
+    order, may differ, within version 3's bound above. T = 200: 4 query and key tiles, the
+    last partial; two (head, batch) groups per kv head."""
+    rng = np.random.default_rng(11)
+    NH, NKV = 4, 2
+    qkv, dout = bf16_round(rand(rng, 2, 200, (NH + 2 * NKV) * 64)), bf16_round(rand(rng, 2, 200, NH * 64))
+    out0, lse0, dqkv0 = run_kernels_bf16(dev, qkv, dout, NH, NKV, version=version, schedule="grouped")
+    out1, lse1, dqkv1 = run_kernels_bf16(dev, qkv, dout, NH, NKV, version=version, schedule="heavy_first")
+    assert np.array_equal(out0, out1) and np.array_equal(lse0, lse1)
+    g0, g1 = split_heads(dqkv0, NH, NKV), split_heads(dqkv1, NH, NKV)
+    assert np.array_equal(g0["dk"], g1["dk"]) and np.array_equal(g0["dv"], g1["dv"])
+    assert not np.isnan(dqkv1).any()
+    if version in ONE_PASS:
+        bound = 2.0 ** -8 * np.abs(g0["dq"]) + 2.0 ** -10 * np.abs(g0["dq"]).max()
+        assert (np.abs(g1["dq"] - g0["dq"]) <= bound).all()
+    else:
+        assert np.array_equal(g0["dq"], g1["dq"])
+
+
+def test_flash_schedule_rejects_bad_input():
+    from llmcu.cuda import attention as k
+    lse = np.zeros((1, 2, 4), np.float32)
+    qkv, out = np.zeros((1, 4, 3 * 128), np.uint16), np.zeros((1, 4, 128), np.uint16)
+    with pytest.raises(ValueError, match=r"flash_attention_forward: schedule must be one of \('grouped', "
+                                         r"'heavy_first'\), got 'fastest'"):
+        k.flash_attention_forward(out, lse, qkv, 2, version=3, schedule="fastest")
+    with pytest.raises(ValueError, match=r"flash_attention_backward: schedule='heavy_first' needs version 3 to 9, "
+                                         r"got version 2"):
+        k.flash_attention_backward(qkv.copy(), out.copy(), qkv, out, lse, 2, version=2, schedule="heavy_first")
+
+
 @pytest.mark.parametrize("version", ONE_PASS)
 def test_flash_kernel5_launches(version):
     """Version 5's (6's) backward is three launches (preprocess + zeroing, the one-pass kernel,

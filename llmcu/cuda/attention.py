@@ -93,6 +93,10 @@ BACKWARD_KERNEL = {5: 5, 6: 6, 7: 7, 8: 8, 9: 7}
 FORWARD_ROWS = {9: 128}  # query rows per forward block where not FLASH3_TILE
 FLASH5_WARPS = {5: 4, 6: 8, 7: 4, 8: 8}   # 16 keys per warp: 64 or 128 per block
 FLASH5_STAGES = {5: 1, 6: 1, 7: 2, 8: 2}  # query/dO tile buffers: 2 = the next step's loads in flight
+# versions 3-9: the order their blocks go out in (flash3_block_coords in kernels/attention.cu):
+# "grouped" (blockIdx as is: a (head, batch)'s tiles together, sharing L2) or "heavy_first"
+# (the causal mask's heaviest tiles of every (head, batch) first: a shorter last wave)
+SCHEDULES = ("grouped", "heavy_first")
 
 
 def _flash5_smem(version: int) -> int:
@@ -210,21 +214,40 @@ def pick_flash_version(qkv, num_heads, num_kv_heads=None, version="auto"):
     return 3 if gpu and qkv.dtype == np.uint16 and hs == 64 else 1
 
 
-def flash_attention_forward(out, lse, qkv, num_heads, num_kv_heads=None, version="auto"):
+def _schedule_arg(fn, version, schedule):
+    """The kernels' trailing `order` argument for versions 3 to 9 (an empty tuple for 1 and 2,
+    which take none): SCHEDULES' index (flash3_block_coords in kernels/attention.cu)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"{fn}: schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if version < 3:
+        if schedule != SCHEDULES[0]:
+            raise ValueError(f"{fn}: schedule={schedule!r} needs version 3 to 9, got version {version}")
+        return ()
+    return (i32(SCHEDULES.index(schedule)),)
+
+
+def flash_attention_forward(out, lse, qkv, num_heads, num_kv_heads=None, version="auto", schedule="grouped"):
+    """schedule (versions 3 to 9): the order the blocks go out in (SCHEDULES); the results are
+    the same bits either way."""
     be = backend_of(qkv)
     version = pick_flash_version(qkv, num_heads, num_kv_heads, version)
     B, T, NH, NKV, hs, floatX = _flash_check("flash_attention_forward", be, qkv, num_heads, num_kv_heads,
                                              version, out=out, lse=lse)
+    order = _schedule_arg("flash_attention_forward", version, schedule)
     _flash_launch(be, "forward", version, floatX, T, NH, B,
-                  (out, lse, qkv, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), f32(1.0 / math.sqrt(hs))),
+                  (out, lse, qkv, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), f32(1.0 / math.sqrt(hs))) + order,
                   "forward", hs)
 
 
-def flash_attention_backward(dqkv, dout, qkv, out, lse, num_heads, num_kv_heads=None, version="auto"):
+def flash_attention_backward(dqkv, dout, qkv, out, lse, num_heads, num_kv_heads=None, version="auto",
+                             schedule="grouped"):
+    """schedule: as flash_attention_forward's (versions 5 to 9 add dQ's atomics in another
+    order with "heavy_first", so dq's fp32 rounding may differ; the rest is the same bits)."""
     be = backend_of(qkv)
     version = pick_flash_version(qkv, num_heads, num_kv_heads, version)
     B, T, NH, NKV, hs, floatX = _flash_check("flash_attention_backward", be, qkv, num_heads, num_kv_heads,
                                              version, dqkv=dqkv, dout=dout, out=out, lse=lse)
+    order = _schedule_arg("flash_attention_backward", version, schedule)
     D = runtime.scratch(be, "flash_D", (B, NH, T), np.float32)  # rowsum(dout * out), per call
     scale = f32(1.0 / math.sqrt(hs))
     dq_accum = None
@@ -240,11 +263,12 @@ def flash_attention_backward(dqkv, dout, qkv, out, lse, num_heads, num_kv_heads=
                   (D, dout, out, i32(B), i32(T), i32(NH), i32(hs)), floatX=floatX)
     if version in ONE_PASS:  # one pass over the key tiles; dq through an fp32 accumulator (atomics)
         _flash_launch(be, "backward", version, floatX, T, NKV, B,
-                      (dqkv, dq_accum, dout, qkv, lse, D, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), scale))
+                      (dqkv, dq_accum, dout, qkv, lse, D, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), scale)
+                      + order)
         grid, block = launch_config(B * NH * T * hs // 8)
         be.launch("attention", "attention_flash_backward_dq_convert_kernel5", grid, block,
                   (dqkv, dq_accum, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), scale), floatX=floatX)
         return
-    args = (dqkv, dout, qkv, lse, D, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), scale)
+    args = (dqkv, dout, qkv, lse, D, i32(B), i32(T), i32(NH), i32(NKV), i32(hs), scale) + order
     _flash_launch(be, "backward_dq", version, floatX, T, NH, B, args, "dq", hs)
     _flash_launch(be, "backward_dkdv", version, floatX, T, NKV, B, args, "dkdv", hs)
