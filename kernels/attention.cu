@@ -1020,9 +1020,6 @@ __device__ __forceinline__ void flash3_store_rows(bf16* dst, long long ld, int r
     }
 }
 
-// QW warps of 16 query rows each: 4 (a 64-row query tile, versions 3-8) or 8 (128 rows,
-// version 9: each K/V tile is loaded once per 128 queries; only with STAGES = 1, whose
-// 36 KiB of static shared memory fit).
 // This block's (tile, head, batch) in a (tiles, heads or kv heads, B) grid; heavy_low: tile 0
 // has the most work (the key tiles of the backward), else the last tile (the query tiles).
 // order 0 ("grouped"): blockIdx as is, a (head, batch)'s tiles going out together, heaviest
@@ -1046,6 +1043,9 @@ __device__ __forceinline__ void flash3_block_coords(int order, bool heavy_low, i
     b = g / gridDim.y;
 }
 
+// QW warps of 16 query rows each: 4 (a 64-row query tile, versions 3-8) or 8 (128 rows,
+// version 9: each K/V tile is loaded once per 128 queries; only with STAGES = 1, whose
+// 36 KiB of static shared memory fit).
 template <int STAGES, int QW = 4>
 __device__ __forceinline__ void flash3_forward(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv,
                                                int B, int T, int NH, int NKV, int hs, float scale, int order) {
@@ -1462,11 +1462,9 @@ __device__ __forceinline__ void flash5_red2(float* p, float a, float b) {
 #endif
 }
 
-// 8 bf16 (16 bytes) as four pairs: u[k] holds elements 2k (low half) and 2k + 1.
-struct alignas(16) flash5_u4 {
-    unsigned u[4];
-};
-typedef Packed128<bf16> flash5_bf16x8;  // the same 8 bf16 as values (whatever floatX is)
+// 8 bf16, 16 bytes (whatever floatX is). nvcc emits one 16-byte access for an element of
+// an array of these (indexing a flash5_bf16x8 pointer), not always for a cast bf16 address.
+typedef Packed128<bf16> flash5_bf16x8;
 
 extern "C" __global__ void attention_flash_backward_preprocess_kernel5(float* __restrict__ D,
                                                                        float* __restrict__ dq_accum,
@@ -1480,14 +1478,11 @@ extern "C" __global__ void attention_flash_backward_preprocess_kernel5(float* __
     float sum = 0.0f;
     if (live) {
         const int t = (int)(row % T), h = (int)((row / T) % NH), b = (int)(row / ((long long)T * NH));
-        const long long off = ((long long)b * T + t) * NH * FLASH3_HS + h * FLASH3_HS + 8 * j;
-        const flash5_u4 d = *reinterpret_cast<const flash5_u4*>(dout + off);
-        const flash5_u4 o = *reinterpret_cast<const flash5_u4*>(out + off);
+        const long long packet = (((long long)b * T + t) * NH * FLASH3_HS + h * FLASH3_HS) / 8 + j;
+        const flash5_bf16x8 d = reinterpret_cast<const flash5_bf16x8*>(dout)[packet];
+        const flash5_bf16x8 o = reinterpret_cast<const flash5_bf16x8*>(out)[packet];
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            sum += flash3_lo(d.u[k]) * flash3_lo(o.u[k]);
-            sum += flash3_hi(d.u[k]) * flash3_hi(o.u[k]);
-        }
+        for (int k = 0; k < 8; k++) { sum += __bfloat162float(d[k]) * __bfloat162float(o[k]); }
         if (dq_accum != nullptr) {
             const f128 zero = {{0.0f, 0.0f, 0.0f, 0.0f}};
             store128f(dq_accum + row * FLASH3_HS + 8 * j, zero);
@@ -1680,9 +1675,7 @@ extern "C" __global__ void attention_flash_backward_dq_convert_kernel5(bf16* __r
     const int d = (int)(i % FLASH3_HS), t = (int)((i / FLASH3_HS) % T);
     const int h = (int)((i / ((long long)FLASH3_HS * T)) % NH), b = (int)(i / ((long long)FLASH3_HS * T * NH));
     const f128 lo = load128f(dq_accum + i), hi = load128f(dq_accum + i + 4);
-    // one 16-byte store: indexing a packet pointer, not casting a bf16 address, is what lets
-    // nvcc emit it as one (st.global.v4)
-    flash5_bf16x8 packet;
+    flash5_bf16x8 packet;  // one 16-byte store
 #pragma unroll
     for (int k = 0; k < 4; k++) {
         packet[k] = __float2bfloat16(lo[k] * scale);
