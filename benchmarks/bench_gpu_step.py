@@ -61,7 +61,8 @@ def grads_fp32(model) -> np.ndarray:
 
 
 def bench_llmcu_step(config, params, x, y, steps, dtype="fp32", flash_version="auto", graph=False,
-                     gemm="cublas", classifier_version="auto", fuse_residual=True, bias_epilogue=False):
+                     gemm="cublas", classifier_version="auto", fuse_residual=True, bias_epilogue=False,
+                     flash_schedule="grouped"):
     """(median ms, peak bytes held by CuPy's memory pool, first loss, first gradients) of one
     llmcu step; graph=True runs it as CUDA graphs (llmcu/cuda/graphs.py: one replay for the
     forward/backward, one for the update) instead of ~500 launches from Python. The loss
@@ -74,7 +75,7 @@ def bench_llmcu_step(config, params, x, y, steps, dtype="fp32", flash_version="a
     pool.free_all_blocks()
     model = GPT2(config, params, device="cuda", dtype=dtype, flash_version=flash_version, gemm=gemm,
                  classifier_version=classifier_version, fuse_residual=fuse_residual,
-                 bias_epilogue=bias_epilogue)
+                 bias_epilogue=bias_epilogue, flash_schedule=flash_schedule)
     B, T = x.shape
     model.zero_grad()
     loss = model.forward(x, y)
@@ -209,7 +210,7 @@ def bench_kernels(config, B, T, reps):
 
 
 VARIANT_KEYS = {"flash": "auto", "gemm": "auto", "classifier": "auto", "lnfuse": True, "bgrad": False,
-                "graph": False}
+                "sched": "grouped", "graph": False}
 
 
 def parse_variants(text: str) -> list[dict]:
@@ -217,6 +218,7 @@ def parse_variants(text: str) -> list[dict]:
     auto, graph: True}, ...]; ValueError naming the spec and what was expected."""
     from llmcu.cuda.classifier import VERSIONS as CLASSIFIER_VERSIONS
     from llmcu.cuda.gpt2 import FLASH_VERSIONS
+    from llmcu.cuda.attention import SCHEDULES
     from llmcu.cuda.matmul import GEMM_LIBRARIES, LT_ALL
     out = []
     for spec in filter(None, (s.strip() for s in text.split(";"))):
@@ -231,6 +233,8 @@ def parse_variants(text: str) -> list[dict]:
                 allowed = FLASH_VERSIONS if key == "flash" else CLASSIFIER_VERSIONS + ("auto",)
             elif key == "gemm":
                 allowed = GEMM_LIBRARIES + ("auto",)
+            elif key == "sched":
+                allowed = SCHEDULES
             else:  # graph, lnfuse, bgrad
                 value, allowed = {"0": False, "1": True}.get(value, value), (False, True)
             if value not in allowed:
@@ -239,6 +243,9 @@ def parse_variants(text: str) -> list[dict]:
         if v["bgrad"] and v["gemm"] not in LT_ALL:  # GPT2 refuses it too, but on the GPU, later
             raise ValueError(f"--variants: bgrad=1 in '{spec}' needs gemm= one of {LT_ALL} (the bias "
                              f"gradients come from their cuBLASLt epilogue), got gemm={v['gemm']}")
+        if v["sched"] != "grouped" and v["flash"] in ("auto", 1, 2):
+            raise ValueError(f"--variants: sched={v['sched']} in '{spec}' needs flash= 3 to 9, got "
+                             f"flash={v['flash']}")
         out.append(v)
     if not out:
         raise ValueError(f"--variants: no variant in {text!r}")
@@ -277,6 +284,7 @@ def variant_name(spec: dict) -> str:
     name += "" if spec["classifier"] == "auto" else f" classifier v{spec['classifier']}"
     name += "" if spec["lnfuse"] else " unfused-ln"
     name += " bgrad-epilogue" if spec["bgrad"] else ""
+    name += "" if spec.get("sched", "grouped") == "grouped" else f" {spec['sched'].replace('_', '-')}"
     return name + (" graph" if spec["graph"] else "")
 
 
@@ -309,7 +317,8 @@ def main(argv=None) -> int:
                          "';'-separated specs of comma-separated key=value (flash=auto|1..9, "
                          "gemm=<a --gemm name>, classifier=auto|1|2|3, lnfuse=0|1 (the residual + "
                          "layernorm fusions), bgrad=0|1 (bias gradients from cuBLASLt's BGRADB "
-                         "epilogue; with gemm=cublaslt_all[_tuned]), graph=0|1), e.g. "
+                         "epilogue; with gemm=cublaslt_all[_tuned]), sched=grouped|heavy_first (the "
+                         "attention blocks' order; with flash=3..9), graph=0|1), e.g. "
                          "'flash=3;flash=5,graph=1;flash=5,gemm=cublaslt_tuned,classifier=3,graph=1'")
     a = ap.parse_args(argv)
     versions = [v if v == "auto" else int(v) for v in a.flash_versions.split(",")]
@@ -342,7 +351,7 @@ def main(argv=None) -> int:
             ms, peak, loss, grads = bench_llmcu_step(
                 config, params.copy(), x, y, a.steps, a.dtype, flash_version=spec["flash"],
                 graph=spec["graph"], gemm=spec["gemm"], classifier_version=spec["classifier"],
-                fuse_residual=spec["lnfuse"], bias_epilogue=spec["bgrad"])
+                fuse_residual=spec["lnfuse"], bias_epilogue=spec["bgrad"], flash_schedule=spec["sched"])
             results[row] = (ms, peak)
             if ref is None:  # the first row that ran is the reference of the cross-check
                 ref_row, ref = row, (loss, grads)

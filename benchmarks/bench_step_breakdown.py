@@ -424,7 +424,8 @@ def print_report(result, log=print):
 
 def run_breakdown(config, B, T, dtype="bf16", device="cuda", steps=10, profile_steps=3,
                   warmup=2, ceilings=None, seed=42, model_name="custom", flash_version="auto",
-                  gemm="auto", classifier_version="auto", fuse_residual=True, bias_epilogue=False):
+                  gemm="auto", classifier_version="auto", fuse_residual=True, bias_epilogue=False,
+                  flash_schedule="grouped"):
     """Build the kernel GPT-2, warm up, time the uninstrumented and the instrumented
     steps; returns the result dict (the JSON). ceilings: a dict as measure_ceilings's,
     or None (not measured)."""
@@ -440,7 +441,7 @@ def run_breakdown(config, B, T, dtype="bf16", device="cuda", steps=10, profile_s
     y = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
     model = GPT2(config, params, device=device, dtype=dtype, flash_version=flash_version, gemm=gemm,
                  classifier_version=classifier_version, fuse_residual=fuse_residual,
-                 bias_epilogue=bias_epilogue)
+                 bias_epilogue=bias_epilogue, flash_schedule=flash_schedule)
     step = 0
     for _ in range(warmup):
         step += 1
@@ -504,6 +505,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bias-epilogue", action="store_true",
                     help="bias gradients from cuBLASLt's BGRADB epilogue (GPT2(bias_epilogue=True); "
                          "with --gemm cublaslt_all[_tuned])")
+    ap.add_argument("--flash-schedule", default="grouped", choices=["grouped", "heavy_first"],
+                    help="the order the attention's blocks go out in (GPT2(flash_schedule=); "
+                         "heavy_first with --flash-version 3 to 9)")
     for flag in ("num-layers", "channels", "num-heads", "vocab-size"):
         ap.add_argument(f"--{flag}", type=int, default=None,
                         help="override the descriptor's value (a tiny model for tests)")
@@ -528,7 +532,8 @@ def main(argv=None) -> int:
                            gemm=a.gemm,
                            classifier_version=a.classifier_version if a.classifier_version == "auto"
                            else int(a.classifier_version),
-                           fuse_residual=not a.no_fuse_residual, bias_epilogue=a.bias_epilogue)
+                           fuse_residual=not a.no_fuse_residual, bias_epilogue=a.bias_epilogue,
+                           flash_schedule=a.flash_schedule)
     result["args"] = vars(a)
     print_report(result)
     if a.json:

@@ -186,3 +186,4 @@ class TrainConfig:
     classifier_version: str = "auto"  # --classifier-version auto | 1 | 2 | 3
     fuse_residual: int = 1       # --fuse-residual 0: the residual adds apart from the layernorms
     bias_epilogue: int = 0       # --bias-epilogue 1: bias gradients from cuBLASLt (--gemm cublaslt_all[_tuned])
+    flash_schedule: str = "grouped"  # --flash-schedule grouped | heavy_first (the attention blocks' order; 3..9)

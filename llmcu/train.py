@@ -99,6 +99,7 @@ KERNEL_FLAGS = {  # TrainConfig field -> (its flag, GPT2's default, GPT2's argum
     "classifier_version": ("--classifier-version", "auto", lambda v: v if v == "auto" else int(v)),
     "fuse_residual": ("--fuse-residual", 1, bool),
     "bias_epilogue": ("--bias-epilogue", 0, bool),
+    "flash_schedule": ("--flash-schedule", "grouped", str),
 }
 
 
@@ -348,7 +349,8 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
     if hasattr(inner, "flash_version") and hasattr(inner, "gemm"):  # GPT-2 on the kernels
         log(f"kernels: attention version {inner.flash_version}, GEMMs {inner.gemm}, classifier version "
             f"{inner.classifier_version}, residual + layernorm fused: {'yes' if inner.fuse_residual else 'no'}, "
-            f"bias gradients from GEMM epilogues: {'yes' if inner.bias_epilogue else 'no'}")
+            f"bias gradients from GEMM epilogues: {'yes' if inner.bias_epilogue else 'no'}"
+            + ("" if inner.flash_schedule == "grouped" else f", attention blocks {inner.flash_schedule}"))
     train_loader = DataLoader(cfg.train_pattern, B, T, rank, world)
     val_loader = DataLoader(cfg.val_pattern, B, T, rank, world) if cfg.val_pattern else None
     log(f"train dataset num_batches: {train_loader.num_tokens // (B * T)}")

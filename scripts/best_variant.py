@@ -4,6 +4,8 @@ or as the matching bench_step_breakdown.py flags, for the next GPU command:
     python scripts/best_variant.py OUT/bench_step_variants.json            # flash=7,gemm=...,graph=1
     python scripts/best_variant.py OUT/bench_step_variants.json --breakdown-flags
     python scripts/best_variant.py OUT/bench_step_variants.json --graph 1  # among graph rows only
+    python scripts/best_variant.py OUT/bench_step_variants.json --attention OUT/bench_attention.json
+        # ... with sched=heavy_first where bench_attention.py timed that order faster
 
 Rows flagged SUSPECT (gradients unlike the reference row's) are never chosen. Exits 1
 (saying why) when the file has no llmcu row with a time and a spec.
@@ -39,7 +41,27 @@ def breakdown_flags(v: dict) -> str:
         flags.append("--no-fuse-residual")
     if v.get("bgrad"):
         flags.append("--bias-epilogue")
+    if v.get("sched", "grouped") != "grouped":
+        flags.append(f"--flash-schedule {v['sched']}")
     return " ".join(flags)
+
+
+def with_attention_schedule(variant: dict, attention: dict) -> dict:
+    """The variant with sched=heavy_first when bench_attention.py's JSON (`attention`) timed its
+    attention version's forward+backward faster with schedule="heavy_first" than with the
+    default order; unchanged otherwise (no such rows, a grouped row as fast or faster, or
+    flash=auto, whose version the GPU picks). The spec text follows."""
+    version = variant.get("flash")
+    if not isinstance(version, int) or version < 3 or variant.get("sched", "grouped") != "grouped":
+        return variant
+    rows = {r["name"]: r for r in attention.get("rows", [])}
+    heavy = rows.get(f"llmcu flash v{version} bf16 heavy-first")
+    grouped = next((r for name, r in rows.items() if name.startswith(f"llmcu flash v{version} bf16 (")), None)
+    if heavy is None or grouped is None or not heavy["fwd_bwd_ms"] < grouped["fwd_bwd_ms"]:
+        return variant
+    spec = ",".join(item for item in variant["spec"].split(",") if not item.startswith("sched="))
+    spec = spec.replace(",graph=", ",sched=heavy_first,graph=") if ",graph=" in spec else spec + ",sched=heavy_first"
+    return {**variant, "sched": "heavy_first", "spec": spec}
 
 
 def main(argv=None) -> int:
@@ -47,6 +69,9 @@ def main(argv=None) -> int:
     ap.add_argument("json", type=Path)
     ap.add_argument("--graph", type=int, choices=[0, 1], default=None)
     ap.add_argument("--breakdown-flags", action="store_true")
+    ap.add_argument("--attention", type=Path, default=None,
+                    help="bench_attention.py's JSON: add sched=heavy_first where it timed the "
+                         "variant's attention version faster that way")
     a = ap.parse_args(argv)
     try:
         name, variant, ms = best(json.loads(a.json.read_text()), a.graph)
@@ -54,6 +79,15 @@ def main(argv=None) -> int:
         print(f"best_variant: {a.json}: {e}", file=sys.stderr)
         return 1
     print(f"best_variant: {name} at {ms:.2f} ms/step", file=sys.stderr)
+    if a.attention is not None:
+        try:
+            attention = json.loads(a.attention.read_text())
+        except (OSError, ValueError) as e:  # the step variant still stands without it
+            print(f"best_variant: {a.attention}: {e}; the schedule stays grouped", file=sys.stderr)
+        else:
+            variant = with_attention_schedule(variant, attention)
+            print(f"best_variant: attention blocks {variant.get('sched', 'grouped')} (from {a.attention})",
+                  file=sys.stderr)
     print(breakdown_flags(variant) if a.breakdown_flags else variant["spec"])
     return 0
 

@@ -108,11 +108,14 @@ fi
 
 if [ "$stage" = bench ] || [ "$stage" = all ]; then
   # With a quick stage's JSON (third argument), the fastest of its graph rows is timed here
-  # beside the defaults (scripts/best_variant.py), and the breakdown runs its settings.
-  variant="" bd_flags=()
+  # beside the defaults (scripts/best_variant.py), and the breakdown runs its settings; with
+  # the quick stage's bench_attention.json beside it, in the attention block order that
+  # benchmark timed faster for that variant's attention version.
+  variant="" bd_flags=() att=()
   if [ -n "$quick_json" ]; then
-    variant=$("$PY" scripts/best_variant.py "$quick_json" --graph 1) || variant=""
-    flags=$("$PY" scripts/best_variant.py "$quick_json" --graph 1 --breakdown-flags) && read -r -a bd_flags <<< "$flags"
+    [ -f "$(dirname "$quick_json")/bench_attention.json" ] && att=(--attention "$(dirname "$quick_json")/bench_attention.json")
+    variant=$("$PY" scripts/best_variant.py "$quick_json" --graph 1 "${att[@]}") || variant=""
+    flags=$("$PY" scripts/best_variant.py "$quick_json" --graph 1 "${att[@]}" --breakdown-flags) && read -r -a bd_flags <<< "$flags"
     echo "bench: the quick stage's fastest variant: ${variant:-none}" | tee -a "$log"
   fi
   # first, so it runs even if a later entry times out: where one bf16 d12 step (B=16, T=1024)

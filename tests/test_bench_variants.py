@@ -81,17 +81,17 @@ def test_gpt2_fuse_residual_false_runs_the_separate_kernels(launches):
 
 def test_parse_variants():
     got = bench_gpu_step.parse_variants("flash=3; flash=5,graph=1 ;gemm=cublaslt_tuned,classifier=3,graph=0;"
-                                        "lnfuse=0,graph=1;gemm=cublaslt_all,bgrad=1")
+                                        "lnfuse=0,graph=1;gemm=cublaslt_all,bgrad=1;flash=7,sched=heavy_first")
+    base = dict(flash="auto", gemm="auto", classifier="auto", lnfuse=True, bgrad=False, sched="grouped",
+                graph=False)
     assert got == [
-        {"flash": 3, "gemm": "auto", "classifier": "auto", "lnfuse": True, "bgrad": False, "graph": False},
-        {"flash": 5, "gemm": "auto", "classifier": "auto", "lnfuse": True, "bgrad": False, "graph": True},
-        {"flash": "auto", "gemm": "cublaslt_tuned", "classifier": 3, "lnfuse": True, "bgrad": False, "graph": False},
-        {"flash": "auto", "gemm": "auto", "classifier": "auto", "lnfuse": False, "bgrad": False, "graph": True},
-        {"flash": "auto", "gemm": "cublaslt_all", "classifier": "auto", "lnfuse": True, "bgrad": True,
-         "graph": False}]
+        dict(base, flash=3), dict(base, flash=5, graph=True), dict(base, gemm="cublaslt_tuned", classifier=3),
+        dict(base, lnfuse=False, graph=True), dict(base, gemm="cublaslt_all", bgrad=True),
+        dict(base, flash=7, sched="heavy_first")]
     assert [bench_gpu_step.variant_name(v) for v in got] == [
         "llmcu flash v3", "llmcu flash v5 graph", "llmcu cublaslt_tuned classifier v3", "llmcu unfused-ln graph",
-        "llmcu cublaslt_all bgrad-epilogue"]
+        "llmcu cublaslt_all bgrad-epilogue", "llmcu flash v7 heavy-first"]
+    assert all(bench_gpu_step.parse_variants(bench_gpu_step.variant_spec(v)) == [v] for v in got)
 
 
 @pytest.mark.parametrize("text,message", [
@@ -104,6 +104,8 @@ def test_parse_variants():
     (" ; ", r"no variant in"),
     ("gemm=cublaslt,bgrad=1", r"bgrad=1 in 'gemm=cublaslt,bgrad=1' needs gemm= one of \('cublaslt_all', "
                               r"'cublaslt_all_tuned'\).*got gemm=cublaslt"),
+    ("sched=heavy_first", r"sched=heavy_first in 'sched=heavy_first' needs flash= 3 to 9, got flash=auto"),
+    ("flash=7,sched=last", r"sched='last' in 'flash=7,sched=last': expected one of \('grouped', 'heavy_first'\)"),
 ])
 def test_parse_variants_rejects(text, message):
     with pytest.raises(ValueError, match=message):
@@ -146,6 +148,39 @@ def test_best_variant(tmp_path, capsys):
     path.write_text(__import__("json").dumps({"steps": {"pytorch": {"ms": 1.0}}}))
     assert best_variant.main([str(path)]) == 1
     assert "no llmcu row" in capsys.readouterr().err
+
+
+def test_best_variant_takes_the_faster_attention_schedule(tmp_path, capsys):
+    """--attention (bench_attention.py's JSON): the fastest step variant gets sched=heavy_first
+    when its attention version's heavy-first row was faster (fwd+bwd) than its grouped row;
+    otherwise, or for flash=auto, it stays as timed."""
+    import json
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import best_variant
+    steps = _result([("graph=1", 37.0), ("flash=7,gemm=cublaslt_all_tuned,bgrad=1,graph=1", 34.0)])
+
+    def attention(v7_grouped, v7_heavy):
+        return {"rows": [{"name": "llmcu flash v3 bf16 (mma.sync)", "fwd_bwd_ms": 0.70},
+                         {"name": "llmcu flash v7 bf16 (as v5, double-buffered Q/dO)", "fwd_bwd_ms": v7_grouped},
+                         {"name": "llmcu flash v7 bf16 heavy-first", "fwd_bwd_ms": v7_heavy},
+                         {"name": "torch sdpa flash bf16", "fwd_bwd_ms": 0.60}]}
+    step_path, att_path = tmp_path / "steps.json", tmp_path / "att.json"
+    step_path.write_text(json.dumps(steps))
+    att_path.write_text(json.dumps(attention(0.65, 0.62)))
+    assert best_variant.main([str(step_path), "--graph", "1", "--attention", str(att_path)]) == 0
+    spec = capsys.readouterr().out.strip()
+    assert spec == "flash=7,gemm=cublaslt_all_tuned,classifier=auto,lnfuse=1,bgrad=1,sched=heavy_first,graph=1"
+    assert bench_gpu_step.parse_variants(spec)[0]["sched"] == "heavy_first"
+    assert best_variant.main([str(step_path), "--graph", "1", "--attention", str(att_path),
+                              "--breakdown-flags"]) == 0
+    assert capsys.readouterr().out.strip().endswith("--bias-epilogue --flash-schedule heavy_first")
+    att_path.write_text(json.dumps(attention(0.62, 0.65)))  # grouped faster: unchanged
+    assert best_variant.main([str(step_path), "--graph", "1", "--attention", str(att_path)]) == 0
+    assert capsys.readouterr().out.strip() == steps["variants"]["llmcu flash v7 cublaslt_all_tuned bgrad-epilogue graph"]["spec"]
+    auto = best_variant.best(_result([("graph=1", 30.0)]))[1]
+    assert best_variant.with_attention_schedule(auto, attention(0.65, 0.62)) is auto  # flash=auto: unknown version
+    assert best_variant.main([str(step_path), "--attention", str(tmp_path / "missing.json")]) == 0  # still a spec
+    assert "the schedule stays grouped" in capsys.readouterr().err
 
 
 def test_json_written_after_each_row_is_whole_and_readable(tmp_path, monkeypatch):

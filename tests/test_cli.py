@@ -173,7 +173,7 @@ def test_train_on_emulated_kernels_matches_cpu(shakespeare, tmp_path):
 def test_train_kernel_flags_in_help():
     flat = " ".join(llmcu("train", "--help").stdout.split())
     for flag, default in [("--flash-version", "auto"), ("--gemm", "auto"), ("--classifier-version", "auto"),
-                          ("--fuse-residual", 1), ("--bias-epilogue", 0)]:
+                          ("--fuse-residual", 1), ("--bias-epilogue", 0), ("--flash-schedule", "grouped")]:
         assert re.search(rf"{flag} \S+ .*?\(default: {default}\)", flat), f"{flag} (default {default}) not in --help"
 
 
@@ -225,5 +225,7 @@ def test_train_kernel_flags_refused_where_they_do_not_apply(tmp_path):
     r = llmcu("train", "--device", "emu", "--bias-epilogue", "1", "-x", 1, check=False)
     assert r.returncode == 2 and "bias_epilogue=True takes the bias gradients" in r.stderr \
         and "got gemm='auto' (here 'cublas')" in r.stderr, r.stderr
+    r = llmcu("train", "--device", "emu", "--flash-schedule", "heavy_first", "-x", 1, check=False)
+    assert r.returncode == 2 and "flash_schedule='heavy_first' needs flash_version 3 to 9" in r.stderr, r.stderr
     r = llmcu("train", "--flash-version", "10", check=False)
     assert r.returncode == 2 and "invalid choice: '10'" in r.stderr, r.stderr

@@ -306,6 +306,51 @@ def test_gpt2_bf16_trains_with_flash_version_3(dev, monkeypatch, version):
         GPT2(cfg, p0.copy(), device=dev.name, dtype="bf16", flash_version=10)
 
 
+@pytest.mark.parametrize("version", [3, 7])
+def test_gpt2_flash_schedule_reaches_the_kernels(dev, monkeypatch, version):
+    """GPT2(flash_schedule="heavy_first") launches its attention kernels with the block order 1
+    (their last argument; "grouped" passes 0), and its losses are the grouped model's: the
+    same bits with version 3, within fp32 rounding with version 7 (dq's atomics in another
+    order). It needs a named version 3 to 9."""
+    from llmcu.config import GPT2Config
+    from llmcu.cpu.gpt2 import init_parameters
+    from llmcu.cuda import runtime
+    from llmcu.cuda.gpt2 import GPT2
+    cfg = GPT2Config(max_seq_len=80, vocab_size=300, num_layers=2, num_heads=2, channels=128)
+    p0 = init_parameters(cfg, seed=1)
+    batch = np.random.default_rng(2).integers(0, 40, size=(2, 71)).astype(np.int32)
+    orders = []
+    real = runtime.Backend.launch
+
+    def spy(self, stem, kernel, grid, block, args, *a, **k):
+        if kernel.startswith("attention_flash") and "preprocess" not in kernel and "convert" not in kernel:
+            orders.append(int(args[-1]))
+        return real(self, stem, kernel, grid, block, args, *a, **k)
+    monkeypatch.setattr(runtime.Backend, "launch", spy)
+    losses = {}
+    for schedule in ("grouped", "heavy_first"):
+        orders.clear()
+        model = GPT2(cfg, p0.copy(), device=dev.name, dtype="bf16", flash_version=version, flash_schedule=schedule)
+        run = []
+        for step in range(3):
+            run.append(model.forward(batch[:, :-1], batch[:, 1:]))
+            model.zero_grad()
+            model.backward()
+            model.update(1e-2, step + 1)
+        losses[schedule] = np.array(run)
+        assert orders and set(orders) == {0 if schedule == "grouped" else 1}, orders
+    if version == 3:
+        assert np.array_equal(losses["grouped"], losses["heavy_first"])
+    else:
+        np.testing.assert_allclose(losses["heavy_first"], losses["grouped"], rtol=1e-5)
+    with pytest.raises(ValueError, match=r"GPT2: flash_schedule='heavy_first' needs flash_version 3 to 9 "
+                                         r"\(the tensor-core kernels\), got flash_version='auto'"):
+        GPT2(cfg, p0.copy(), device=dev.name, dtype="bf16", flash_schedule="heavy_first")
+    with pytest.raises(ValueError, match=r"GPT2: flash_schedule must be one of \('grouped', 'heavy_first'\), "
+                                         r"got 'last'"):
+        GPT2(cfg, p0.copy(), device=dev.name, dtype="bf16", flash_version=version, flash_schedule="last")
+
+
 @pytest.mark.parametrize("version", [4, 7])
 def test_missing_cp_async_wait_fails_under_the_emulator(tmp_path, monkeypatch, version):
     """The emulator lands a cp.async copy only at the wait that covers it, its destination

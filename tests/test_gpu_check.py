@@ -56,6 +56,7 @@ def test_stage_timeouts_fit_one_command(stage):
 # --benchmark-json, answers best_variant.py as that script would, fails the import probes
 # (no CuPy here), and exits 3 when its arguments contain $FAIL_ON.
 FAKE_PYTHON = r"""#!/usr/bin/env bash
+[ -n "${CALLS:-}" ] && echo "$*" >> "$CALLS"
 case "$1 $2 $*" in
   -c*) exit 1 ;;
   scripts/best_variant.py*--breakdown-flags*) echo "--flash-version 7 --gemm cublaslt_all_tuned"; exit 0 ;;
@@ -76,7 +77,8 @@ def _run_stage(tmp_path, stage, *extra, fail_on=""):
     fake.write_text(FAKE_PYTHON)
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": str(fake), "FAIL_ON": fail_on, "GPU_CHECK_COMMIT": "abc1234"}
+    env = {**os.environ, "PYTHON": str(fake), "FAIL_ON": fail_on, "GPU_CHECK_COMMIT": "abc1234",
+           "CALLS": str(tmp_path / "calls.log")}
     r = subprocess.run(["bash", str(SCRIPT), str(out), stage, *extra], capture_output=True, text=True,
                        env=env, timeout=120)
     return r, out
@@ -115,8 +117,11 @@ def test_a_failing_step_is_reported_and_the_next_steps_still_run(tmp_path):
 
 
 def test_bench_times_the_quick_stage_fastest_variant(tmp_path):
+    (tmp_path / "bench_attention.json").write_text("{}")  # the quick stage's, beside its step JSON
     r, out = _run_stage(tmp_path, "bench", str(tmp_path / "q.json"))
     log = (out / "bench.log").read_text()
+    assert "best_variant.py " + str(tmp_path / "q.json") + " --graph 1 --attention " + \
+        str(tmp_path / "bench_attention.json") in (tmp_path / "calls.log").read_text()
     assert "the quick stage's fastest variant: flash=7,gemm=cublaslt_all_tuned,graph=1" in log
     assert "--variants graph=0;graph=1;flash=7,gemm=cublaslt_all_tuned,graph=0;flash=7,gemm=cublaslt_all_tuned,graph=1" in log
     assert "bench_step_breakdown.py --dtype bf16 -b 16 -t 1024 --flash-version 7 --gemm cublaslt_all_tuned" in log

@@ -49,7 +49,7 @@ from ..config import GPT2Config, parameter_views
 from ..cpu.gpt2 import DECAYED, backward_layers, backward_scratch, forward_layers, init_parameters
 from . import runtime
 from .adamw import adamw_update, global_norm
-from .attention import (attention_backward, attention_forward, flash_attention_backward,
+from .attention import (SCHEDULES, attention_backward, attention_forward, flash_attention_backward,
                         flash_attention_forward)
 from .classifier import VERSIONS as CLASSIFIER_VERSIONS
 from .classifier import crossentropy_forward, fused_classifier_dlogits
@@ -167,7 +167,9 @@ class GPT2(MixedPrecisionAdamW):
     runs them as separate kernels, for comparison); bias_epilogue: with gemm "cublaslt_all"
     or "cublaslt_all_tuned", the bias gradients from the weight-gradient GEMMs (cuBLASLt's
     BGRADB epilogue) instead of the bias kernels, when those GEMMs overwrite (the first
-    micro-step); not measured on a GPU yet, so off by default.
+    micro-step); not measured on a GPU yet, so off by default. flash_schedule: the order the
+    fused attention's blocks go out in (llmcu/cuda/attention.py SCHEDULES; "heavy_first"
+    needs flash_version 3 to 9 named; not measured on a GPU yet).
     dtype "fp32" or "bf16" (module doc); params: float32 values (a bf16 model rounds
     them to nearest for its bf16 copy and keeps them as the fp32 master copy), or, for
     dtype "bf16" only, a uint16 array of bf16 bits, which the model then shares."""
@@ -177,7 +179,7 @@ class GPT2(MixedPrecisionAdamW):
     def __init__(self, config: GPT2Config, params=None, seed: int = 42, device: str = "cuda",
                  attention: str = DEFAULT_ATTENTION, dtype: str = "fp32", master_weights: bool = True,
                  flash_version="auto", gemm="auto", classifier_version="auto", fuse_residual=True,
-                 bias_epilogue=False):
+                 bias_epilogue=False, flash_schedule="grouped"):
         _check_attention("GPT2", attention)
         if not isinstance(fuse_residual, bool):
             raise TypeError(f"GPT2: fuse_residual must be a bool, got {type(fuse_residual).__name__}")
@@ -202,6 +204,12 @@ class GPT2(MixedPrecisionAdamW):
         if flash_version not in FLASH_VERSIONS:
             raise ValueError(f"GPT2: flash_version must be one of {FLASH_VERSIONS}, got {flash_version!r}")
         self.flash_version = flash_version
+        if flash_schedule not in SCHEDULES:
+            raise ValueError(f"GPT2: flash_schedule must be one of {SCHEDULES}, got {flash_schedule!r}")
+        if flash_schedule != SCHEDULES[0] and flash_version in ("auto", 1, 2):
+            raise ValueError(f"GPT2: flash_schedule={flash_schedule!r} needs flash_version 3 to 9 "
+                             f"(the tensor-core kernels), got flash_version={flash_version!r}")
+        self.flash_schedule = flash_schedule
         _check_dtype("GPT2", dtype)
         if dtype == "bf16" and attention != "flash":
             raise ValueError(f"GPT2: dtype 'bf16' needs attention='flash' (the 'simple' attention "
@@ -274,14 +282,16 @@ class GPT2(MixedPrecisionAdamW):
         fuse_residual=False drops the residual + layernorm fusions (the separate kernels run).
         Looked up on KERNEL_OPS at each call, so a wrapper put there (a profiler) runs."""
         if self.flash_version == "auto" and self.gemm == "cublas" and self.fuse_residual:
-            return KERNEL_OPS
+            return KERNEL_OPS  # (flash_schedule is "grouped": another needs a named version)
         ops = dict(vars(KERNEL_OPS))
         if not self.fuse_residual:
             for name in FUSED_RESIDUAL_OPS:
                 ops.pop(name, None)
         if self.flash_version != "auto":
             for name in ("flash_attention_forward", "flash_attention_backward"):
-                ops[name] = functools.partial(ops[name], version=self.flash_version)
+                ops[name] = functools.partial(ops[name], version=self.flash_version,
+                                              **({} if self.flash_schedule == SCHEDULES[0]
+                                                 else {"schedule": self.flash_schedule}))
         if self.gemm != "cublas":  # cublaslt[_all][_tuned] (llmcu/cuda/matmul.py GEMM_LIBRARIES)
             lib = self.gemm
             ops["matmul_forward"] = functools.partial(ops["matmul_forward"], gemm_library=lib)
@@ -329,4 +339,5 @@ class GPT2(MixedPrecisionAdamW):
         return GPT2(self.config, self.params, device=self.device, attention=self.attention,
                     dtype=self.dtype, master_weights=False, flash_version=self.flash_version,
                     gemm=self.gemm, classifier_version=self.classifier_version,
-                    fuse_residual=self.fuse_residual, bias_epilogue=self.bias_epilogue)
+                    fuse_residual=self.fuse_residual, bias_epilogue=self.bias_epilogue,
+                    flash_schedule=self.flash_schedule)
