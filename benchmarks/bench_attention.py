@@ -107,38 +107,27 @@ def llmcu_rows(qkv32, dout32, NH, reps):
     rows["llmcu flash v1 fp32"] = (cuda_time(v1_fwd, reps), cuda_time(v1_both, reps), out.get(), dqkv.get())
 
     qkv16, dout16 = float32_to_bf16_bits(qkv), float32_to_bf16_bits(dout)
-    for version, how in ((2, "wmma"), (3, "mma.sync"), (4, "mma.sync, pipelined loads"),
-                         (5, "mma.sync, one-pass backward, atomic dQ"),
-                         (6, "as v5, 128-key backward blocks"),
-                         (7, "as v5, double-buffered Q/dO"), (8, "as v6, double-buffered Q/dO"),
-                         (9, "v7's backward, 128-row forward blocks")):
+    versions = ((2, "wmma"), (3, "mma.sync"), (4, "mma.sync, pipelined loads"),
+                (5, "mma.sync, one-pass backward, atomic dQ"), (6, "as v5, 128-key backward blocks"),
+                (7, "as v5, double-buffered Q/dO"), (8, "as v6, double-buffered Q/dO"),
+                (9, "v7's backward, 128-row forward blocks"))
+    # each version in the default block order, then versions 3 to 9 again heaviest blocks first
+    runs = [(v, f"({how})", "grouped") for v, how in versions]
+    runs += [(v, "heavy-first", "heavy_first") for v, _ in versions if v >= 3]
+    for version, label, schedule in runs:
         out16, dqkv16 = cupy.empty((B, T, C), np.uint16), cupy.empty_like(qkv16)
 
-        def fwd(version=version, out16=out16):
-            k.flash_attention_forward(out16, lse, qkv16, NH, version=version)
+        def fwd(version=version, out16=out16, schedule=schedule):
+            k.flash_attention_forward(out16, lse, qkv16, NH, version=version, schedule=schedule)
 
-        def both(version=version, out16=out16, dqkv16=dqkv16):
+        def both(version=version, out16=out16, dqkv16=dqkv16, schedule=schedule):
             fwd()
-            k.flash_attention_backward(dqkv16, dout16, qkv16, out16, lse, NH, version=version)
-        name = f"llmcu flash v{version} bf16 ({how})"
+            k.flash_attention_backward(dqkv16, dout16, qkv16, out16, lse, NH, version=version,
+                                       schedule=schedule)
+        name = f"llmcu flash v{version} bf16 {label}"
         try:
             rows[name] = (cuda_time(fwd, reps), cuda_time(both, reps), out16, dqkv16)
         except Exception as e:  # e.g. the module was built without the tensor-core kernels
-            print(f"{name}: failed: {type(e).__name__}: {e}")
-    for version in (3, 4, 5, 6, 7, 8, 9):  # the same kernels, the blocks in another order
-        out16, dqkv16 = cupy.empty((B, T, C), np.uint16), cupy.empty_like(qkv16)
-
-        def fwd(version=version, out16=out16):
-            k.flash_attention_forward(out16, lse, qkv16, NH, version=version, schedule="heavy_first")
-
-        def both(version=version, out16=out16, dqkv16=dqkv16):
-            fwd()
-            k.flash_attention_backward(dqkv16, dout16, qkv16, out16, lse, NH, version=version,
-                                       schedule="heavy_first")
-        name = f"llmcu flash v{version} bf16 heavy-first"
-        try:
-            rows[name] = (cuda_time(fwd, reps), cuda_time(both, reps), out16, dqkv16)
-        except Exception as e:
             print(f"{name}: failed: {type(e).__name__}: {e}")
 
     att = cupy.empty((B, NH, T, T), np.float32)

@@ -493,19 +493,21 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-ceilings", action="store_true", help="skip the ceiling measurements")
-    ap.add_argument("--flash-version", default="auto", choices=["auto", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+    from llmcu.cuda.attention import FLASH_VERSIONS, SCHEDULES
+    from llmcu.cuda.classifier import VERSIONS as CLASSIFIER_VERSIONS
+    from llmcu.cuda.matmul import GEMM_LIBRARIES
+    ap.add_argument("--flash-version", default="auto", choices=["auto"] + [str(v) for v in FLASH_VERSIONS],
                     help="the fused attention's version (GPT2(flash_version=))")
-    ap.add_argument("--gemm", default="auto", choices=["auto", "cublas", "cublaslt", "cublaslt_all",
-                                                   "cublaslt_tuned", "cublaslt_all_tuned"],
+    ap.add_argument("--gemm", default="auto", choices=["auto", *GEMM_LIBRARIES],
                     help="the linear layers' GEMM library (GPT2(gemm=))")
-    ap.add_argument("--classifier-version", default="auto", choices=["auto", "1", "2", "3"],
+    ap.add_argument("--classifier-version", default="auto", choices=["auto"] + [str(v) for v in CLASSIFIER_VERSIONS],
                     help="the fused classifier's kernel (GPT2(classifier_version=))")
     ap.add_argument("--no-fuse-residual", action="store_true",
                     help="the residual adds as separate kernels (GPT2(fuse_residual=False))")
     ap.add_argument("--bias-epilogue", action="store_true",
                     help="bias gradients from cuBLASLt's BGRADB epilogue (GPT2(bias_epilogue=True); "
                          "with --gemm cublaslt_all[_tuned])")
-    ap.add_argument("--flash-schedule", default="grouped", choices=["grouped", "heavy_first"],
+    ap.add_argument("--flash-schedule", default="grouped", choices=list(SCHEDULES),
                     help="the order the attention's blocks go out in (GPT2(flash_schedule=); "
                          "heavy_first with --flash-version 3 to 9)")
     for flag in ("num-layers", "channels", "num-heads", "vocab-size"):

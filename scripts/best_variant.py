@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # bench_gpu_step's variant specs
+
 
 def best(result: dict, graph=None) -> tuple[str, dict, float]:
     """(row name, its variant dict, ms) of the fastest llmcu row (graph rows only, or eager
@@ -59,9 +61,9 @@ def with_attention_schedule(variant: dict, attention: dict) -> dict:
     grouped = next((r for name, r in rows.items() if name.startswith(f"llmcu flash v{version} bf16 (")), None)
     if heavy is None or grouped is None or not heavy["fwd_bwd_ms"] < grouped["fwd_bwd_ms"]:
         return variant
-    spec = ",".join(item for item in variant["spec"].split(",") if not item.startswith("sched="))
-    spec = spec.replace(",graph=", ",sched=heavy_first,graph=") if ",graph=" in spec else spec + ",sched=heavy_first"
-    return {**variant, "sched": "heavy_first", "spec": spec}
+    from bench_gpu_step import VARIANT_KEYS, variant_spec
+    chosen = {**variant, "sched": "heavy_first"}
+    return {**chosen, "spec": variant_spec({key: chosen[key] for key in VARIANT_KEYS})}
 
 
 def main(argv=None) -> int:
