@@ -32,13 +32,8 @@
 //      index), so no RNG state is kept. For floatX = float the rounding is the
 //      identity and, without master weights, kernel2 equals kernel1.
 //      Not a speed version: same memory pattern as 1.
-//   3: kernel2 with 16-byte loads and stores: a thread takes one x128 packet of
-//      params and grads (4 floats or 8 bf16) and the matching f128 packets of
-//      m, v and master weights; the params are read only without master
-//      weights. Needs n % x128::size == 0 and 16-byte aligned arrays (the
-//      wrapper checks). Element for element the arithmetic and the random bits
-//      of kernel2, so its results are kernel2's bit for bit.
-//      Bought: not measured on a GPU yet (benchmarks/bench_kernels.py).
+//   3: kernel2 with 16-byte packets: in the lab (kernels/dev/adamw.cu); its packet
+//      helper (adamw_packet) is kernel4's wide mode.
 //   4: one launch for all parameter tensors (kernel2 is launched once per
 //      tensor: 16 times for GPT-2, whose layers are stacked as in llm.c), and the per-step scalars read from device memory (lr, bias
 //      corrections, clip scale in hyper; seed and step in step_seed), so a
@@ -175,21 +170,6 @@ extern "C" __global__ void adamw_kernel2(floatX* __restrict__ params,
     }
 }
 
-extern "C" __global__ void adamw_kernel3(floatX* __restrict__ params,
-                                         float* __restrict__ master_params,
-                                         const floatX* __restrict__ grads,
-                                         float* __restrict__ m, float* __restrict__ v,
-                                         long long n, float lr, float beta1, float beta2,
-                                         float beta1_correction, float beta2_correction,
-                                         float eps, float weight_decay, float grad_scale,
-                                         unsigned int seed) {
-    const long long stride = (long long)gridDim.x * blockDim.x * x128::size;
-    for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * x128::size; i < n;
-         i += stride) {
-        adamw_packet(params, master_params, grads, m, v, i, i, seed, lr, beta1, beta2,
-                     beta1_correction, beta2_correction, eps, weight_decay, grad_scale);
-    }
-}
 
 extern "C" __global__ void adamw_kernel4(floatX* __restrict__ params,
                                          float* __restrict__ master_params,

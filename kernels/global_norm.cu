@@ -20,15 +20,7 @@
 //      faster one) finished the norm and the clip scale on the device, so a
 //      captured CUDA graph computes them and AdamW (adamw_kernel4) reads the
 //      scale from device memory.
-//   2: the squared kernel with one 16-byte packet per load (x128: 4 floats or
-//      8 bf16) where the data is 16-byte aligned; the n % x128::size tail
-//      elements are added by the threads of block 0. Version 1's bf16 loads
-//      moved 2 bytes each: 1038 GB/s, 27% of the copy ceiling, against 2906 GB/s
-//      for fp32 (H200, benchmarks/gpu_runs/2026-11-28-h200/bench_kernels.log).
-//      The same launch shape and finish kernel; the partial sums group the
-//      squares differently, so the norm differs from version 1's in the last
-//      bits (the graph and the eager step use the same version). Bought: not
-//      measured on a GPU yet.
+//   2 (16-byte loads): in the lab, kernels/dev/global_norm.cu (not measured on a GPU).
 #include "common.cuh"
 
 extern "C" __global__ void global_norm_squared_kernel1(float* __restrict__ partial,
@@ -45,29 +37,6 @@ extern "C" __global__ void global_norm_squared_kernel1(float* __restrict__ parti
     if (threadIdx.x == 0) { partial[blockIdx.x] = sum; }
 }
 
-extern "C" __global__ void global_norm_squared_kernel2(float* __restrict__ partial,
-                                                       const floatX* __restrict__ data,
-                                                       long long n) {
-    __shared__ float shared[WARP_SIZE];
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    const long long packets = n / x128::size;
-    float sum = 0.0f;
-    for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < packets; p += stride) {
-        const x128 packet = load128(data + p * x128::size);
-        for (int k = 0; k < x128::size; k++) {
-            const float x = to_float(packet[k]);
-            sum += x * x;
-        }
-    }
-    if (blockIdx.x == 0) {  // the tail past the last whole packet
-        for (long long i = packets * x128::size + threadIdx.x; i < n; i += blockDim.x) {
-            const float x = to_float(data[i]);
-            sum += x * x;
-        }
-    }
-    sum = block_reduce_sum(sum, shared);
-    if (threadIdx.x == 0) { partial[blockIdx.x] = sum; }
-}
 
 // The partials' sum in double in index order, the norm, and the clip scale with
 // exactly clip_scale's double arithmetic, rounded once to float at the end: the

@@ -11,13 +11,10 @@
 // inp1/inp2/residual and the fused backward's dres (N,C).
 //
 // Launch (the wrapper's grid/block helper):
-//   layernorm_forward_kernel0: one thread per row; block 256, grid CEIL_DIV(N, 256).
-//   layernorm_forward_kernel1, layernorm_forward_kernel2, layernorm_backward_kernel1:
+//   layernorm_forward_kernel1:
 //       one warp per row;
 //       block 256 (8 warps; any multiple of 32 works), grid CEIL_DIV(N * 32, 256),
 //       no shared memory. Warps past the last row return as a whole.
-//   layernorm_param_backward_kernel1: one thread per column c; block 256,
-//       grid CEIL_DIV(C, 256), no shared memory.
 //   layernorm_backward_kernel2 (pass 1): one warp per row, rows grid-strided;
 //       block 32 * W with W = min(8, 48 KiB / (8 * CP)) warps (8 at C = 768),
 //       grid min(CEIL_DIV(N, W), PARTIAL_SUM_BLOCKS = 528), dynamic shared memory
@@ -29,44 +26,23 @@
 //   layernorm_backward_add (wrapper): layernorm_backward_kernel2 with add = 1, then
 //       layernorm_param_backward_reduce_kernel2, launched as above.
 //
-// Versions (the forward has three; llmcu.cuda.layernorm.layernorm_forward(version=)):
-//   0: one thread per row, a loop over C exactly like the oracle's row: kept for
-//      teaching (docs/layernorm.md). Slower than 1, hence the lower number.
-//      Bought: nothing; what it costs against 1 is pending (not measured on a GPU yet).
-//   1: plain port of the oracle; two passes over the row for mean then variance
-//      (not E[x^2] - mean^2), exact 1/sqrtf rather than rsqrtf. The parameter
-//      gradients walk the rows in order, one thread per column: deterministic
-//      and the oracle's summation order, but only C threads.
-//   2 (forward): as 1, but every load and store moves 16 bytes (x128, 4 floats)
-//      instead of 4; needs C % x128::size == 0 and 16-byte aligned pointers.
-//      Bought: pending (not measured on a GPU yet; benchmarks/bench_layernorm.py).
-//   2 (backward): two passes, deterministic (fixed summation order, no atomics).
-//      Version 1's parameter kernel runs C threads (768: under 1% of an H200's
-//      ~270k resident threads), each walking all N rows serially: 1.2-1.8 ms at
-//      N = 8192, 30-42 GB/s (H200, benchmarks/RESULTS.md). Version 2 folds the
-//      dweight/dbias terms into the dinp kernel, which reads dout and inp anyway
-//      (one warp per row, 16-byte loads when C % x128::size == 0): each warp keeps
-//      fp32 partial sums for its lanes' columns in shared memory, each block
-//      writes one partial row, and a small second kernel adds the <= 528 rows per
-//      column in a fixed order. Grid: at most 4 blocks per SM of 132 (one wave):
-//      at C = 768 a block of 8 warps holds 48 KiB of accumulators, 4 blocks use
-//      192 of the 228 KiB of an SM, 32 warps per SM keep enough 16-byte loads in
-//      flight for DRAM, and 528 partial rows (3.2 MB of fp32 at C = 768) cost the
-//      second pass ~4% of the 75 MB (dout, inp, dinp) the first moves at
-//      N = 16384 in bf16 (its second read of the row should hit L1/L2). A
-//      constant, not the SM count, so the summation order is the same on every card.
-//      Should buy: the whole backward near the copy ceiling, from 1% of it; GPU
-//      speed not measured yet (benchmarks/bench_kernels.py runs 1 and 2 side by side).
+// What the training step runs (one kernel per op; the lab, kernels/dev/layernorm.cu,
+// holds version 0 (a thread per row, the tutorial's start), the 16-byte forward 2 and the
+// one-thread-per-column parameter backward 1):
+//   layernorm_forward_kernel1: one warp per row, two passes over the row for mean then
+//      variance (not E[x^2] - mean^2), exact 1/sqrtf. H200 (2026-11-28, N = 8192, C = 768,
+//      fp32): 1232 GB/s, F.layer_norm 1213 (version 2 of the lab: 1038).
+//   residual_layernorm_forward_kernel1: the residual add fused in (below).
+//   layernorm_backward_kernel2 + layernorm_param_backward_reduce_kernel2: two passes,
+//      deterministic (below). H200, bf16 d12 B=16 T=1024: 1.29 ms a step, 37% of copy
+//      (version 1: 1% of copy).
 //
-// Residual adds fused in (llm.c's fused_residual_forward5 and its layernorm backward
-// adding into dinp). On an H200 (bf16 d12, B=16, T=1024, benchmarks/
-// bench_step_breakdown.py) residual_forward ran 48 times a step, half of them adding a
-// layernorm's input gradient into the residual stream's gradient, each moving (B,T,C)
-// three times; each forward add was followed by a layernorm reading its sum again.
+// The residual adds fused in (llm.c's fused_residual_forward5 and its layernorm backward
+// adding into dinp):
 //   residual_layernorm_forward_kernel1: residual = inp1 + inp2 (rounded to floatX,
 //      stored) and the layernorm of it in one warp per row; wide = 0 sums the row in
-//      layernorm_forward_kernel1's order, wide = 1 (16-byte loads and stores) in
-//      kernel2's, so it equals residual_forward + that layernorm_forward bit for bit.
+//      layernorm_forward_kernel1's order, wide = 1 (16-byte loads and stores) in the lab's
+//      forward kernel2's, so it equals residual_forward + that layernorm bit for bit.
 //      Per row in floatX it moves 4C (reads inp1, inp2; writes residual, out) where the
 //      two calls move 5C (read 2C, write C; read the residual back, write out).
 //   layernorm_backward_kernel2, add = 1: dinp += the input gradient in fp32 with one
@@ -74,44 +50,9 @@
 //      residual_forward), dweight/dbias unchanged. Per row it moves 4C (reads dout,
 //      inp, dres; writes dres) where the two calls move 6C (dout, inp, dtmp; then
 //      dres, dtmp, dres).
-//      Bought: not measured on a GPU yet (benchmarks/bench_step_breakdown.py times
-//      both ops, residual_layernorm_forward and layernorm_backward_add, with GB/s).
+//      In the step since GPU pass 4's preparation: the same arithmetic with fewer bytes;
+//      what it saves is not measured on a GPU yet.
 #include "common.cuh"
-
-// Version 0: one thread per row. Thread `row` walks its row three times
-// (mean, variance, output), as the NumPy oracle does. Neighbouring threads read
-// addresses C floats apart, so a warp's 32 loads never share a memory
-// transaction: correct, and the slow baseline the other versions are measured by.
-extern "C" __global__ void layernorm_forward_kernel0(floatX* __restrict__ out,
-                                                     float* __restrict__ mean,
-                                                     float* __restrict__ rstd,
-                                                     const floatX* __restrict__ inp,
-                                                     const floatX* __restrict__ weight,
-                                                     const floatX* __restrict__ bias,
-                                                     int N, int C, float eps) {
-    const int row = blockIdx.x * blockDim.x + threadIdx.x;
-    if (row >= N) { return; }
-    const floatX* x = inp + (long long)row * C;
-
-    float sum = 0.0f;
-    for (int c = 0; c < C; c++) { sum += to_float(x[c]); }
-    const float m = sum / C;
-
-    float sq = 0.0f;
-    for (int c = 0; c < C; c++) {
-        float d = to_float(x[c]) - m;
-        sq += d * d;
-    }
-    const float s = 1.0f / sqrtf(sq / C + eps);
-
-    floatX* o = out + (long long)row * C;
-    for (int c = 0; c < C; c++) {
-        float n = (to_float(x[c]) - m) * s;
-        o[c] = from_float(n * to_float(weight[c]) + to_float(bias[c]));
-    }
-    if (mean != nullptr) { mean[row] = m; }
-    if (rstd != nullptr) { rstd[row] = s; }
-}
 
 // mean and rstd may be null (inference).
 extern "C" __global__ void layernorm_forward_kernel1(floatX* __restrict__ out,
@@ -142,59 +83,6 @@ extern "C" __global__ void layernorm_forward_kernel1(floatX* __restrict__ out,
     for (int c = lane; c < C; c += WARP_SIZE) {
         float n = (to_float(x[c]) - m) * s;
         o[c] = from_float(n * to_float(weight[c]) + to_float(bias[c]));
-    }
-    if (lane == 0) {
-        if (mean != nullptr) { mean[row] = m; }
-        if (rstd != nullptr) { rstd[row] = s; }
-    }
-}
-
-// Version 2: version 1 with 16-byte loads and stores. Lane `lane` handles the
-// packets starting at c = lane * x128::size, then every 32 * x128::size, so a
-// warp reads 512 contiguous bytes per step in 32 wide loads instead of 128
-// narrow ones. Needs C % x128::size == 0 and 16-byte aligned inp, out, weight,
-// bias (the wrapper checks).
-extern "C" __global__ void layernorm_forward_kernel2(floatX* __restrict__ out,
-                                                     float* __restrict__ mean,
-                                                     float* __restrict__ rstd,
-                                                     const floatX* __restrict__ inp,
-                                                     const floatX* __restrict__ weight,
-                                                     const floatX* __restrict__ bias,
-                                                     int N, int C, float eps) {
-    const int lane = threadIdx.x % WARP_SIZE;
-    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
-    if (row >= N) { return; }  // the whole warp leaves together
-    const floatX* x = inp + (long long)row * C;
-
-    float sum = 0.0f;
-    for (int c = lane * x128::size; c < C; c += WARP_SIZE * x128::size) {
-        const x128 packet = load128(x + c);
-        for (int k = 0; k < x128::size; k++) { sum += to_float(packet[k]); }
-    }
-    const float m = warp_reduce_sum(sum) / C;
-
-    float sq = 0.0f;
-    for (int c = lane * x128::size; c < C; c += WARP_SIZE * x128::size) {
-        const x128 packet = load128(x + c);
-        for (int k = 0; k < x128::size; k++) {
-            float d = to_float(packet[k]) - m;
-            sq += d * d;
-        }
-    }
-    const float var = warp_reduce_sum(sq) / C;
-    const float s = 1.0f / sqrtf(var + eps);
-
-    floatX* o = out + (long long)row * C;
-    for (int c = lane * x128::size; c < C; c += WARP_SIZE * x128::size) {
-        const x128 xs = load128(x + c);
-        const x128 ws = load128(weight + c);
-        const x128 bs = load128(bias + c);
-        x128 result;
-        for (int k = 0; k < x128::size; k++) {
-            float n = (to_float(xs[k]) - m) * s;
-            result[k] = from_float(n * to_float(ws[k]) + to_float(bs[k]));
-        }
-        store128(o + c, result);
     }
     if (lane == 0) {
         if (mean != nullptr) { mean[row] = m; }
@@ -293,62 +181,6 @@ extern "C" __global__ void residual_layernorm_forward_kernel1(floatX* __restrict
     } else {
         residual_layernorm_row<1>(res, out, mean, rstd, inp1, inp2, weight, bias, row, C, eps);
     }
-}
-
-extern "C" __global__ void layernorm_backward_kernel1(floatX* __restrict__ dinp,
-                                                      const floatX* __restrict__ dout,
-                                                      const floatX* __restrict__ inp,
-                                                      const floatX* __restrict__ weight,
-                                                      const float* __restrict__ mean,
-                                                      const float* __restrict__ rstd,
-                                                      int N, int C) {
-    const int lane = threadIdx.x % WARP_SIZE;
-    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
-    if (row >= N) { return; }  // the whole warp leaves together
-    const floatX* x = inp + (long long)row * C;
-    const floatX* d = dout + (long long)row * C;
-    const float m = mean[row];
-    const float s = rstd[row];
-
-    float g_sum = 0.0f;   // sum_c g
-    float gn_sum = 0.0f;  // sum_c g * n
-    for (int c = lane; c < C; c += WARP_SIZE) {
-        float n = (to_float(x[c]) - m) * s;
-        float g = to_float(d[c]) * to_float(weight[c]);
-        g_sum += g;
-        gn_sum += g * n;
-    }
-    const float g_mean = warp_reduce_sum(g_sum) / C;
-    const float gn_mean = warp_reduce_sum(gn_sum) / C;
-
-    floatX* dx = dinp + (long long)row * C;
-    for (int c = lane; c < C; c += WARP_SIZE) {
-        float n = (to_float(x[c]) - m) * s;
-        float g = to_float(d[c]) * to_float(weight[c]);
-        dx[c] = from_float((g - g_mean - n * gn_mean) * s);
-    }
-}
-
-extern "C" __global__ void layernorm_param_backward_kernel1(floatX* __restrict__ dweight,
-                                                            floatX* __restrict__ dbias,
-                                                            const floatX* __restrict__ dout,
-                                                            const floatX* __restrict__ inp,
-                                                            const float* __restrict__ mean,
-                                                            const float* __restrict__ rstd,
-                                                            int N, int C) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) { return; }
-    float dw = 0.0f;
-    float db = 0.0f;
-    for (int row = 0; row < N; row++) {
-        long long i = (long long)row * C + c;
-        float d = to_float(dout[i]);
-        float n = (to_float(inp[i]) - mean[row]) * rstd[row];
-        dw += d * n;
-        db += d;
-    }
-    dweight[c] = from_float(to_float(dweight[c]) + dw);
-    dbias[c] = from_float(to_float(dbias[c]) + db);
 }
 
 // ----------------------------------------------------------------------------

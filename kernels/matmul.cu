@@ -16,10 +16,9 @@
 //   matmul_bias_backward_reduce_kernel2 (pass 2): block 256 (8 warps x 32 columns),
 //       grid CEIL_DIV(OC, 32), 4 KiB static shared memory.
 //
-// Versions:
-//   1: plain port of the oracle. The bias gradient walks the rows in order, one
-//      thread per column (coalesced across the warp): deterministic and the
-//      oracle's order, but only OC threads.
+// What the training step runs (the lab, kernels/dev/matmul.cu, holds the bias forward
+// kernel, which the cuBLASLt bias epilogue replaces, and the one-thread-per-column bias
+// backward 1):
 //   2: two passes, deterministic (fixed order, no atomics). Version 1 runs OC
 //      threads (768-3072), each walking all N rows serially, which made the bf16
 //      matmul backward 4-14% of the GEMM ceiling on an H200 (benchmarks/RESULTS.md).
@@ -35,25 +34,6 @@
 //      most of it; GPU speed not measured yet (benchmarks/bench_kernels.py).
 #include "common.cuh"
 
-extern "C" __global__ void matmul_bias_forward_kernel1(floatX* __restrict__ out,
-                                                       const floatX* __restrict__ bias,
-                                                       int N, int OC) {
-    int idx = blockIdx.x * blockDim.x + threadIdx.x;  // over (N,OC)
-    if (idx >= N * OC) { return; }
-    out[idx] = from_float(to_float(out[idx]) + to_float(bias[idx % OC]));
-}
-
-extern "C" __global__ void matmul_bias_backward_kernel1(floatX* __restrict__ dbias,
-                                                        const floatX* __restrict__ dout,
-                                                        int N, int OC) {
-    int oc = blockIdx.x * blockDim.x + threadIdx.x;
-    if (oc >= OC) { return; }
-    float sum = 0.0f;
-    for (int n = 0; n < N; n++) {
-        sum += to_float(dout[(long long)n * OC + oc]);
-    }
-    dbias[oc] = from_float(to_float(dbias[oc]) + sum);
-}
 
 // ----------------------------------------------------------------------------
 // Version 2 of the bias backward: two passes, deterministic, no atomics.

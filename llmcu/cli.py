@@ -84,32 +84,6 @@ def _add_train(sub):
     p.add_argument("--cuda-graph", type=int, default=d.cuda_graph, choices=[0, 1],
                    help="1: capture the training step as CUDA graphs and replay them (one launch "
                         "instead of ~500 per step; GPT-2 on --device cuda or emu, one process)")
-    # which kernels GPT-2 runs on --device cuda or emu (llmcu.cuda.gpt2.GPT2's arguments)
-    from .cuda.attention import FLASH_VERSIONS, SCHEDULES as FLASH_SCHEDULES
-    from .cuda.classifier import VERSIONS as CLASSIFIER_VERSIONS
-    from .cuda.matmul import GEMM_LIBRARIES
-    p.add_argument("--flash-version", default=d.flash_version, choices=["auto"] + [str(v) for v in FLASH_VERSIONS],
-                   help="the fused attention's kernel version (kernels/attention.cu; auto: version 3 "
-                        "for bf16 at head size 64 on a GPU, else 1)")
-    p.add_argument("--gemm", default=d.gemm,
-                   choices=["auto", *GEMM_LIBRARIES],
-                   help="GEMM library of the linear layers: cublas (+ llmcu's bias and GELU kernels), "
-                        "cublaslt (bias and GELU as cuBLASLt epilogues), cublaslt_all (every overwriting "
-                        "GEMM on cuBLASLt), *_tuned (cuBLASLt's algorithms timed per shape); auto: "
-                        "cublaslt on a GPU, cublas on emu")
-    p.add_argument("--classifier-version", default=d.classifier_version,
-                   choices=["auto"] + [str(v) for v in CLASSIFIER_VERSIONS],
-                   help="the fused classifier's kernel version (kernels/classifier.cu; auto: 2 on a "
-                        "GPU where the vocabulary allows 16-byte loads, 3 on emu, else 1)")
-    p.add_argument("--fuse-residual", type=int, default=d.fuse_residual, choices=[0, 1],
-                   help="1: residual adds fused into the layernorm kernels; 0: separate kernels")
-    p.add_argument("--bias-epilogue", type=int, default=d.bias_epilogue, choices=[0, 1],
-                   help="1: bias gradients from the weight-gradient GEMMs' cuBLASLt epilogue (needs "
-                        "--gemm cublaslt_all or cublaslt_all_tuned)")
-    p.add_argument("--flash-schedule", default=d.flash_schedule, choices=list(FLASH_SCHEDULES),
-                   help="the order the fused attention's blocks go out in: grouped (a head's blocks "
-                        "together, sharing L2) or heavy_first (the causal mask's longest blocks first: "
-                        "a shorter last wave; needs --flash-version 3 to 9)")
     p.add_argument("-z", "--zero-stage", type=int, default=d.zero_stage, choices=[0, 1],
                    help="data parallel (several processes, from torchrun/mpirun/srun): 0 all-reduces the "
                         "gradients, 1 is ZeRO-1 (AdamW state sharded across ranks)")
@@ -259,10 +233,7 @@ def _run_train(parser, a) -> int:
                       checkpoint_every=a.checkpoint_every, checkpoint_keep=a.checkpoint_keep,
                       resume=a.resume, hellaswag=a.hellaswag, zero_stage=a.zero_stage,
                       dist_backend=a.dist_backend, init_method=a.init_method, init_file=a.init_file,
-                      dtype=a.dtype, master_weights=a.master_weights, cuda_graph=a.cuda_graph,
-                      flash_version=a.flash_version, gemm=a.gemm, classifier_version=a.classifier_version,
-                      fuse_residual=a.fuse_residual, bias_epilogue=a.bias_epilogue,
-                      flash_schedule=a.flash_schedule)
+                      dtype=a.dtype, master_weights=a.master_weights, cuda_graph=a.cuda_graph)
     train(cfg, log=lambda s: print(s, flush=True))
     return 0
 

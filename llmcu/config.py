@@ -180,10 +180,3 @@ class TrainConfig:
     dtype: str = "fp32"          # --dtype fp32 | bf16 (mixed precision; cuda and emu) | auto (bf16 where available)
     master_weights: int = 1      # -w  bf16: 1 keeps fp32 master weights (llm.c's -w), 0 updates bf16 in place
     cuda_graph: int = 0          # --cuda-graph 1: the step as CUDA graphs (llmcu/cuda/graphs.py; GPT-2 kernel models)
-    # which kernels a GPT-2 model on the kernels (cuda, emu) runs; llmcu.cuda.gpt2.GPT2's arguments
-    flash_version: str = "auto"  # --flash-version auto | 1..9 (the fused attention's version)
-    gemm: str = "auto"           # --gemm auto | cublas | cublaslt | cublaslt_all | cublaslt_tuned | cublaslt_all_tuned
-    classifier_version: str = "auto"  # --classifier-version auto | 1 | 2 | 3
-    fuse_residual: int = 1       # --fuse-residual 0: the residual adds apart from the layernorms
-    bias_epilogue: int = 0       # --bias-epilogue 1: bias gradients from cuBLASLt (--gemm cublaslt_all[_tuned])
-    flash_schedule: str = "grouped"  # --flash-schedule grouped | heavy_first (the attention blocks' order; 3..9)

@@ -70,7 +70,7 @@ def resolve_dtype(dtype: str, device: str, config=None, data_parallel: bool = Fa
 
 
 def build_model(spec: str, device: str = "cpu", seed: int = 42, max_seq_len: int = 1024,
-                dtype: str = "fp32", master_weights: bool = True, kernels: dict | None = None):
+                dtype: str = "fp32", master_weights: bool = True):
     """A model from a checkpoint file (llm.c format) or a descriptor like 'd12'.
 
     device: "cpu" (the NumPy model), "cuda" (the kernels on a GPU) or "emu"
@@ -90,43 +90,16 @@ def build_model(spec: str, device: str = "cpu", seed: int = 42, max_seq_len: int
     else:
         from .llama_config import model_config
         config, params = model_config(spec, max_seq_len=max_seq_len), None
-    return make_model(config, params, device, seed, dtype, master_weights, kernels)
-
-
-KERNEL_FLAGS = {  # TrainConfig field -> (its flag, GPT2's default, GPT2's argument from the flag's text)
-    "flash_version": ("--flash-version", "auto", lambda v: v if v == "auto" else int(v)),
-    "gemm": ("--gemm", "auto", str),
-    "classifier_version": ("--classifier-version", "auto", lambda v: v if v == "auto" else int(v)),
-    "fuse_residual": ("--fuse-residual", 1, bool),
-    "bias_epilogue": ("--bias-epilogue", 0, bool),
-    "flash_schedule": ("--flash-schedule", "grouped", str),
-}
-
-
-def kernel_choices(cfg: TrainConfig) -> dict:
-    """The kernel choices of cfg that differ from the defaults, as llmcu.cuda.gpt2.GPT2's
-    arguments (flash_version=7, gemm="cublaslt_all", ...); {} when all are the defaults."""
-    return {field: convert(getattr(cfg, field)) for field, (_, default, convert) in KERNEL_FLAGS.items()
-            if getattr(cfg, field) != default}
-
-
-def _kernel_flags_text(kernels: dict) -> str:
-    """'--flash-version 7 --bias-epilogue 1' for GPT2 arguments (error messages)."""
-    return " ".join(f"{KERNEL_FLAGS[k][0]} {int(v) if isinstance(v, bool) else v}" for k, v in kernels.items())
+    return make_model(config, params, device, seed, dtype, master_weights)
 
 
 def make_model(config: GPT2Config, params, device: str = "cpu", seed: int = 42,
-               dtype: str = "fp32", master_weights: bool = True, kernels: dict | None = None):
+               dtype: str = "fp32", master_weights: bool = True):
     """The backend model for `device` with these parameters (None: a random init).
     dtype "bf16" (GPT-2 or Llama on the kernels, cuda or emu): mixed precision, with
     fp32 master weights unless master_weights is False (llmcu/cuda/gpt2.py); "auto"
-    picks bf16 where it is available for this model (resolve_dtype). kernels: GPT2's
-    kernel choices (kernel_choices), for a GPT-2 model on the kernels only."""
+    picks bf16 where it is available for this model (resolve_dtype)."""
     dtype = resolve_dtype(dtype, device, config)
-    if kernels and (device == "cpu" or not isinstance(config, GPT2Config)):
-        what = f"--device {device}" if device == "cpu" else f"a {type(config).__name__.replace('Config', '')} model"
-        raise ValueError(f"{_kernel_flags_text(kernels)}: these choose the kernels of a GPT-2 model on "
-                         f"--device cuda or emu, got {what}; leave them at their defaults")
     if not isinstance(config, GPT2Config):  # a LlamaConfig
         if device == "cpu":
             from .cpu.llama import Llama
@@ -138,11 +111,10 @@ def make_model(config: GPT2Config, params, device: str = "cpu", seed: int = 42,
         from .cpu.gpt2 import GPT2
         return GPT2(config, params, seed=seed)
     from .cuda.gpt2 import GPT2 as KernelGPT2
-    kernels = kernels or {}
     if dtype == "fp32":
-        return KernelGPT2(config, params, seed=seed, device=device, **kernels)
+        return KernelGPT2(config, params, seed=seed, device=device)
     return KernelGPT2(config, params, seed=seed, device=device, dtype=dtype,
-                      master_weights=bool(master_weights), **kernels)
+                      master_weights=bool(master_weights))
 
 
 def sample(model, prompt_tokens, n_tokens, rng, temperature=1.0, top_k=None):
@@ -320,11 +292,10 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
         if resumed[0] > cfg.max_steps:
             raise ValueError(f"-y 1: the newest checkpoint in {cfg.output_dir} is at step "
                              f"{resumed[0]}, past -x {cfg.max_steps}; pass -x >= {resumed[0]}")
-        model = make_model(resumed[1], resumed[2], cfg.device, cfg.seed, dtype, cfg.master_weights,
-                           kernel_choices(cfg))
+        model = make_model(resumed[1], resumed[2], cfg.device, cfg.seed, dtype, cfg.master_weights)
     else:
         model = build_model(cfg.model, cfg.device, cfg.seed, dtype=dtype,
-                            master_weights=cfg.master_weights, kernels=kernel_choices(cfg))
+                            master_weights=cfg.master_weights)
     dtype = getattr(model, "dtype", "fp32")  # what "auto" became
     if dtype != "fp32" and data_parallel:
         raise ValueError(f"--dtype {dtype} with data parallel ({world} process(es), -z "
@@ -346,11 +317,8 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
         log(f"precision: {dtype}, fp32 master weights: {'yes' if cfg.master_weights else 'no'}")
     peak = mfu_peak(cfg.device, dtype, log)  # TFLOP/s for the step lines' MFU column, or None
     inner = getattr(model, "model", model)  # DataParallel keeps the model it wraps in .model
-    if hasattr(inner, "flash_version") and hasattr(inner, "gemm"):  # GPT-2 on the kernels
-        log(f"kernels: attention version {inner.flash_version}, GEMMs {inner.gemm}, classifier version "
-            f"{inner.classifier_version}, residual + layernorm fused: {'yes' if inner.fuse_residual else 'no'}, "
-            f"bias gradients from GEMM epilogues: {'yes' if inner.bias_epilogue else 'no'}"
-            + ("" if inner.flash_schedule == "grouped" else f", attention blocks {inner.flash_schedule}"))
+    if hasattr(inner, "kernel_table"):  # a model on the kernels: what each op runs
+        log("kernels: " + ", ".join(f"{op} {kernel}" for op, kernel in inner.kernel_table().items()))
     train_loader = DataLoader(cfg.train_pattern, B, T, rank, world)
     val_loader = DataLoader(cfg.val_pattern, B, T, rank, world) if cfg.val_pattern else None
     log(f"train dataset num_batches: {train_loader.num_tokens // (B * T)}")

@@ -9,32 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 
 from ..config import GPT2Config, parameter_views
-from .adamw import adamw_update, global_norm
-from .attention import (attention_backward, attention_forward, flash_attention_backward,
-                        flash_attention_forward)
+from ..ops import GPT2_OPS, ORACLE_ATTENTION_OPS, ops_table
 from .classifier import crossentropy_softmax_backward, fused_classifier
-from .encoder import encoder_backward, encoder_forward
 from .flat_adamw import FlatAdamW
-from .gelu import gelu_backward, gelu_forward
-from .layernorm import layernorm_backward, layernorm_forward
-from .matmul import matmul_backward, matmul_forward
-from .residual import residual_forward
 
-# The layer functions the step below calls; llmcu/cuda/gpt2.py passes its
-# kernel wrappers, which have the same names and signatures.
-CPU_OPS = SimpleNamespace(
-    encoder_forward=encoder_forward, encoder_backward=encoder_backward,
-    layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
-    matmul_forward=matmul_forward, matmul_backward=matmul_backward,
-    attention_forward=attention_forward, attention_backward=attention_backward,
-    flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
-    gelu_forward=gelu_forward, gelu_backward=gelu_backward,
-    residual_forward=residual_forward, adamw_update=adamw_update, global_norm=global_norm)
+# The layer functions the step below calls (llmcu/ops.py); llmcu/cuda/gpt2.py passes the
+# kernel wrappers of the same names and signatures.
+CPU_OPS = ops_table("cpu", GPT2_OPS + ORACLE_ATTENTION_OPS)
 
 INIT_STD = 0.02
 
@@ -65,24 +50,13 @@ def init_parameters(config: GPT2Config, seed: int = 42) -> np.ndarray:
     return flat
 
 
-def _residual_layernorm(ops, residual_out, ln_out, mean, rstd, inp1, inp2, weight, bias):
-    """residual_out = inp1 + inp2, then ln_out = layernorm(residual_out): one call when ops
-    has residual_layernorm_forward (llmcu/cuda/layernorm.py, the same values), else two."""
-    fused = getattr(ops, "residual_layernorm_forward", None)
-    if fused is not None:
-        fused(residual_out, ln_out, mean, rstd, inp1, inp2, weight, bias)
-    else:
-        ops.residual_forward(residual_out, inp1, inp2)
-        ops.layernorm_forward(ln_out, mean, rstd, residual_out, weight, bias)
-
-
 def forward_layers(ops, config: GPT2Config, p, a, inputs):
-    """GPT-2's forward from token ids to a.logits, through the layer functions in `ops`.
-    ops may add matmul_gelu_forward (the fc GEMM with its GELU as an epilogue,
-    llmcu/cuda/matmul.py); without it the fc layer and the GELU are two calls. ops may
-    add residual_layernorm_forward (a residual add and the layernorm that reads its sum
-    in one call); so each residual add is followed at once by its layernorm: residual2
-    by ln2, residual3[l] by ln1 of layer l + 1 (by lnf after the last layer)."""
+    """GPT-2's forward from token ids to a.logits, through the layer functions in `ops`
+    (llmcu/ops.py GPT2_OPS). The fc layer and its GELU are one call (matmul_gelu_forward:
+    one cuBLASLt GEMM on the kernels); each residual add and the layernorm that reads its
+    sum are one call (residual_layernorm_forward): residual2 with ln2, residual3[l] with
+    ln1 of layer l + 1 (lnf after the last layer). The attention runs the fused kernels
+    when the activations keep lse (a.attention == "flash"), else the plain one (att)."""
     NH, L = config.num_heads, config.num_layers
     ops.encoder_forward(a.encoded, inputs, p["wte"], p["wpe"])
     if L > 0:
@@ -98,70 +72,46 @@ def forward_layers(ops, config: GPT2Config, p, a, inputs):
         else:
             ops.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH)
         ops.matmul_forward(a.attproj[l], a.atty[l], p["attprojw"][l], p["attprojb"][l])
-        _residual_layernorm(ops, a.residual2[l], a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], residual,
-                            a.attproj[l], p["ln2w"][l], p["ln2b"][l])
-        fused = getattr(ops, "matmul_gelu_forward", None)  # one GEMM with a GELU epilogue (cuBLASLt)
-        if fused is not None:
-            fused(a.fch_gelu[l], a.fch[l], a.ln2[l], p["fcw"][l], p["fcb"][l])
-        else:
-            ops.matmul_forward(a.fch[l], a.ln2[l], p["fcw"][l], p["fcb"][l])
-            ops.gelu_forward(a.fch_gelu[l], a.fch[l])
+        ops.residual_layernorm_forward(a.residual2[l], a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], residual,
+                                       a.attproj[l], p["ln2w"][l], p["ln2b"][l])
+        ops.matmul_gelu_forward(a.fch_gelu[l], a.fch[l], a.ln2[l], p["fcw"][l], p["fcb"][l])
         ops.matmul_forward(a.fcproj[l], a.fch_gelu[l], p["fcprojw"][l], p["fcprojb"][l])
         if l + 1 < L:  # the next layer's ln1
             ln = (a.ln1[l + 1], a.ln1_mean[l + 1], a.ln1_rstd[l + 1], p["ln1w"][l + 1], p["ln1b"][l + 1])
         else:  # the final layernorm
             ln = (a.lnf, a.lnf_mean, a.lnf_rstd, p["lnfw"], p["lnfb"])
-        _residual_layernorm(ops, a.residual3[l], ln[0], ln[1], ln[2], a.residual2[l], a.fcproj[l],
-                            ln[3], ln[4])
+        ops.residual_layernorm_forward(a.residual3[l], ln[0], ln[1], ln[2], a.residual2[l], a.fcproj[l],
+                                       ln[3], ln[4])
         residual = a.residual3[l]
     ops.matmul_forward(a.logits, a.lnf, p["wte"])  # weight tying: wte is the LM head
 
 
 def backward_scratch(zeros, B: int, T: int, C: int) -> dict:
     """The activation-gradient buffers backward_layers needs (zeros(*shape) allocates)."""
-    return {"dlnf": zeros(B, T, C), "dres": zeros(B, T, C), "dtmp": zeros(B, T, C),
-            "dln": zeros(B, T, C), "datty": zeros(B, T, C), "dqkv": zeros(B, T, 3 * C),
-            "dfch": zeros(B, T, 4 * C), "dfch_gelu": zeros(B, T, 4 * C)}
-
-
-def _layernorm_backward_add(ops, dres, dtmp, dweight, dbias, dout, inp, weight, mean, rstd):
-    """dres += the layernorm's input gradient: one call when ops has layernorm_backward_add
-    (llmcu/cuda/layernorm.py), else layernorm_backward into dtmp and a residual add."""
-    fused = getattr(ops, "layernorm_backward_add", None)
-    if fused is not None:
-        fused(dres, dweight, dbias, dout, inp, weight, mean, rstd)
-    else:
-        ops.layernorm_backward(dtmp, dweight, dbias, dout, inp, weight, mean, rstd)
-        ops.residual_forward(dres, dres, dtmp)
+    return {"dlnf": zeros(B, T, C), "dres": zeros(B, T, C), "dln": zeros(B, T, C),
+            "datty": zeros(B, T, C), "dqkv": zeros(B, T, 3 * C), "dfch": zeros(B, T, 4 * C)}
 
 
 def backward_layers(ops, config: GPT2Config, p, g, a, dlogits, inputs, s):
     """From dlogits back through every layer, accumulating into the gradients g.
 
-    s: backward_scratch buffers. dres carries the residual stream's gradient;
-    each layernorm's input gradient lands in dtmp and is added into it, or, when ops has
-    layernorm_backward_add, is added into dres by the layernorm's backward itself. ops
-    may add matmul_dgelu_backward (fcproj's backward with the GELU's backward as its
-    epilogue).
+    s: backward_scratch buffers. dres carries the residual stream's gradient; each
+    layernorm's backward adds its input gradient into it (layernorm_backward_add), and
+    fcproj's backward takes the GELU's backward along (matmul_dgelu_backward).
     """
     NH = config.num_heads
-    dres, dtmp, dln = s["dres"], s["dtmp"], s["dln"]
+    dres, dln = s["dres"], s["dln"]
     ops.matmul_backward(s["dlnf"], g["wte"], None, dlogits, a.lnf, p["wte"])
     last = a.residual3[-1] if config.num_layers else a.encoded
     ops.layernorm_backward(dres, g["lnfw"], g["lnfb"], s["dlnf"], last, p["lnfw"], a.lnf_mean, a.lnf_rstd)
     for l in reversed(range(config.num_layers)):
         res_in = a.residual3[l - 1] if l > 0 else a.encoded
         # dres is d/d residual3[l]; the MLP branch:
-        fused = getattr(ops, "matmul_dgelu_backward", None)  # the GELU's backward as the GEMM's epilogue
-        if fused is not None:
-            fused(s["dfch"], g["fcprojw"][l], g["fcprojb"][l], dres, a.fch_gelu[l], p["fcprojw"][l], a.fch[l])
-        else:
-            ops.matmul_backward(s["dfch_gelu"], g["fcprojw"][l], g["fcprojb"][l], dres, a.fch_gelu[l],
-                                p["fcprojw"][l])
-            ops.gelu_backward(s["dfch"], s["dfch_gelu"], a.fch[l])
+        ops.matmul_dgelu_backward(s["dfch"], g["fcprojw"][l], g["fcprojb"][l], dres, a.fch_gelu[l],
+                                  p["fcprojw"][l], a.fch[l])
         ops.matmul_backward(dln, g["fcw"][l], g["fcb"][l], s["dfch"], a.ln2[l], p["fcw"][l])
-        _layernorm_backward_add(ops, dres, dtmp, g["ln2w"][l], g["ln2b"][l], dln, a.residual2[l],
-                                p["ln2w"][l], a.ln2_mean[l], a.ln2_rstd[l])
+        ops.layernorm_backward_add(dres, g["ln2w"][l], g["ln2b"][l], dln, a.residual2[l], p["ln2w"][l],
+                                   a.ln2_mean[l], a.ln2_rstd[l])
         # dres is now d/d residual2[l]; the attention branch:
         ops.matmul_backward(s["datty"], g["attprojw"][l], g["attprojb"][l], dres, a.atty[l], p["attprojw"][l])
         if getattr(a, "attention", "simple") == "flash":
@@ -169,8 +119,8 @@ def backward_layers(ops, config: GPT2Config, p, g, a, dlogits, inputs, s):
         else:
             ops.attention_backward(s["dqkv"], s["datty"], a.qkv[l], a.att[l], NH)
         ops.matmul_backward(dln, g["qkvw"][l], g["qkvb"][l], s["dqkv"], a.ln1[l], p["qkvw"][l])
-        _layernorm_backward_add(ops, dres, dtmp, g["ln1w"][l], g["ln1b"][l], dln, res_in, p["ln1w"][l],
-                                a.ln1_mean[l], a.ln1_rstd[l])  # dres is now d/d res_in
+        ops.layernorm_backward_add(dres, g["ln1w"][l], g["ln1b"][l], dln, res_in, p["ln1w"][l],
+                                   a.ln1_mean[l], a.ln1_rstd[l])  # dres is now d/d res_in
     ops.encoder_backward(g["wte"], g["wpe"], dres, inputs)
 
 

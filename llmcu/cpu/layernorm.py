@@ -37,3 +37,20 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
     dinp[...] = (dnorm
                  - dnorm.mean(axis=-1, keepdims=True)
                  - norm * (dnorm * norm).mean(axis=-1, keepdims=True)) * rstd[..., None]
+
+
+# The two fused ops of the GPT-2 step (llmcu/cuda/layernorm.py runs each as one kernel),
+# composed here from the plain functions: the same values, so the layer sequence
+# (llmcu/cpu/gpt2.py) calls them on either backend.
+
+def residual_layernorm_forward(residual_out, ln_out, mean, rstd, inp1, inp2, weight, bias, eps=EPS):
+    """residual_out = inp1 + inp2, then ln_out, mean, rstd = layernorm(residual_out)."""
+    np.add(inp1, inp2, out=residual_out)
+    layernorm_forward(ln_out, mean, rstd, residual_out, weight, bias, eps)
+
+
+def layernorm_backward_add(dres, dweight, dbias, dout, inp, weight, mean, rstd):
+    """layernorm_backward with the input gradient added into dres (dres += dinp)."""
+    dinp = np.empty_like(dres)
+    layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd)
+    dres += dinp

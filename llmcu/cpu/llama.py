@@ -29,26 +29,12 @@ import numpy as np
 from ..config import parameter_views
 from ..formats import bf16_bits_to_float32, float32_to_bf16_bits
 from ..llama_config import LlamaConfig
-from .adamw import adamw_update, global_norm
-from .attention import flash_attention_backward, flash_attention_forward
+from ..ops import LLAMA_OPS, ops_table
 from .classifier import crossentropy_softmax_backward, fused_classifier
-from .encoder import encoder_backward, encoder_forward
 from .flat_adamw import FlatAdamW
-from .matmul import matmul_backward, matmul_forward
-from .residual import residual_forward
-from .rmsnorm import rmsnorm_backward, rmsnorm_forward
-from .rope import rope_backward, rope_forward, rope_frequencies
-from .swiglu import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
+from .rope import rope_frequencies
 
-LLAMA_CPU_OPS = SimpleNamespace(
-    encoder_forward=encoder_forward, encoder_backward=encoder_backward,
-    rmsnorm_forward=rmsnorm_forward, rmsnorm_backward=rmsnorm_backward,
-    matmul_forward=matmul_forward, matmul_backward=matmul_backward,
-    rope_forward=rope_forward, rope_backward=rope_backward,
-    flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
-    swiglu_forward=swiglu_forward, swiglu_backward=swiglu_backward,
-    geglu_forward=geglu_forward, geglu_backward=geglu_backward,
-    residual_forward=residual_forward, adamw_update=adamw_update, global_norm=global_norm)
+LLAMA_CPU_OPS = ops_table("cpu", LLAMA_OPS)  # llmcu/ops.py
 
 INIT_STD = 0.02
 

@@ -9,6 +9,8 @@ where += onto zeros would be a wasted pass on the GPU).
 
 import numpy as np
 
+from .gelu import gelu_backward, gelu_forward
+
 
 def _rows(a):
     """View a contiguous (..., N) array as (rows, N) without copying."""
@@ -40,3 +42,21 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, accumulate_weight=T
             dbias += dout2.sum(axis=0)
         else:
             np.sum(dout2, axis=0, out=dbias)
+
+
+# The fc layer with its GELU, forward and backward, composed from the plain functions
+# (llmcu/cuda/matmul.py runs each as one cuBLASLt GEMM with an epilogue), so the GPT-2
+# layer sequence (llmcu/cpu/gpt2.py) calls them on either backend.
+
+def matmul_gelu_forward(out, pre, inp, weight, bias=None):
+    """pre = inp @ weight.T + bias, out = gelu(pre)."""
+    matmul_forward(pre, inp, weight, bias)
+    gelu_forward(out, pre)
+
+
+def matmul_dgelu_backward(dpre, dweight, dbias, dout, inp, weight, pre, accumulate_weight=True):
+    """matmul_backward of the layer after the GELU, its input gradient then through the
+    GELU's backward into dpre (overwritten); dweight/dbias as matmul_backward."""
+    dact = np.empty_like(dpre)
+    matmul_backward(dact, dweight, dbias, dout, inp, weight, accumulate_weight)
+    gelu_backward(dpre, dact, pre)

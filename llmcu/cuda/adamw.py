@@ -38,16 +38,13 @@ import numpy as np
 from ..cpu.adamw import clip_scale  # noqa: F401  (pure arithmetic, shared by both backends)
 from .runtime import (FLOAT32, FLOATX_NAMES, backend_of, block_per_row, check_array, f32,
                       floatx_dtype, i32, i64, launch_config, scratch)
-from .vectorized import check_vectorized, vectorizable
+from .vectorized import vectorizable
 
 NORM_BLOCK = 1024
 NORM_GRID = 264   # at most 2 blocks per SM of a 132-SM H100; fixed per size, so the sum order is fixed
 
 
-NORM_VERSIONS = (1, 2)
-
-
-def global_norm_device(grads, norm, grad_scale, grad_clip=None, version="auto"):
+def global_norm_device(grads, norm, grad_scale, grad_clip=None):
     """sqrt(sum g^2) into norm[0] (float64, shape (1,)) and the clipping factor
     clip_scale(norm, grad_clip) into grad_scale[0] (float32, shape (1,); any
     contiguous view, e.g. hyper[3:4] of adamw_multi_tensor's hyper), both on the
@@ -56,8 +53,7 @@ def global_norm_device(grads, norm, grad_scale, grad_clip=None, version="auto"):
     (global_norm_finish_kernel1). No host sync; nothing is allocated after the
     first call for a given grads size (the partials are a runtime.scratch buffer),
     so a CUDA graph can capture it. grad_clip None or <= 0: no clipping (scale 1).
-    version: 1 (one element per load), 2 (16-byte loads; needs grads 16-byte aligned, any
-    size), "auto" (2 where it applies)."""
+    (H200, 2026-11-28: fp32 74% of copy. The lab's 16-byte version 2 is not measured.)"""
     fn = "global_norm_device"
     be = backend_of(grads)
     dt = floatx_dtype(fn, "grads", grads)
@@ -69,30 +65,22 @@ def global_norm_device(grads, norm, grad_scale, grad_clip=None, version="auto"):
     clip = 0.0 if grad_clip is None else float(grad_clip)
     if np.isnan(clip):
         raise ValueError(f"{fn}: grad_clip must be a number or None, got {grad_clip!r}")
-    if version not in NORM_VERSIONS + ("auto",):
-        raise ValueError(f"{fn}: version must be one of {NORM_VERSIONS} or 'auto', got {version!r}")
-    aligned = vectorizable(16 // grads.dtype.itemsize, dict(grads=grads))  # alignment only: a tail is fine
-    if version == "auto":
-        version = 2 if aligned else 1
-    if version == 2 and not aligned:
-        check_vectorized(fn, 16 // grads.dtype.itemsize, dict(grads=grads))  # raises, naming the address
-    work = grads.size if version == 1 else max(1, grads.size // (16 // grads.dtype.itemsize))
-    grid, block = launch_config(min(work, NORM_GRID * NORM_BLOCK), NORM_BLOCK)
+    grid, block = launch_config(min(grads.size, NORM_GRID * NORM_BLOCK), NORM_BLOCK)
     partial = scratch(be, "global_norm_partial", grid, np.float32)
-    be.launch("global_norm", f"global_norm_squared_kernel{version}", grid, block,
+    be.launch("global_norm", "global_norm_squared_kernel1", grid, block,
               (partial, grads, i64(grads.size)), floatX=FLOATX_NAMES[dt])
     one_grid, one_block = launch_config(1, block=1)
     be.launch("global_norm", "global_norm_finish_kernel1", one_grid, one_block,
               (norm, grad_scale, partial, i32(grid[0]), np.float64(clip)))
 
 
-def global_norm(grads, version="auto"):
+def global_norm(grads):
     """sqrt(sum g^2) as a Python float: global_norm_device into scratch buffers and
     one device-to-host read, so the eager norm and a graph's are computed alike."""
     be = backend_of(grads)
     norm = scratch(be, "global_norm_norm", (1,), np.float64)
     grad_scale = scratch(be, "global_norm_scale", (1,), np.float32)
-    global_norm_device(grads, norm, grad_scale, version=version)
+    global_norm_device(grads, norm, grad_scale)
     return float(norm.get()[0] if be.name == "cuda" else norm[0])
 
 
@@ -241,13 +229,10 @@ def adamw_multi_tensor(params, grads, m, v, table, hyper, step_seed, beta1=0.9, 
 
 
 def adamw_update(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-                 weight_decay=0.0, grad_scale=1.0, master_params=None, seed=None, version=None):
-    """version: None picks kernel1 for fp32 without master weights, else kernel2;
-    3 is kernel2 with 16-byte loads (needs params.size % (16 // itemsize) == 0
-    and 16-byte aligned arrays; results identical to kernel2's)."""
+                 weight_decay=0.0, grad_scale=1.0, master_params=None, seed=None):
+    """adamw_kernel1 for fp32 params without master weights (the oracle's arithmetic),
+    adamw_kernel2 otherwise (mixed precision; the lab's kernel3 is its 16-byte form)."""
     fn = "adamw_update"
-    if version not in (None, 1, 2, 3):
-        raise ValueError(f"{fn}: version must be None, 1, 2 or 3, got {version!r}")
     if step < 1:
         raise ValueError(f"{fn}: step is 1-based, got {step}")
     be = backend_of(params)
@@ -262,21 +247,12 @@ def adamw_update(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8
         seed = step
     if not 0 <= int(seed) < 2**32:
         raise ValueError(f"{fn}: seed must be a 32-bit unsigned integer, got {seed}")
-    if version is None:
-        version = 1 if dt == FLOAT32 and master_params is None else 2
-    if version == 1 and (dt != FLOAT32 or master_params is not None):
-        raise ValueError(f"{fn}: version 1 is fp32 without master weights; got params {dt} and "
-                         f"master_params {'given' if master_params is not None else 'None'}")
-    threads = params.size
-    if version == 3:
-        threads = check_vectorized(fn, params.size, dict(params=params, grads=grads, m=m, v=v,
-                                                         master_params=master_params))
-    grid, block = launch_config(threads)
+    grid, block = launch_config(params.size)
     scalars = (i64(params.size), f32(lr), f32(beta1), f32(beta2), f32(1.0 - beta1 ** step),
                f32(1.0 - beta2 ** step), f32(eps), f32(weight_decay), f32(grad_scale))
-    if version == 1:
+    if dt == FLOAT32 and master_params is None:
         be.launch("adamw", "adamw_kernel1", grid, block, (params, grads, m, v, *scalars))
     else:
-        be.launch("adamw", f"adamw_kernel{version}", grid, block,
+        be.launch("adamw", "adamw_kernel2", grid, block,
                   (params, master_params, grads, m, v, *scalars, np.uint32(seed)),
                   floatX=FLOATX_NAMES[dt])

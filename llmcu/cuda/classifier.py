@@ -6,24 +6,19 @@ losses (B,T) float32. Activation gradients overwrite (=). logits (and the
 dlogits written over them) are floatX: float32, or uint16 holding bf16 (the
 dtype of logits picks the build); probs and losses are always float32.
 
-crossentropy_forward and fused_classifier_dlogits take one keyword the CPU
-version lacks, version=: 1 (three passes over the row, the default), 2 (one
-online-softmax pass and one write pass with 16-byte loads; needs Vp a multiple
-of 16 // itemsize and 16-byte aligned logits), 3 (version 2 with the row kept in
-registers: one read and one write; also needs Vp <= 1024 * 8 * (16 // itemsize),
-65536 in bf16, 32768 in fp32), "auto" (what the GPT-2 kernel model uses: on the
-GPU 2 where it applies, else 1, until version 3 is measured there; under the
-emulator 3, else 2, else 1).
+crossentropy_forward and fused_classifier_dlogits run fused_classifier_kernel2 (one
+online-softmax pass and one write pass with 16-byte loads; H200, bf16 d12 B=16: 2.05 ms,
+40% of copy) where Vp is a multiple of 16 // itemsize and logits are 16-byte aligned,
+else kernel1 (three passes over the row). Version 3 (the row in registers) is in the
+lab, kernels/dev/classifier.cu.
 """
 
 import numpy as np
 
 from .runtime import FLOATX_NAMES, backend_of, block_per_row, check_array, f32, floatx_dtype, i32
-from .vectorized import check_vectorized, vectorizable
+from .vectorized import vectorizable
 
 CLASSIFIER_BLOCK = 1024
-VERSIONS = (1, 2, 3)
-CLASSIFIER3_PACKETS = 8  # kernels/classifier.cu: x128 packets of the row each thread keeps (version 3)
 
 
 def _check(fn, be, logits, V, targets=None, **named):
@@ -49,33 +44,18 @@ def softmax_forward(probs, logits, V):
               (probs, logits, i32(N), i32(V), i32(Vp)), floatX=floatX)
 
 
-def _fused(fn, logits, losses, targets, V, dloss, write_dlogits, version):
-    if version not in VERSIONS + ("auto",):
-        raise ValueError(f"{fn}: version must be one of {VERSIONS} or 'auto', got {version!r}")
+def _fused(fn, logits, losses, targets, V, dloss, write_dlogits):
     be = backend_of(logits)
     N, Vp, floatX = _check(fn, be, logits, V, targets=targets, losses=losses)
-    per_packet = 16 // logits.dtype.itemsize  # x128::size
-    fits = Vp <= CLASSIFIER_BLOCK * per_packet * CLASSIFIER3_PACKETS  # version 3 keeps the row in registers
-    if version == "auto":
-        # version 3 is not measured on a GPU yet, so the GPU keeps version 2 (measured on an
-        # H200: benchmarks/RESULTS.md) until it is; the emulator runs 3, so the models' tests
-        # exercise it
-        wide = vectorizable(Vp, dict(logits=logits))
-        version = (3 if fits and be.name == "emu" else 2) if wide else 1
-    if version in (2, 3):
-        check_vectorized(fn, Vp, dict(logits=logits), what="padded vocabulary columns Vp")
-    if version == 3 and not fits:
-        raise ValueError(f"{fn}: version 3 keeps a row in registers: Vp must be at most "
-                         f"{CLASSIFIER_BLOCK * per_packet * CLASSIFIER3_PACKETS} for {logits.dtype} "
-                         f"logits, got Vp={Vp}; use version 2")
+    version = 2 if vectorizable(Vp, dict(logits=logits)) else 1
     grid, block = block_per_row(N, CLASSIFIER_BLOCK)
     be.launch("classifier", f"fused_classifier_kernel{version}", grid, block,
               (logits, losses, targets, f32(dloss), i32(N), i32(V), i32(Vp), i32(write_dlogits)),
               floatX=floatX)
 
 
-def crossentropy_forward(losses, logits, targets, V, version=1):
-    _fused("crossentropy_forward", logits, losses, targets, V, 0.0, 0, version)
+def crossentropy_forward(losses, logits, targets, V):
+    _fused("crossentropy_forward", logits, losses, targets, V, 0.0, 0)
 
 
 def fused_classifier(losses, probs, logits, targets, V):
@@ -83,10 +63,10 @@ def fused_classifier(losses, probs, logits, targets, V):
     crossentropy_forward(losses, logits, targets, V)
 
 
-def fused_classifier_dlogits(logits, losses, targets, V, dloss, version=1):
+def fused_classifier_dlogits(logits, losses, targets, V, dloss):
     """llm.c's fused classifier: losses, and logits overwritten in place by
     dlogits = dloss * (softmax - onehot(targets)), 0 on padded columns."""
-    _fused("fused_classifier_dlogits", logits, losses, targets, V, dloss, 1, version)
+    _fused("fused_classifier_dlogits", logits, losses, targets, V, dloss, 1)
 
 
 LOSS_MEAN_BLOCK = 1024  # kernels/classifier.cu: one block, a power of two

@@ -5,10 +5,11 @@ int32, wte (Vp,C), wpe (maxT,C), out (B,T,C), all floatX (float32, or uint16
 holding bf16: the dtype of wte picks the kernel build). Parameter gradients
 accumulate (+=).
 
-encoder_backward(..., version=) picks the kernels (kernels/encoder.cu):
-  1: one thread per channel walks all B*T positions (2*C threads in all);
-  2 (the default): deterministic and parallel. dwpe: one thread per (t, packet
-     of channels) sums over b in order. dwte: the positions are sorted stably
+The forward runs encoder_forward_kernel2 (16-byte loads and stores) where C %
+(16 // itemsize) == 0 and out, wte, wpe are 16-byte aligned, else kernel1 (one
+element per thread). The backward (kernels/encoder.cu, version 2) is
+deterministic and parallel: dwpe: one thread per (t, packet of channels) sums
+over b in order. dwte: the positions are sorted stably
      by token here (NumPy argsort(kind="stable") under emulation; cupy.argsort,
      which CuPy documents as a stable sort, on the GPU), and the block at the
      start of each token's run sums that token's dout rows in position order in
@@ -24,11 +25,7 @@ import numpy as np
 
 from .runtime import (FLOATX_NAMES, WARP, backend_of, check_array, floatx_dtype, i32,
                       launch_config)
-from .vectorized import check_vectorized, vectorizable
-
-FORWARD_VERSIONS = (1, 2)
-BACKWARD_VERSIONS = (1, 2)
-
+from .vectorized import vectorizable
 
 def _check(fn, be, x, inp, wte, wpe):
     check_array(fn, "inp", inp, be, dtype=np.int32)
@@ -47,37 +44,21 @@ def _check(fn, be, x, inp, wte, wpe):
     return B, T, C, FLOATX_NAMES[dt]
 
 
-def encoder_forward(out, inp, wte, wpe, version=1):
-    """version=1: one element per thread (the default); version=2: 16-byte loads
-    and stores, needs C % (16 // itemsize) == 0 and 16-byte aligned out, wte, wpe;
-    version="auto": 2 where it applies, else 1 (what the GPT-2 kernel model uses)."""
+def encoder_forward(out, inp, wte, wpe):
     fn = "encoder_forward"
-    if version not in FORWARD_VERSIONS + ("auto",):
-        raise ValueError(f"{fn}: version must be one of {FORWARD_VERSIONS} or 'auto', got {version!r}")
     be = backend_of(out)
     B, T, C, floatX = _check(fn, be, out, inp, wte, wpe)
-    if version == "auto":
-        version = 2 if vectorizable(C, dict(out=out, wte=wte, wpe=wpe)) else 1
-    threads = B * T * C
-    if version == 2:
-        check_vectorized(fn, C, dict(out=out, wte=wte, wpe=wpe), what="channels (C)")
-        threads //= 16 // out.dtype.itemsize
+    wide = vectorizable(C, dict(out=out, wte=wte, wpe=wpe))
+    threads = B * T * C // (16 // out.dtype.itemsize if wide else 1)
     grid, block = launch_config(threads)
-    be.launch("encoder", f"encoder_forward_kernel{version}", grid, block,
+    be.launch("encoder", f"encoder_forward_kernel{2 if wide else 1}", grid, block,
               (out, inp, wte, wpe, i32(B), i32(T), i32(C)), floatX=floatX)
 
 
-def encoder_backward(dwte, dwpe, dout, inp, version=2, token_runs=None):
+def encoder_backward(dwte, dwpe, dout, inp, token_runs=None):
     fn = "encoder_backward"
-    if version not in BACKWARD_VERSIONS:
-        raise ValueError(f"{fn}: version must be one of {BACKWARD_VERSIONS}, got {version!r}")
     be = backend_of(dout)
     B, T, C, floatX = _check(fn, be, dout, inp, dwte, dwpe)
-    if version == 1:
-        grid, block = launch_config(C, grid_y=2)  # blockIdx.y: 0 -> dwte, 1 -> dwpe
-        be.launch("encoder", "encoder_backward_kernel1", grid, block,
-                  (dwte, dwpe, dout, inp, i32(B), i32(T), i32(C)), floatX=floatX)
-        return
     vec = 16 // dout.dtype.itemsize  # x128::size
     wide = vectorizable(C, dict(dwte=dwte, dwpe=dwpe, dout=dout))
     V = vec if wide else 1
@@ -111,7 +92,7 @@ def _token_runs(be, inp):
 
 
 def token_runs(inp):
-    """The (order, end) encoder_backward's version 2 needs, from host token ids (B,T):
+    """The (order, end) encoder_backward needs, from host token ids (B,T):
     both (B*T,) int32 NumPy arrays (see _token_runs)."""
     flat = np.ascontiguousarray(inp, dtype=np.int32).reshape(-1)
     order = np.argsort(flat, kind="stable")

@@ -14,13 +14,14 @@ and bias gradients instead of adding onto zeros (matmul_backward's
 accumulate_weight=False: in bf16 that skips an fp32 temporary and an add pass
 per weight), later ones (gradient accumulation) add.
 
-Attention: GPT2(..., attention="flash") (the default) runs the fused kernels
-(kernels/attention.cu, attention_flash_*), which keep only each query row's
-log-sum-exp "lse" (L,B,NH,T) for the backward; attention="simple" runs the
-permute / GEMM / softmax path and keeps the probabilities "att" (L,B,NH,T,T).
-At d12, B=16, T=1024 att is 9.0 GiB and lse 9 MiB, so the activations
-shrink from 22.29 GiB to 13.30 GiB (activation_bytes below: arithmetic on the
-buffer shapes, not a GPU measurement).
+Kernels: one per op, the same on the GPU and the emulator (kernel_table() lists
+them for a model; llmcu/ops.py GPT2_OPS names the ops). The attention runs the
+fused kernels (kernels/attention.cu), which keep only each query row's
+log-sum-exp "lse" (L,B,NH,T) for the backward, not the oracle's probabilities
+(L,B,NH,T,T): 9 MiB instead of 9.0 GiB at d12, B=16, T=1024. The linear layers
+run cuBLASLt with the bias and GELU epilogues (llmcu/cuda/matmul.py; the
+emulator computes the same at the same call sites). Every other kernel version
+is in the lab (kernels/dev/, benchmarks/lab.py), not here.
 
 Precision: GPT2(..., dtype="fp32") (the default) keeps everything float32, as
 the oracle. dtype="bf16" is llm.c's mixed precision: parameters, gradients
@@ -33,8 +34,7 @@ writes the bf16 parameters as its stochastic rounding; master_weights=False
 updates the bf16 parameters in place, stochastically rounded. The rounding's
 random bits are a hash of (seed, step, tensor, element), so a resumed run
 repeats them without any RNG state (the update, shared with llmcu/cuda/llama.py,
-is llmcu/cuda/mixed_precision.py's). bf16 needs the fused
-attention (the "simple" path's kernels are fp32 only) and no ZeRO-1 shard.
+is llmcu/cuda/mixed_precision.py's). bf16 needs no ZeRO-1 shard.
 """
 
 from __future__ import annotations
@@ -47,47 +47,20 @@ import numpy as np
 
 from ..config import GPT2Config, parameter_views
 from ..cpu.gpt2 import DECAYED, backward_layers, backward_scratch, forward_layers, init_parameters
+from ..ops import GPT2_OPS, ops_table
 from . import runtime
-from .adamw import adamw_update, global_norm
-from .attention import (SCHEDULES, attention_backward, attention_forward, flash_attention_backward,
-                        flash_attention_forward)
-from .classifier import VERSIONS as CLASSIFIER_VERSIONS
+from .attention import flash_kernel_version
 from .classifier import crossentropy_forward, fused_classifier_dlogits
-from .encoder import encoder_backward, encoder_forward, token_runs
-from .gelu import gelu_backward, gelu_forward
-from .layernorm import (layernorm_backward, layernorm_backward_add, layernorm_forward,
-                        residual_layernorm_forward)
-from .matmul import (GEMM_LIBRARIES, LT_ALL, matmul_backward, matmul_dgelu_backward, matmul_forward,
-                     matmul_gelu_forward)
+from .encoder import token_runs
 from .mixed_precision import (DTYPES, MixedPrecisionAdamW, allocate_views, check_dtype,
                               check_params_dtype)
-from .residual import residual_forward
 
-# The same layer sequence as the oracle (llmcu/cpu/gpt2.py), on the kernel wrappers.
-# Memory-bound layers with a 16-byte-load version run it where shapes and alignment
-# allow (version="auto"; on an H200 it moved 1.3-1.6x the bytes per second of version 1
-# for gelu in bf16, benchmarks/RESULTS.md); the others' defaults are their fastest.
-KERNEL_OPS = SimpleNamespace(
-    encoder_forward=functools.partial(encoder_forward, version="auto"), encoder_backward=encoder_backward,
-    layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
-    matmul_forward=matmul_forward, matmul_backward=matmul_backward,
-    attention_forward=attention_forward, attention_backward=attention_backward,
-    flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
-    gelu_forward=functools.partial(gelu_forward, version="auto"),
-    gelu_backward=functools.partial(gelu_backward, version="auto"),
-    residual_forward=functools.partial(residual_forward, version="auto"),
-    # the residual adds fused into the layernorms (llmcu/cpu/gpt2.py uses them when present):
-    # the forward's add + the layernorm reading its sum, the backward's layernorm input
-    # gradient added straight into the residual stream's gradient
-    residual_layernorm_forward=functools.partial(residual_layernorm_forward, version="auto"),
-    layernorm_backward_add=layernorm_backward_add,
-    adamw_update=adamw_update, global_norm=global_norm)
-FUSED_RESIDUAL_OPS = ("residual_layernorm_forward", "layernorm_backward_add")  # GPT2(fuse_residual=)
-FLASH_VERSIONS = ("auto", 1, 2, 3, 4, 5, 6, 7, 8, 9)  # GPT2(flash_version=): llmcu/cuda/attention.py's versions
+# The kernel wrappers of GPT-2's layer sequence (llmcu/cpu/gpt2.py), by name.
+KERNEL_OPS = ops_table("cuda", GPT2_OPS)
 
 ACTIVATIONS = (  # name: shape in units of (L, B, T, NH, C, Vp); per-layer tensors lead with L
     ("encoded", "BTC"), ("ln1", "LBTC"), ("ln1_mean", "LBT"), ("ln1_rstd", "LBT"),
-    ("qkv", "LBT3C"), ("att", "LBNTT"), ("atty", "LBTC"), ("attproj", "LBTC"),
+    ("qkv", "LBT3C"), ("lse", "LBNT"), ("atty", "LBTC"), ("attproj", "LBTC"),
     ("residual2", "LBTC"), ("ln2", "LBTC"), ("ln2_mean", "LBT"), ("ln2_rstd", "LBT"),
     ("fch", "LBT4C"), ("fch_gelu", "LBT4C"), ("fcproj", "LBTC"), ("residual3", "LBTC"),
     ("lnf", "BTC"), ("lnf_mean", "BT"), ("lnf_rstd", "BT"), ("logits", "BTV"), ("losses", "BT"),
@@ -98,29 +71,15 @@ ACTIVATIONS = (  # name: shape in units of (L, B, T, NH, C, Vp); per-layer tenso
 FP32_ACTIVATIONS = frozenset({"ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean",
                               "lnf_rstd", "losses", "lse"})
 
-# What each attention implementation saves for its backward, in place of ACTIVATIONS' "att".
-ATTENTION_STATE = {"simple": ("att", "LBNTT"), "flash": ("lse", "LBNT")}
-DEFAULT_ATTENTION = "flash"
-
-
-def _check_attention(fn, attention):
-    if attention not in ATTENTION_STATE:
-        raise ValueError(f"{fn}: attention must be one of {tuple(ATTENTION_STATE)}, got {attention!r}")
-
-
 _check_dtype = check_dtype  # llmcu/cuda/mixed_precision.py
 
 
-def activation_shapes(config: GPT2Config, B: int, T: int,
-                      attention: str = DEFAULT_ATTENTION) -> list[tuple[str, tuple[int, ...]]]:
-    _check_attention("activation_shapes", attention)
+def activation_shapes(config: GPT2Config, B: int, T: int) -> list[tuple[str, tuple[int, ...]]]:
     L, C, NH, Vp = config.num_layers, config.channels, config.num_heads, config.padded_vocab_size
     dims = {"L": (L,), "B": (B,), "T": (T,), "N": (NH,), "C": (C,), "3C": (3 * C,),
             "4C": (4 * C,), "V": (Vp,)}
     out = []
     for name, code in ACTIVATIONS:
-        if name == "att":
-            name, code = ATTENTION_STATE[attention]
         shape, i = (), 0
         while i < len(code):
             key = code[i:i + 2] if code[i] in "34" else code[i]
@@ -130,27 +89,25 @@ def activation_shapes(config: GPT2Config, B: int, T: int,
     return out
 
 
-def activation_bytes(config: GPT2Config, B: int, T: int, attention: str = DEFAULT_ATTENTION,
-                     dtype: str = "fp32") -> int:
+def activation_bytes(config: GPT2Config, B: int, T: int, dtype: str = "fp32") -> int:
     """Bytes of the Activations buffers for a (B,T) step (floatX of `dtype`, the
     FP32_ACTIVATIONS float32): arithmetic on the shapes."""
     _check_dtype("activation_bytes", dtype)
     return sum(math.prod(s) * (4 if name in FP32_ACTIVATIONS else DTYPES[dtype].itemsize)
-               for name, s in activation_shapes(config, B, T, attention))
+               for name, s in activation_shapes(config, B, T))
 
 
 class Activations:
     """One flat buffer per element type for every activation of a (B,T) step, with
     named views: `memory` (floatX: float32, or uint16 for bf16) and, in bf16,
     `stats` (float32: FP32_ACTIVATIONS); in fp32 everything is in `memory`.
-    `attention` ("flash" or "simple") picks lse (L,B,NH,T) or att (L,B,NH,T,T); the
-    shared layer sequence (llmcu/cpu/gpt2.py) reads it to pick the attention calls."""
+    attention = "flash" tells the shared layer sequence (llmcu/cpu/gpt2.py) that these
+    activations keep the fused attention's lse (L,B,NH,T), not the oracle's att."""
+    attention = "flash"
 
-    def __init__(self, xp, config: GPT2Config, B: int, T: int, attention: str = DEFAULT_ATTENTION,
-                 floatx=np.float32):
+    def __init__(self, xp, config: GPT2Config, B: int, T: int, floatx=np.float32):
         self.B, self.T = B, T
-        self.attention = attention
-        self.memory, self.stats = allocate_views(self, xp, activation_shapes(config, B, T, attention),
+        self.memory, self.stats = allocate_views(self, xp, activation_shapes(config, B, T),
                                                  floatx, FP32_ACTIVATIONS)
 
     def nbytes(self) -> int:
@@ -158,63 +115,16 @@ class Activations:
 
 
 class GPT2(MixedPrecisionAdamW):
-    """GPT-2 whose every layer runs a kernel from kernels/ (device "cuda" or "emu").
-
-    flash_version: the fused attention's kernels (llmcu/cuda/attention.py, "auto" picks);
-    gemm: the linear layers' GEMM route (GEMM_LIBRARIES, "auto" picks); classifier_version:
-    the fused classifier's kernel (llmcu/cuda/classifier.py VERSIONS, "auto" picks);
-    fuse_residual: the residual adds fused into the layernorms (FUSED_RESIDUAL_OPS; False
-    runs them as separate kernels, for comparison); bias_epilogue: with gemm "cublaslt_all"
-    or "cublaslt_all_tuned", the bias gradients from the weight-gradient GEMMs (cuBLASLt's
-    BGRADB epilogue) instead of the bias kernels, when those GEMMs overwrite (the first
-    micro-step); not measured on a GPU yet, so off by default. flash_schedule: the order the
-    fused attention's blocks go out in (llmcu/cuda/attention.py SCHEDULES; "heavy_first"
-    needs flash_version 3 to 9 named; not measured on a GPU yet).
-    dtype "fp32" or "bf16" (module doc); params: float32 values (a bf16 model rounds
-    them to nearest for its bf16 copy and keeps them as the fp32 master copy), or, for
-    dtype "bf16" only, a uint16 array of bf16 bits, which the model then shares."""
+    """GPT-2 whose every layer runs a kernel from kernels/ (device "cuda" or "emu"), one per
+    op (kernel_table). dtype "fp32" or "bf16" (module doc); params: float32 values (a bf16
+    model rounds them to nearest for its bf16 copy and keeps them as the fp32 master copy),
+    or, for dtype "bf16" only, a uint16 array of bf16 bits, which the model then shares."""
 
     OPS, DECAYED = KERNEL_OPS, DECAYED  # for FlatAdamW: the kernel AdamW and global norm
 
     def __init__(self, config: GPT2Config, params=None, seed: int = 42, device: str = "cuda",
-                 attention: str = DEFAULT_ATTENTION, dtype: str = "fp32", master_weights: bool = True,
-                 flash_version="auto", gemm="auto", classifier_version="auto", fuse_residual=True,
-                 bias_epilogue=False, flash_schedule="grouped"):
-        _check_attention("GPT2", attention)
-        if not isinstance(fuse_residual, bool):
-            raise TypeError(f"GPT2: fuse_residual must be a bool, got {type(fuse_residual).__name__}")
-        self.fuse_residual = fuse_residual
-        if not isinstance(bias_epilogue, bool):
-            raise TypeError(f"GPT2: bias_epilogue must be a bool, got {type(bias_epilogue).__name__}")
-        self.bias_epilogue = bias_epilogue
-        if classifier_version not in CLASSIFIER_VERSIONS + ("auto",):
-            raise ValueError(f"GPT2: classifier_version must be one of {CLASSIFIER_VERSIONS} or 'auto', "
-                             f"got {classifier_version!r}")
-        self.classifier_version = classifier_version  # the fused classifier's kernel (classifier.py)
-        if gemm not in GEMM_LIBRARIES + ("auto",):
-            raise ValueError(f"GPT2: gemm must be one of {GEMM_LIBRARIES} or 'auto', got {gemm!r}")
-        # auto: cuBLASLt with the bias and GELU epilogues on a GPU (bf16 d12 B=16 T=1024 on an
-        # H200, 2026-11-28: 37.8 ms/step against 42.0 ms with cuBLAS + llmcu's bias and GELU
-        # kernels); under emulation cuBLAS's path, so the tests run llmcu's own kernels
-        self.gemm = gemm if gemm != "auto" else ("cublaslt" if device == "cuda" else "cublas")
-        if bias_epilogue and self.gemm not in LT_ALL:
-            raise ValueError(f"GPT2: bias_epilogue=True takes the bias gradients from the weight-gradient "
-                             f"GEMMs' cuBLASLt epilogue, which only gemm={LT_ALL[0]!r} or {LT_ALL[1]!r} "
-                             f"runs; got gemm={gemm!r}" + (f" (here {self.gemm!r})" if gemm == "auto" else ""))
-        if flash_version not in FLASH_VERSIONS:
-            raise ValueError(f"GPT2: flash_version must be one of {FLASH_VERSIONS}, got {flash_version!r}")
-        self.flash_version = flash_version
-        if flash_schedule not in SCHEDULES:
-            raise ValueError(f"GPT2: flash_schedule must be one of {SCHEDULES}, got {flash_schedule!r}")
-        if flash_schedule != SCHEDULES[0] and flash_version in ("auto", 1, 2):
-            raise ValueError(f"GPT2: flash_schedule={flash_schedule!r} needs flash_version 3 to 9 "
-                             f"(the tensor-core kernels), got flash_version={flash_version!r}")
-        self.flash_schedule = flash_schedule
+                 dtype: str = "fp32", master_weights: bool = True):
         _check_dtype("GPT2", dtype)
-        if dtype == "bf16" and attention != "flash":
-            raise ValueError(f"GPT2: dtype 'bf16' needs attention='flash' (the 'simple' attention "
-                             f"kernels are fp32 only), got attention={attention!r}")
-        self.attention = attention
         self.seed = seed
         self.backend = runtime.get_backend("cuda" if device == "cuda" else "emu")
         self.device = self.backend.name
@@ -230,6 +140,12 @@ class GPT2(MixedPrecisionAdamW):
         self.acts: Activations | None = None
         self._scratch = None
         self._inputs = self._targets = self._runs = None
+
+    def kernel_table(self) -> dict:
+        """op -> the kernels (kernels/<stem>.cu) or library calls this model's step runs for
+        it, for its dtype and shapes; the launch-spy test (tests/test_product_path.py) checks a
+        step launches exactly these."""
+        return step_kernels(self.config, self.dtype)
 
     def _to_device(self, a, name):
         a = np.asarray(a.get() if hasattr(a, "get") else a)
@@ -266,43 +182,11 @@ class GPT2(MixedPrecisionAdamW):
         can capture it (llmcu/cuda/graphs.py). With targets, acts.losses gets the losses."""
         B, T = inputs.shape
         if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
-            self.acts = Activations(self.xp, self.config, B, T, self.attention, self.floatx)
+            self.acts = Activations(self.xp, self.config, B, T, self.floatx)
         a = self.acts
-        forward_layers(self._ops(), self.config, self.p, a, inputs)
+        forward_layers(KERNEL_OPS, self.config, self.p, a, inputs)
         if targets is not None:
-            crossentropy_forward(a.losses, a.logits, targets, self.config.vocab_size,
-                                 version=self.classifier_version)
-
-    def _ops(self):
-        """KERNEL_OPS, with the fused attention pinned to flash_version unless "auto", and,
-        for gemm="cublaslt", the linear layers on cuBLASLt with the bias and the GELU as
-        GEMM epilogues (matmul_gelu_forward / matmul_dgelu_backward fuse fc + GELU);
-        "cublaslt_all" also moves the other backward GEMMs there; "cublaslt_tuned" and
-        "cublaslt_all_tuned" route as those two with the cuBLASLt algorithms autotuned.
-        fuse_residual=False drops the residual + layernorm fusions (the separate kernels run).
-        Looked up on KERNEL_OPS at each call, so a wrapper put there (a profiler) runs."""
-        if self.flash_version == "auto" and self.gemm == "cublas" and self.fuse_residual:
-            return KERNEL_OPS  # (flash_schedule is "grouped": another needs a named version)
-        ops = dict(vars(KERNEL_OPS))
-        if not self.fuse_residual:
-            for name in FUSED_RESIDUAL_OPS:
-                ops.pop(name, None)
-        if self.flash_version != "auto":
-            for name in ("flash_attention_forward", "flash_attention_backward"):
-                ops[name] = functools.partial(ops[name], version=self.flash_version,
-                                              **({} if self.flash_schedule == SCHEDULES[0]
-                                                 else {"schedule": self.flash_schedule}))
-        if self.gemm != "cublas":  # cublaslt[_all][_tuned] (llmcu/cuda/matmul.py GEMM_LIBRARIES)
-            lib = self.gemm
-            ops["matmul_forward"] = functools.partial(ops["matmul_forward"], gemm_library=lib)
-            ops["matmul_gelu_forward"] = functools.partial(matmul_gelu_forward, gemm_library=lib)
-            ops["matmul_dgelu_backward"] = functools.partial(matmul_dgelu_backward, gemm_library=lib)
-            if lib in LT_ALL:
-                ops["matmul_backward"] = functools.partial(ops["matmul_backward"], gemm_library=lib,
-                                                           bias_epilogue=self.bias_epilogue)
-                ops["matmul_dgelu_backward"] = functools.partial(matmul_dgelu_backward, gemm_library=lib,
-                                                                 bias_epilogue=self.bias_epilogue)
-        return SimpleNamespace(**ops)
+            crossentropy_forward(a.losses, a.logits, targets, self.config.vocab_size)
 
     def _backward_scratch(self, B, T):
         C = self.config.channels
@@ -326,9 +210,8 @@ class GPT2(MixedPrecisionAdamW):
             self.zero_grad()
         cfg, p, g, a = self.config, self.p, self.g, self.acts
         B, T = a.B, a.T
-        fused_classifier_dlogits(a.logits, a.losses, targets, cfg.vocab_size, loss_scale / (B * T),
-                                 version=self.classifier_version)
-        ops = self._backward_ops(self._ops())
+        fused_classifier_dlogits(a.logits, a.losses, targets, cfg.vocab_size, loss_scale / (B * T))
+        ops = self._backward_ops(KERNEL_OPS)
         ops = SimpleNamespace(**{**vars(ops), "encoder_backward": functools.partial(
             ops.encoder_backward, token_runs=runs)})
         backward_layers(ops, cfg, p, g, a, a.logits, inputs, self._backward_scratch(B, T))
@@ -336,8 +219,42 @@ class GPT2(MixedPrecisionAdamW):
     def sampler(self) -> "GPT2":
         """A model sharing these parameters with its own activations (for sampling).
         A bf16 model's sampler runs in bf16 (acts.logits holds bf16 bits) without a master copy."""
-        return GPT2(self.config, self.params, device=self.device, attention=self.attention,
-                    dtype=self.dtype, master_weights=False, flash_version=self.flash_version,
-                    gemm=self.gemm, classifier_version=self.classifier_version,
-                    fuse_residual=self.fuse_residual, bias_epilogue=self.bias_epilogue,
-                    flash_schedule=self.flash_schedule)
+        return GPT2(self.config, self.params, device=self.device, dtype=self.dtype,
+                    master_weights=False)
+
+
+def step_kernels(config: GPT2Config, dtype: str = "fp32") -> dict:
+    """The product table: op -> what one training step of this model runs for it, as
+    "<stem>:<kernel>" for a kernel of kernels/<stem>.cu and "cublaslt:<epilogue>" or
+    "cublas:gemm" for a library GEMM (the emulator runs the same calls in NumPy). The
+    16-byte kernels run where the shapes allow; GPT-2's always do (C, 3C, 4C and Vp are
+    multiples of 8 and the activations one aligned buffer), so the scalar fallbacks
+    (encoder_forward_kernel1, fused_classifier_kernel1) are not in the table."""
+    _check_dtype("step_kernels", dtype)
+    attention = flash_kernel_version(DTYPES[dtype], config.channels // config.num_heads)
+    wide = config.channels % (16 // DTYPES[dtype].itemsize) == 0
+    table = {
+        "encoder_forward": (f"encoder:encoder_forward_kernel{2 if wide else 1}",),
+        "encoder_backward": ("encoder:encoder_wpe_backward_kernel2", "encoder:encoder_wte_backward_kernel2"),
+        "layernorm_forward": ("layernorm:layernorm_forward_kernel1",),
+        "residual_layernorm_forward": ("layernorm:residual_layernorm_forward_kernel1",),
+        "layernorm_backward": ("layernorm:layernorm_backward_kernel2",
+                               "layernorm:layernorm_param_backward_reduce_kernel2"),
+        "layernorm_backward_add": ("layernorm:layernorm_backward_kernel2",
+                                   "layernorm:layernorm_param_backward_reduce_kernel2"),
+        "matmul_forward": ("cublaslt:BIAS", "cublaslt:DEFAULT"),  # the LM head has no bias
+        "matmul_gelu_forward": ("cublaslt:GELU_AUX_BIAS",),
+        "matmul_backward": ("cublas:gemm", "matmul:matmul_bias_backward_kernel2",
+                            "matmul:matmul_bias_backward_reduce_kernel2"),
+        "matmul_dgelu_backward": ("cublaslt:DGELU", "cublas:gemm", "matmul:matmul_bias_backward_kernel2",
+                                  "matmul:matmul_bias_backward_reduce_kernel2"),
+        "flash_attention_forward": (f"attention:attention_flash_forward_kernel{attention}",),
+        "flash_attention_backward": ("attention:attention_flash_backward_preprocess_kernel1",
+                                     f"attention:attention_flash_backward_dq_kernel{attention}",
+                                     f"attention:attention_flash_backward_dkdv_kernel{attention}"),
+        "crossentropy_forward": ("classifier:fused_classifier_kernel2",),
+        "fused_classifier_dlogits": ("classifier:fused_classifier_kernel2",),
+        "global_norm": ("global_norm:global_norm_squared_kernel1", "global_norm:global_norm_finish_kernel1"),
+        "adamw_update": ("adamw:adamw_kernel1" if dtype == "fp32" else "adamw:adamw_kernel2",),
+    }
+    return table

@@ -127,9 +127,6 @@ class GraphStep:
         if not hasattr(model, "_forward_device"):
             raise TypeError(f"GraphStep: needs a GPT-2 kernel model (llmcu.cuda.gpt2.GPT2), got "
                             f"{type(model).__name__}")
-        if model.attention != "flash":
-            raise ValueError(f"GraphStep: needs attention='flash' (the 'simple' path allocates its "
-                             f"scratch per call), got {model.attention!r}")
         for name, n in (("B", B), ("T", T), ("accum_steps", accum_steps)):
             if int(n) < 1:
                 raise ValueError(f"GraphStep: {name} must be >= 1, got {n}")

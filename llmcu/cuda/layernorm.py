@@ -6,17 +6,10 @@ Parameter gradients accumulate (+=); activation gradients overwrite (=).
 inp/out/weight/bias and their gradients are floatX (float32, or uint16
 holding bf16: the dtype of inp picks the build); mean/rstd are always float32.
 
-layernorm_forward takes one keyword the CPU version lacks, version=, choosing
-the kernel (see the top of kernels/layernorm.cu and docs/layernorm.md):
-  0: one thread per row (the teaching version, slow);
-  1: one warp per row, scalar loads (the default);
-  2: one warp per row, 16-byte loads and stores; needs C % 4 == 0 (fp32) or
-     C % 8 == 0 (bf16) and 16-byte aligned inp, out, weight and bias.
-
-layernorm_backward takes version= too:
-  1: one warp per row for dinp, then one thread per column walking every row
-     for dweight/dbias (the oracle's order; only C threads);
-  2 (the default): two passes, deterministic: one warp per row computes dinp and
+The kernels (kernels/layernorm.cu; the tutorial's versions 0 and 2 and the old
+backward are in the lab, kernels/dev/layernorm.cu):
+  layernorm_forward: one warp per row, scalar loads (layernorm_forward_kernel1);
+  layernorm_backward: two passes, deterministic: one warp per row computes dinp and
      adds the row's dweight/dbias terms to its block's fp32 partial sums (16-byte
      loads when C % (16 // itemsize) == 0 and the arrays are 16-byte aligned,
      scalar loads otherwise), each block writes one partial row to a scratch
@@ -26,25 +19,21 @@ layernorm_backward takes version= too:
 Two fused ops the GPT-2 layer sequence (llmcu/cpu/gpt2.py) uses when its ops have
 them; the NumPy oracle has no such functions (it runs the separate calls):
   residual_layernorm_forward(residual_out, ln_out, mean, rstd, inp1, inp2, weight,
-      bias): residual_forward then layernorm_forward in one kernel, bit for bit the
-      two calls (version= 1 or 2 as layernorm_forward's, "auto" by default);
+      bias): residual_forward then the layernorm in one kernel, bit for bit the two
+      calls (with 16-byte loads where C and the alignment allow);
   layernorm_backward_add(dres, dweight, dbias, dout, inp, weight, mean, rstd):
-      version 2 of layernorm_backward with dres += the input gradient (fp32, one
+      layernorm_backward with dres += the input gradient (fp32, one
       rounding) instead of dinp =; replaces layernorm_backward + residual_forward.
 """
 
 import numpy as np
 
 from . import runtime
-from .runtime import (FLOATX_NAMES, WARP, backend_of, check_array, f32, floatx_dtype, i32,
-                      launch_config, warp_per_row)
-from .vectorized import address, check_vectorized, overlaps, vectorizable
+from .runtime import FLOATX_NAMES, WARP, backend_of, check_array, f32, floatx_dtype, i32, warp_per_row
+from .vectorized import address, overlaps, vectorizable
 
 EPS = 1e-5
-FORWARD_VERSIONS = (0, 1, 2)
-BACKWARD_VERSIONS = (1, 2)
-FUSED_FORWARD_VERSIONS = (1, 2)  # residual_layernorm_forward: scalar, 16-byte loads
-# Version 2's per-warp accumulators live in dynamic shared memory; staying within
+# The backward's per-warp accumulators live in dynamic shared memory; staying within
 # the 48 KiB a launch gets without an opt-in, a block has 8 warps up to C = 768
 # (2 * 768 floats per warp) and fewer above.
 BACKWARD2_SHARED_BYTES = 48 * 1024
@@ -64,37 +53,22 @@ def _rows(fn, be, inp, inp_name="inp", **named):
 
 
 
-def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=EPS, version=1):
-    if version not in FORWARD_VERSIONS:
-        raise ValueError(f"layernorm_forward: version must be one of {FORWARD_VERSIONS}, got {version!r}")
+def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=EPS):
     be = backend_of(inp)
     N, C, floatX = _rows("layernorm_forward", be, inp, out=(out, "row"), mean=(mean, "stat"),
                          rstd=(rstd, "stat"), weight=(weight, "C"), bias=(bias, "C"))
-    if version == 2:
-        vec = 16 // inp.dtype.itemsize  # x128::size
-        if C % vec != 0:
-            raise ValueError(f"layernorm_forward: version 2 (16-byte loads) needs C % {vec} == 0, "
-                             f"got C = {C}; use version=1")
-        for name, a in (("out", out), ("inp", inp), ("weight", weight), ("bias", bias)):
-            if address(a) % 16 != 0:
-                raise ValueError(f"layernorm_forward: version 2 needs {name} 16-byte aligned, "
-                                 f"got address {address(a):#x}; pass a fresh array or use version=1")
-    grid, block = launch_config(N) if version == 0 else warp_per_row(N)
-    be.launch("layernorm", f"layernorm_forward_kernel{version}", grid, block,
+    grid, block = warp_per_row(N)
+    be.launch("layernorm", "layernorm_forward_kernel1", grid, block,
               (out, mean, rstd, inp, weight, bias, i32(N), i32(C), f32(eps)), floatX=floatX)
 
 
-def residual_layernorm_forward(residual_out, ln_out, mean, rstd, inp1, inp2, weight, bias, eps=EPS,
-                               version="auto"):
-    """residual_out = inp1 + inp2 (rounded to floatX), then layernorm_forward(ln_out, mean, rstd,
-    residual_out, weight, bias) in one kernel: bit for bit the two separate calls with
-    layernorm_forward's version 1 (version=1 here, scalar loads) or 2 (version=2, 16-byte
-    loads; C % (16 // itemsize) == 0 and 16-byte aligned floatX arrays); "auto" picks 2
-    where it applies. residual_out and ln_out must not overlap each other or any input."""
+def residual_layernorm_forward(residual_out, ln_out, mean, rstd, inp1, inp2, weight, bias, eps=EPS):
+    """residual_out = inp1 + inp2 (rounded to floatX), then the layernorm of residual_out into
+    ln_out, mean, rstd in one kernel: bit for bit residual_forward + layernorm_forward with
+    scalar loads, or, where C % (16 // itemsize) == 0 and the floatX arrays are 16-byte
+    aligned, with 16-byte loads (then the lab's 16-byte layernorm forward, kernel2).
+    residual_out and ln_out must not overlap each other or any input."""
     fn = "residual_layernorm_forward"
-    if version not in FUSED_FORWARD_VERSIONS + ("auto",):
-        raise ValueError(f"{fn}: version must be one of {FUSED_FORWARD_VERSIONS} or 'auto', "
-                         f"got {version!r}")
     be = backend_of(inp1)
     N, C, floatX = _rows(fn, be, inp1, residual_out=(residual_out, "row"), ln_out=(ln_out, "row"),
                          inp2=(inp2, "row"), mean=(mean, "stat"), rstd=(rstd, "stat"),
@@ -103,14 +77,11 @@ def residual_layernorm_forward(residual_out, ln_out, mean, rstd, inp1, inp2, wei
                       dict(inp1=inp1, inp2=inp2, weight=weight, bias=bias))
     packed = dict(residual_out=residual_out, ln_out=ln_out, inp1=inp1, inp2=inp2, weight=weight,
                   bias=bias)
-    if version == "auto":
-        version = 2 if vectorizable(C, packed) else 1
-    if version == 2:
-        check_vectorized(fn, C, packed, what="channels (C)")
+    wide = vectorizable(C, packed)
     grid, block = warp_per_row(N)
     be.launch("layernorm", "residual_layernorm_forward_kernel1", grid, block,
               (residual_out, ln_out, mean, rstd, inp1, inp2, weight, bias, i32(N), i32(C), f32(eps),
-               i32(version == 2)), floatX=floatX)
+               i32(wide)), floatX=floatX)
 
 
 def _check_no_overlap(fn, outputs: dict, others: dict):
@@ -126,22 +97,12 @@ def _check_no_overlap(fn, outputs: dict, others: dict):
                                  f"[{blo:#x}, {blo + b.nbytes:#x}))")
 
 
-def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, version=2):
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
     fn = "layernorm_backward"
-    if version not in BACKWARD_VERSIONS:
-        raise ValueError(f"{fn}: version must be one of {BACKWARD_VERSIONS}, got {version!r}")
     be = backend_of(inp)
     N, C, floatX = _rows(fn, be, inp, dinp=(dinp, "row"), dout=(dout, "row"),
                          dweight=(dweight, "C"), dbias=(dbias, "C"), weight=(weight, "C"),
                          mean=(mean, "stat"), rstd=(rstd, "stat"))
-    if version == 1:
-        grid, block = warp_per_row(N)
-        be.launch("layernorm", "layernorm_backward_kernel1", grid, block,
-                  (dinp, dout, inp, weight, mean, rstd, i32(N), i32(C)), floatX=floatX)
-        grid, block = launch_config(C)
-        be.launch("layernorm", "layernorm_param_backward_kernel1", grid, block,
-                  (dweight, dbias, dout, inp, mean, rstd, i32(N), i32(C)), floatX=floatX)
-        return
     _backward2(fn, be, dinp, dweight, dbias, dout, inp, weight, mean, rstd, N, C, floatX, add=False)
 
 
@@ -160,16 +121,15 @@ def layernorm_backward_add(dres, dweight, dbias, dout, inp, weight, mean, rstd):
 
 
 def _backward2(fn, be, dinp, dweight, dbias, dout, inp, weight, mean, rstd, N, C, floatX, add):
-    """Version 2's two launches; add: dinp += the input gradient instead of dinp =."""
+    """The backward's two launches; add: dinp += the input gradient instead of dinp =."""
     vec = 16 // inp.dtype.itemsize  # x128::size
     wide = vectorizable(C, dict(dinp=dinp, dout=dout, inp=inp, weight=weight))
     step = WARP * (vec if wide else 1)
     warp_bytes = 2 * (-(-C // step) * step) * 4  # 2 * CP floats (kernels/layernorm.cu)
     warps = min(BACKWARD2_MAX_WARPS, BACKWARD2_SHARED_BYTES // warp_bytes)
     if warps < 1:
-        raise ValueError(f"{fn}: version 2 keeps 2 * C floats per warp in shared memory, at most "
-                         f"{BACKWARD2_SHARED_BYTES} bytes; C = {C} needs {warp_bytes}"
-                         + ("" if add else "; use version=1"))
+        raise ValueError(f"{fn}: the backward keeps 2 * C floats per warp in shared memory, at most "
+                         f"{BACKWARD2_SHARED_BYTES} bytes; C = {C} needs {warp_bytes}")
     blocks = runtime.partial_sums_grid(N, warps)
     scratch = runtime.partial_sums_scratch(be, (blocks, 2 * C))
     be.launch("layernorm", "layernorm_backward_kernel2", (blocks,), (warps * WARP,),

@@ -24,35 +24,18 @@ rounded to bf16 after each update) in float32. No ZeRO-1 shard in bf16.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 
 from ..config import parameter_views
 from ..cpu.llama import (DECAYED, activation_shapes, backward_layers, backward_scratch,
                          check_inputs, check_params, forward_layers, init_parameters, rope_tables)
 from ..llama_config import LlamaConfig
+from ..ops import LLAMA_OPS, ops_table
 from . import runtime
-from .adamw import adamw_update, global_norm
-from .attention import flash_attention_backward, flash_attention_forward
 from .classifier import crossentropy_forward, fused_classifier_dlogits
-from .encoder import encoder_backward, encoder_forward
-from .matmul import matmul_backward, matmul_forward
 from .mixed_precision import MixedPrecisionAdamW, allocate_views, check_dtype, check_params_dtype
-from .residual import residual_forward
-from .rmsnorm import rmsnorm_backward, rmsnorm_forward
-from .rope import rope_backward, rope_forward
-from .swiglu import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
 
-LLAMA_KERNEL_OPS = SimpleNamespace(
-    encoder_forward=encoder_forward, encoder_backward=encoder_backward,
-    rmsnorm_forward=rmsnorm_forward, rmsnorm_backward=rmsnorm_backward,
-    matmul_forward=matmul_forward, matmul_backward=matmul_backward,
-    rope_forward=rope_forward, rope_backward=rope_backward,
-    flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
-    swiglu_forward=swiglu_forward, swiglu_backward=swiglu_backward,
-    geglu_forward=geglu_forward, geglu_backward=geglu_backward,
-    residual_forward=residual_forward, adamw_update=adamw_update, global_norm=global_norm)
+LLAMA_KERNEL_OPS = ops_table("cuda", LLAMA_OPS)  # llmcu/ops.py
 
 # Activations that stay float32 whatever the dtype: norm statistics, attention's lse, losses.
 FP32_ACTIVATIONS = frozenset({"ln1_rstd", "ln2_rstd", "lnf_rstd", "att_lse", "losses"})
@@ -126,7 +109,7 @@ class Llama(MixedPrecisionAdamW):
         self._inputs, self._targets = inputs, targets
         if targets is None:
             return None
-        crossentropy_forward(a.losses, a.logits, targets, cfg.vocab_size, version="auto")
+        crossentropy_forward(a.losses, a.logits, targets, cfg.vocab_size)
         return float(a.losses.mean(dtype=np.float64))
 
     def _backward_scratch(self, B, T):
@@ -144,8 +127,7 @@ class Llama(MixedPrecisionAdamW):
             self.zero_grad()
         cfg, a = self.config, self.acts
         B, T = a.B, a.T
-        fused_classifier_dlogits(a.logits, a.losses, self._targets, cfg.vocab_size, loss_scale / (B * T),
-                                 version="auto")
+        fused_classifier_dlogits(a.logits, a.losses, self._targets, cfg.vocab_size, loss_scale / (B * T))
         backward_layers(self._backward_ops(LLAMA_KERNEL_OPS), cfg, self.p, self.g, a, a.logits, self._inputs,
                         self._backward_scratch(B, T), self.tables)
         self._targets = None  # the logits are gone: a second backward needs a new forward

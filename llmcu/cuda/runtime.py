@@ -158,7 +158,8 @@ def column_tiles(columns: int, width: int = WARP, block: int = DEFAULT_BLOCK):
 # -- backends ----------------------------------------------------------------
 
 class Backend:
-    """Compiles each kernels/<stem>.cu once per process and launches its kernels."""
+    """Compiles each kernels/<stem>.cu once per process and launches its kernels (stem
+    "dev/<layer>": the lab file kernels/dev/<layer>.cu)."""
 
     def __init__(self, name: str):
         if name not in ("cuda", "emu"):
@@ -182,11 +183,14 @@ class Backend:
             if not path.is_file():
                 raise FileNotFoundError(f"kernel source {path} not found")
             options = compile_options(floatX)
+            # a lab file (stem "dev/<layer>") includes its product file as "../<layer>.cu":
+            # NVRTC gets the code as a string, so its own folder goes on the include path
+            dirs = tuple(dict.fromkeys((path.parent, kdir)))
             if self.name == "cuda":
                 import cupy
                 self._modules[key] = cupy.RawModule(
                     code=path.read_text(),
-                    options=options + (f"--include-path={kdir}",) + _cuda_header_options(floatX))
+                    options=options + tuple(f"--include-path={d}" for d in dirs) + _cuda_header_options(floatX))
             else:
                 from ..emu import EmuModule
                 self._modules[key] = EmuModule(path, options=options, include_dirs=(kdir,))
