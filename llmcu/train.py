@@ -318,7 +318,7 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
     peak = mfu_peak(cfg.device, dtype, log)  # TFLOP/s for the step lines' MFU column, or None
     inner = getattr(model, "model", model)  # DataParallel keeps the model it wraps in .model
     if hasattr(inner, "kernel_table"):  # a model on the kernels: what each op runs
-        log("kernels: " + ", ".join(f"{op} {kernel}" for op, kernel in inner.kernel_table().items()))
+        log("kernels: " + ", ".join(f"{op} {' + '.join(kernels)}" for op, kernels in inner.kernel_table().items()))
     train_loader = DataLoader(cfg.train_pattern, B, T, rank, world)
     val_loader = DataLoader(cfg.val_pattern, B, T, rank, world) if cfg.val_pattern else None
     log(f"train dataset num_batches: {train_loader.num_tokens // (B * T)}")

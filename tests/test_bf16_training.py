@@ -181,8 +181,6 @@ def test_bf16_model_construction_and_errors():
     assert fp32 // 2 < bf16 < fp32
     with pytest.raises(ValueError, match="GPT2: dtype must be one of"):
         GPT2(TINY, p0, device="emu", dtype="fp16")
-    with pytest.raises(ValueError, match="attention='flash'"):
-        GPT2(TINY, p0, device="emu", dtype="bf16", attention="simple")
     with pytest.raises(ValueError, match="float32 or uint16 of shape"):
         GPT2(TINY, p0.astype(np.float64), device="emu", dtype="bf16")
     with pytest.raises(ValueError, match="float32 of shape"):

@@ -170,62 +170,26 @@ def test_train_on_emulated_kernels_matches_cpu(shakespeare, tmp_path):
     np.testing.assert_allclose(losses["emu"], losses["cpu"], atol=2e-6)
 
 
-def test_train_kernel_flags_in_help():
+def test_train_has_no_kernel_flags_and_logs_the_kernels(shakespeare, tmp_path):
+    """The step runs one kernel per op (kernels/README.md): `llmcu train` offers no kernel
+    choices, and its log names the kernels each op ran, the ones the model's product table
+    lists for its dtype (here fp32, head size 16: attention version 1)."""
     flat = " ".join(llmcu("train", "--help").stdout.split())
-    for flag, default in [("--flash-version", "auto"), ("--gemm", "auto"), ("--classifier-version", "auto"),
-                          ("--fuse-residual", 1), ("--bias-epilogue", 0), ("--flash-schedule", "grouped")]:
-        assert re.search(rf"{flag} \S+ .*?\(default: {default}\)", flat), f"{flag} (default {default}) not in --help"
-
-
-def test_train_kernel_flags_choose_the_kernels(shakespeare, tmp_path, monkeypatch):
-    """--flash-version/--gemm/--classifier-version/--fuse-residual reach the GPT-2 kernel model:
-    the kernels the emulated run launches change with them (the default run launches the
-    fused residual + layernorm and classifier version 2; these flags ask for the separate
-    residual kernel and classifier version 1), the log names them, and the losses stay the
-    default kernels' (the same arithmetic, in fp32)."""
+    for flag in ("--flash-version", "--gemm", "--classifier-version", "--fuse-residual",
+                 "--bias-epilogue", "--flash-schedule"):
+        assert flag not in flat, f"{flag} is still in llmcu train --help"
+    r = llmcu("train", "--flash-version", "7", check=False)
+    assert r.returncode == 2 and "unrecognized arguments: --flash-version" in r.stderr, r.stderr
     from llmcu.cpu.gpt2 import init_parameters
-    from llmcu.cuda import runtime
     from llmcu.train import train
     cfg = GPT2Config(max_seq_len=16, vocab_size=50257, num_layers=1, num_heads=2, channels=32)
     path = tmp_path / "tiny.bin"
     formats.write_model(path, cfg, init_parameters(cfg, seed=3))
-    launched = []
-    real = runtime.Backend.launch
-    monkeypatch.setattr(runtime.Backend, "launch",
-                        lambda self, stem, kernel, *a, **k: (launched.append(kernel), real(self, stem, kernel, *a, **k))[1])
-    runs = {}
-    for name, flags in [("default", {}),
-                        ("chosen", dict(flash_version="1", gemm="cublaslt", classifier_version="1",
-                                        fuse_residual=0))]:
-        launched.clear()
-        lines = []
-        out = train(TrainConfig(model=str(path), train_pattern=str(shakespeare / "tiny_shakespeare_train.bin"),
-                                val_pattern="", batch_size=2, seq_len=8, max_steps=2, sample_every=0,
-                                val_every=0, device="emu", dtype="fp32", **flags), log=lines.append)
-        runs[name] = (set(launched), lines, out)
-    default_kernels, default_log, default_out = runs["default"]
-    kernels, log, out = runs["chosen"]
-    assert "kernels: attention version auto, GEMMs cublas, classifier version auto, residual + layernorm " \
-           "fused: yes, bias gradients from GEMM epilogues: no" in default_log
-    assert "kernels: attention version 1, GEMMs cublaslt, classifier version 1, residual + layernorm " \
-           "fused: no, bias gradients from GEMM epilogues: no" in log
-    # (GPT-2's vocabulary in fp32 is too wide for version 3's row in registers: auto is 2)
-    assert "fused_classifier_kernel2" in default_kernels and "fused_classifier_kernel1" in kernels
-    assert "fused_classifier_kernel2" not in kernels
-    assert not any(k.startswith("residual_forward") for k in default_kernels)
-    assert any(k.startswith("residual_forward") for k in kernels)
-    np.testing.assert_allclose(out["train"], default_out["train"], rtol=1e-5)
-    assert len(out["train"]) == 2
-
-
-def test_train_kernel_flags_refused_where_they_do_not_apply(tmp_path):
-    r = llmcu("train", "--device", "cpu", "--flash-version", "7", "-x", 1, check=False)
-    assert r.returncode == 2 and "--flash-version 7: these choose the kernels of a GPT-2 model on --device " \
-                                 "cuda or emu, got --device cpu" in r.stderr, r.stderr
-    r = llmcu("train", "--device", "emu", "--bias-epilogue", "1", "-x", 1, check=False)
-    assert r.returncode == 2 and "bias_epilogue=True takes the bias gradients" in r.stderr \
-        and "got gemm='auto' (here 'cublas')" in r.stderr, r.stderr
-    r = llmcu("train", "--device", "emu", "--flash-schedule", "heavy_first", "-x", 1, check=False)
-    assert r.returncode == 2 and "flash_schedule='heavy_first' needs flash_version 3 to 9" in r.stderr, r.stderr
-    r = llmcu("train", "--flash-version", "10", check=False)
-    assert r.returncode == 2 and "invalid choice: '10'" in r.stderr, r.stderr
+    lines = []
+    train(TrainConfig(model=str(path), train_pattern=str(shakespeare / "tiny_shakespeare_train.bin"),
+                      val_pattern="", batch_size=2, seq_len=8, max_steps=1, sample_every=0,
+                      val_every=0, device="emu", dtype="fp32"), log=lines.append)
+    kernel_lines = [line for line in lines if line.startswith("kernels: ")]
+    assert len(kernel_lines) == 1, lines
+    assert "flash_attention_forward attention:attention_flash_forward_kernel1" in kernel_lines[0]
+    assert "matmul_gelu_forward cublaslt:GELU_AUX_BIAS" in kernel_lines[0]
