@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llmcu.cuda.cublaslt import load_library
+from llmcu.cuda.runtime import load_library
 from llmcu.cuda.runtime import compile_options, cuda_include_dir, kernels_dir
 
 SOURCES = sorted(kernels_dir().glob("*.cu"))

@@ -45,7 +45,8 @@ import numpy as np
 
 from ..formats import bf16_bits_to_float32, float32_to_bf16_bits
 from . import runtime
-from .runtime import BF16, FLOAT32, FLOATX_NAMES, backend_of, check_array, floatx_dtype, i64, launch_config
+from .runtime import (BF16, FLOAT32, FLOATX_NAMES, backend_of, check_array, floatx_dtype, i64, launch_config,
+                      load_library)
 
 # From cuBLAS's and CUDA's headers (cublas_api.h, library_types.h).
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
@@ -195,7 +196,6 @@ def _cublas_api():
 
     import cupy
 
-    from .cublaslt import load_library
     if "lib" not in _api:
         P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
         _api["lib"] = load_library("libcublas", {

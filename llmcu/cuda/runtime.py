@@ -16,6 +16,7 @@ launch, so an error names the kernel that caused it.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 from pathlib import Path
@@ -318,3 +319,47 @@ def i64(value: int) -> np.int64:
 
 def f32(value: float) -> np.float32:
     return np.float32(value)
+
+
+# -- CUDA libraries through ctypes (cuBLAS in gemm.py, cuBLASLt in cublaslt.py) -----------
+
+def library_candidates(stem: str = "libcublasLt") -> list[str]:
+    """Where libcublasLt (or another CUDA library: stem, e.g. libcublas, libnvrtc) may be:
+    the soname (already loaded by CuPy, or on the loader path), NVIDIA's pip wheels
+    (nvidia/*/lib: cu13/lib, cublas/lib, cuda_nvrtc/lib), the toolkit."""
+    names = [f"{stem}.so.13", f"{stem}.so.12", f"{stem}.so"]
+    dirs = []
+    try:
+        import nvidia
+        for base in nvidia.__path__:
+            dirs += sorted(Path(base).glob("*/lib"))
+    except ImportError:
+        pass
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            dirs.append(Path(os.environ[var]) / "lib64")
+    dirs.append(Path("/usr/local/cuda/lib64"))
+    return names + [str(d / n) for d in dirs for n in names if (d / n).is_file()]
+
+
+
+
+def load_library(stem: str, signatures: dict):
+    """The first of library_candidates(stem) that loads (ctypes.CDLL), with each function in
+    signatures given its argument types and an int (status) result; RuntimeError naming
+    every place it looked."""
+    tried = []
+    for cand in library_candidates(stem):
+        try:
+            lib = ctypes.CDLL(cand)
+            break
+        except OSError as e:
+            tried.append(f"{cand}: {e}")
+    else:
+        raise RuntimeError(f"{stem} not found (install NVIDIA's pip wheel for it, e.g. nvidia-cublas, "
+                           f"or the CUDA toolkit); tried "
+                           + "; ".join(tried))
+    for name, args in signatures.items():  # every argument typed: no int truncation
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = ctypes.c_int, args
+    return lib
