@@ -9,13 +9,11 @@
 // Launch (the wrapper's grid/block helper):
 //   encoder_forward_kernel1:  grid CEIL_DIV(B*T*C, 256), block 256, no shared memory.
 //   encoder_forward_kernel2:  grid CEIL_DIV(B*T*C / x128::size, 256), block 256.
-//   encoder_backward_kernel1: grid (CEIL_DIV(C, 256), 2), block 256, no shared memory;
-//                             blockIdx.y == 0 does dwte, blockIdx.y == 1 does dwpe.
 //   encoder_wpe_backward_kernel2: grid CEIL_DIV(T*C / V, 256), block 256 (V below).
 //   encoder_wte_backward_kernel2: grid (B*T, CEIL_DIV(C / V, 32)), block 32; needs the
 //                             wrapper's stable sort of the positions by token.
 //
-// What the training step runs (the lab, kernels/dev/encoder.cu, holds the backward's
+// Versions the training step runs (the lab, kernels/dev/encoder.cu, holds the backward's
 // version 1: a thread per channel walking every position, 1% of copy on an H200):
 //   2 (forward): one 16-byte packet per thread (x128: 4 floats or 8 bf16);
 //      needs C % x128::size == 0 (a packet never crosses a row) and 16-byte

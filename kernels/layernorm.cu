@@ -26,7 +26,7 @@
 //   layernorm_backward_add (wrapper): layernorm_backward_kernel2 with add = 1, then
 //       layernorm_param_backward_reduce_kernel2, launched as above.
 //
-// What the training step runs (one kernel per op; the lab, kernels/dev/layernorm.cu,
+// Versions the training step runs (one kernel per op; the lab, kernels/dev/layernorm.cu,
 // holds version 0 (a thread per row, the tutorial's start), the 16-byte forward 2 and the
 // one-thread-per-column parameter backward 1):
 //   layernorm_forward_kernel1: one warp per row, two passes over the row for mean then

@@ -1,22 +1,20 @@
 // matmul: the bias half of the linear layer out = inp @ weight^T + bias.
-// The GEMMs themselves (forward, dinp, dweight) go to cuBLAS from Python.
+// The GEMMs themselves go to cuBLASLt (forward, with the bias and GELU epilogues) and
+// cuBLAS (dinp, dweight) from Python (llmcu/cuda/matmul.py).
 //
-//   matmul_bias_forward:  out[n,oc] += bias[oc]
-//   matmul_bias_backward: dbias[oc] += sum_n dout[n,oc]   (rows in order)
+//   matmul_bias_backward: dbias[oc] += sum_n dout[n,oc]
+//   matmul_gemm_accumulate: out += an fp32 GEMM product, one rounding (bf16 dweight)
 // Shapes: N = B*T rows; out/dout (N,OC), bias/dbias (OC,).
 // Parameter gradients accumulate (+=).
 //
 // Launch (the wrapper's grid/block helper):
-//   matmul_bias_forward_kernel1:  grid CEIL_DIV(N*OC, 256), block 256, no shared memory.
-//   matmul_bias_backward_kernel1: one thread per column; grid CEIL_DIV(OC, 256),
-//                                 block 256, no shared memory.
 //   matmul_bias_backward_kernel2 (pass 1): block 256 (8 warps), grid
 //       (CEIL_DIV(OC, 32 * V), P) with P = min(CEIL_DIV(N, 8), max(1, 528 / grid.x)),
 //       dynamic shared memory 8 * 32 * V floats (8 KiB in bf16); scratch (P, OC) float.
 //   matmul_bias_backward_reduce_kernel2 (pass 2): block 256 (8 warps x 32 columns),
 //       grid CEIL_DIV(OC, 32), 4 KiB static shared memory.
 //
-// What the training step runs (the lab, kernels/dev/matmul.cu, holds the bias forward
+// Versions the training step runs (the lab, kernels/dev/matmul.cu, holds the bias forward
 // kernel, which the cuBLASLt bias epilogue replaces, and the one-thread-per-column bias
 // backward 1):
 //   2: two passes, deterministic (fixed order, no atomics). Version 1 runs OC

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
-SOURCES = sorted(KERNELS_DIR.glob("*.cu"))
+# the product files and the lab's (kernels/dev/, which include their product file)
+SOURCES = sorted(KERNELS_DIR.glob("*.cu")) + sorted((KERNELS_DIR / "dev").glob("*.cu"))
 ARCHS = ["sm_80", "sm_90"]
 # The options CuPy's RawModule is given at run time, plus the include dir.
 OPTIONS = ["-std=c++17", "-DfloatX=float", "-I", str(KERNELS_DIR)]
@@ -37,6 +38,10 @@ def find_nvcc():
             if candidate.is_file() and os.access(candidate, os.X_OK):
                 return str(candidate)
     return None
+
+
+def _source_id(source: Path) -> str:
+    return f"dev-{source.stem}" if source.parent.name == "dev" else source.stem
 
 
 def kernel_names(source: Path):
@@ -73,7 +78,7 @@ def test_kernel_sources_exist():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("source", SOURCES, ids=_source_id)
 def test_kernel_compiles(source, arch, tmp_path):
     nvcc = find_nvcc()
     if nvcc is None:
@@ -83,7 +88,7 @@ def test_kernel_compiles(source, arch, tmp_path):
                     "/usr/local/cuda/bin: install the CUDA toolkit to compile-check the kernels")
     # -cubin compiles the device code only: 0.5 s a file instead of 2.5 s with
     # -c, which also runs the host compiler over an empty host side.
-    cmd = [nvcc, f"-arch={arch}", *OPTIONS, "--resource-usage", "-cubin",
+    cmd = [nvcc, f"-arch={arch}", *OPTIONS, "-I", str(source.parent), "--resource-usage", "-cubin",
            "-o", str(tmp_path / f"{source.stem}.cubin"), str(source)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
@@ -104,7 +109,7 @@ def test_kernel_compiles(source, arch, tmp_path):
               f"{u.get('spill_stores', '?'):>9} {u.get('spill_loads', '?'):>9} {u.get('smem', 0):>6}")
 
 
-@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("source", SOURCES, ids=_source_id)
 def test_kernel_naming(source):
     """extern "C" __global__ kernels named <stem>_..._kernelN (the stem's words
     may come after a prefix, as in fused_classifier_kernel1)."""
@@ -174,22 +179,32 @@ def _strip_comments(text):
     return re.sub(r"//[^\n]*", "", text)
 
 
-@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("source", SOURCES, ids=_source_id)
 def test_kernel_cuda_subset(source):
     code = _drop_gpu_only_branches(_strip_comments(source.read_text()))
     found = [why for pattern, why in FORBIDDEN if re.search(pattern, code)]
     assert not found, f"{source.name} uses {found}, outside the CUDA subset in kernels/README.md"
-    assert '#include "common.cuh"' in code, f'{source.name} must #include "common.cuh"'
+    if source.parent.name == "dev":  # a lab file includes its product file (or common.cuh)
+        assert re.search(rf'#include "(\.\./{source.stem}\.cu|common\.cuh)"', code), (
+            f'{source.name} must #include "../{source.stem}.cu" or "common.cuh"')
+    else:
+        assert '#include "common.cuh"' in code, f'{source.name} must #include "common.cuh"'
     for m in re.finditer(r"__shfl_(xor_|down_)?sync\s*\(\s*([^,]+),", code):
         assert m.group(2).strip() == "0xffffffff", (
             f"{source.name}: shuffles must use the full-warp mask 0xffffffff, found {m.group(2)}")
 
 
-@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("source", SOURCES, ids=_source_id)
 def test_kernel_header_comment(source):
-    """Each file opens with a comment block: what it computes, shapes, launch, versions."""
+    """Each product file opens with a comment block: what it computes, shapes, launch,
+    versions; each lab file with one naming itself the layer's lab and its versions."""
     text = source.read_text()
     header = text[:text.find("#include")]
+    if source.parent.name == "dev":
+        assert header.lstrip().startswith(f"// The {source.stem} lab"), (
+            f"{source.name} must open with '// The {source.stem} lab: ...'")
+        assert "kernels/README.md" in header, f"{source.name}: the header must point to the promotion rule"
+        return
     assert header.lstrip().startswith(f"// {source.stem}:"), (
         f"{source.name} must open with '// {source.stem}: <what the layer computes>'")
     for word in ("Shapes", "Launch", "Versions"):

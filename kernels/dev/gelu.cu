@@ -3,7 +3,8 @@
 // at the same call site). These two versions stay here for the lab harness
 // (benchmarks/lab.py gelu N) and the next layer that needs an element-wise GELU.
 // H200 (2026-11-28, B*T = 8192, 4C = 3072): version 2 fp32 72% / 76% of copy (fwd / bwd),
-// version 1 52% / 63%.
+// version 1 52% / 63%. A version returns to kernels/ only by the promotion rule
+// (kernels/README.md). Run them with benchmarks/lab.py gelu; tests in tests/lab/.
 //
 // gelu: GELU with the tanh approximation (as GPT-2), elementwise.
 //
