@@ -12,7 +12,9 @@ import math
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TextIO
 
 import numpy as np
 
@@ -261,33 +263,53 @@ def make_graph_step(model, B: int, T: int, accum_steps: int, cfg: TrainConfig):
                      grad_clip=cfg.grad_clip)
 
 
-def train(cfg: TrainConfig, log=print, comm=None) -> dict:
-    """Run cfg.max_steps steps of AdamW; returns the losses for tests and callers.
+@dataclass
+class Run:
+    """What setup() builds: everything the step loop and its hooks read."""
+    cfg: TrainConfig
+    log: Callable           # the caller's log on rank 0, a no-op on the other ranks
+    comm: object            # llmcu.distributed communicator (backend "none": one process)
+    own_comm: bool          # train() made comm from the environment, so it closes it
+    model: object           # the backend model; DataParallel-wrapped when data parallel
+    graph: object | None    # llmcu.cuda.graphs.GraphStep with --cuda-graph 1, else None
+    accum_steps: int        # micro-steps per optimizer step
+    peak: float | None      # dense bf16 TFLOP/s for the step lines' MFU column, or None
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    val_batches: int
+    loss_detector: OutlierDetector
+    norm_detector: OutlierDetector
+    rng: np.random.Generator  # sampling; saved in checkpoints
+    start: int = 0            # the first step: 0, or the resumed checkpoint's step
+    logfile: TextIO | None = None       # OUTPUT_DIR/main.log (rank 0 with -o)
+    jsonl: runlog.RunLog | None = None  # OUTPUT_DIR/main.jsonl (rank 0 with -o)
+    history: dict = field(default_factory=lambda: {"train": [], "val": [], "lr": [], "skipped": []})
 
-    Data parallel (llmcu.distributed): comm=None takes the process group from the
-    launcher's environment; each rank reads its slice of every batch, only rank 0
-    logs, samples and writes the model file, every rank writes its optimizer state."""
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.seq_len * self.accum_steps * self.comm.world_size
+
+
+def setup_model(cfg: TrainConfig, comm, log):
+    """The model -e names, or the newest checkpoint's with -y 1, wrapped for data parallel.
+
+    Returns (model, dtype, resumed): dtype is what "auto" became; resumed is
+    checkpoint.load_latest's (step, config, params, state), or None."""
     from . import distributed
-    from .tokenizer import EOT, decode
-
-    B, T = cfg.batch_size, cfg.seq_len
-    check_schedule(cfg.lr_schedule)
-    resolve_dtype(cfg.dtype, cfg.device)  # checks it; "auto" is resolved per model below
-    own_comm = comm is None
-    if own_comm:
-        comm = distributed.init_communicator(cfg.dist_backend, cfg.device, cfg.init_method,
-                                             cfg.init_file)
-    rank, world = comm.rank, comm.world_size
-    if rank != 0:
-        log = lambda *args, **kwargs: None  # noqa: E731  (only rank 0 logs)
-    accum_steps = grad_accum_steps(cfg.total_batch_size, B, T, world)
-    if (cfg.checkpoint_every > 0 or cfg.resume) and not cfg.output_dir:
-        raise ValueError("-n (checkpoints) and -y 1 (resume) need an output dir: pass -o DIR")
+    world = comm.world_size
     data_parallel = comm.backend != "none" or bool(cfg.zero_stage)
     dtype = resolve_dtype(cfg.dtype, cfg.device, data_parallel=data_parallel)  # "auto" resolved once
     resumed = None
     if cfg.resume:
-        resumed = checkpoint.load_latest(cfg.output_dir, cfg.model, rank, world,
+        resumed = checkpoint.load_latest(cfg.output_dir, cfg.model, comm.rank, world,
                                          cfg.zero_stage)  # (step, config, params, state)
         if resumed[0] > cfg.max_steps:
             raise ValueError(f"-y 1: the newest checkpoint in {cfg.output_dir} is at step "
@@ -301,24 +323,28 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
         raise ValueError(f"--dtype {dtype} with data parallel ({world} process(es), -z "
                          f"{cfg.zero_stage}) is not supported yet (the communicators and ZeRO-1 "
                          f"work on fp32 gradients); run one process with -z 0, or --dtype fp32")
-    if comm.backend != "none" or cfg.zero_stage:
+    if data_parallel:
         model = distributed.DataParallel(model, comm, cfg.zero_stage)
         distributed.check_same_config(comm, distributed.run_fingerprint(cfg, model, resumed))
         log(f"data parallel: {world} process(es), {comm.backend}, -z {cfg.zero_stage}")
-    config = model.config
-    if T > config.max_seq_len:
-        raise ValueError(f"seq_len T={T} exceeds the model's max_seq_len={config.max_seq_len}")
-    graph = None
-    if cfg.cuda_graph:
-        graph = make_graph_step(model, B, T, accum_steps, cfg)
-        log("CUDA graphs: the training step is captured and replayed (llmcu/cuda/graphs.py)")
-    print_model_summary(config, log)
+    return model, dtype, resumed
+
+
+def log_model(cfg: TrainConfig, model, dtype: str, log) -> float | None:
+    """The model summary, precision and kernel lines; returns the MFU peak (mfu_peak)."""
+    print_model_summary(model.config, log)
     if dtype != "fp32":
         log(f"precision: {dtype}, fp32 master weights: {'yes' if cfg.master_weights else 'no'}")
     peak = mfu_peak(cfg.device, dtype, log)  # TFLOP/s for the step lines' MFU column, or None
     inner = getattr(model, "model", model)  # DataParallel keeps the model it wraps in .model
     if hasattr(inner, "kernel_table"):  # a model on the kernels: what each op runs
         log("kernels: " + ", ".join(f"{op} {' + '.join(kernels)}" for op, kernels in inner.kernel_table().items()))
+    return peak
+
+
+def setup_data(cfg: TrainConfig, rank: int, world: int, accum_steps: int, log):
+    """This rank's train and val loaders and the batch lines; returns (train, val, val_batches)."""
+    B, T = cfg.batch_size, cfg.seq_len
     train_loader = DataLoader(cfg.train_pattern, B, T, rank, world)
     val_loader = DataLoader(cfg.val_pattern, B, T, rank, world) if cfg.val_pattern else None
     log(f"train dataset num_batches: {train_loader.num_tokens // (B * T)}")
@@ -329,93 +355,165 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
         f"grad accumulation steps: {accum_steps})")
     log(f"learning rate schedule: {cfg.lr_schedule}, warmup {cfg.warmup_iters}, "
         f"final lr fraction {cfg.final_lr_frac}")
-    if cfg.hellaswag:  # fail before training on a bad or too-long eval file
-        from .hellaswag import eval_seq_len
-        hs_T = eval_seq_len(formats.read_evalfile(cfg.hellaswag))
-        if hs_T > config.max_seq_len:
-            raise ValueError(f"--hellaswag {cfg.hellaswag}: its longest example needs T={hs_T}, "
-                             f"more than the model's max_seq_len={config.max_seq_len}")
-    loss_detector, norm_detector = OutlierDetector(), OutlierDetector()
+    return train_loader, val_loader, val_batches
 
-    logfile = jsonl = None
+
+def check_hellaswag(cfg: TrainConfig, config) -> None:
+    """--hellaswag: fail before training on a bad or too-long eval file."""
+    if not cfg.hellaswag:
+        return
+    from .hellaswag import eval_seq_len
+    hs_T = eval_seq_len(formats.read_evalfile(cfg.hellaswag))
+    if hs_T > config.max_seq_len:
+        raise ValueError(f"--hellaswag {cfg.hellaswag}: its longest example needs T={hs_T}, "
+                         f"more than the model's max_seq_len={config.max_seq_len}")
+
+
+def setup(cfg: TrainConfig, log=print, comm=None) -> Run:
+    """Everything before the first step: the checks, the process group (comm=None: from
+    the launcher's environment), the model (resumed with -y 1), CUDA graphs, the summary
+    lines, the loaders, the log files and, with -y 1, the checkpoint's training state."""
+    from . import distributed
+    B, T = cfg.batch_size, cfg.seq_len
+    check_schedule(cfg.lr_schedule)
+    resolve_dtype(cfg.dtype, cfg.device)  # checks it; "auto" is resolved per model below
+    own_comm = comm is None
+    if own_comm:
+        comm = distributed.init_communicator(cfg.dist_backend, cfg.device, cfg.init_method,
+                                             cfg.init_file)
+    rank, world = comm.rank, comm.world_size
+    if rank != 0:
+        log = lambda *args, **kwargs: None  # noqa: E731  (only rank 0 logs)
+    accum_steps = grad_accum_steps(cfg.total_batch_size, B, T, world)
+    if (cfg.checkpoint_every > 0 or cfg.resume) and not cfg.output_dir:
+        raise ValueError("-n (checkpoints) and -y 1 (resume) need an output dir: pass -o DIR")
+    model, dtype, resumed = setup_model(cfg, comm, log)
+    if T > model.config.max_seq_len:
+        raise ValueError(f"seq_len T={T} exceeds the model's max_seq_len={model.config.max_seq_len}")
+    graph = None
+    if cfg.cuda_graph:
+        graph = make_graph_step(model, B, T, accum_steps, cfg)
+        log("CUDA graphs: the training step is captured and replayed (llmcu/cuda/graphs.py)")
+    peak = log_model(cfg, model, dtype, log)
+    train_loader, val_loader, val_batches = setup_data(cfg, rank, world, accum_steps, log)
+    check_hellaswag(cfg, model.config)
+    run = Run(cfg, log, comm, own_comm, model, graph, accum_steps, peak, train_loader, val_loader,
+              val_batches, OutlierDetector(), OutlierDetector(), np.random.default_rng(cfg.seed))
     if cfg.output_dir:
         os.makedirs(cfg.output_dir, exist_ok=True)
     if cfg.output_dir and rank == 0:
-        logfile = open(os.path.join(cfg.output_dir, "main.log"), "a" if resumed else "w")
-        jsonl = runlog.RunLog(cfg.output_dir, "a" if resumed else "w")  # main.jsonl
-    rng = np.random.default_rng(cfg.seed)
-    history = {"train": [], "val": [], "lr": [], "skipped": []}
-    start = 0
+        run.logfile = open(os.path.join(cfg.output_dir, "main.log"), "a" if resumed else "w")
+        run.jsonl = runlog.RunLog(cfg.output_dir, "a" if resumed else "w")  # main.jsonl
     if resumed:
-        start = resumed[0]
-        checkpoint.restore(resumed[3], model, train_loader, rng, loss_detector, norm_detector,
-                           checkpoint.state_path(cfg.output_dir, start, rank))
-        log(f"resuming from step {start}: {checkpoint.model_path(cfg.output_dir, start)}")
+        run.start = resumed[0]
+        checkpoint.restore(resumed[3], model, train_loader, run.rng, run.loss_detector,
+                           run.norm_detector, checkpoint.state_path(cfg.output_dir, run.start, rank))
+        log(f"resuming from step {run.start}: {checkpoint.model_path(cfg.output_dir, run.start)}")
+    return run
+
+
+def due(step: int, every: int, last: bool) -> bool:
+    """Whether a hook run every `every` steps (0: never) runs at `step`; the last step always."""
+    return every > 0 and (step % every == 0 or last)
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """The state at the top of `step`: every rank writes its state, rank 0 the model."""
+    cfg = run.cfg
+    checkpoint.save(cfg.output_dir, step, run.model, run.train_loader, run.rng, run.loss_detector,
+                    run.norm_detector, keep=cfg.checkpoint_keep, log=run.log,
+                    comm=run.comm if run.comm.backend != "none" else None)
+
+
+def log_evals(run: Run, step: int) -> None:
+    """The val loss (each rank's slice, averaged over the ranks) and, on rank 0, HellaSwag."""
+    cfg, log = run.cfg, run.log
+    if run.val_loader is not None and run.val_batches > 0:
+        val_loss = run.comm.average(evaluate(run.model, run.val_loader, run.val_batches))
+        log(f"val loss {val_loss:.6f}")
+        run.history["val"].append((step, val_loss))
+        if run.logfile:
+            run.logfile.write(f"s:{step} tel:{val_loss:.6f}\n")
+            run.jsonl.val(step, val_loss)
+    if run.rank == 0 and cfg.hellaswag:
+        from .hellaswag import evaluate_hellaswag
+        correct, total = evaluate_hellaswag(run.model, cfg.hellaswag)
+        acc = correct / total if total else 0.0
+        log(f"HellaSwag: {correct}/{total} = {acc:.6f}")
+        run.history.setdefault("hellaswag", []).append((step, acc))
+        if run.logfile:
+            run.logfile.write(f"s:{step} eval:{acc:.4f}\n")
+
+
+def log_sample(run: Run, step: int) -> None:
+    """Rank 0: up to -g tokens sampled from <|endoftext|> with the run's RNG."""
+    from .tokenizer import EOT, decode
+    gen_len = min(run.cfg.gen_tokens, run.config.max_seq_len - 1)
+    text = decode(sample(run.model, [EOT], gen_len, run.rng))
+    run.log("generating:\n---")
+    run.log(text)
+    run.log("---")
+
+
+def log_step(run: Run, step: int, r: StepResult, ms: float) -> None:
+    """Record a step: history, the skip line, the step line, main.log and main.jsonl."""
+    cfg, log = run.cfg, run.log
+    run.history["train"].append(r.loss)
+    run.history["lr"].append(r.lr)
+    if r.skipped:
+        run.history["skipped"].append(step)
+        log(f"skipping update of step {step + 1} due to {r.skipped}")
+    tokens = run.tokens_per_step
+    tok_s = tokens / (ms / 1000.0)
+    util = "" if run.peak is None else \
+        f"{100 * mfu(run.config.flops_per_token(cfg.seq_len), tokens, ms / 1000.0, run.peak):.1f}% bf16 MFU | "
+    log(f"step {step + 1:4d}/{cfg.max_steps} | train loss {r.loss:.6f} | norm {r.norm:.4f} | "
+        f"lr {r.lr:.2e} | {ms:.2f} ms | {util}{tok_s:.0f} tok/s")
+    if run.logfile:
+        run.logfile.write(f"s:{step} trl:{r.loss:.6f} lr:{r.lr:.6f} norm:{r.norm:.2f}\n")
+        run.logfile.flush()
+        run.jsonl.train_step(step, r.loss, r.lr, r.norm, ms, tok_s, skipped=r.skipped)
+
+
+def save_model(run: Run) -> None:
+    """-o without -n: the final model file (with -n the last checkpoint holds it)."""
+    path = checkpoint.model_path(run.cfg.output_dir, run.cfg.max_steps)
+    formats.write_model(path, run.config, run.model.params_host(),
+                        dtype=checkpoint.model_file_dtype(run.model))
+    run.log(f"wrote {path}")
+
+
+def train(cfg: TrainConfig, log=print, comm=None) -> dict:
+    """Run cfg.max_steps steps of AdamW; returns the losses for tests and callers.
+
+    Data parallel (llmcu.distributed): comm=None takes the process group from the
+    launcher's environment; each rank reads its slice of every batch, only rank 0
+    logs, samples and writes the model file, every rank writes its optimizer state."""
+    run = setup(cfg, log, comm)
     try:
-        for step in range(start, cfg.max_steps + 1):
+        for step in range(run.start, cfg.max_steps + 1):
             last = step == cfg.max_steps
             # a checkpoint holds the state at the top of its step, before eval and sampling
             # (which use the RNG), so a resumed run repeats exactly what this run does next
-            if cfg.checkpoint_every > 0 and step > 0 and step != start and (
-                    step % cfg.checkpoint_every == 0 or last):
-                checkpoint.save(cfg.output_dir, step, model, train_loader, rng, loss_detector,
-                                norm_detector, keep=cfg.checkpoint_keep, log=log,
-                                comm=comm if comm.backend != "none" else None)
-            if val_loader is not None and val_batches > 0 and cfg.val_every > 0 and (
-                    step % cfg.val_every == 0 or last):
-                val_loss = comm.average(evaluate(model, val_loader, val_batches))
-                log(f"val loss {val_loss:.6f}")
-                history["val"].append((step, val_loss))
-                if logfile:
-                    logfile.write(f"s:{step} tel:{val_loss:.6f}\n")
-                    jsonl.val(step, val_loss)
-            if rank == 0 and cfg.hellaswag and cfg.val_every > 0 and (step % cfg.val_every == 0 or last):
-                from .hellaswag import evaluate_hellaswag
-                correct, total = evaluate_hellaswag(model, cfg.hellaswag)
-                acc = correct / total if total else 0.0
-                log(f"HellaSwag: {correct}/{total} = {acc:.6f}")
-                history.setdefault("hellaswag", []).append((step, acc))
-                if logfile:
-                    logfile.write(f"s:{step} eval:{acc:.4f}\n")
-            if rank == 0 and cfg.sample_every > 0 and cfg.gen_tokens > 0 and step > 0 and (
-                    step % cfg.sample_every == 0 or last):
-                gen_len = min(cfg.gen_tokens, config.max_seq_len - 1)
-                text = decode(sample(model, [EOT], gen_len, rng))
-                log("generating:\n---")
-                log(text)
-                log("---")
+            if step > 0 and step != run.start and due(step, cfg.checkpoint_every, last):
+                save_checkpoint(run, step)
+            if due(step, cfg.val_every, last):
+                log_evals(run, step)
+            if run.rank == 0 and cfg.gen_tokens > 0 and step > 0 and due(step, cfg.sample_every, last):
+                log_sample(run, step)
             if last:
                 break
             t0 = time.perf_counter()
-            r = train_step(model, train_loader, step, cfg, accum_steps, loss_detector, norm_detector,
-                           graph=graph)
-            loss = r.loss
-            ms = (time.perf_counter() - t0) * 1000.0
-            history["train"].append(loss)
-            history["lr"].append(r.lr)
-            if r.skipped:
-                history["skipped"].append(step)
-                log(f"skipping update of step {step + 1} due to {r.skipped}")
-            tokens = B * T * accum_steps * world
-            tok_s = tokens / (ms / 1000.0)
-            util = "" if peak is None else \
-                f"{100 * mfu(config.flops_per_token(T), tokens, ms / 1000.0, peak):.1f}% bf16 MFU | "
-            log(f"step {step + 1:4d}/{cfg.max_steps} | train loss {loss:.6f} | norm {r.norm:.4f} | "
-                f"lr {r.lr:.2e} | {ms:.2f} ms | {util}{tok_s:.0f} tok/s")
-            if logfile:
-                logfile.write(f"s:{step} trl:{loss:.6f} lr:{r.lr:.6f} norm:{r.norm:.2f}\n")
-                logfile.flush()
-                jsonl.train_step(step, loss, r.lr, r.norm, ms, tok_s, skipped=r.skipped)
-        if cfg.output_dir and cfg.checkpoint_every == 0 and rank == 0:  # with -n the last checkpoint holds it
-            path = checkpoint.model_path(cfg.output_dir, cfg.max_steps)
-            formats.write_model(path, config, model.params_host(),
-                                dtype=checkpoint.model_file_dtype(model))
-            log(f"wrote {path}")
+            r = train_step(run.model, run.train_loader, step, cfg, run.accum_steps,
+                           run.loss_detector, run.norm_detector, graph=run.graph)
+            log_step(run, step, r, (time.perf_counter() - t0) * 1000.0)
+        if cfg.output_dir and cfg.checkpoint_every == 0 and run.rank == 0:
+            save_model(run)
     finally:
-        if logfile:
-            logfile.close()
-        if jsonl:
-            jsonl.close()
-        if own_comm:
-            comm.close()
-    return history
+        if run.logfile:
+            run.logfile.close()
+        if run.jsonl:
+            run.jsonl.close()
+        if run.own_comm:
+            run.comm.close()
+    return run.history
