@@ -1,7 +1,8 @@
-"""LayerNorm forward on the GPU: every kernel version against PyTorch's F.layer_norm.
+"""LayerNorm forward on the GPU: the product kernel against PyTorch's F.layer_norm (the
+other versions: `python benchmarks/lab.py layernorm`).
 
     python -m pytest benchmarks/bench_layernorm.py            # needs CuPy and an NVIDIA GPU
-    python -m pytest benchmarks/bench_layernorm.py -s         # also prints GB/s per version
+    python -m pytest benchmarks/bench_layernorm.py -s         # also prints GB/s
 
 GPT-2 124M shapes: B=8, T=1024, C=768 (N = 8192 rows), fp32. Each round
 launches the kernel and synchronizes, so pytest-benchmark's wall-clock time is
@@ -13,8 +14,8 @@ mean, rstd (N each); weight and bias (2*C) stay in cache. That is
 (2*N*C + 2*N) * 4 bytes = 50.4 MB here; achieved GB/s = bytes / time, to be
 compared with the card's DRAM bandwidth (H100 SXM: 3.35 TB/s).
 
-Without CuPy and a GPU every benchmark skips. This is a benchmark, not a test:
-nothing asserts a time (it does check the output against the oracle once).
+Without CuPy and a GPU every benchmark skips. Nothing asserts a time (the output is
+checked against the oracle once).
 """
 
 import numpy as np
@@ -46,8 +47,7 @@ def report(benchmark, name):
     print(f"\n{name}: median {seconds * 1e6:.1f} us, {gbs:.0f} GB/s ({BYTES / 1e6:.1f} MB moved)")
 
 
-@pytest.mark.parametrize("version", [0, 1, 2])
-def test_llmcu_layernorm_forward(benchmark, inputs, version):
+def test_llmcu_layernorm_forward(benchmark, inputs):
     import cupy
     from llmcu.cpu.layernorm import layernorm_forward as cpu_forward
     from llmcu.cuda.layernorm import layernorm_forward
@@ -56,14 +56,14 @@ def test_llmcu_layernorm_forward(benchmark, inputs, version):
     mean, rstd = cupy.empty((B, T), np.float32), cupy.empty((B, T), np.float32)
 
     def run():
-        layernorm_forward(out, mean, rstd, dx, dw, db, version=version)
+        layernorm_forward(out, mean, rstd, dx, dw, db)
         cupy.cuda.get_current_stream().synchronize()
 
     benchmark.pedantic(run, rounds=50, iterations=1, warmup_rounds=5)
     ref = np.empty((B, T, C), np.float32)
     cpu_forward(ref, np.empty((B, T), np.float32), np.empty((B, T), np.float32), x, w, b)
     np.testing.assert_allclose(out.get(), ref, atol=1e-4, rtol=1e-4)
-    report(benchmark, f"layernorm_forward_kernel{version}")
+    report(benchmark, "llmcu layernorm_forward")
 
 
 def test_torch_layer_norm(benchmark, inputs):
@@ -74,9 +74,8 @@ def test_torch_layer_norm(benchmark, inputs):
     x, w, b = (torch.from_numpy(a).cuda() for a in inputs[:3])
 
     def run():
-        # F.layer_norm does not return mean/rstd; it writes out only, so it
-        # moves 2*N*4 bytes fewer than the kernels: the GB/s below uses BYTES
-        # for both, which favours PyTorch by 0.1%.
+        # F.layer_norm writes no mean/rstd (2*N*4 bytes fewer than the kernel): the GB/s
+        # below uses BYTES for both, which favours PyTorch by 0.1%.
         F.layer_norm(x, (C,), w, b, eps=1e-5)
         torch.cuda.synchronize()
 

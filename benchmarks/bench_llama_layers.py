@@ -251,26 +251,24 @@ def test_llmcu_gqa_attention(benchmark, host, direction):
         report_flops(benchmark, "llmcu flash attention backward (GQA 32/8)", ATT_BWD_FLOPS)
 
 
-# bf16 on tensor cores: version 2 (wmma) and version 3 (mma.sync), hs = 64 (Llama 3.2 1B's)
-@pytest.mark.parametrize("version", [2, 3])
+# bf16, hs = 64 (Llama 3.2 1B's): the step's tensor-core kernels (flash_kernel_version: 3)
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_llmcu_gqa_attention_bf16(benchmark, host, direction, version):
+def test_llmcu_gqa_attention_bf16(benchmark, host, direction):
     import cupy
     from llmcu.cuda.attention import flash_attention_backward, flash_attention_forward
     from llmcu.formats import float32_to_bf16_bits
     qkv = cupy.asarray(float32_to_bf16_bits(host["qkv"]))
     dout = cupy.asarray(float32_to_bf16_bits(host["dqkv"][..., :NH * HS].copy()))
     out, lse = cupy.full((B, T, NH * HS), 0x7FC0, np.uint16), cupy.full((B, NH, T), np.nan, np.float32)
-    name = f"llmcu flash attention v{version} bf16 {direction} (GQA 32/8)"
+    name = f"llmcu flash attention bf16 {direction} (GQA 32/8)"
     if direction == "forward":
-        benchmark.pedantic(lambda: (flash_attention_forward(out, lse, qkv, NH, NKV, version=version), sync()),
-                           **ROUNDS)
+        benchmark.pedantic(lambda: (flash_attention_forward(out, lse, qkv, NH, NKV), sync()), **ROUNDS)
         report_flops(benchmark, name, ATT_FWD_FLOPS)
     else:
-        flash_attention_forward(out, lse, qkv, NH, NKV, version=version)
+        flash_attention_forward(out, lse, qkv, NH, NKV)
         dqkv = cupy.full((B, T, W), 0x7FC0, np.uint16)
-        benchmark.pedantic(lambda: (flash_attention_backward(dqkv, dout, qkv, out, lse, NH, NKV, version=version),
-                                    sync()), **ROUNDS)
+        benchmark.pedantic(lambda: (flash_attention_backward(dqkv, dout, qkv, out, lse, NH, NKV), sync()),
+                           **ROUNDS)
         report_flops(benchmark, name, ATT_BWD_FLOPS)
 
 

@@ -11,7 +11,7 @@ After --warmup steps (the first compiles the kernels), it reports:
 
 - the step WITHOUT instrumentation: the median of --steps steps, each timed by
   a pair of CUDA events around the whole step (as bench_gpu_step.py's
-  cuda_time);
+  step_time);
 - --profile-steps steps WITH every op timed, of which the one with the median
   total is reported: a CUDA event pair recorded on the current stream around
   each call of a layer function (every function of llmcu.cuda.gpt2.KERNEL_OPS,
@@ -21,6 +21,10 @@ After --warmup steps (the first compiles the kernels), it reports:
   back after it (instrument()). A wrapper called inside another one is not
   timed again, so the op times are disjoint intervals of the step.
 
+The step is the product step, one kernel per op (the JSON's "kernels":
+GPT2.kernel_table()); a lab version is timed by benchmarks/lab.py, and here
+once it is the default.
+
 gap = uninstrumented step - sum of the op times: what runs between the ops
 (Python, launch latency, the host syncs of the loss and the grad norm, the
 input copies). instrumented - uninstrumented step: what the events cost.
@@ -28,7 +32,8 @@ input copies). instrumented - uninstrumented step: what the events cost.
 Each op carries a napkin figure from its arguments' shapes: bytes for the
 memory-bound ops (every input read once, every output written once,
 read-modify-write twice; per-row statistics and weights counted once) and
-flops for the GEMMs (2*M*N*K, dinp and dweight for a backward) and attention
+flops for the GEMMs (2*M*N*K, dinp and dweight for a backward; the GELU in the
+fc GEMM's epilogue is not counted) and attention
 (llm.c's causal count, the attention part of 6N + 6LCT: 2*B*T*T*C forward,
 twice that backward). Achieved GB/s or TFLOP/s are set against the ceilings
 measured first in the same run by benchmarks/bench_kernels.py's
@@ -126,8 +131,7 @@ def napkin(op, args, kwargs):
         inp, weight = args[4:6]
         OC, C = weight.shape
         return "flops", 4 * (inp.size // C) * C * OC
-    if op in ("flash_attention_forward", "flash_attention_backward", "attention_forward",
-              "attention_backward"):
+    if op in ("flash_attention_forward", "flash_attention_backward"):
         qkv = args[2]
         B, T, C3 = qkv.shape
         return "flops", 2 * B * T * T * (C3 // 3) * (2 if op.endswith("backward") else 1)
@@ -143,17 +147,11 @@ def napkin(op, args, kwargs):
     if op == "layernorm_backward":
         dinp, dw, db, dout, inp, w, mean, rstd = args[:8]
         return "bytes", _nbytes(dinp, dout, inp, w, mean, rstd) + 2 * _nbytes(dw, db)
-    if op == "residual_forward":
-        return "bytes", 3 * args[0].nbytes
     if op == "residual_layernorm_forward":  # reads inp1, inp2, weight, bias; writes residual, out, stats
         return "bytes", _nbytes(*args[:8])
     if op == "layernorm_backward_add":  # dres read-modify-write, dweight/dbias accumulated
         dres, dw, db, dout, inp, w, mean, rstd = args[:8]
         return "bytes", 2 * _nbytes(dres, dw, db) + _nbytes(dout, inp, w, mean, rstd)
-    if op == "gelu_forward":
-        return "bytes", 2 * args[0].nbytes
-    if op == "gelu_backward":
-        return "bytes", 3 * args[0].nbytes
     if op == "crossentropy_forward":
         return "bytes", _nbytes(*args[:3])
     if op == "fused_classifier_dlogits":  # reads the logits, writes dlogits in their place
@@ -182,7 +180,7 @@ def tensor_map(model) -> dict:
     """{(address, shape): (kind, name, layer)} for the model's parameter and gradient
     (kind "param") and activation ("act") tensors: per-layer tensors (leading L axis)
     one entry per layer, the rest with layer None."""
-    from llmcu.cuda.gpt2 import ACTIVATIONS, ATTENTION_STATE
+    from llmcu.cuda.gpt2 import ACTIVATIONS
     L = model.config.num_layers
     found = {}
 
@@ -199,11 +197,8 @@ def tensor_map(model) -> dict:
         for name, a in views.items():
             add("param", name, a, name in layered_params)
     if model.acts is not None:
-        codes = dict(ACTIVATIONS)
-        codes.update(dict(ATTENTION_STATE.values()))
-        for name, code in codes.items():
-            if hasattr(model.acts, name):
-                add("act", name, getattr(model.acts, name), code.startswith("L"))
+        for name, code in ACTIVATIONS:
+            add("act", name, getattr(model.acts, name), code.startswith("L"))
     return found
 
 
@@ -233,13 +228,11 @@ class Recorder:
         self.phase = "step"
         self.active = False
         self._depth = 0
-        self._last_layer = {}
 
     def locate(self, op, args):
         """(role, layer) of a call. A parameter or gradient among its arguments gives the
-        layer (None for lnf's, wte's: not per layer), else the first per-layer activation,
-        else, for a residual add on the backward's scratch buffers, the layer of the
-        previous call of this phase. A matmul's role is its weight's (MATMUL_ROLES)."""
+        layer (None for lnf's, wte's: not per layer), else the first per-layer activation.
+        A matmul's role is its weight's (MATMUL_ROLES)."""
         hits = [self.tensors.get((_address(a), tuple(a.shape))) for a in args
                 if hasattr(a, "shape") and hasattr(a, "dtype")]
         hits = [h for h in hits if h is not None]
@@ -250,10 +243,6 @@ class Recorder:
         if op.startswith("matmul_"):
             w = args[{"matmul_forward": 2, "matmul_gelu_forward": 3}.get(op, 5)]
             role = MATMUL_ROLES.get(self.tensors.get((_address(w), tuple(w.shape)), ("", "", None))[1])
-        if layer is None and not hits and op == "residual_forward":
-            layer = self._last_layer.get(self.phase)
-        if layer is not None:
-            self._last_layer[self.phase] = layer
         return role, layer
 
     def wrap(self, op, fn):
@@ -299,8 +288,7 @@ def instrument(model, recorder):
 
     for name in list(vars(kgpt2.KERNEL_OPS)):
         swap(kgpt2.KERNEL_OPS, name)
-    for name in ("crossentropy_forward", "fused_classifier_dlogits", "matmul_gelu_forward",
-                 "matmul_dgelu_backward"):  # the last two: GPT2(gemm="cublaslt")'s fused fc + GELU
+    for name in ("crossentropy_forward", "fused_classifier_dlogits"):
         swap(kgpt2, name)
     for name in ("adamw_update", "global_norm"):
         swap(mixed_precision, name)
@@ -423,9 +411,7 @@ def print_report(result, log=print):
 
 
 def run_breakdown(config, B, T, dtype="bf16", device="cuda", steps=10, profile_steps=3,
-                  warmup=2, ceilings=None, seed=42, model_name="custom", flash_version="auto",
-                  gemm="auto", classifier_version="auto", fuse_residual=True, bias_epilogue=False,
-                  flash_schedule="grouped"):
+                  warmup=2, ceilings=None, seed=42, model_name="custom"):
     """Build the kernel GPT-2, warm up, time the uninstrumented and the instrumented
     steps; returns the result dict (the JSON). ceilings: a dict as measure_ceilings's,
     or None (not measured)."""
@@ -439,9 +425,7 @@ def run_breakdown(config, B, T, dtype="bf16", device="cuda", steps=10, profile_s
     rng = np.random.default_rng(0)
     x = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
     y = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
-    model = GPT2(config, params, device=device, dtype=dtype, flash_version=flash_version, gemm=gemm,
-                 classifier_version=classifier_version, fuse_residual=fuse_residual,
-                 bias_epilogue=bias_epilogue, flash_schedule=flash_schedule)
+    model = GPT2(config, params, device=device, dtype=dtype)
     step = 0
     for _ in range(warmup):
         step += 1
@@ -459,14 +443,12 @@ def run_breakdown(config, B, T, dtype="bf16", device="cuda", steps=10, profile_s
     ops_ms = sum(c.ms for c in calls)
     card = "CPU (llmcu.emu)"
     if device == "cuda":
-        import cupy
-        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-        card = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        from llmcu.mfu import device_name
+        card = device_name()
     ops = aggregate(calls, step_instr, ceilings, dtype)
     return {
         "card": card, "device": device, "model": model_name, "dtype": dtype, "B": B, "T": T,
-        "flash_version": flash_version, "gemm": model.gemm, "classifier_version": classifier_version,
-        "fuse_residual": fuse_residual, "bias_epilogue": bias_epilogue,
+        "kernels": {op: list(k) for op, k in model.kernel_table().items()},
         "config": {"num_layers": config.num_layers, "channels": config.channels,
                    "num_heads": config.num_heads, "vocab_size": config.vocab_size,
                    "padded_vocab_size": config.padded_vocab_size},
@@ -493,23 +475,6 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-ceilings", action="store_true", help="skip the ceiling measurements")
-    from llmcu.cuda.attention import FLASH_VERSIONS, SCHEDULES
-    from llmcu.cuda.classifier import VERSIONS as CLASSIFIER_VERSIONS
-    from llmcu.cuda.matmul import GEMM_LIBRARIES
-    ap.add_argument("--flash-version", default="auto", choices=["auto"] + [str(v) for v in FLASH_VERSIONS],
-                    help="the fused attention's version (GPT2(flash_version=))")
-    ap.add_argument("--gemm", default="auto", choices=["auto", *GEMM_LIBRARIES],
-                    help="the linear layers' GEMM library (GPT2(gemm=))")
-    ap.add_argument("--classifier-version", default="auto", choices=["auto"] + [str(v) for v in CLASSIFIER_VERSIONS],
-                    help="the fused classifier's kernel (GPT2(classifier_version=))")
-    ap.add_argument("--no-fuse-residual", action="store_true",
-                    help="the residual adds as separate kernels (GPT2(fuse_residual=False))")
-    ap.add_argument("--bias-epilogue", action="store_true",
-                    help="bias gradients from cuBLASLt's BGRADB epilogue (GPT2(bias_epilogue=True); "
-                         "with --gemm cublaslt_all[_tuned])")
-    ap.add_argument("--flash-schedule", default="grouped", choices=list(SCHEDULES),
-                    help="the order the attention's blocks go out in (GPT2(flash_schedule=); "
-                         "heavy_first with --flash-version 3 to 9)")
     for flag in ("num-layers", "channels", "num-heads", "vocab-size"):
         ap.add_argument(f"--{flag}", type=int, default=None,
                         help="override the descriptor's value (a tiny model for tests)")
@@ -529,13 +494,7 @@ def main(argv=None) -> int:
     name = a.model + (" with " + ", ".join(f"{k}={v}" for k, v in {**vocab, **overrides}.items())
                       if overrides or vocab else "")
     result = run_breakdown(config, a.batch_size, a.seq_len, a.dtype, a.device, a.steps,
-                           a.profile_steps, a.warmup, ceilings, model_name=name,
-                           flash_version=a.flash_version if a.flash_version == "auto" else int(a.flash_version),
-                           gemm=a.gemm,
-                           classifier_version=a.classifier_version if a.classifier_version == "auto"
-                           else int(a.classifier_version),
-                           fuse_residual=not a.no_fuse_residual, bias_epilogue=a.bias_epilogue,
-                           flash_schedule=a.flash_schedule)
+                           a.profile_steps, a.warmup, ceilings, model_name=name)
     result["args"] = vars(a)
     print_report(result)
     if a.json:

@@ -1,10 +1,11 @@
 """First thing the GPU check runs: can this machine compile and launch one
-kernel file, in fp32 and in bf16? Then one small launch of each of the newest
-kernels (fused attention version 3, the two-pass reductions, the step as CUDA
-graphs), each announced
+kernel file, in fp32 and in bf16? Then one small launch of each product kernel
+the tests do not reach in seconds (the bf16 fused attention, the two-pass
+reductions, the cuBLASLt epilogues, the step as CUDA graphs), each announced
 before it runs and timed, so a kernel that hangs or faults is named by the last
 line of the log. Prints the errors against NumPy and exits non-zero on a
-mismatch, in seconds, before the long test run starts.
+mismatch, in seconds, before the long test run starts. The lab's versions
+(kernels/dev/) are checked by tests/lab/ and benchmarks/lab.py, not here.
 
     python scripts/gpu_smoke.py [--device cuda|emu]
 """
@@ -47,13 +48,13 @@ def main(argv=None) -> int:
     err = float(np.abs(bf16_bits_to_float32(host(outb)) - want).max())
     print(f"{args.device} bf16 residual_forward: max |err| {err:.3e} (against one rounding of the fp32 sum)")
     failures += not err <= 0.0
-    failures += newest_kernels(args.device, xp, host)
+    failures += product_kernels(args.device, xp, host)
     print("smoke: OK" if not failures else f"smoke: {failures} check(s) FAILED")
     return 1 if failures else 0
 
 
-def newest_kernels(device, xp, host) -> int:
-    """One small call of each kernel added last, against the NumPy oracle; returns the
+def product_kernels(device, xp, host) -> int:
+    """One small call of each product kernel above, against the NumPy oracle; returns the
     number of failed checks. Bounds are loose (a smoke test: the tests check tightly)."""
     import time
 
@@ -82,7 +83,8 @@ def newest_kernels(device, xp, host) -> int:
         print(f"{device} {name}: {1e3 * (time.perf_counter() - t0):.1f} ms, max |err| {err:.3e} "
               f"(bound {bound:g}) {'ok' if ok else 'FAILED'}", flush=True)
 
-    # fused attention version 3 (bf16, hs = 64), forward and backward, B=1 T=70 NH=2
+    # the fused attention the bf16 step runs (hs = 64: version 3, mma.sync), forward and
+    # backward, B=1 T=70 NH=2
     B, T, NH, hs = 1, 70, 2, 64
     qkv = float32_to_bf16_bits(rng.standard_normal((B, T, 3 * NH * hs), dtype=np.float32))
     dout = float32_to_bf16_bits(rng.standard_normal((B, T, NH * hs), dtype=np.float32))
@@ -95,41 +97,14 @@ def newest_kernels(device, xp, host) -> int:
     lse = xp.full(lse_r.shape, np.nan, dtype=np.float32)
     dqkv = xp.full(qkv.shape, 0x7FC0, dtype=np.uint16)
     qkv_d, dout_d = xp.asarray(qkv), xp.asarray(dout)
+    version = attention.flash_kernel_version(np.uint16, hs)
     # bf16 outputs of O(1) values: errors of a few bf16 ulps (2^-8 relative) are expected
-    check("flash attention v3 forward", lambda: attention.flash_attention_forward(out, lse, qkv_d, NH, version=3),
+    check(f"flash attention bf16 forward (kernel{version})",
+          lambda: attention.flash_attention_forward(out, lse, qkv_d, NH),
           lambda: (bf16_bits_to_float32(host(out)), out_r), 0.05)
-    check("flash attention v3 backward",
-          lambda: attention.flash_attention_backward(dqkv, dout_d, qkv_d, out, lse, NH, version=3),
+    check(f"flash attention bf16 backward (kernel{version})",
+          lambda: attention.flash_attention_backward(dqkv, dout_d, qkv_d, out, lse, NH),
           lambda: (bf16_bits_to_float32(host(dqkv)), dqkv_r), 0.1)
-    # version 4 (pipelined loads) must give version 3's bits
-    out3, dqkv3 = host(out).copy(), host(dqkv).copy()
-    out4 = xp.full(out_r.shape, 0x7FC0, dtype=np.uint16)
-    dqkv4 = xp.full(qkv.shape, 0x7FC0, dtype=np.uint16)
-    check("flash attention v4 forward+backward (bits of v3)",
-          lambda: (attention.flash_attention_forward(out4, lse, qkv_d, NH, version=4),
-                   attention.flash_attention_backward(dqkv4, dout_d, qkv_d, out4, lse, NH, version=4)),
-          lambda: (np.concatenate([host(out4).ravel(), host(dqkv4).ravel()]).astype(np.int64),
-                   np.concatenate([out3.ravel(), dqkv3.ravel()]).astype(np.int64)), 0)
-
-    # versions 5 to 9 (one-pass backward, dQ by atomics): the oracle's bound, and dK/dV (the
-    # last two thirds of dqkv, no atomics) with version 3's bits
-    for v in (5, 6, 7, 8, 9):
-        dqkv5 = xp.full(qkv.shape, 0x7FC0, dtype=np.uint16)
-        check(f"flash attention v{v} backward",
-              lambda v=v, dqkv5=dqkv5: attention.flash_attention_backward(dqkv5, dout_d, qkv_d, out, lse, NH,
-                                                                          version=v),
-              lambda dqkv5=dqkv5: (bf16_bits_to_float32(host(dqkv5)), dqkv_r), 0.1)
-        check(f"flash attention v{v} dK, dV (bits of v3)", lambda: None,
-              lambda dqkv5=dqkv5: (host(dqkv5)[..., NH * hs:].astype(np.int64),
-                                   dqkv3[..., NH * hs:].astype(np.int64)), 0)
-
-    # version 9's forward (128-row blocks): version 3's out and lse bits
-    out9, lse9 = xp.full(out_r.shape, 0x7FC0, dtype=np.uint16), xp.full(lse_r.shape, np.nan, dtype=np.float32)
-    lse3 = host(lse).copy()
-    check("flash attention v9 forward (bits of v3)",
-          lambda: attention.flash_attention_forward(out9, lse9, qkv_d, NH, version=9),
-          lambda: (np.concatenate([host(out9).ravel().astype(np.float64), host(lse9).ravel()]),
-                   np.concatenate([out3.ravel().astype(np.float64), lse3.ravel()])), 0)
 
     # the two-pass reductions, fp32: N = 300 rows, C = 96
     N, C = 300, 96
@@ -139,11 +114,11 @@ def newest_kernels(device, xp, host) -> int:
     refs = [np.empty_like(x), np.zeros(C, np.float32), np.zeros(C, np.float32)]
     cpu_layernorm.layernorm_backward(*refs, d, x, w, mean, rstd)
     got = [xp.full((N, C), np.nan, np.float32), xp.zeros(C, np.float32), xp.zeros(C, np.float32)]
-    check("layernorm backward v2", lambda: layernorm.layernorm_backward(
+    check("layernorm backward", lambda: layernorm.layernorm_backward(
         *got, xp.asarray(d), xp.asarray(x), xp.asarray(w), xp.asarray(mean), xp.asarray(rstd)),
         lambda: (np.concatenate([host(g).ravel() for g in got]), np.concatenate([r.ravel() for r in refs])), 1e-3)
     dbias = xp.zeros(C, np.float32)
-    check("matmul bias backward v2", lambda: matmul.matmul_bias_backward(dbias, xp.asarray(d)),
+    check("matmul bias backward", lambda: matmul.matmul_bias_backward(dbias, xp.asarray(d)),
           lambda: (host(dbias), d.sum(0)), 1e-3)
     Bt, Tt, V = 3, 100, 50
     tokens = rng.integers(0, V, (Bt, Tt)).astype(np.int32)
@@ -151,7 +126,7 @@ def newest_kernels(device, xp, host) -> int:
     dwte_r, dwpe_r = np.zeros((V, C), np.float32), np.zeros((Tt, C), np.float32)
     cpu_encoder.encoder_backward(dwte_r, dwpe_r, dout_e, tokens)
     dwte, dwpe = xp.zeros((V, C), np.float32), xp.zeros((Tt, C), np.float32)
-    check("encoder backward v2", lambda: encoder.encoder_backward(dwte, dwpe, xp.asarray(dout_e), xp.asarray(tokens)),
+    check("encoder backward", lambda: encoder.encoder_backward(dwte, dwpe, xp.asarray(dout_e), xp.asarray(tokens)),
           lambda: (np.concatenate([host(dwte).ravel(), host(dwpe).ravel()]),
                    np.concatenate([dwte_r.ravel(), dwpe_r.ravel()])), 1e-3)
 
@@ -180,15 +155,6 @@ def newest_kernels(device, xp, host) -> int:
           lambda: lt_matmul(lt_d, xp.asarray(dy), xp.asarray(wb), transpose_b=True,
                             dgelu_aux=xp.asarray(pre2)),
           lambda: (host(lt_d), dpre_r), 1e-3)
-
-    # cuBLASLt's BGRADB epilogue: dweight = dout^T inp with dout's column sums (the bias
-    # gradient) from the same GEMM
-    dsum = xp.full((N,), np.nan, np.float32)
-    dwt = xp.full((N, K), np.nan, np.float32)
-    check("cuBLASLt GEMM + BGRADB epilogue (fp32)",
-          lambda: lt_matmul(dwt, xp.asarray(pre2), xp.asarray(dy), transpose_a=True, a_row_sums=dsum),
-          lambda: (np.concatenate([host(dwt).ravel(), host(dsum)]),
-                   np.concatenate([(pre2.T @ dy).ravel(), pre2.sum(0)])), 1e-3)
 
     # the step as CUDA graphs (capture, replay; one-launch AdamW, the norm and the loss on
     # the device) against the eager step: a tiny bf16 GPT-2, 2 steps, every parameter equal

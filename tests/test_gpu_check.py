@@ -1,12 +1,10 @@
-"""The GPU check script (scripts/gpu_check.sh) is run rarely, on a borrowed GPU
-with minutes to spare, so what can be checked without a GPU is checked here:
-the script parses, every test file it names exists, every test file with
-cuda-marked tests is named in it, each stage's timeouts fit a 10-minute
-command, each stage leaves files the device tool brings back (run here with a
-stand-in python), and its smoke test passes on the emulator."""
+"""scripts/gpu_check.sh runs rarely, on a borrowed GPU with minutes to spare, so what can be
+checked without one is checked here, its stages run with a stand-in python3."""
 
+import importlib.util
 import os
 import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -16,117 +14,113 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+STAGES = ["smoke", "tests", "step", "lab"]
 
-
-def _stage_text(stage):
-    text = SCRIPT.read_text()
-    marker = f'if [ "$stage" = {stage} ]'
-    start = text.index(marker)
-    return text[start:text.index("\nfi\n", start)]
-
-
-def test_script_parses():
-    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
-
-
-def test_named_test_files_exist_and_cover_every_cuda_test():
-    text = SCRIPT.read_text()
-    named = set(re.findall(r"tests/(test_\w+\.py)", text))
-    for name in named:
-        assert (ROOT / "tests" / name).is_file(), f"gpu_check.sh names tests/{name}, which does not exist"
-    cuda_files = {p.name for p in (ROOT / "tests").glob("test_*.py")
-                  if re.search(r"mark\.cuda|KERNEL_BACKENDS|BACKENDS", p.read_text())
-                  and p.name != "test_gpu_check.py"}
-    missing = sorted(cuda_files - named)
-    assert not missing, f"test files with cuda tests that gpu_check.sh does not run: {missing}"
-    for name in re.findall(r"benchmarks/(\w+\.py)", text):
-        assert (ROOT / "benchmarks" / name).is_file(), f"gpu_check.sh names benchmarks/{name}, missing"
-
-
-@pytest.mark.parametrize("stage", ["quick", "tests", "bench", "bench2"])
-def test_stage_timeouts_fit_one_command(stage):
-    timeouts = [int(t) for t in re.findall(r"^\s*step \w+ (\d+) ", _stage_text(stage), re.M)]
-    assert timeouts, f"no timeouts in the {stage} stage"
-    # 8 minutes of a 10-minute command: the rest is process start-up and the copy back; a
-    # command that reaches the limit returns none of its files (2026-11-28, 570 of 590 s)
-    assert sum(timeouts) <= 480, f"{stage} stage timeouts sum to {sum(timeouts)} s, over 8 minutes"
-
-
-# A stand-in for the device's python3: prints its arguments, writes the file after --json or
-# --benchmark-json, answers best_variant.py as that script would, fails the import probes
-# (no CuPy here), and exits 3 when its arguments contain $FAIL_ON.
+# The stand-in python3: records its arguments (shell-quoted), writes the file after --json,
+# fails the import probes (-c), and exits 3 when its arguments contain $FAIL_ON.
 FAKE_PYTHON = r"""#!/usr/bin/env bash
-[ -n "${CALLS:-}" ] && echo "$*" >> "$CALLS"
-case "$1 $2 $*" in
-  -c*) exit 1 ;;
-  scripts/best_variant.py*--breakdown-flags*) echo "--flash-version 7 --gemm cublaslt_all_tuned"; exit 0 ;;
-  scripts/best_variant.py*) echo "flash=7,gemm=cublaslt_all_tuned,graph=1"; exit 0 ;;
-esac
+[ "$1" = -c ] && exit 1
+printf '%q ' "$@" >> "$CALLS"; echo >> "$CALLS"
 echo "python $*"
 args=("$@")
 for i in "${!args[@]}"; do
-  case "${args[$i]}" in --json|--benchmark-json) echo '{}' > "${args[$((i + 1))]}" ;; esac
+  [ "${args[$i]}" = --json ] && echo '{}' > "${args[$((i + 1))]}"
 done
 if [ -n "${FAIL_ON:-}" ] && [[ "$*" == *"$FAIL_ON"* ]]; then exit 3; fi
 exit 0
 """
 
 
-def _run_stage(tmp_path, stage, *extra, fail_on=""):
+def _run(tmp_path, stage, fail_on=""):
+    """(completed process, OUTDIR, the stand-in's calls as argument lists)."""
     fake = tmp_path / "python3"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    out = tmp_path / "out"
+    out, calls = tmp_path / "out", tmp_path / "calls.log"
     env = {**os.environ, "PYTHON": str(fake), "FAIL_ON": fail_on, "GPU_CHECK_COMMIT": "abc1234",
-           "CALLS": str(tmp_path / "calls.log")}
-    r = subprocess.run(["bash", str(SCRIPT), str(out), stage, *extra], capture_output=True, text=True,
-                       env=env, timeout=120)
-    return r, out
+           "CALLS": str(calls)}
+    r = subprocess.run(["bash", str(SCRIPT), str(out), stage], capture_output=True, text=True, env=env,
+                       timeout=120)
+    return r, out, [shlex.split(line) for line in calls.read_text().splitlines()] if calls.exists() else []
 
 
-@pytest.mark.parametrize("stage", ["quick", "tests", "bench", "bench2", "all"])
-def test_stage_output_fits_what_the_device_tool_brings_back(tmp_path, stage):
-    """The device tool brings back at most 8 files from $OUT, each named in letters, digits,
-    '.', '_' and '-' (device README): every stage stays within that, with its whole output in
-    STAGE.log, each step marked with its exit status, and the commit named."""
-    r, out = _run_stage(tmp_path, stage, *([str(tmp_path / "q.json")] if stage == "bench" else []))
+def test_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_fits_one_command_of_the_device_tool(tmp_path, stage):
+    """Timeouts summing to at most 8 minutes of a 10-minute command (one reaching the limit
+    returns no files), at most 8 files named in [A-Za-z0-9._-] (device README), each step's
+    exit line and the commit in STAGE.log, every JSON a step names, every script it names."""
+    r, out, calls = _run(tmp_path, stage)
     assert r.returncode == 0, r.stdout + r.stderr
-    files = [p for p in out.rglob("*") if p.is_file()]
-    assert len(files) <= 8, f"{stage} leaves {len(files)} files: {sorted(p.name for p in files)}"
-    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in files), [p.name for p in files]
     log = (out / f"{stage}.log").read_text()
-    text = _stage_text(stage) if stage != "all" else "".join(_stage_text(s) for s in ("tests", "bench", "bench2"))
-    for name in re.findall(r"^\s*step (\w+) \d+ ", text, re.M):
-        assert f"=== {name}: exit 0 after" in log, f"no exit line for step {name} in {stage}.log"
-    assert "commit: abc1234" in log
-    for name in re.findall(r'--(?:benchmark-)?json "\$out/([\w.]+)"', text):
-        assert (out / name).is_file(), f"{stage} did not write {name}"
+    steps = re.findall(r"^=== (\w+) \(timeout (\d+) s", log, re.M)
+    assert steps and sum(int(t) for _, t in steps) <= 480, steps
+    for name, _ in steps:
+        assert f"=== {name}: exit 0 after" in log, name
+    assert "commit: abc1234" in log and log.rstrip().endswith(f"gpu_check.sh {stage}: exit 0")
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8, sorted(p.name for p in files)
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in files), [p.name for p in files]
+    for call in calls:
+        assert (ROOT / call[0]).is_file() or call[:2] == ["-m", "pytest"] or call[0] == "benchmarks/lab.py"
+        assert "--json" not in call or Path(call[call.index("--json") + 1]).parent == out
+        assert "--json" not in call or Path(call[call.index("--json") + 1]).is_file()
 
 
-def test_a_failing_step_is_reported_and_the_next_steps_still_run(tmp_path):
-    r, out = _run_stage(tmp_path, "quick", fail_on="bench_attention.py")
-    assert r.returncode == 1
-    log = (out / "quick.log").read_text()
-    assert "=== bench_attention: exit 3 after" in log
-    assert "=== bench_step_variants: exit 0 after" in log  # the step after it ran
-    assert log.rstrip().endswith("gpu_check.sh quick: exit 1")
+def test_tests_stage_runs_every_cuda_test(tmp_path):
+    (call,) = _run(tmp_path, "tests")[2]  # no file list that a new test file could miss
+    assert call[:5] == ["-m", "pytest", "-m", "cuda", "-q"] and not [a for a in call if a.startswith("tests")]
 
 
-def test_bench_times_the_quick_stage_fastest_variant(tmp_path):
-    (tmp_path / "bench_attention.json").write_text("{}")  # the quick stage's, beside its step JSON
-    r, out = _run_stage(tmp_path, "bench", str(tmp_path / "q.json"))
-    log = (out / "bench.log").read_text()
-    assert "best_variant.py " + str(tmp_path / "q.json") + " --graph 1 --attention " + \
-        str(tmp_path / "bench_attention.json") in (tmp_path / "calls.log").read_text()
-    assert "the quick stage's fastest variant: flash=7,gemm=cublaslt_all_tuned,graph=1" in log
-    assert "--variants graph=0;graph=1;flash=7,gemm=cublaslt_all_tuned,graph=0;flash=7,gemm=cublaslt_all_tuned,graph=1" in log
-    assert "bench_step_breakdown.py --dtype bf16 -b 16 -t 1024 --flash-version 7 --gemm cublaslt_all_tuned" in log
+def test_step_stage_arguments_are_the_benchmarks(tmp_path):
+    """bench_gpu_step.py's own parser takes every call: bf16 d12 at B=16 and 32, d24 at B=8."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_gpu_step
+    _, _, calls = _run(tmp_path, "step")
+    got = [bench_gpu_step.parse_args(c[1:]) for c in calls]
+    assert all(c[0] == "benchmarks/bench_gpu_step.py" for c in calls)
+    assert [(a.model, a.batch_size, a.seq_len) for a in got] == [("d12", 16, 1024), ("d12", 32, 1024),
+                                                                 ("d24", 8, 1024)]
+    assert all(a.dtype == "bf16" and a.compile and a.cuda_graph and a.json for a in got)
+
+
+def test_lab_stage_covers_the_layers_with_candidates(tmp_path, monkeypatch):
+    """One lab.py run on the GPU per layer with candidates (attention also heavy-first), each
+    with its lab file and its own JSON; the layers are the harness's where it is in the tree."""
+    _, out, calls = _run(tmp_path, "lab")
+    layers = [c[1] for c in calls]
+    assert layers == ["attention", "attention", "layernorm", "classifier", "adamw", "global_norm"]
+    jsons = [c[c.index("--json") + 1] for c in calls]
+    assert len(set(jsons)) == len(calls) and all(Path(j).parent == out for j in jsons)
+    assert calls[1][2:4] == ["--schedule", "heavy_first"]
+    for call, layer in zip(calls, layers):
+        assert call[0] == "benchmarks/lab.py" and (ROOT / "kernels" / "dev" / f"{layer}.cu").is_file()
+        assert call[call.index("--device") + 1] == "cuda" and call[call.index("--dtype") + 1] == "bf16"
+    if not (ROOT / "benchmarks" / "lab.py").is_file():
+        pytest.skip("benchmarks/lab.py (the lab harness) is not in the tree yet")
+    spec = importlib.util.spec_from_file_location("gpu_check_lab", ROOT / "benchmarks" / "lab.py")
+    monkeypatch.setitem(sys.modules, spec.name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(sys.modules[spec.name])
+    assert set(layers) <= set(sys.modules[spec.name].LAYERS)
+
+
+def test_all_runs_every_stage_into_its_own_log_past_a_failing_step(tmp_path):
+    r, out, calls = _run(tmp_path, "all", fail_on="lab.py attention --device")
+    assert r.returncode == 1 and calls[0][0] == "scripts/gpu_smoke.py"
+    for stage in STAGES:
+        log = (out / f"{stage}.log").read_text()
+        assert log.startswith(f"gpu_check.sh {stage}\n")
+        assert log.rstrip().endswith(f"gpu_check.sh {stage}: exit {int(stage == 'lab')}")
+    assert "=== lab_attention: exit 3 after" in log and "=== lab_global_norm: exit 0 after" in log
 
 
 def test_unknown_stage_is_refused(tmp_path):
-    r, out = _run_stage(tmp_path, "benchmark")
+    r, out, _ = _run(tmp_path, "bench")
     assert r.returncode == 2
-    assert "unknown stage 'benchmark': expected quick, tests, bench, bench2 or all" in r.stderr
+    assert "unknown stage 'bench': expected smoke, tests, step, lab or all" in r.stderr
     assert not out.exists()
 
 

@@ -31,17 +31,15 @@ L, C, NH, V, B, T = 2, 64, 4, 500, 2, 16
 TINY = GPT2Config(max_seq_len=1024, vocab_size=V, num_layers=L, num_heads=NH, channels=C)
 DTYPES = ["fp32", "bf16"]
 
-# GPT-2's layer (llm.c's train_gpt2.c), calls per layer and phase: two layernorms, four
-# Linear layers (qkv, attention projection, fc, fc projection), one attention, one GELU,
-# two residual adds. The kernel model fuses each residual add into the layernorm that
-# reads its sum (residual_layernorm_forward: residual2 + ln2, residual3[l-1] + ln1 of
-# layer l, counted at layer l by its ln1 parameters) and the backward's residual-gradient
-# adds into the layernorm backward (layernorm_backward_add): no residual_forward is left.
+# GPT-2's layer, calls per layer and phase in the product step: the residual adds fused into
+# the layernorms (residual_layernorm_forward: residual2 + ln2, residual3[l-1] + ln1 of layer l,
+# counted at l by its ln1 parameters; layernorm_backward_add), the GELU into the fc GEMM and
+# its gradient into the fc projection's backward GEMM (matmul_[d]gelu_*).
 PER_LAYER = {
-    "forward": {"layernorm_forward": 0, "residual_layernorm_forward": 2, "matmul_forward": 4,
-                "flash_attention_forward": 1, "gelu_forward": 1, "residual_forward": 0},
-    "backward": {"layernorm_backward": 0, "layernorm_backward_add": 2, "matmul_backward": 4,
-                 "flash_attention_backward": 1, "gelu_backward": 1, "residual_forward": 0},
+    "forward": {"layernorm_forward": 0, "residual_layernorm_forward": 2, "matmul_forward": 3,
+                "matmul_gelu_forward": 1, "flash_attention_forward": 1},
+    "backward": {"layernorm_backward": 0, "layernorm_backward_add": 2, "matmul_backward": 3,
+                 "matmul_dgelu_backward": 1, "flash_attention_backward": 1},
 }
 # Layer 0's ln1 normalises the embeddings: a plain layernorm, no residual add before it.
 LAYER0 = {("forward", "layernorm_forward"): 1, ("forward", "residual_layernorm_forward"): 1}
@@ -52,7 +50,8 @@ ONCE = {("forward", "encoder_forward"): 1, ("forward", "residual_layernorm_forwa
         ("backward", "fused_classifier_dlogits"): 1, ("backward", "matmul_backward"): 1,
         ("backward", "layernorm_backward"): 1, ("backward", "encoder_backward"): 1,
         ("update", "global_norm"): 1, ("zero_grad", "zero_grad"): 1}
-ROLES = ("qkv", "attproj", "fc", "fcproj")
+ROLES = {("forward", "matmul_forward"): ("qkv", "attproj", "fcproj"), ("forward", "matmul_gelu_forward"): ("fc",),
+         ("backward", "matmul_backward"): ("qkv", "attproj", "fc"), ("backward", "matmul_dgelu_backward"): ("fcproj",)}
 
 
 def _count_calls(dtype):
@@ -114,6 +113,8 @@ def test_json_has_the_expected_keys(breakdown):
     assert (r["device"], r["dtype"], r["B"], r["T"]) == ("emu", dtype, B, T)
     assert r["config"]["num_layers"] == L and r["config"]["vocab_size"] == V
     assert r["ceilings"] is None  # no GPU: not measured, never estimated
+    from llmcu.cuda.gpt2 import step_kernels
+    assert r["kernels"] == {op: list(k) for op, k in step_kernels(TINY, dtype).items()}
     assert len(r["step_ms_all"]) == 2
     for row in r["ops"]:
         for key in ("op", "calls", "ms", "pct_of_step", "kind", "amount", "gb_s", "tflop_s",
@@ -151,10 +152,8 @@ def test_per_layer_counts_equal_the_architecture(breakdown):
     # the four Linear layers of each layer by role, the LM head once
     roles = collections.Counter((c["phase"], c["op"], c["role"]) for c in r["calls"]
                                 if c["op"].startswith("matmul_"))
-    for op, phase in (("matmul_forward", "forward"), ("matmul_backward", "backward")):
-        for role in ROLES:
-            assert roles[(phase, op, role)] == L
-        assert roles[(phase, op, "lm_head")] == 1
+    assert roles == {**{(phase, op, role): L for (phase, op), names in ROLES.items() for role in names},
+                     ("forward", "matmul_forward", "lm_head"): 1, ("backward", "matmul_backward", "lm_head"): 1}
 
 
 def test_times_are_consistent(breakdown):
@@ -181,18 +180,18 @@ def test_napkin_figures_follow_the_shapes(breakdown):
     # a Linear layer's forward: 2*N*C*OC flops per layer; its backward twice (dinp and dweight)
     for role, (OC, IC) in {"qkv": (3 * C, C), "attproj": (C, C), "fc": (4 * C, C),
                            "fcproj": (C, 4 * C)}.items():
-        assert ops[f"matmul_forward[{role}]"]["amount"] == L * 2 * N * IC * OC
-        assert ops[f"matmul_backward[{role}]"]["amount"] == L * 4 * N * IC * OC
-        assert ops[f"matmul_forward[{role}]"]["kind"] == "flops"
+        fwd = "matmul_gelu_forward" if role == "fc" else "matmul_forward"
+        bwd = "matmul_dgelu_backward" if role == "fcproj" else "matmul_backward"
+        assert (ops[f"{fwd}[{role}]"]["amount"], ops[f"{bwd}[{role}]"]["amount"]) == (L * 2 * N * IC * OC,
+                                                                                   L * 4 * N * IC * OC)
     Vp = r["config"]["padded_vocab_size"]
     assert ops["matmul_forward[lm_head]"]["amount"] == 2 * N * C * Vp
     # attention: llm.c's 6LCT per token, split 1:2 between forward and backward
     assert ops["flash_attention_forward"]["amount"] == L * 2 * B * T * T * C
     assert ops["flash_attention_backward"]["amount"] == L * 4 * B * T * T * C
-    # memory-bound: GELU reads and writes (B,T,4C) once each, in floatX
+    # memory-bound: the classifier reads the logits, writes dlogits over them, the targets, the losses
     item = 4 if dtype == "fp32" else 2
-    assert ops["gelu_forward"]["kind"] == "bytes"
-    assert ops["gelu_forward"]["amount"] == L * 2 * N * 4 * C * item
+    assert ops["fused_classifier_dlogits"]["amount"] == 2 * N * Vp * item + 2 * N * 4
     assert ops["global_norm"]["amount"] == TINY.num_parameters() * item
     for row in r["ops"]:
         rate = row["gb_s"] if row["kind"] == "bytes" else row["tflop_s"]
@@ -219,7 +218,7 @@ def test_instrumentation_does_not_change_the_step(dtype):
     np.testing.assert_array_equal(timed.params, plain.params)
     np.testing.assert_array_equal(timed.grads, plain.grads)
     assert vars(kgpt2.KERNEL_OPS) == before
-    assert mixed_precision.adamw_update is kgpt2.adamw_update
+    assert mixed_precision.adamw_update is kgpt2.KERNEL_OPS.adamw_update
     assert "zero_grad" not in vars(timed)
 
 
