@@ -1,0 +1,95 @@
+"""The matmul lab's launch code: the versions of kernels/dev/matmul.cu behind the product
+wrappers' signatures (llmcu/cuda/matmul.py, and the oracle llmcu/cpu/matmul.py):
+
+    matmul_forward(out, inp, weight, bias=None)
+    matmul_backward(dinp, dweight, dbias, dout, inp, weight, accumulate_weight=True)
+    matmul_bias_backward(dbias, dout, accumulate=True)     (the product's; no oracle function)
+
+Shapes: inp (...,C), weight (OC,C), bias (OC,) or None, out (...,OC); floatX arrays
+(float32, or uint16 bf16 bits: inp's dtype picks the build). Parameter gradients
+accumulate (+=; = with accumulate_weight=False), activation gradients overwrite (=).
+
+  1: the GEMMs on cuBLAS (llmcu.cuda.gemm; NumPy under the emulator), then the bias as
+     separate kernels: matmul_bias_forward_kernel1 (out += bias, a thread per element: in
+     bf16 a second rounding after the GEMM's) and matmul_bias_backward_kernel1 (a thread
+     per column walking all N rows, the oracle's order; OC threads). The product adds the
+     bias in the cuBLASLt epilogue and sums dbias in two deterministic passes.
+Load by path (kernels/dev/ is not a package): benchmarks/lab.py, tests/lab/.
+"""
+
+from dataclasses import dataclass, field
+
+from llmcu.cuda.gemm import gemm
+from llmcu.cuda.runtime import FLOATX_NAMES, backend_of, check_array, floatx_dtype, i32, launch_config
+
+STEM = "dev/matmul"
+
+
+def _check(fn, be, inp, weight, **named):
+    """inp (...,C) and weight (OC,C) of one floatX; named arrays (None: absent) of their
+    shapes. Returns N, C, OC and the floatX name."""
+    dt = floatx_dtype(fn, "inp", inp)
+    check_array(fn, "inp", inp, be, dtype=dt)
+    check_array(fn, "weight", weight, be, dtype=dt)
+    C = inp.shape[-1]
+    N = inp.size // C
+    if weight.ndim != 2 or weight.shape[1] != C:
+        raise ValueError(f"{fn}: weight must be (OC,{C}), got {weight.shape}")
+    OC = weight.shape[0]
+    shapes = {"out": (*inp.shape[:-1], OC), "dout": (*inp.shape[:-1], OC), "dinp": inp.shape,
+              "bias": (OC,), "dbias": (OC,), "dweight": (OC, C)}
+    for name, a in named.items():
+        if a is not None:
+            check_array(fn, name, a, be, dtype=dt, shape=shapes[name])
+    return N, C, OC, FLOATX_NAMES[dt]
+
+
+def matmul_forward1(out, inp, weight, bias=None):
+    be = backend_of(inp)
+    N, C, OC, floatX = _check("matmul_forward", be, inp, weight, out=out, bias=bias)
+    gemm(out.reshape(N, OC), inp.reshape(N, C), weight, transpose_b=True)
+    if bias is not None:
+        grid, block = launch_config(N * OC)
+        be.launch(STEM, "matmul_bias_forward_kernel1", grid, block, (out, bias, i32(N), i32(OC)), floatX=floatX)
+
+
+def matmul_bias_backward1(dbias, dout, accumulate=True):
+    """dbias += the column sums of dout (..., OC) (dbias = them with accumulate=False)."""
+    fn = "matmul_bias_backward"
+    be = backend_of(dout)
+    dt = floatx_dtype(fn, "dout", dout)
+    check_array(fn, "dout", dout, be, dtype=dt)
+    OC = dout.shape[-1]
+    N = dout.size // OC
+    check_array(fn, "dbias", dbias, be, dtype=dt, shape=(OC,))
+    if not accumulate:
+        be.fill(dbias, 0)  # the kernel adds (+=) its column sums
+    grid, block = launch_config(OC)
+    be.launch(STEM, "matmul_bias_backward_kernel1", grid, block, (dbias, dout, i32(N), i32(OC)),
+              floatX=FLOATX_NAMES[dt])
+
+
+def matmul_backward1(dinp, dweight, dbias, dout, inp, weight, accumulate_weight=True):
+    be = backend_of(inp)
+    N, C, OC, _ = _check("matmul_backward", be, inp, weight, dinp=dinp, dweight=dweight, dbias=dbias, dout=dout)
+    if dinp is not None:
+        gemm(dinp.reshape(N, C), dout.reshape(N, OC), weight)
+    gemm(dweight, dout.reshape(N, OC), inp.reshape(N, C), transpose_a=True, accumulate=accumulate_weight)
+    if dbias is not None:
+        matmul_bias_backward1(dbias, dout, accumulate=accumulate_weight)
+
+
+@dataclass(frozen=True)
+class Version:
+    about: str                        # one line: what it is
+    ops: dict                         # op name (the oracle's / product's function) -> callable
+    dtypes: tuple = ("fp32", "bf16")  # the floatX it runs
+    kernels: tuple = field(default=())  # lab kernels it launches
+
+
+VERSIONS = {
+    1: Version("cuBLAS GEMMs + separate bias kernels (forward a thread per element, backward a thread per column)",
+               {"matmul_forward": matmul_forward1, "matmul_backward": matmul_backward1,
+                "matmul_bias_backward": matmul_bias_backward1},
+               kernels=("matmul_bias_forward_kernel1", "matmul_bias_backward_kernel1")),
+}
