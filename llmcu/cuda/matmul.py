@@ -11,8 +11,8 @@ float32, or uint16 holding bf16 (the dtype of inp picks the build).
 
 Measured on an H200 (2026-11-28, bf16 d12 B=16 T=1024, benchmarks/RESULTS.md "GPU
 pass 3"): 37.8 ms a step with the cuBLASLt epilogues against 42.0 ms with cuBLAS and
-separate bias and GELU kernels (those, and the cuBLASLt routes that were not measured,
-are in the lab: benchmarks/lab.py matmul).
+separate bias and GELU kernels (the bias kernels are in the lab: benchmarks/lab.py
+matmul; the GELU kernels: benchmarks/lab.py gelu).
 
 bf16 rounding, per output element: out one rounding (the bias added in fp32 by the
 epilogue); dinp one; dweight one (an accumulating GEMM adds the old dweight in fp32,
