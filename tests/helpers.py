@@ -6,6 +6,8 @@ NaN/inf that appears on one side only (an unwritten, NaN-poisoned output shows
 up there).
 """
 
+import math
+
 import numpy as np
 import pytest
 
@@ -107,3 +109,122 @@ class Device:
 def poisoned(shape, dtype=np.float32):
     """An output buffer filled with NaN, so an element the code never writes fails."""
     return np.full(shape, np.nan, dtype=dtype)
+
+
+def assert_same_bits(name, actual, expected, max_report=8):
+    """Assert two arrays hold the same bits (dtype, shape and every byte; NaN == NaN of the
+    same pattern). A failure reports the mismatch count, the first indices with both values
+    (bf16 bit patterns also widened to fp32) and the largest difference of the values."""
+    a, e = _as_numpy(actual), _as_numpy(expected)
+    if a.shape != e.shape or a.dtype != e.dtype:
+        raise AssertionError(f"{name}: {a.dtype}{a.shape} != expected {e.dtype}{e.shape}")
+    bits = np.dtype(f"u{a.dtype.itemsize}")
+    bad = np.ascontiguousarray(a).view(bits) != np.ascontiguousarray(e).view(bits)
+    if not bad.any():
+        return
+    fa, fe = value(a).astype(np.float64), value(e).astype(np.float64)
+    both = bad & np.isfinite(fa) & np.isfinite(fe)
+    diff = float(np.abs(fa - fe)[both].max()) if both.any() else float("nan")
+    lines = [f"{name}: {int(bad.sum())} of {bad.size} elements differ in their bits "
+             f"(bit-for-bit comparison, {a.dtype}, shape {a.shape})",
+             f"  max |diff| of the values over finite elements: {diff:.3e}",
+             "  first mismatches (index: actual vs expected):"]
+    for i in np.argwhere(bad)[:max_report]:
+        t = tuple(int(j) for j in i)
+        lines.append(f"    {t}: {a[t]!r} ({fa[t]!r}) vs {e[t]!r} ({fe[t]!r})")
+    raise AssertionError("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------
+# fp32 and bf16 inputs, outputs and tolerances for the kernel tests (tests/kernels/).
+#
+# bf16 arrays are uint16 arrays of bf16 bit patterns (llmcu.formats, round to nearest even).
+# A test draws random fp32 values, rounds them to the kernel's dtype (rand_x) and gives
+# the kernel those bits and the fp32 oracle (llmcu/cpu/) the same values widened exactly,
+# so what is left to compare is the kernel's own arithmetic and roundings.
+#
+# Tolerances. fp32 (F32): the kernels sum in another order than NumPy's pairwise sums and
+# use CUDA's/glibc's expf/tanhf, a few ulp from NumPy's; sums of up to ~1000 O(1) terms
+# then differ by ~1e-6 relative, so 1e-5 of the values' scale has a 10x margin while a
+# missing term or a wrong index is O(1e-2) or larger. bf16 (U): bf16 keeps 8 significant
+# bits, so one round-to-nearest of y moves it by at most U |y|, U = 2^-8 (half an ulp of
+# [1, 2)); an output computed in fp32 and rounded once is within
+#     rtol = U + F32,   atol = F32 * scale
+# of the oracle, and each further rounding of an intermediate of magnitude <= M adds
+# U * M to atol (out_tol). Truncating instead of rounding (2U) or a wrong index fails.
+
+U = 2.0 ** -8          # bf16 unit roundoff
+F32 = 1e-5             # the fp32 tolerance, relative to the values' scale
+EPS32 = 2.0 ** -24     # fp32 unit roundoff
+FP32, BF16 = np.dtype(np.float32), np.dtype(np.uint16)
+DTYPES = [pytest.param(FP32, id="fp32"), pytest.param(BF16, id="bf16")]
+
+
+def rand(rng, *shape, scale=1.0, shift=0.0):
+    """Random N(shift, scale^2) float32 values: never zeros, never a constant."""
+    return (rng.standard_normal(shape) * scale + shift).astype(np.float32)
+
+
+def to_dtype(x, dtype):
+    """fp32 values as a kernel array of dtype: float32 as is, uint16 rounded to bf16 bits."""
+    from llmcu.formats import float32_to_bf16_bits
+    x = np.asarray(x, np.float32)
+    return float32_to_bf16_bits(x) if np.dtype(dtype) == BF16 else x.copy()
+
+
+def value(a):
+    """The fp32 values of a kernel array (bf16 bit patterns widened exactly)."""
+    from llmcu.formats import bf16_bits_to_float32
+    a = np.asarray(a)
+    return bf16_bits_to_float32(a) if a.dtype == BF16 else a
+
+
+def rand_x(rng, dtype, *shape, scale=1.0, shift=0.0):
+    """(kernel input of dtype, its exact fp32 values for the oracle)."""
+    x = to_dtype(rand(rng, *shape, scale=scale, shift=shift), dtype)
+    return x, value(x).astype(np.float32, copy=True)
+
+
+def rounded(x, dtype):
+    """fp32 values as a dtype output holds them (bf16: rounded to nearest even)."""
+    return value(to_dtype(x, dtype))
+
+
+def out_tol(dtype, ref, roundings=1, intermediate=None):
+    """assert_close tolerances for an output computed in fp32 and rounded to dtype
+    `roundings` times, the extra roundings of intermediates of magnitude <= intermediate
+    (default: the output's scale). See the note above."""
+    scale = float(np.abs(ref).max()) or 1.0
+    if np.dtype(dtype) != BF16:
+        return dict(atol=F32 * scale, rtol=F32)
+    extra = (roundings - 1) * U * (intermediate if intermediate is not None else scale)
+    return dict(atol=F32 * scale + extra, rtol=U + F32)
+
+
+def sum_tol(dtype, start, terms, n):
+    """Tolerances for start + a sum of n terms per element (a parameter gradient), added by
+    a kernel in a tree and by NumPy pairwise. In any order the fp32 error of a sum of n + 1
+    values is at most n * 2^-24 * sum|values| (Higham, Accuracy and Stability of Numerical
+    Algorithms, 4.2); the oracle's pairwise sum adds at most log2(n) * 2^-24 * sum|values|,
+    the terms themselves are rounded once each: per element
+        atol = (n + log2(n) + 2) * 2^-24 * max(|start| + sum |terms|),
+    a bound, not a guess; bf16 adds one rounding of the result (rtol = U). A missing or
+    doubled term (|term| ~ 0.1-1 against an atol ~ 1e-4) fails it.
+    start: (...) and terms: (n, ...) as fp32 values; the sum is over terms' axis 0."""
+    colsum = np.abs(start).astype(np.float64) + np.abs(terms).astype(np.float64).sum(axis=0)
+    atol = (n + math.log2(max(n, 1)) + 2) * EPS32 * float(colsum.max())
+    return dict(atol=atol, rtol=U if np.dtype(dtype) == BF16 else 0.0)
+
+
+def misaligned(dev, a):
+    """A copy of `a` on dev's backend whose first element sits 4 bytes past a 16-byte
+    boundary (C-contiguous, same shape): the 16-byte-load paths must refuse it or fall
+    back to their scalar path."""
+    skip = 4 // a.itemsize
+    buf = dev.xp.zeros(a.size + 16 // a.itemsize, dtype=a.dtype)
+    from llmcu.cuda.vectorized import address
+    start = (-address(buf) % 16) // a.itemsize + skip  # 16-byte boundary, then 4 bytes on
+    view = buf[start:start + a.size].reshape(a.shape)
+    view[...] = dev.put(a)
+    assert address(view) % 16 == 4 and view.flags.c_contiguous
+    return view
