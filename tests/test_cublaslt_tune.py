@@ -24,8 +24,7 @@ import pytest
 from helpers import KERNEL_BACKENDS, Device, assert_close
 from llmcu import cuda as llmcu_cuda
 from llmcu.config import GPT2Config
-from llmcu.cpu.gpt2 import init_parameters
-from llmcu.cuda import cublaslt, matmul
+from llmcu.cuda import cublaslt
 from llmcu.formats import bf16_bits_to_float32, float32_to_bf16_bits
 
 BF16_TOL = dict(atol=2.0 ** -8, rtol=3 * 2.0 ** -8)
@@ -386,92 +385,6 @@ def _same(dev, dtype, what, got, want):
         assert_close(what, _f32(dev.get(got)), _f32(dev.get(want)),
                      **(BF16_TOL if dtype == "bf16" else FP32_TOL))
 
-
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("tuned,base", [("cublaslt_tuned", "cublaslt"),
-                                        ("cublaslt_all_tuned", "cublaslt_all")])
-def test_tuned_libraries_match_untuned_through_the_wrappers(dev, dtype, tuned, base):
-    """matmul_forward, matmul_gelu_forward, matmul_dgelu_backward and matmul_backward (both
-    accumulate_weight settings) with a tuned library name against its untuned twin."""
-    N, C, OC = 24, 40, 64   # C and OC multiples of 8 (the GELU epilogues' aux)
-    rng = np.random.default_rng(7)
-    inp, w, bias, dout, pre_in = _arrays(rng, dtype, (N, C), (OC, C), (OC,), (N, OC), (N, C))
-    dw0, db0 = _arrays(rng, dtype, (OC, C), (OC,))
-    res = {}
-    for lib in (base, tuned):
-        r = res[lib] = {}
-        r["out"] = _poison(dev, (N, OC), dtype)
-        matmul.matmul_forward(r["out"], dev.put(inp), dev.put(w), dev.put(bias), gemm_library=lib)
-        r["gelu"], r["pre"] = _poison(dev, (N, OC), dtype), _poison(dev, (N, OC), dtype)
-        matmul.matmul_gelu_forward(r["gelu"], r["pre"], dev.put(inp), dev.put(w), dev.put(bias),
-                                   gemm_library=lib)
-        r["dpre"], r["dgw"], r["dgb"] = _poison(dev, (N, C), dtype), dev.put(dw0), dev.put(db0)
-        matmul.matmul_dgelu_backward(r["dpre"], r["dgw"], r["dgb"], dev.put(dout), dev.put(inp),
-                                     dev.put(w), dev.put(pre_in), gemm_library=lib)
-        for acc in (True, False):
-            r[f"dinp{acc}"] = _poison(dev, (N, C), dtype)
-            r[f"dw{acc}"], r[f"db{acc}"] = dev.put(dw0), dev.put(db0)
-            matmul.matmul_backward(r[f"dinp{acc}"], r[f"dw{acc}"], r[f"db{acc}"], dev.put(dout),
-                                   dev.put(inp), dev.put(w), accumulate_weight=acc, gemm_library=lib)
-    for name in res[base]:
-        _same(dev, dtype, f"{tuned} {name}", res[tuned][name], res[base][name])
-
-
-def test_tuned_libraries_pass_tune_in_a_training_step(monkeypatch):
-    """GPT2(gemm=...) sends every cuBLASLt GEMM with tune=True for the tuned names and
-    tune=False for the others, as many as tests/test_cublaslt.py counts (5L + 1, 12L + 3)."""
-    from llmcu.cuda.gpt2 import GPT2
-    calls = []
-    original = matmul.lt_matmul
-    monkeypatch.setattr(matmul, "lt_matmul",
-                        lambda *a, **k: (calls.append(k.get("tune", False)), original(*a, **k)))
-    toks = np.random.default_rng(0).integers(0, 40, size=(2, 17)).astype(np.int32)
-    L = TINY.num_layers
-    for library, count, tune in (("cublaslt", 5 * L + 1, False), ("cublaslt_tuned", 5 * L + 1, True),
-                                 ("cublaslt_all", 12 * L + 3, False),
-                                 ("cublaslt_all_tuned", 12 * L + 3, True)):
-        calls.clear()
-        model = GPT2(TINY, init_parameters(TINY, seed=1), device="emu", gemm=library)
-        model.zero_grad()
-        model.forward(toks[:, :-1], toks[:, 1:])
-        model.backward()
-        assert calls == [tune] * count, (library, calls)
-
-
-@pytest.mark.parametrize("device", KERNEL_BACKENDS)
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_gpt2_tuned_training_steps_match_untuned(device, dtype):
-    """Two AdamW steps of GPT2(gemm="cublaslt_tuned") against "cublaslt" (and the _all pair):
-    losses, gradients and updated parameters bit for bit under the emulator; on a GPU the
-    losses within 1e-5 (fp32) or llm.c's bf16 tolerance 0.05, as tests/test_cublaslt.py."""
-    from llmcu.cuda.gpt2 import GPT2
-    p0 = init_parameters(TINY, seed=3)
-    toks = np.random.default_rng(2).integers(0, 40, size=(2, 2, 17)).astype(np.int32)
-    get = (lambda x: x.get()) if device == "cuda" else np.asarray
-    for tuned, base in (("cublaslt_tuned", "cublaslt"), ("cublaslt_all_tuned", "cublaslt_all")):
-        runs = {}
-        for lib in (base, tuned):
-            model = GPT2(TINY, p0.copy(), device=device, dtype=dtype, gemm=lib)
-            losses, grads = [], []
-            for s in range(2):
-                model.zero_grad()
-                losses.append(model.forward(toks[s, :, :-1], toks[s, :, 1:]))
-                model.backward()
-                grads.append(get(model.grads).copy())
-                model.update(1e-2, s + 1, grad_clip=1.0)
-            runs[lib] = (losses, grads, get(model.params).copy())
-        (l0, g0, p_0), (l1, g1, p_1) = runs[base], runs[tuned]
-        if device == "emu":
-            assert l1 == l0, (tuned, l0, l1)
-            for s in range(2):
-                np.testing.assert_array_equal(g1[s], g0[s], err_msg=f"{tuned} grads step {s}")
-            np.testing.assert_array_equal(p_1, p_0, err_msg=f"{tuned} params")
-        else:
-            tol = 1e-5 if dtype == "fp32" else 0.05
-            assert np.abs(np.array(l1) - np.array(l0)).max() <= tol, (tuned, l0, l1)
-
-
-# -- the real tuning (GPU) ----------------------------------------------------------
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not llmcu_cuda.is_available(), reason="no CUDA GPU with CuPy here")

@@ -28,11 +28,11 @@ def check_vectorized(fn: str, count: int, arrays: dict, what: str = "elements") 
     size = packet_size(first)
     if count % size != 0:
         raise ValueError(f"{fn}: the 16-byte-load version needs a multiple of {size} {what} "
-                         f"({first.dtype}), got {count}; use version=1")
+                         f"({first.dtype}), got {count}")
     for name, a in arrays.items():
         if a is not None and address(a) % 16 != 0:
             raise ValueError(f"{fn}: the 16-byte-load version needs {name} 16-byte aligned, got "
-                             f"address {address(a):#x}; pass a fresh array or use version=1")
+                             f"address {address(a):#x}; pass a fresh array")
     return count // size
 
 
