@@ -33,7 +33,7 @@ BYTES = (2 * N * C + 2 * N) * 4
 @pytest.fixture(scope="module")
 def inputs():
     import cupy
-    rng = np.random.default_rng(1)  # as in tests/test_kernels.py::test_layernorm
+    rng = np.random.default_rng(1)  # random inputs, as the kernel tests use
     x = (rng.standard_normal((B, T, C)) * 3.0 + 1.0).astype(np.float32)
     w = rng.standard_normal(C).astype(np.float32)
     b = rng.standard_normal(C).astype(np.float32)

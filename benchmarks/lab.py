@@ -279,7 +279,7 @@ def encoder_cases(s: Shape, x: Inputs):
     inp.reshape(-1)[: min(N, 3)] = 1  # a repeated token: its rows must be summed
     dout, w0, p0 = x.normal(B, T, C), x.normal(Vp, C), x.normal(T, C)
     # bf16 dwte: kernel1 rounds after each of a token's n additions, partial sums at most
-    # (n + 1) max|value| (test_kernels_bf16.py's bound)
+    # (n + 1) max|value| (the bf16 bound of tests/kernels/)
     n = int(np.bincount(inp.reshape(-1)).max())
     big = float(max(np.abs(w0).max(), np.abs(dout).max()))
 

@@ -11,7 +11,7 @@ the matmul wrappers and a GPT-2 training step. The "cuda" cases run the real tun
 Tolerances. emu: 0 (the same NumPy arithmetic runs). cuda: tuned and untuned may run
 different algorithms, whose fp32 sums of K products differ in order; each output is
 rounded once, so fp32 1e-5 and bf16 3 ulps (2^-8 relative) plus 2^-8 absolute, as
-tests/test_cublaslt.py.
+tests/kernels/test_cublaslt.py.
 """
 
 import ctypes

@@ -5,7 +5,7 @@ Tolerances are llm.c's FP32 CUDA test (test_gpt2.cu): logits 1e-3, loss 1e-5,
 losses 1e-2;
 gradients are compared relative to each tensor's largest entry.
 The same test at a tiny size runs in CI through the emulation
-(tests/test_kernels.py::test_gpt2_steps_match_the_numpy_model).
+(tests/kernels/test_gpt2.py).
 """
 
 import numpy as np

@@ -7,7 +7,7 @@ the same mistakes show here as on a GPU: every test drives several steps with a
 changing learning rate, new batches and gradient clipping, and demands the
 graph step's parameters, AdamW moments and master weights equal the eager
 step's bit for bit (the same kernels in the same order; the one-launch AdamW is
-bit-identical to the per-tensor one, tests/test_adamw_multi_tensor.py). Losses
+bit-identical to the per-tensor one, tests/kernels/test_adamw.py). Losses
 are sums in double in another order (the device's fixed tree against NumPy's
 pairwise mean), so they agree to 1e-12 relative, not bitwise.
 """

@@ -253,8 +253,8 @@ def test_bad_arguments_are_rejected():
 # ------------------------------------------------ matmul_backward(accumulate_weight=False)
 
 BACKENDS_CPU_FIRST = [pytest.param("cpu", id="cpu")] + KERNEL_BACKENDS
-U = 2.0 ** -8  # bf16 unit roundoff (tests/test_kernels_bf16.py): one rounding moves y by <= U*|y|
-F32 = 1e-5     # fp32: summation order (tests/test_kernels.py's TOL)
+U = 2.0 ** -8  # bf16 unit roundoff (tests/helpers.py): one rounding moves y by <= U*|y|
+F32 = 1e-5     # fp32: summation order (tests/kernels/)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint16], ids=["fp32", "bf16"])

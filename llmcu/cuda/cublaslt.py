@@ -31,7 +31,7 @@ from runtime.scratch, the current CuPy stream. No allocation after the first
 call of a shape, so it can be captured in a CUDA graph. The enum values and the
 heuristic-result layout are cuBLASLt 13's (cublasLt.h; checked against the
 header with a C compiler when this was written, and the descriptor calls are
-run on the CPU by tests/test_cublaslt.py where the library is installed).
+run on the CPU by tests/kernels/test_cublaslt.py where the library is installed).
 Under the emulator the same arithmetic runs in NumPy: the product in float32,
 the epilogue in float32, one rounding, so tests check the plumbing (shapes,
 which tensor is which) against the unfused kernels.

@@ -19,7 +19,7 @@ before that one rounding, cuBLAS's beta = 1):
   the fp32 sums.
 - cuda: cublasGemmEx / cublasGemmStridedBatchedEx with CUDA_R_16BF inputs and
   output and CUBLAS_COMPUTE_32F, on the raw device pointers, through ctypes on
-  llmcu's own cuBLAS handle, on the current stream. tests/test_kernels_bf16.py's "cuda" cases
+  llmcu's own cuBLAS handle, on the current stream. tests/kernels/test_matmul.py's "cuda" cases
   passed on an H200 (2026-11-28) once accumulate went through an fp32 product
   (gemm's comment says why). That accumulate costs an fp32 product and a pass
   (kernels/matmul.cu matmul_gemm_accumulate_kernel1), so matmul_backward(
@@ -99,7 +99,7 @@ def gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False):
     elif accumulate:
         # out += product with ONE rounding: the product in fp32 (bf16 inputs, fp32 output),
         # then the sum in fp32, rounded once. cuBLAS's own beta = 1 on a bf16 out rounded
-        # twice on an H200 (2026-11-28: dweight up to one bf16 ulp off, tests/test_kernels_bf16.py).
+        # twice on an H200 (2026-11-28: dweight up to one bf16 ulp off, tests/kernels/test_matmul.py).
         product = runtime.scratch(be, "gemm_product", (M, N), np.float32)
         _cublas(product, a, b, M, K, N, transpose_a, transpose_b, False, batch=None,
                 out_type=CUDA_R_32F)
