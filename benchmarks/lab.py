@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import importlib.util
 import json
 import sys
 import time
@@ -54,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 from llmcu import cuda as llmcu_cuda  # noqa: E402
 from llmcu.config import gpt2_config  # noqa: E402
 from llmcu.formats import atomic_write, bf16_bits_to_float32, float32_to_bf16_bits  # noqa: E402
+from llmcu.lab import load as load_lab  # noqa: E402
 
 LAYERS = ("attention", "layernorm", "encoder", "matmul", "classifier", "adamw", "global_norm", "gelu")
 ORACLE = {"global_norm": "adamw"}                 # llmcu/cpu/<module> of a layer, where not the layer's
@@ -63,14 +63,6 @@ U = 2.0 ** -8      # bf16 unit roundoff: one rounding moves a value by at most U
 F32 = 1e-5         # the fp32 bound (module doc)
 
 
-def load_lab(layer: str):
-    """kernels/dev/<layer>.py as a module (kernels/dev/ is not a package)."""
-    path = ROOT / "kernels" / "dev" / f"{layer}.py"
-    spec = importlib.util.spec_from_file_location(f"llmcu_lab_{layer}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- shapes and inputs ---------------------------------------------------------
@@ -632,7 +624,7 @@ def check_versions(lab, versions, dtype, device, builders, cases, oracle_mod, sc
             print(f"  {label(v):<8} skipped: runs {'/'.join(ver.dtypes)} only")
             rows.append(dict(kind="check", version=str(v), skipped=f"runs {'/'.join(ver.dtypes)} only"))
             continue
-        extra = {"schedule": schedule} if getattr(ver, "scheduled", False) else {}
+        extra = {"schedule": schedule} if ver.scheduled else {}
         for op, fn in ver.ops.items():
             if op not in cases:
                 cases[op] = builders[op]()
@@ -702,7 +694,7 @@ def time_versions(lab, layer, versions, dtype, device, builders, cases, product_
             ver = lab.VERSIONS[v]
             if op not in ver.ops or dtype not in ver.dtypes:
                 continue
-            extra = {"schedule": schedule} if getattr(ver, "scheduled", False) else {}
+            extra = {"schedule": schedule} if ver.scheduled else {}
             try:
                 ms = timed(ver.ops[op], case, device, warmup, reps, extra)
             except ValueError as e:

@@ -17,12 +17,12 @@ it stochastically rounded (seed: 32-bit, default the step).
 Load by path (kernels/dev/ is not a package): benchmarks/lab.py, tests/lab/.
 """
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
-from llmcu.cuda.runtime import FLOATX_NAMES, backend_of, check_array, f32, floatx_dtype, i64, launch_config
+from llmcu.cuda.adamw import check_update
+from llmcu.cuda.runtime import FLOATX_NAMES, f32, i64, launch_config
 from llmcu.cuda.vectorized import check_vectorized
+from llmcu.lab import Version
 
 STEM = "dev/adamw"
 
@@ -30,20 +30,7 @@ STEM = "dev/adamw"
 def adamw_update3(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
                   weight_decay=0.0, grad_scale=1.0, master_params=None, seed=None):
     fn = "adamw_update"
-    if step < 1:
-        raise ValueError(f"{fn}: step is 1-based, got {step}")
-    be = backend_of(params)
-    dt = floatx_dtype(fn, "params", params)
-    check_array(fn, "params", params, be, dtype=dt)
-    check_array(fn, "grads", grads, be, dtype=dt, shape=params.shape)
-    for name, a in (("m", m), ("v", v)):
-        check_array(fn, name, a, be, dtype=np.float32, shape=params.shape)
-    if master_params is not None:
-        check_array(fn, "master_params", master_params, be, dtype=np.float32, shape=params.shape)
-    if seed is None:
-        seed = step
-    if not 0 <= int(seed) < 2**32:
-        raise ValueError(f"{fn}: seed must be a 32-bit unsigned integer, got {seed}")
+    be, dt, seed = check_update(fn, params, grads, m, v, step, master_params, seed)  # the product's
     packets = check_vectorized(fn, params.size, dict(params=params, grads=grads, m=m, v=v,
                                                      master_params=master_params))
     grid, block = launch_config(packets)
@@ -51,14 +38,6 @@ def adamw_update3(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-
               (params, master_params, grads, m, v, i64(params.size), f32(lr), f32(beta1), f32(beta2),
                f32(1.0 - beta1 ** step), f32(1.0 - beta2 ** step), f32(eps), f32(weight_decay),
                f32(grad_scale), np.uint32(seed)), floatX=FLOATX_NAMES[dt])
-
-
-@dataclass(frozen=True)
-class Version:
-    about: str                        # one line: what it is
-    ops: dict                         # op name (the oracle's / product's function) -> callable
-    dtypes: tuple = ("fp32", "bf16")  # the floatX it runs
-    kernels: tuple = field(default=())  # lab kernels it launches
 
 
 VERSIONS = {

@@ -24,14 +24,13 @@ bit and versions 4 (and 9's forward, and 5-9's dK/dV) reproduce version 3's bits
 
 import functools
 import math
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from llmcu.cuda import runtime
+from llmcu.cuda.attention import flash_arrays, flash_heads
 from llmcu.cuda.runtime import (FLOATX_NAMES, backend_of, check_array, f32, i32, launch_config,
                                 warp_per_row)
-from llmcu.cuda.vectorized import address
+from llmcu.lab import Version
 
 STEM, PRODUCT = "dev/attention", "attention"
 BF16 = np.dtype(np.uint16)
@@ -130,28 +129,13 @@ def _launch_dynamic(be, stem, name, grid, block, args, smem):
 def _flash_check(fn, be, version, qkv, num_heads, num_kv_heads, **named):
     """bf16 arrays (uint16 bit patterns), lse float32; hs 64/128 (version 2) or 64 (3-9);
     versions 3-9 need qkv, out, dout, dqkv 16-byte aligned. Returns B, T, NH, NKV, hs."""
-    check_array(fn, "qkv", qkv, be, dtype=BF16)
-    NH = int(num_heads)
-    NKV = NH if num_kv_heads is None else int(num_kv_heads)
-    if NH <= 0 or NKV <= 0 or NH % NKV:
-        raise ValueError(f"{fn}: num_heads={NH} must be a positive multiple of num_kv_heads={NKV}")
-    if qkv.ndim != 3 or qkv.shape[-1] % (NH + 2 * NKV):
-        raise ValueError(f"{fn}: qkv must be (B,T,(NH+2*NKV)*hs) = (B,T,{NH + 2 * NKV}*hs) for "
-                         f"NH={NH}, NKV={NKV}, got shape {qkv.shape}")
-    B, T, W = qkv.shape
-    hs = W // (NH + 2 * NKV)
+    B, T, NH, NKV, hs = flash_heads(fn, be, qkv, num_heads, num_kv_heads, BF16)  # the product's
     if version == 2 and hs not in FLASH2_HEAD_SIZES:
         raise ValueError(f"{fn}: version 2 needs head size hs in {FLASH2_HEAD_SIZES}, got {hs}")
     if version >= 3 and hs != FLASH3_HS:
         raise ValueError(f"{fn}: version {version} needs head size hs = {FLASH3_HS}, got {hs}")
-    shapes = {"out": (B, T, NH * hs), "dout": (B, T, NH * hs), "dqkv": (B, T, W), "lse": (B, NH, T)}
-    for name, a in named.items():
-        check_array(fn, name, a, be, dtype=np.float32 if name == "lse" else BF16, shape=shapes[name])
-    if version >= 3:  # cp.async and 16-byte loads and stores of whole 128-byte head rows
-        for name, a in {"qkv": qkv, **named}.items():
-            if name != "lse" and address(a) % 16:
-                raise ValueError(f"{fn}: version {version} moves {name} in 16-byte pieces and needs it "
-                                 f"16-byte aligned, got address {address(a):#x}; pass a fresh array")
+    flash_arrays(fn, be, BF16, B, T, NH, NKV, hs, {"qkv": qkv, **named},
+                 f"version {version} moves {{name}} in 16-byte pieces and needs it" if version >= 3 else None)
     return B, T, NH, NKV, hs
 
 
@@ -228,20 +212,11 @@ def flash_backward(version, dqkv, dout, qkv, out, lse, num_heads, num_kv_heads=N
 
 # --- the versions ------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Version:
-    about: str                 # one line: what it is
-    ops: dict                  # op name (the oracle's / product's function) -> callable
-    dtypes: tuple = ("bf16",)  # "fp32", "bf16": the floatX it runs
-    scheduled: bool = True     # takes schedule= ("grouped" / "heavy_first")
-    head_sizes: tuple = (FLASH3_HS,)
-    kernels: tuple = field(default=())  # lab kernels it launches (kernels/dev/attention.cu)
-
 
 def _flash(version, about, kernels, **kw):
     return Version(about, {"flash_attention_forward": functools.partial(flash_forward, version),
                            "flash_attention_backward": functools.partial(flash_backward, version)},
-                   kernels=kernels, **kw)
+                   kernels=kernels, **{"dtypes": ("bf16",), "scheduled": True, **kw})
 
 
 _PRE5 = ("attention_flash_backward_preprocess_kernel5",)
@@ -250,14 +225,14 @@ _ONE_PASS_TAIL = ("attention_flash_backward_dq_convert_kernel5",)
 VERSIONS = {
     "simple": Version("permute + GEMMs + masked softmax kernels, (B,NH,T,T) probabilities kept; fp32",
                       {"attention_forward": attention_forward, "attention_backward": attention_backward},
-                      dtypes=("fp32",), scheduled=False, head_sizes=(),
+                      dtypes=("fp32",),
                       kernels=("attention_permute_kernel1", "attention_softmax_forward_kernel1",
                                "attention_unpermute_kernel1", "attention_unpermute_backward_kernel1",
                                "attention_softmax_backward_kernel1", "attention_permute_backward_kernel1")),
     2: _flash(2, "wmma tensor cores, scores in shared memory, hs 64 or 128",
               tuple(f"attention_flash_{k}_kernel2" for k in ("forward", "backward_preprocess", "backward_dq",
                                                              "backward_dkdv")),
-              scheduled=False, head_sizes=FLASH2_HEAD_SIZES),
+              scheduled=False),
     3: _flash(3, "the product's mma.sync kernel3 with a block order and the 16-byte preprocess", _PRE5),
     4: _flash(4, "version 3 with double-buffered tile loads (cp.async groups)",
               _PRE5 + tuple(f"attention_flash_{k}_kernel4" for k in ("forward", "backward_dq", "backward_dkdv"))),

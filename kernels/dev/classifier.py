@@ -14,13 +14,12 @@ Shapes: logits (B,T,Vp) floatX (float32, or uint16 bf16 bits) with V real column
 Load by path (kernels/dev/ is not a package): benchmarks/lab.py, tests/lab/.
 """
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from llmcu.cuda.classifier import CLASSIFIER_BLOCK
 from llmcu.cuda.runtime import FLOATX_NAMES, backend_of, block_per_row, check_array, f32, floatx_dtype, i32
 from llmcu.cuda.vectorized import check_vectorized
+from llmcu.lab import Version
 
 STEM = "dev/classifier"
 CLASSIFIER3_PACKETS = 8  # = CLASSIFIER3_PACKETS in the .cu file: x128 packets a thread keeps
@@ -56,14 +55,6 @@ def crossentropy_forward3(losses, logits, targets, V):
 
 def fused_classifier_dlogits3(logits, losses, targets, V, dloss):
     _fused3("fused_classifier_dlogits", logits, losses, targets, V, dloss, 1)
-
-
-@dataclass(frozen=True)
-class Version:
-    about: str                        # one line: what it is
-    ops: dict                         # op name (the oracle's / product's function) -> callable
-    dtypes: tuple = ("fp32", "bf16")  # the floatX it runs
-    kernels: tuple = field(default=())  # lab kernels it launches
 
 
 VERSIONS = {

@@ -12,11 +12,10 @@ uint16 bf16 bits: dwte's dtype picks the build). Parameter gradients accumulate 
 Load by path (kernels/dev/ is not a package): benchmarks/lab.py, tests/lab/.
 """
 
-from dataclasses import dataclass, field
 
-import numpy as np
-
-from llmcu.cuda.runtime import FLOATX_NAMES, backend_of, check_array, floatx_dtype, i32, launch_config
+from llmcu.cuda.encoder import _check
+from llmcu.cuda.runtime import backend_of, i32, launch_config
+from llmcu.lab import Version
 
 STEM = "dev/encoder"
 
@@ -24,30 +23,10 @@ STEM = "dev/encoder"
 def encoder_backward1(dwte, dwpe, dout, inp):
     fn = "encoder_backward"
     be = backend_of(dout)
-    check_array(fn, "inp", inp, be, dtype=np.int32)
-    if inp.ndim != 2:
-        raise ValueError(f"{fn}: inp must be (B,T), got shape {inp.shape}")
-    B, T = inp.shape
-    dt = floatx_dtype(fn, "dwte", dwte)
-    check_array(fn, "dwte", dwte, be, dtype=dt)
-    check_array(fn, "dwpe", dwpe, be, dtype=dt)
-    if dwte.ndim != 2 or dwpe.ndim != 2 or dwte.shape[1] != dwpe.shape[1]:
-        raise ValueError(f"{fn}: dwte (Vp,C) and dwpe (maxT,C) must share C, got {dwte.shape} and {dwpe.shape}")
-    C = dwte.shape[1]
-    if T > dwpe.shape[0]:
-        raise ValueError(f"{fn}: T={T} exceeds maxT={dwpe.shape[0]}")
-    check_array(fn, "dout", dout, be, dtype=dt, shape=(B, T, C))
+    B, T, C, floatX = _check(fn, be, dout, inp, dwte, dwpe)  # the product wrapper's checks
     grid, block = launch_config(C, grid_y=2)  # blockIdx.y: 0 -> dwte, 1 -> dwpe
     be.launch(STEM, "encoder_backward_kernel1", grid, block,
-              (dwte, dwpe, dout, inp, i32(B), i32(T), i32(C)), floatX=FLOATX_NAMES[dt])
-
-
-@dataclass(frozen=True)
-class Version:
-    about: str                        # one line: what it is
-    ops: dict                         # op name (the oracle's / product's function) -> callable
-    dtypes: tuple = ("fp32", "bf16")  # the floatX it runs
-    kernels: tuple = field(default=())  # lab kernels it launches
+              (dwte, dwpe, dout, inp, i32(B), i32(T), i32(C)), floatX=floatX)
 
 
 VERSIONS = {

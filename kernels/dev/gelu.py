@@ -14,10 +14,9 @@ Activation gradients overwrite (=).
 Load by path (kernels/dev/ is not a package): benchmarks/lab.py, tests/lab/.
 """
 
-from dataclasses import dataclass, field
-
 from llmcu.cuda.runtime import FLOATX_NAMES, backend_of, check_array, floatx_dtype, i32, launch_config
 from llmcu.cuda.vectorized import check_vectorized
+from llmcu.lab import Version
 
 STEM = "dev/gelu"
 
@@ -58,14 +57,6 @@ def gelu_forward2(out, inp):
 
 def gelu_backward2(dinp, dout, inp):
     _backward(2, dinp, dout, inp)
-
-
-@dataclass(frozen=True)
-class Version:
-    about: str                        # one line: what it is
-    ops: dict                         # op name (the oracle's function) -> callable
-    dtypes: tuple = ("fp32", "bf16")  # the floatX it runs
-    kernels: tuple = field(default=())  # lab kernels it launches
 
 
 VERSIONS = {

@@ -15,39 +15,27 @@ global_norm_finish_kernel1 sums them in float64 and computes the clip factor.
 Load by path (kernels/dev/ is not a package): benchmarks/lab.py, tests/lab/.
 """
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
-from llmcu.cuda.adamw import NORM_BLOCK, NORM_GRID
-from llmcu.cuda.runtime import (FLOATX_NAMES, backend_of, check_array, floatx_dtype, i32, i64,
+from llmcu.cuda.adamw import NORM_BLOCK, NORM_GRID, check_norm, finish_norm
+from llmcu.cuda.runtime import (FLOATX_NAMES, backend_of, i64,
                                 launch_config, scratch)
 from llmcu.cuda.vectorized import check_vectorized
+from llmcu.lab import Version
 
-STEM, PRODUCT = "dev/global_norm", "global_norm"
+STEM = "dev/global_norm"
 
 
 def global_norm_device2(grads, norm, grad_scale, grad_clip=None):
     fn = "global_norm_device"
-    be = backend_of(grads)
-    dt = floatx_dtype(fn, "grads", grads)
-    check_array(fn, "grads", grads, be, dtype=dt)
-    check_array(fn, "norm", norm, be, dtype=np.float64, shape=(1,))
-    check_array(fn, "grad_scale", grad_scale, be, dtype=np.float32, shape=(1,))
-    if grads.size == 0:
-        raise ValueError(f"{fn}: grads must hold at least one element, got shape {grads.shape}")
-    clip = 0.0 if grad_clip is None else float(grad_clip)
-    if np.isnan(clip):
-        raise ValueError(f"{fn}: grad_clip must be a number or None, got {grad_clip!r}")
+    be, dt, clip = check_norm(fn, grads, norm, grad_scale, grad_clip)  # the product's
     per_packet = 16 // grads.dtype.itemsize
     check_vectorized(fn, per_packet, dict(grads=grads))  # alignment only: the kernel adds the tail
     grid, block = launch_config(min(max(1, grads.size // per_packet), NORM_GRID * NORM_BLOCK), NORM_BLOCK)
     partial = scratch(be, "global_norm_partial", grid, np.float32)
     be.launch(STEM, "global_norm_squared_kernel2", grid, block, (partial, grads, i64(grads.size)),
               floatX=FLOATX_NAMES[dt])
-    one_grid, one_block = launch_config(1, block=1)
-    be.launch(PRODUCT, "global_norm_finish_kernel1", one_grid, one_block,
-              (norm, grad_scale, partial, i32(grid[0]), np.float64(clip)))
+    finish_norm(be, norm, grad_scale, partial, clip)  # the product's finish kernel
 
 
 def global_norm2(grads):
@@ -57,14 +45,6 @@ def global_norm2(grads):
     grad_scale = scratch(be, "global_norm_scale", (1,), np.float32)
     global_norm_device2(grads, norm, grad_scale)
     return float(norm.get()[0] if be.name == "cuda" else norm[0])
-
-
-@dataclass(frozen=True)
-class Version:
-    about: str                        # one line: what it is
-    ops: dict                         # op name (the oracle's / product's function) -> callable
-    dtypes: tuple = ("fp32", "bf16")  # the floatX it runs
-    kernels: tuple = field(default=())  # lab kernels it launches
 
 
 VERSIONS = {

@@ -16,13 +16,12 @@ gradients accumulate (+=), activation gradients overwrite (=).
 Load by path (kernels/dev/ is not a package): benchmarks/lab.py, tests/lab/.
 """
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from llmcu.cuda.runtime import (FLOATX_NAMES, backend_of, check_array, f32, floatx_dtype, i32,
                                 launch_config, warp_per_row)
 from llmcu.cuda.vectorized import address
+from llmcu.lab import Version
 
 STEM = "dev/layernorm"
 EPS = 1e-5
@@ -76,14 +75,6 @@ def layernorm_backward1(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
     grid, block = launch_config(C)
     be.launch(STEM, "layernorm_param_backward_kernel1", grid, block,
               (dweight, dbias, dout, inp, mean, rstd, i32(N), i32(C)), floatX=floatX)
-
-
-@dataclass(frozen=True)
-class Version:
-    about: str                        # one line: what it is
-    ops: dict                         # op name (the oracle's / product's function) -> callable
-    dtypes: tuple = ("fp32", "bf16")  # the floatX it runs
-    kernels: tuple = field(default=())  # lab kernels it launches
 
 
 VERSIONS = {

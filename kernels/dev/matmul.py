@@ -17,31 +17,12 @@ accumulate (+=; = with accumulate_weight=False), activation gradients overwrite 
 Load by path (kernels/dev/ is not a package): benchmarks/lab.py, tests/lab/.
 """
 
-from dataclasses import dataclass, field
-
 from llmcu.cuda.gemm import gemm
+from llmcu.cuda.matmul import _check  # the product wrapper's argument checks
 from llmcu.cuda.runtime import FLOATX_NAMES, backend_of, check_array, floatx_dtype, i32, launch_config
+from llmcu.lab import Version
 
 STEM = "dev/matmul"
-
-
-def _check(fn, be, inp, weight, **named):
-    """inp (...,C) and weight (OC,C) of one floatX; named arrays (None: absent) of their
-    shapes. Returns N, C, OC and the floatX name."""
-    dt = floatx_dtype(fn, "inp", inp)
-    check_array(fn, "inp", inp, be, dtype=dt)
-    check_array(fn, "weight", weight, be, dtype=dt)
-    C = inp.shape[-1]
-    N = inp.size // C
-    if weight.ndim != 2 or weight.shape[1] != C:
-        raise ValueError(f"{fn}: weight must be (OC,{C}), got {weight.shape}")
-    OC = weight.shape[0]
-    shapes = {"out": (*inp.shape[:-1], OC), "dout": (*inp.shape[:-1], OC), "dinp": inp.shape,
-              "bias": (OC,), "dbias": (OC,), "dweight": (OC, C)}
-    for name, a in named.items():
-        if a is not None:
-            check_array(fn, name, a, be, dtype=dt, shape=shapes[name])
-    return N, C, OC, FLOATX_NAMES[dt]
 
 
 def matmul_forward1(out, inp, weight, bias=None):
@@ -77,14 +58,6 @@ def matmul_backward1(dinp, dweight, dbias, dout, inp, weight, accumulate_weight=
     gemm(dweight, dout.reshape(N, OC), inp.reshape(N, C), transpose_a=True, accumulate=accumulate_weight)
     if dbias is not None:
         matmul_bias_backward1(dbias, dout, accumulate=accumulate_weight)
-
-
-@dataclass(frozen=True)
-class Version:
-    about: str                        # one line: what it is
-    ops: dict                         # op name (the oracle's / product's function) -> callable
-    dtypes: tuple = ("fp32", "bf16")  # the floatX it runs
-    kernels: tuple = field(default=())  # lab kernels it launches
 
 
 VERSIONS = {

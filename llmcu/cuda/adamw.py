@@ -54,7 +54,17 @@ def global_norm_device(grads, norm, grad_scale, grad_clip=None):
     first call for a given grads size (the partials are a runtime.scratch buffer),
     so a CUDA graph can capture it. grad_clip None or <= 0: no clipping (scale 1).
     (H200, 2026-11-28: fp32 74% of copy. The lab's 16-byte version 2 is not measured.)"""
-    fn = "global_norm_device"
+    be, dt, clip = check_norm("global_norm_device", grads, norm, grad_scale, grad_clip)
+    grid, block = launch_config(min(grads.size, NORM_GRID * NORM_BLOCK), NORM_BLOCK)
+    partial = scratch(be, "global_norm_partial", grid, np.float32)
+    be.launch("global_norm", "global_norm_squared_kernel1", grid, block,
+              (partial, grads, i64(grads.size)), floatX=FLOATX_NAMES[dt])
+    finish_norm(be, norm, grad_scale, partial, clip)
+
+
+def check_norm(fn, grads, norm, grad_scale, grad_clip):
+    """global_norm_device's argument checks (the lab's versions share them): returns the
+    backend, the floatX dtype and the clip threshold as a float (0: no clipping)."""
     be = backend_of(grads)
     dt = floatx_dtype(fn, "grads", grads)
     check_array(fn, "grads", grads, be, dtype=dt)
@@ -65,13 +75,14 @@ def global_norm_device(grads, norm, grad_scale, grad_clip=None):
     clip = 0.0 if grad_clip is None else float(grad_clip)
     if np.isnan(clip):
         raise ValueError(f"{fn}: grad_clip must be a number or None, got {grad_clip!r}")
-    grid, block = launch_config(min(grads.size, NORM_GRID * NORM_BLOCK), NORM_BLOCK)
-    partial = scratch(be, "global_norm_partial", grid, np.float32)
-    be.launch("global_norm", "global_norm_squared_kernel1", grid, block,
-              (partial, grads, i64(grads.size)), floatX=FLOATX_NAMES[dt])
+    return be, dt, clip
+
+
+def finish_norm(be, norm, grad_scale, partial, clip):
+    """The norm and the clip scale from the squared kernel's per-block partial sums."""
     one_grid, one_block = launch_config(1, block=1)
     be.launch("global_norm", "global_norm_finish_kernel1", one_grid, one_block,
-              (norm, grad_scale, partial, i32(grid[0]), np.float64(clip)))
+              (norm, grad_scale, partial, i32(partial.size), np.float64(clip)))
 
 
 def global_norm(grads):
@@ -228,11 +239,9 @@ def adamw_multi_tensor(params, grads, m, v, table, hyper, step_seed, beta1=0.9, 
               floatX=FLOATX_NAMES[dt])
 
 
-def adamw_update(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-                 weight_decay=0.0, grad_scale=1.0, master_params=None, seed=None):
-    """adamw_kernel1 for fp32 params without master weights (the oracle's arithmetic),
-    adamw_kernel2 otherwise (mixed precision; the lab's kernel3 is its 16-byte form)."""
-    fn = "adamw_update"
+def check_update(fn, params, grads, m, v, step, master_params, seed):
+    """adamw_update's argument checks (the lab's versions share them): returns the backend,
+    the floatX dtype and the rounding seed (the step when seed is None)."""
     if step < 1:
         raise ValueError(f"{fn}: step is 1-based, got {step}")
     be = backend_of(params)
@@ -243,10 +252,17 @@ def adamw_update(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8
         check_array(fn, name, a, be, dtype=np.float32, shape=params.shape)
     if master_params is not None:
         check_array(fn, "master_params", master_params, be, dtype=np.float32, shape=params.shape)
-    if seed is None:
-        seed = step
+    seed = step if seed is None else seed
     if not 0 <= int(seed) < 2**32:
         raise ValueError(f"{fn}: seed must be a 32-bit unsigned integer, got {seed}")
+    return be, dt, seed
+
+
+def adamw_update(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                 weight_decay=0.0, grad_scale=1.0, master_params=None, seed=None):
+    """adamw_kernel1 for fp32 params without master weights (the oracle's arithmetic),
+    adamw_kernel2 otherwise (mixed precision; the lab's kernel3 is its 16-byte form)."""
+    be, dt, seed = check_update("adamw_update", params, grads, m, v, step, master_params, seed)
     grid, block = launch_config(params.size)
     scalars = (i64(params.size), f32(lr), f32(beta1), f32(beta2), f32(1.0 - beta1 ** step),
                f32(1.0 - beta2 ** step), f32(eps), f32(weight_decay), f32(grad_scale))

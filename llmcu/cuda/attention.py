@@ -33,12 +33,9 @@ def flash_kernel_version(dtype, hs: int) -> int:
     return 3 if np.dtype(dtype) == np.uint16 and hs == FLASH3_HS else 1
 
 
-def _flash_check(fn, be, qkv, num_heads, num_kv_heads, **named):
-    """floatX arrays (float32, or uint16 holding bf16: qkv's dtype picks the build), hs <= 128;
-    lse float32. Version 3 moves whole head rows in 16-byte pieces (cp.async), so there qkv,
-    out, dout and dqkv must start 16-byte aligned (fresh arrays and GPT-2's activations do).
-    Returns B, T, NH, NKV, hs, the floatX name of the module, and the kernel version."""
-    dtype = floatx_dtype(fn, "qkv", qkv)
+def flash_heads(fn, be, qkv, num_heads, num_kv_heads, dtype):
+    """qkv's checks (dtype, (B,T,(NH+2*NKV)*hs)): returns B, T, NH, NKV, hs (the lab's
+    versions share them)."""
     check_array(fn, "qkv", qkv, be, dtype=dtype)
     NH = int(num_heads)
     NKV = NH if num_kv_heads is None else int(num_kv_heads)
@@ -48,18 +45,36 @@ def _flash_check(fn, be, qkv, num_heads, num_kv_heads, **named):
         raise ValueError(f"{fn}: qkv must be (B,T,(NH+2*NKV)*hs) = (B,T,{NH + 2 * NKV}*hs) for "
                          f"NH={NH}, NKV={NKV}, got shape {qkv.shape}")
     B, T, W = qkv.shape
-    hs = W // (NH + 2 * NKV)
+    return B, T, NH, NKV, W // (NH + 2 * NKV)
+
+
+def flash_arrays(fn, be, dtype, B, T, NH, NKV, hs, named, aligned=None):
+    """The other arrays' checks: out/dout (B,T,NH*hs), dqkv like qkv, lse (B,NH,T) float32;
+    aligned (the error's subject, e.g. "the bf16 hs=64 kernels move {name} in 16-byte pieces
+    and need it"): every floatX array, qkv included, must start 16-byte aligned (cp.async)."""
+    shapes = {"out": (B, T, NH * hs), "dout": (B, T, NH * hs), "dqkv": (B, T, (NH + 2 * NKV) * hs),
+              "lse": (B, NH, T)}
+    for name, a in named.items():
+        if name != "qkv":
+            check_array(fn, name, a, be, dtype=np.float32 if name == "lse" else dtype, shape=shapes[name])
+    for name, a in named.items() if aligned else ():
+        if name != "lse" and address(a) % 16:
+            raise ValueError(f"{fn}: {aligned.format(name=name)} 16-byte aligned, got address "
+                             f"{address(a):#x}; pass a fresh array")
+
+
+def _flash_check(fn, be, qkv, num_heads, num_kv_heads, **named):
+    """floatX arrays (float32, or uint16 holding bf16: qkv's dtype picks the build), hs <= 128;
+    lse float32. Version 3 moves whole head rows in 16-byte pieces (cp.async), so there qkv,
+    out, dout and dqkv must start 16-byte aligned (fresh arrays and GPT-2's activations do).
+    Returns B, T, NH, NKV, hs, the floatX name of the module, and the kernel version."""
+    dtype = floatx_dtype(fn, "qkv", qkv)
+    B, T, NH, NKV, hs = flash_heads(fn, be, qkv, num_heads, num_kv_heads, dtype)
     if not 0 < hs <= FLASH_HS_MAX:
         raise ValueError(f"{fn}: head size hs must be in 1..{FLASH_HS_MAX}, got {hs}")
-    shapes = {"out": (B, T, NH * hs), "dout": (B, T, NH * hs), "dqkv": (B, T, W), "lse": (B, NH, T)}
-    for name, a in named.items():
-        check_array(fn, name, a, be, dtype=np.float32 if name == "lse" else dtype, shape=shapes[name])
     version = flash_kernel_version(dtype, hs)
-    if version == 3:  # cp.async and 16-byte loads and stores of whole 128-byte head rows
-        for name, a in {"qkv": qkv, **named}.items():
-            if name != "lse" and address(a) % 16:
-                raise ValueError(f"{fn}: the bf16 hs=64 kernels move {name} in 16-byte pieces and need "
-                                 f"it 16-byte aligned, got address {address(a):#x}; pass a fresh array")
+    flash_arrays(fn, be, dtype, B, T, NH, NKV, hs, {"qkv": qkv, **named},
+                 "the bf16 hs=64 kernels move {name} in 16-byte pieces and need it" if version == 3 else None)
     return B, T, NH, NKV, hs, FLOATX_NAMES[dtype], version
 
 

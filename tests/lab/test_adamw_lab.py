@@ -11,26 +11,19 @@ product's adamw_kernel2 with 16-byte loads and stores.
 - The refusals: a size that is not whole 16-byte packets, a misaligned array.
 """
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers import KERNEL_BACKENDS, Device, assert_close
+from llmcu.lab import load as load_lab
 from llmcu.cpu import adamw as cpu
 from llmcu.formats import float32_to_bf16_bits
 
-ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [pytest.param(np.float32, id="fp32"), pytest.param(np.uint16, id="bf16")]
 ADAM = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8)
 
 
-def load_lab(layer):
-    spec = importlib.util.spec_from_file_location(f"llmcu_lab_{layer}", ROOT / "kernels" / "dev" / f"{layer}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 lab = load_lab("adamw")

@@ -19,25 +19,18 @@ Every output is NaN-poisoned before the call (bf16: the 0x7FC0 pattern); inputs 
 N(0,1), rounded to bf16 for the bf16 versions so kernel and oracle see the same values.
 """
 
-import importlib.util
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers import BF16_NAN, KERNEL_BACKENDS, Device, assert_close, poisoned
+from llmcu.lab import load as load_lab
 from llmcu.cpu import attention as cpu
 from llmcu.formats import bf16_bits_to_float32, float32_to_bf16_bits
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_lab(layer):
-    spec = importlib.util.spec_from_file_location(f"llmcu_lab_{layer}", ROOT / "kernels" / "dev" / f"{layer}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 lab = load_lab("attention")

@@ -7,26 +7,19 @@ the values' scale, rtol 1e-5 (fp32) or 2^-8 + 1e-5 (bf16). Shapes: an odd 3 x 10
 version 1, whole packets for version 2 (2 x 7 x 192, and one packet of 8).
 """
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers import KERNEL_BACKENDS, Device, assert_close
+from llmcu.lab import load as load_lab
 from llmcu.cpu import gelu as cpu
 from llmcu.formats import bf16_bits_to_float32, float32_to_bf16_bits
 
-ROOT = Path(__file__).resolve().parents[2]
 U, F32 = 2.0 ** -8, 1e-5
 DTYPES = [pytest.param(np.float32, id="fp32"), pytest.param(np.uint16, id="bf16")]
 
 
-def load_lab(layer):
-    spec = importlib.util.spec_from_file_location(f"llmcu_lab_{layer}", ROOT / "kernels" / "dev" / f"{layer}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 lab = load_lab("gelu")

@@ -8,26 +8,19 @@ partials: relative 1e-5 (the old tests' bound). n = 1 (no whole packet: the tail
 global_norm_device: clip_scale's arithmetic on the device.
 """
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers import KERNEL_BACKENDS, Device
+from llmcu.lab import load as load_lab
 from llmcu.cpu.adamw import clip_scale
 from llmcu.formats import bf16_bits_to_float32, float32_to_bf16_bits
 
-ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [pytest.param(np.float32, id="fp32"), pytest.param(np.uint16, id="bf16")]
 
 
-def load_lab(layer):
-    spec = importlib.util.spec_from_file_location(f"llmcu_lab_{layer}", ROOT / "kernels" / "dev" / f"{layer}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 lab = load_lab("global_norm")

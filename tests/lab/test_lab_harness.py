@@ -74,7 +74,7 @@ def test_every_lab_kernel_is_launched_and_checked(layer, stems_and_kernels):
         for dtype in ver.dtypes:
             builders = harness.CASES[layer](TINY, harness.Inputs(dtype, seed=5))
             device = harness.Device("emu", dtype)
-            extra = {"schedule": "heavy_first"} if getattr(ver, "scheduled", False) else {}
+            extra = {"schedule": "heavy_first"} if ver.scheduled else {}
             stems_and_kernels.clear()
             for op, fn in ver.ops.items():
                 case = builders[op]()

@@ -15,27 +15,20 @@ the scalar versions, 768 (GPT-2), 1024 and one packet (4 or 8) for version 2; T 
 leaves the last block's warps partly idle.
 """
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers import KERNEL_BACKENDS, Device, assert_close
+from llmcu.lab import load as load_lab
 from llmcu.cpu import layernorm as cpu
 from llmcu.formats import bf16_bits_to_float32, float32_to_bf16_bits
 
-ROOT = Path(__file__).resolve().parents[2]
 U, F32, EPS32 = 2.0 ** -8, 1e-5, 2.0 ** -24
 DTYPES = [pytest.param(np.float32, id="fp32"), pytest.param(np.uint16, id="bf16")]
 
 
-def load_lab(layer):
-    spec = importlib.util.spec_from_file_location(f"llmcu_lab_{layer}", ROOT / "kernels" / "dev" / f"{layer}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 lab = load_lab("layernorm")
