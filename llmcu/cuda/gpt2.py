@@ -8,7 +8,7 @@ same kernels on the CPU (llmcu.emu) on NumPy arrays, for tests.
 
 Differences from the NumPy oracle (llmcu/cpu/gpt2.py), all for speed or memory:
 no probabilities buffer; backward() overwrites acts.logits with dlogits
-(llm.c's fused classifier); attention scratch comes from the array library;
+(llm.c's fused classifier); the attention keeps lse, not the probabilities;
 the first backward() after zero_grad() has the GEMMs overwrite (=) the weight
 and bias gradients instead of adding onto zeros (matmul_backward's
 accumulate_weight=False: in bf16 that skips an fp32 temporary and an add pass
@@ -71,7 +71,6 @@ ACTIVATIONS = (  # name: shape in units of (L, B, T, NH, C, Vp); per-layer tenso
 FP32_ACTIVATIONS = frozenset({"ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean",
                               "lnf_rstd", "losses", "lse"})
 
-_check_dtype = check_dtype  # llmcu/cuda/mixed_precision.py
 
 
 def activation_shapes(config: GPT2Config, B: int, T: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -92,7 +91,7 @@ def activation_shapes(config: GPT2Config, B: int, T: int) -> list[tuple[str, tup
 def activation_bytes(config: GPT2Config, B: int, T: int, dtype: str = "fp32") -> int:
     """Bytes of the Activations buffers for a (B,T) step (floatX of `dtype`, the
     FP32_ACTIVATIONS float32): arithmetic on the shapes."""
-    _check_dtype("activation_bytes", dtype)
+    check_dtype("activation_bytes", dtype)
     return sum(math.prod(s) * (4 if name in FP32_ACTIVATIONS else DTYPES[dtype].itemsize)
                for name, s in activation_shapes(config, B, T))
 
@@ -124,7 +123,7 @@ class GPT2(MixedPrecisionAdamW):
 
     def __init__(self, config: GPT2Config, params=None, seed: int = 42, device: str = "cuda",
                  dtype: str = "fp32", master_weights: bool = True):
-        _check_dtype("GPT2", dtype)
+        check_dtype("GPT2", dtype)
         self.seed = seed
         self.backend = runtime.get_backend("cuda" if device == "cuda" else "emu")
         self.device = self.backend.name
@@ -230,7 +229,7 @@ def step_kernels(config: GPT2Config, dtype: str = "fp32") -> dict:
     16-byte kernels run where the shapes allow; GPT-2's always do (C, 3C, 4C and Vp are
     multiples of 8 and the activations one aligned buffer), so the scalar fallbacks
     (encoder_forward_kernel1, fused_classifier_kernel1) are not in the table."""
-    _check_dtype("step_kernels", dtype)
+    check_dtype("step_kernels", dtype)
     attention = flash_kernel_version(DTYPES[dtype], config.channels // config.num_heads)
     wide = config.channels % (16 // DTYPES[dtype].itemsize) == 0
     table = {
