@@ -3,12 +3,50 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
+from . import __version__
 from .config import TrainConfig
 from .schedule import SCHEDULES
 
 _DEFAULTS = TrainConfig()
+
+
+def _number(kind, lo=None, hi=None, also=()):
+    """An argparse type: a finite `kind` (int or float) in [lo, hi] (either end may be
+    None), or one of the values in `also` (such as -1 for "off"). A bad value is argparse's
+    one-line error naming the flag, what it must be, and what was given."""
+    want = ("an integer" if kind is int else "a finite number")
+    if lo is not None and hi is not None:
+        want += f" in [{lo:g}, {hi:g}]"
+    elif lo is not None:
+        want += f" >= {lo:g}"
+    elif hi is not None:
+        want += f" <= {hi:g}"
+    if also:
+        want += " or " + " or ".join(f"{v:g}" for v in also)
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
+        if value in also:
+            return value
+        if not math.isfinite(value) or (lo is not None and value < lo) or \
+                (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's messages name the type
+    return parse
+
+
+_COUNT = _number(int, 1)      # B, T, steps, batches: at least one
+_EVERY = _number(int, 0)      # every N steps, token counts, keep K: 0 is "off"/"none"
+_NONNEG = _number(float, 0)   # rates, decay, thresholds: finite and not negative
+_SEED = _number(int, 0)       # NumPy's generators take non-negative seeds
 
 
 def _add_prepare(sub):
@@ -35,34 +73,34 @@ def _add_train(sub):
                         "llama (= llama-d6), llama-d12, gemma-d6, ... (same depths), llama2-7b, llama3.2-1b, "
                         "gemma-2b, a Llama .bin file (llm.c's Llama 3 layout) or hf:DIR of a Llama/Gemma")
     p.add_argument("-o", "--output-dir", default=d.output_dir, help="directory for main.log and the final model")
-    p.add_argument("-b", "--batch-size", type=int, default=d.batch_size, help="micro-batch size B")
-    p.add_argument("-t", "--seq-len", type=int, default=d.seq_len, help="sequence length T")
-    p.add_argument("-l", "--learning-rate", type=float, default=d.learning_rate, help="AdamW learning rate")
-    p.add_argument("-x", "--max-steps", type=int, default=d.max_steps, help="number of training steps")
-    p.add_argument("-v", "--val-every", type=int, default=d.val_every, help="evaluate val loss every N steps (0: never)")
-    p.add_argument("-m", "--val-batches", type=int, default=d.val_batches, help="number of val batches per evaluation")
-    p.add_argument("-s", "--sample-every", type=int, default=d.sample_every, help="sample text every N steps (0: never)")
-    p.add_argument("-g", "--gen-tokens", type=int, default=d.gen_tokens, help="number of tokens to sample")
-    p.add_argument("-d", "--total-batch-size", type=int, default=d.total_batch_size,
+    p.add_argument("-b", "--batch-size", type=_COUNT, default=d.batch_size, help="micro-batch size B")
+    p.add_argument("-t", "--seq-len", type=_COUNT, default=d.seq_len, help="sequence length T")
+    p.add_argument("-l", "--learning-rate", type=_NONNEG, default=d.learning_rate, help="AdamW learning rate")
+    p.add_argument("-x", "--max-steps", type=_COUNT, default=d.max_steps, help="number of training steps")
+    p.add_argument("-v", "--val-every", type=_EVERY, default=d.val_every, help="evaluate val loss every N steps (0: never)")
+    p.add_argument("-m", "--val-batches", type=_COUNT, default=d.val_batches, help="number of val batches per evaluation")
+    p.add_argument("-s", "--sample-every", type=_EVERY, default=d.sample_every, help="sample text every N steps (0: never)")
+    p.add_argument("-g", "--gen-tokens", type=_EVERY, default=d.gen_tokens, help="number of tokens to sample")
+    p.add_argument("-d", "--total-batch-size", type=_number(int, 1, also=(-1,)), default=d.total_batch_size,
                    help="tokens per optimizer step, a multiple of B*T; the gradient is accumulated over "
                         "total/(B*T) micro-batches (-1: B*T, no accumulation)")
     p.add_argument("-k", "--lr-schedule", default=d.lr_schedule, choices=list(SCHEDULES),
                    help="learning-rate schedule after warmup")
-    p.add_argument("-u", "--warmup-iters", type=int, default=d.warmup_iters,
+    p.add_argument("-u", "--warmup-iters", type=_EVERY, default=d.warmup_iters,
                    help="linear learning-rate warmup steps")
-    p.add_argument("-q", "--final-lr-frac", type=float, default=d.final_lr_frac,
+    p.add_argument("-q", "--final-lr-frac", type=_number(float, 0, 1), default=d.final_lr_frac,
                    help="final learning rate as a fraction of -l (1.0: no decay)")
-    p.add_argument("-c", "--weight-decay", type=float, default=d.weight_decay,
+    p.add_argument("-c", "--weight-decay", type=_NONNEG, default=d.weight_decay,
                    help="AdamW weight decay (matrices and embeddings only)")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the global gradient norm to this (0: off)")
-    p.add_argument("-sl", "--skip-loss-z", type=float, default=d.skip_loss_z,
+    p.add_argument("--grad-clip", type=_NONNEG, default=d.grad_clip, help="clip the global gradient norm to this (0: off)")
+    p.add_argument("-sl", "--skip-loss-z", type=_NONNEG, default=d.skip_loss_z,
                    help="skip the update when the loss z-score over the last 128 steps exceeds this (0: off)")
-    p.add_argument("-sg", "--skip-norm-z", type=float, default=d.skip_norm_z,
+    p.add_argument("-sg", "--skip-norm-z", type=_NONNEG, default=d.skip_norm_z,
                    help="skip the update when the grad-norm z-score over the last 128 steps exceeds this (0: off)")
-    p.add_argument("-n", "--checkpoint-every", type=int, default=d.checkpoint_every,
+    p.add_argument("-n", "--checkpoint-every", type=_EVERY, default=d.checkpoint_every,
                    help="write a checkpoint to -o every N steps and at the last step: model_%%08d.bin, "
                         "state_%%08d_00000.bin (AdamW moments, step, RNG, data position), DONE_%%08d (0: off)")
-    p.add_argument("-nk", "--checkpoint-keep", type=int, default=d.checkpoint_keep,
+    p.add_argument("-nk", "--checkpoint-keep", type=_EVERY, default=d.checkpoint_keep,
                    help="keep only the newest K complete checkpoints, deleting older ones (0: keep all)")
     p.add_argument("-y", "--resume", type=int, default=d.resume, choices=[0, 1],
                    help="1: resume from the newest complete checkpoint in -o (bit-identical to an "
@@ -70,7 +108,7 @@ def _add_train(sub):
     p.add_argument("--hellaswag", metavar="PATH", default=d.hellaswag,
                    help="llm.c eval file (llmcu prepare hellaswag writes data/hellaswag/hellaswag_val.bin): "
                         "HellaSwag accuracy (acc_norm) at every val step (-v)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for the random init and sampling")
+    p.add_argument("--seed", type=_SEED, default=d.seed, help="seed for the random init and sampling")
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda", "emu", "auto"],
                    help="cpu: the NumPy model; cuda: the CUDA kernels on a GPU; emu: the same kernels "
                         "emulated on the CPU (slow, for testing); auto: cuda if a GPU is usable, else cpu")
@@ -113,20 +151,15 @@ def _add_sample(sub):
     p.add_argument("-e", "--model", required=True,
                    help="an llm.c .bin checkpoint, or a descriptor (d6, d12, ...) for a random init")
     p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
-    p.add_argument("-g", "--tokens", type=int, default=64, help="number of new tokens to generate")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: greedy)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: fresh randomness)")
+    p.add_argument("-g", "--tokens", type=_EVERY, default=64, help="number of new tokens to generate")
+    p.add_argument("--temperature", type=_NONNEG, default=1.0, help="softmax temperature (0: greedy)")
+    p.add_argument("--top-k", type=_COUNT, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--seed", type=_SEED, default=None, help="sampling seed (default: fresh randomness)")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole sequence for every token (llm.c's way; slow)")
 
 
 def _run_sample(parser, a) -> int:
-    _positive(parser, "--tokens", a.tokens, zero_ok=True)
-    if a.temperature < 0:
-        parser.error(f"--temperature must be >= 0, got {a.temperature}")
-    if a.top_k is not None:
-        _positive(parser, "--top-k", a.top_k)
     from .sample import sample_text
     from .train import build_model
     model = build_model(a.model, device="cpu")  # a descriptor: the same random init every run
@@ -195,21 +228,8 @@ def _run_plot(a) -> int:
     return 0
 
 
-def _positive(parser, name, value, zero_ok=False):
-    if value < 0 or (value == 0 and not zero_ok):
-        parser.error(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
-
-
 def _run_train(parser, a) -> int:
     from .train import train
-    for name in ("batch_size", "seq_len", "max_steps", "val_batches"):
-        _positive(parser, "--" + name.replace("_", "-"), getattr(a, name), zero_ok=name == "max_steps")
-    for name in ("val_every", "sample_every", "gen_tokens", "grad_clip", "weight_decay",
-                 "warmup_iters", "final_lr_frac", "skip_loss_z", "skip_norm_z",
-                 "checkpoint_every", "checkpoint_keep"):
-        _positive(parser, "--" + name.replace("_", "-"), getattr(a, name), zero_ok=True)
-    if a.learning_rate <= 0:
-        parser.error(f"--learning-rate must be > 0, got {a.learning_rate}")
     from .schedule import grad_accum_steps
     try:
         grad_accum_steps(a.total_batch_size, a.batch_size, a.seq_len)
@@ -222,6 +242,9 @@ def _run_train(parser, a) -> int:
         resolve_dtype(a.dtype, device)  # checks it; "auto" is resolved per model and launch
     except ValueError as e:
         parser.error(str(e))
+    if a.device == "auto" and os.environ.get("RANK", "0") == "0":  # rank 0 logs
+        print(f"device: {device} (--device auto: {'a usable CUDA GPU' if device == 'cuda' else 'no usable CUDA GPU'})",
+              flush=True)
     cfg = TrainConfig(train_pattern=a.train_data, val_pattern=a.val_data, model=a.model,
                       output_dir=a.output_dir, batch_size=a.batch_size, seq_len=a.seq_len,
                       learning_rate=a.learning_rate, max_steps=a.max_steps, val_every=a.val_every,
@@ -238,8 +261,29 @@ def _run_train(parser, a) -> int:
     return 0
 
 
+def _check_outputs(a) -> None:
+    """Every path a subcommand will write, checked before any work (llmcu.outputs)."""
+    from .outputs import check_dir, check_file
+    if a.command == "prepare":
+        check_dir(getattr(a, "out_dir", None) or os.path.join("data", a.dataset), "--out-dir")
+    elif a.command in ("tokenizer", "plot") or (a.command == "convert" and a.from_hf and a.out):
+        check_file(a.out, "--out")
+    elif a.command == "convert" and a.to_hf:
+        check_dir(a.to_hf, "--to-hf")
+    # train checks -o in llmcu.train.setup, which API callers go through too
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the flag, what it must be, what was given)
+    rather than the whole usage block; --help still shows everything."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="llmcu", description=__doc__)
+    parser = _Parser(prog="llmcu", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"llmcu {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prepare(sub)
     _add_train(sub)
@@ -249,8 +293,12 @@ def main(argv=None) -> int:
     _add_plot(sub)
     a = parser.parse_args(argv)
     from .data import DatasetError
+    from .emu import EmuError
     from .formats import FormatError
+    from .outputs import describe_os_error
+    from .train import Interrupted, TrainingDiverged
     try:
+        _check_outputs(a)
         if a.command == "prepare":
             from . import data
             if a.dataset == "tinyshakespeare":
@@ -274,9 +322,21 @@ def main(argv=None) -> int:
             write_tokenizer_bin(a.out)
             print(f"wrote {a.out}")
             return 0
-    except (DatasetError, FormatError, FileNotFoundError, ValueError) as e:
+    except (DatasetError, FormatError, ValueError, EmuError) as e:
         print(f"llmcu {a.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # reading or writing a path: the path and the OS's reason
+        print(f"llmcu {a.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"llmcu {a.command}: error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:  # SIGINT/SIGTERM during training: where it stopped, how to resume
+        print(f"llmcu {a.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"llmcu {a.command}: interrupted", file=sys.stderr)
+        return 130
     return 1
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -18,7 +20,7 @@ from typing import TextIO
 
 import numpy as np
 
-from . import checkpoint, formats, runlog
+from . import checkpoint, formats, outputs, runlog
 from .config import GPT2Config, TrainConfig
 from .data import DataLoader
 from .mfu import bf16_peak_tflops, device_name, mfu
@@ -38,6 +40,15 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not cuda.is_available():
         raise ValueError("--device cuda: no usable CUDA GPU (CuPy missing or no device); install "
                          "llmcu[cuda12] or llmcu[cuda13] on a GPU machine, or use --device cpu")
+    if device == "emu":  # the emulator compiles the kernels with a C++ compiler: check it is there
+        from .emu import EmuError, _compiler_id
+        cxx = os.environ.get("CXX") or "g++"
+        try:
+            _compiler_id(cxx)
+        except EmuError:
+            raise ValueError(f"--device emu compiles the kernels for the CPU with a C++ compiler, and "
+                             f"`{cxx} --version` failed; install g++ (e.g. apt install g++) or set "
+                             f"CXX to a C++17 compiler, or use --device cpu") from None
     return device
 
 
@@ -153,6 +164,20 @@ def evaluate(model, loader: DataLoader, num_batches: int) -> float:
     return total / num_batches
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm with the outlier skip off: the run stops
+    before the update, so the parameters (and every file written) stay finite."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run between steps; exit_code is 128 + the signal."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 OUTLIER_WINDOW = 128  # llm.c's OUTLIER_DETECTOR_WINDOW_SIZE
 
 
@@ -218,6 +243,15 @@ def train_step(model, loader, step: int, cfg: TrainConfig, accum_steps: int = 1,
         if comm is not None:
             loss = comm.average(loss)
         norm = model.grad_norm()
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        # nothing is updated from a NaN/inf gradient; the outlier windows do not see it either
+        what = f"loss {loss} and gradient norm {norm}"
+        if cfg.skip_loss_z > 0 or cfg.skip_norm_z > 0:
+            return StepResult(loss=loss, norm=norm, lr=lr, skipped=f"a non-finite {what}")
+        raise TrainingDiverged(
+            f"step {step + 1}: non-finite {what}; the update was not applied and training "
+            f"stopped. Try a lower learning rate (-l), a warmup (-u), gradient clipping "
+            f"(--grad-clip 1.0), or -sl/-sg to skip such steps")
     zloss = loss_detector.update(loss) if loss_detector is not None else math.nan
     znorm = norm_detector.update(norm) if norm_detector is not None else math.nan
     skipped = None
@@ -281,6 +315,8 @@ class Run:
     norm_detector: OutlierDetector
     rng: np.random.Generator  # sampling; saved in checkpoints
     start: int = 0            # the first step: 0, or the resumed checkpoint's step
+    resumed: bool = False     # -y 1 found a checkpoint: its step's eval and sample are done
+    step_ms: list = field(default_factory=list)  # this process's step times, for the time left
     logfile: TextIO | None = None       # OUTPUT_DIR/main.log (rank 0 with -o)
     jsonl: runlog.RunLog | None = None  # OUTPUT_DIR/main.jsonl (rank 0 with -o)
     history: dict = field(default_factory=lambda: {"train": [], "val": [], "lr": [], "skipped": []})
@@ -310,7 +346,7 @@ def setup_model(cfg: TrainConfig, comm, log):
     resumed = None
     if cfg.resume:
         resumed = checkpoint.load_latest(cfg.output_dir, cfg.model, comm.rank, world,
-                                         cfg.zero_stage)  # (step, config, params, state)
+                                         cfg.zero_stage, log=log)  # (step, config, params, state)
         if resumed[0] > cfg.max_steps:
             raise ValueError(f"-y 1: the newest checkpoint in {cfg.output_dir} is at step "
                              f"{resumed[0]}, past -x {cfg.max_steps}; pass -x >= {resumed[0]}")
@@ -333,8 +369,11 @@ def setup_model(cfg: TrainConfig, comm, log):
 def log_model(cfg: TrainConfig, model, dtype: str, log) -> float | None:
     """The model summary, precision and kernel lines; returns the MFU peak (mfu_peak)."""
     print_model_summary(model.config, log)
+    chosen = " (--dtype auto)" if cfg.dtype == "auto" else ""
     if dtype != "fp32":
-        log(f"precision: {dtype}, fp32 master weights: {'yes' if cfg.master_weights else 'no'}")
+        log(f"precision: {dtype}{chosen}, fp32 master weights: {'yes' if cfg.master_weights else 'no'}")
+    else:
+        log(f"precision: fp32{chosen}")
     peak = mfu_peak(cfg.device, dtype, log)  # TFLOP/s for the step lines' MFU column, or None
     inner = getattr(model, "model", model)  # DataParallel keeps the model it wraps in .model
     if hasattr(inner, "kernel_table"):  # a model on the kernels: what each op runs
@@ -387,6 +426,8 @@ def setup(cfg: TrainConfig, log=print, comm=None) -> Run:
     accum_steps = grad_accum_steps(cfg.total_batch_size, B, T, world)
     if (cfg.checkpoint_every > 0 or cfg.resume) and not cfg.output_dir:
         raise ValueError("-n (checkpoints) and -y 1 (resume) need an output dir: pass -o DIR")
+    if cfg.output_dir:  # before the model is built and the data read
+        outputs.check_dir(cfg.output_dir, "-o")
     model, dtype, resumed = setup_model(cfg, comm, log)
     if T > model.config.max_seq_len:
         raise ValueError(f"seq_len T={T} exceeds the model's max_seq_len={model.config.max_seq_len}")
@@ -402,10 +443,13 @@ def setup(cfg: TrainConfig, log=print, comm=None) -> Run:
     if cfg.output_dir:
         os.makedirs(cfg.output_dir, exist_ok=True)
     if cfg.output_dir and rank == 0:
+        if resumed:  # drop what the stopped run logged past its checkpoint: it is done again
+            checkpoint.cut_logs(cfg.output_dir, resumed[0])
+            checkpoint.remove_incomplete(cfg.output_dir, log)
         run.logfile = open(os.path.join(cfg.output_dir, "main.log"), "a" if resumed else "w")
         run.jsonl = runlog.RunLog(cfg.output_dir, "a" if resumed else "w")  # main.jsonl
     if resumed:
-        run.start = resumed[0]
+        run.start, run.resumed = resumed[0], True
         checkpoint.restore(resumed[3], model, train_loader, run.rng, run.loss_detector,
                            run.norm_detector, checkpoint.state_path(cfg.output_dir, run.start, rank))
         log(f"resuming from step {run.start}: {checkpoint.model_path(cfg.output_dir, run.start)}")
@@ -418,8 +462,12 @@ def due(step: int, every: int, last: bool) -> bool:
 
 
 def save_checkpoint(run: Run, step: int) -> None:
-    """The state at the top of `step`: every rank writes its state, rank 0 the model."""
+    """The state at the top of `step`'s training (after its eval and sample): every rank
+    writes its state, rank 0 the model. The logs are flushed first, so a resumed run finds
+    every line up to the checkpoint (checkpoint.cut_logs)."""
     cfg = run.cfg
+    if run.logfile:
+        run.logfile.flush()
     checkpoint.save(cfg.output_dir, step, run.model, run.train_loader, run.rng, run.loss_detector,
                     run.norm_detector, keep=cfg.checkpoint_keep, log=run.log,
                     comm=run.comm if run.comm.backend != "none" else None)
@@ -478,9 +526,104 @@ def log_step(run: Run, step: int, r: StepResult, ms: float) -> None:
 def save_model(run: Run) -> None:
     """-o without -n: the final model file (with -n the last checkpoint holds it)."""
     path = checkpoint.model_path(run.cfg.output_dir, run.cfg.max_steps)
-    formats.write_model(path, run.config, run.model.params_host(),
-                        dtype=checkpoint.model_file_dtype(run.model))
+    params = run.model.params_host()
+    checkpoint.check_finite(params, path)
+    formats.write_model(path, run.config, params, dtype=checkpoint.model_file_dtype(run.model))
     run.log(f"wrote {path}")
+
+
+def _hook_due(step: int, every: int, at_end: bool) -> bool:
+    """Due every `every` steps (at_end False), or only because `step` is the last (True)."""
+    return every > 0 and (step % every != 0 if at_end else step % every == 0)
+
+
+def run_hooks(run: Run, step: int, at_end: bool = False) -> None:
+    """The evals and the sample of `step`: at_end False, those due every -v / -s steps; True,
+    those the last step adds. The checkpoint of `step` goes between the two, so it holds the
+    state an uninterrupted longer run has there (a resumed run skips the first kind)."""
+    cfg = run.cfg
+    if _hook_due(step, cfg.val_every, at_end):
+        log_evals(run, step)
+    if run.rank == 0 and cfg.gen_tokens > 0 and step > 0 and _hook_due(step, cfg.sample_every, at_end):
+        log_sample(run, step)
+
+
+def hooks_due(run: Run, step: int) -> bool:
+    """Whether `step` has a periodic eval or sample (run_hooks) to do before its training step."""
+    cfg = run.cfg
+    evals = _hook_due(step, cfg.val_every, False) and (run.val_batches > 0 or bool(cfg.hellaswag))
+    samples = cfg.gen_tokens > 0 and step > 0 and _hook_due(step, cfg.sample_every, False)
+    return evals or samples
+
+
+def log_progress(run: Run, step: int, ms: float) -> None:
+    """After the third step and at every tenth of the run: steps done, ms/step, time left
+    (the training steps' mean, the first left out: it pays for warm-up; evals not counted)."""
+    cfg = run.cfg
+    run.step_ms.append(ms)
+    done, total = step + 1 - run.start, cfg.max_steps - run.start
+    if total < 10 or step + 1 == cfg.max_steps or not (
+            done == 3 or (10 * done) // total > (10 * (done - 1)) // total):
+        return
+    times = run.step_ms[1:] or run.step_ms
+    mean = sum(times) / len(times)
+    left = (cfg.max_steps - step - 1) * mean / 1000.0
+    run.log(f"progress: {step + 1}/{cfg.max_steps} steps, {mean:.0f} ms/step, about "
+            f"{int(left // 60)}m{int(left % 60):02d}s left (training steps only)")
+
+
+class StopSignals:
+    """SIGINT and SIGTERM during training set `signum`, which the loop reads between steps,
+    so a step, an eval or a checkpoint is never cut half-way. A second signal raises
+    KeyboardInterrupt at once (checkpoint.save removes what it had half-written). Only in
+    the main thread (the only one Python delivers signals to); elsewhere a no-op."""
+
+    def __enter__(self):
+        self.signum = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def stop_requested(run: Run, stop: StopSignals) -> bool:
+    """Whether to stop before `step`; data parallel: if any rank got the signal, so every
+    rank stops at the same step (one scalar all-reduce a step)."""
+    flag = stop.signum is not None
+    if run.comm.backend != "none":
+        flag = run.comm.average(1.0 if flag else 0.0) > 0
+    return flag
+
+
+def stop_run(run: Run, step: int, signum: int | None) -> None:
+    """Stop at the top of `step` after a signal: with -n, write the checkpoint at `step` when
+    the steps before it are done and it owes no eval or sample (a resumed run would skip them);
+    then raise Interrupted with where things stand."""
+    cfg = run.cfg
+    signum = signum or signal.SIGINT  # a rank that only heard of it from another
+    name = signal.Signals(signum).name
+    wrote = ""
+    if (cfg.checkpoint_every > 0 and step > 0 and not (run.resumed and step == run.start)
+            and not hooks_due(run, step)):
+        save_checkpoint(run, step)
+        wrote = f"wrote a checkpoint at step {step}; "
+    elif cfg.checkpoint_every > 0 and step > 0 and not (run.resumed and step == run.start):
+        wrote = f"no checkpoint at step {step} (its val/sample were not done yet); "
+    steps = checkpoint.complete_steps(cfg.output_dir) if cfg.output_dir else []
+    where = (f"last complete checkpoint: {checkpoint.model_path(cfg.output_dir, steps[-1])}; "
+             f"resume with -y 1" if steps else "no checkpoint to resume from (-n N writes them)")
+    raise Interrupted(signum, f"interrupted ({name}) at step {step}/{cfg.max_steps}; {wrote}{where}")
 
 
 def train(cfg: TrainConfig, log=print, comm=None) -> dict:
@@ -488,27 +631,33 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
 
     Data parallel (llmcu.distributed): comm=None takes the process group from the
     launcher's environment; each rank reads its slice of every batch, only rank 0
-    logs, samples and writes the model file, every rank writes its optimizer state."""
+    logs, samples and writes the model file, every rank writes its optimizer state.
+    SIGINT/SIGTERM stop it between steps with Interrupted (StopSignals, stop_run); a
+    non-finite loss or gradient norm with the outlier skip off, with TrainingDiverged."""
     run = setup(cfg, log, comm)
     try:
-        for step in range(run.start, cfg.max_steps + 1):
-            last = step == cfg.max_steps
-            # a checkpoint holds the state at the top of its step, before eval and sampling
-            # (which use the RNG), so a resumed run repeats exactly what this run does next
-            if step > 0 and step != run.start and due(step, cfg.checkpoint_every, last):
-                save_checkpoint(run, step)
-            if due(step, cfg.val_every, last):
-                log_evals(run, step)
-            if run.rank == 0 and cfg.gen_tokens > 0 and step > 0 and due(step, cfg.sample_every, last):
-                log_sample(run, step)
-            if last:
-                break
-            t0 = time.perf_counter()
-            r = train_step(run.model, run.train_loader, step, cfg, run.accum_steps,
-                           run.loss_detector, run.norm_detector, graph=run.graph)
-            log_step(run, step, r, (time.perf_counter() - t0) * 1000.0)
-        if cfg.output_dir and cfg.checkpoint_every == 0 and run.rank == 0:
-            save_model(run)
+        with StopSignals() as stop:
+            for step in range(run.start, cfg.max_steps + 1):
+                last = step == cfg.max_steps
+                if stop_requested(run, stop):
+                    stop_run(run, step, stop.signum)
+                # a checkpoint holds the state at the top of its step after that step's eval
+                # and sample, so a resumed run begins with the training step, repeating nothing
+                if not (run.resumed and step == run.start):
+                    run_hooks(run, step)
+                    if step > 0 and due(step, cfg.checkpoint_every, last):
+                        save_checkpoint(run, step)
+                if last:
+                    run_hooks(run, step, at_end=True)
+                    break
+                t0 = time.perf_counter()
+                r = train_step(run.model, run.train_loader, step, cfg, run.accum_steps,
+                               run.loss_detector, run.norm_detector, graph=run.graph)
+                ms = (time.perf_counter() - t0) * 1000.0
+                log_step(run, step, r, ms)
+                log_progress(run, step, ms)
+            if cfg.output_dir and cfg.checkpoint_every == 0 and run.rank == 0:
+                save_model(run)
     finally:
         if run.logfile:
             run.logfile.close()
