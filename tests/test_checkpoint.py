@@ -137,6 +137,7 @@ def test_killed_mid_write_leaves_previous_checkpoint_usable(files, tmp_path):
     r = subprocess.run(cmd + ["-y", "1"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resuming from step 4" in r.stdout
+    assert "removed incomplete checkpoint 6 (no DONE marker): model_00000006.bin" in r.stdout
     straight, _, lines = _run(_cfg(files, tmp_path / "straight", max_steps=12))
     resumed_losses = re.findall(r"step\s+\d+/12 \| train loss (\S+)", r.stdout)
     assert resumed_losses == [f"{x:.6f}" for x in straight["train"][4:]]
@@ -215,3 +216,119 @@ def test_train_help_lists_checkpoint_flags():
                        text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
     for flag in ("-n", "-nk", "-y"):
         assert re.search(rf"^\s+{flag} ", r.stdout, re.M), r.stdout
+
+
+def _train_records(out):
+    """main.jsonl's train records without the timings: what a resumed run must reproduce."""
+    rows = [json.loads(ln) for ln in (out / "main.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in ("step", "train_loss", "lr", "grad_norm", "skipped")}
+            for r in rows if "train_loss" in r], [r for r in rows if "val_loss" in r]
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(files, tmp_path):
+    """The newest state file truncated: -y 1 says so, resumes from the one before, and the
+    run ends where an uninterrupted one does, with main.jsonl holding each step once."""
+    kw = dict(lr_schedule="constant", checkpoint_every=2, sample_every=0)
+    _run(_cfg(files, tmp_path / "a", max_steps=10, **kw))
+    b = tmp_path / "b"
+    _run(_cfg(files, b, max_steps=8, **kw))
+    state = b / "state_00000008_00000.bin"
+    state.write_bytes(state.read_bytes()[:-100])
+    _, _, lines = _run(_cfg(files, b, max_steps=10, resume=1, **kw))
+    assert any(s.startswith("-y 1: skipping checkpoint 8: ") and "truncated" in s for s in lines), lines
+    assert any("resuming from step 6" in s for s in lines), lines
+    assert np.array_equal(_params(b / "model_00000010.bin"), _params(tmp_path / "a" / "model_00000010.bin"))
+    assert _train_records(b) == _train_records(tmp_path / "a")
+    assert [r["step"] for r in _train_records(b)[1]] == [0, 5, 10]
+    assert (tmp_path / "a" / "main.log").read_text().split("\n")[:-1] == \
+        (b / "main.log").read_text().split("\n")[:-1]
+
+
+def test_resume_error_when_no_checkpoint_is_usable_names_each_cause(files, tmp_path):
+    out = tmp_path / "o"
+    _run(_cfg(files, out, max_steps=4, checkpoint_every=2, sample_every=0, val_every=0))
+    for step in (2, 4):
+        path = out / f"state_{step:08d}_00000.bin"
+        path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ValueError) as e:
+        train(_cfg(files, out, resume=1), log=lambda s: None)
+    msg = str(e.value)
+    assert "step 4: " in msg and "step 2: " in msg and "truncated" in msg, msg
+    assert "cannot be repaired" in msg and "number of processes" not in msg, msg
+
+
+_SIGNAL_ARGS = ["-b", 2, "-t", 8, "-l", 3e-3, "-v", 5, "-m", 2, "-s", 4, "-g", 6, "-k", "constant",
+                "-c", 0.1, "-n", 3, "--device", "cpu"]
+
+
+def _cmd(files, out, steps, *extra):
+    args = ["train", "-i", files / "train.bin", "-j", files / "val.bin", "-e", files / "tiny.bin",
+            "-o", out, "-x", steps, *_SIGNAL_ARGS, *extra]
+    return [sys.executable, "-m", "llmcu", *map(str, args)]
+
+
+def _no_orphans(out):
+    names = os.listdir(out)
+    done = set(checkpoint.complete_steps(str(out)))
+    for n in names:
+        m = re.fullmatch(r"(?:model_(\d{8})\.bin|state_(\d{8})_\d{5}\.bin)", n)
+        assert ".tmp." not in n, names
+        assert not m or int(m.group(1) or m.group(2)) in done, names
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or sys.platform == "win32", reason="POSIX signals")
+def test_sigint_during_a_step_stops_cleanly_and_resumes(files, tmp_path):
+    """Ctrl-C mid-run: exit 130, one line saying where it stopped, no orphan; -y 1 then ends
+    with the model of an uninterrupted run."""
+    steps, sparse = 80, ("-n", 25, "-v", 20, "-s", 0)  # few checkpoints: each is ~20 MB
+    straight = tmp_path / "straight"
+    r = subprocess.run(_cmd(files, straight, steps, *sparse), env=_ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "run"
+    p = subprocess.Popen(_cmd(files, out, steps, *sparse), env=_ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("step   30/"):
+            p.send_signal(signal.SIGINT)
+            break
+    rest, err = p.communicate(timeout=120)
+    assert p.returncode == 130, (p.returncode, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    m = re.search(r"interrupted \(SIGINT\) at step (\d+)/80; wrote a checkpoint at step (\d+)", err)
+    assert m and 30 <= int(m.group(1)) < steps and m.group(1) == m.group(2), err
+    _no_orphans(out)
+    r = subprocess.run(_cmd(files, out, steps, *sparse, "-y", 1), env=_ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(_params(out / f"model_{steps:08d}.bin"), _params(straight / f"model_{steps:08d}.bin"))
+    assert _train_records(out) == _train_records(straight)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("times", [1, 2])
+def test_sigint_during_a_checkpoint_write(files, tmp_path, times):
+    """One Ctrl-C half-way through the checkpoint at 6: it completes, and the run stops at the
+    top of the next step with that checkpoint the newest. Two: the second stops the write at
+    once, the half-written checkpoint is taken back, and 3 is the newest. Either way -y 1
+    ends with the uninterrupted run's model."""
+    straight = tmp_path / "straight"
+    r = subprocess.run(_cmd(files, straight, 9), env=_ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "run"
+    env = dict(_ENV, **{checkpoint.SIGINT_ENV: f"6:{times}"})
+    r = subprocess.run(_cmd(files, out, 9), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    _no_orphans(out)
+    if times == 1:
+        assert checkpoint.complete_steps(str(out)) == [3, 6]
+        assert "interrupted (SIGINT) at step 6/9" in r.stderr and "model_00000006.bin" in r.stderr
+    else:
+        assert checkpoint.complete_steps(str(out)) == [3]
+        assert r.stderr.strip() == "llmcu train: interrupted"
+    r = subprocess.run(_cmd(files, out, 9, "-y", 1), env=_ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(_params(out / "model_00000009.bin"), _params(straight / "model_00000009.bin"))
+    assert _train_records(out) == _train_records(straight)
