@@ -126,6 +126,22 @@ def test_unknown_descriptor_lists_every_family(capsys, tmp_path, spec):
     assert ".bin" in err, err
 
 
+@pytest.mark.parametrize("argv", [
+    ["train", "--device", "cpu", "-e", "{f}", "-o", "{tmp}/run"],
+    ["sample", "-e", "{f}"],
+    ["convert", "--to-hf", "{tmp}/hf", "--model", "{f}"],
+])
+def test_a_text_file_as_the_model_is_not_an_llmc_model(capsys, tmp_path, argv):
+    """Issue 22: a text file given as the model was reported as truncated."""
+    notes = tmp_path / "notes.bin"
+    notes.write_text("my notes on the run\n")
+    err = _main_error(capsys, *[a.format(f=notes, tmp=tmp_path) for a in argv])
+    assert "not an llm.c model checkpoint" in err and "truncated" not in err, err
+    assert "20240326" in err and "20240803" in err and "b'my notes" in err, err
+    assert "llmcu convert --from-hf" in err, err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_train_missing_model_file(tmp_path):
     r = llmcu("train", "-e", tmp_path / "nope.bin", check=False)
     assert r.returncode != 0 and "nope.bin" in r.stderr and "not found" in r.stderr, r.stderr
