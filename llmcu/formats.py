@@ -332,7 +332,7 @@ def read_debug_state(path, config: GPT2Config) -> DebugState:
     what = "llm.c debug state"
     with open(path, "rb") as f:
         header = _read_header(f, path, DEBUG_STATE_MAGIC, (DEBUG_STATE_VERSION,), what,
-                              hint="scripts/train_gpt2.py writes one (gpt2_124M_debug_state.bin)")
+                              hint="scripts/train_gpt2.py writes one (out/reference/gpt2_d12_debug_state.bin)")
         B, T = header[2], header[3]
         if B <= 0 or T <= 0:
             raise FormatError(f"{path}: bad debug state header: expected B, T > 0, found B={B}, T={T}")
