@@ -23,9 +23,12 @@ was found. Writers go through atomic_write, so nothing is written half-way.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -83,6 +86,31 @@ def atomic_write(path):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def removes_new_dirs_on_failure(prepare):
+    """Decorator for a prepare function taking out_dir: if it raises, the
+    directories it created (out_dir and any missing parents) are removed again
+    while empty, so a failed prepare leaves no empty directories behind. A
+    directory that existed before, or holds a finished download, stays."""
+    @functools.wraps(prepare)
+    def wrapper(*args, **kwargs):
+        bound = inspect.signature(prepare).bind(*args, **kwargs)
+        bound.apply_defaults()
+        new, d = [], Path(bound.arguments["out_dir"]).absolute()
+        while not d.exists() and d != d.parent:
+            new.append(d)
+            d = d.parent
+        try:
+            return prepare(*args, **kwargs)
+        except BaseException:
+            for d in new:  # deepest first; rmdir refuses a non-empty one
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+            raise
+    return wrapper
 
 
 def _make_header(magic: int, version: int, *fields: int, dtype: str = "<i4") -> bytes:

@@ -142,6 +142,14 @@ def test_a_text_file_as_the_model_is_not_an_llmc_model(capsys, tmp_path, argv):
     assert not (tmp_path / "hf").exists()
 
 
+def test_failed_prepare_leaves_no_empty_directory(capsys, tmp_path):
+    out = tmp_path / "data" / "tinyshakespeare"
+    err = _main_error(capsys, "prepare", "tinyshakespeare", "--input", tmp_path / "nope.txt",
+                      "--out-dir", out)
+    assert "nope.txt" in err and "does not exist" in err, err
+    assert not (tmp_path / "data").exists()
+
+
 def test_train_missing_model_file(tmp_path):
     r = llmcu("train", "-e", tmp_path / "nope.bin", check=False)
     assert r.returncode != 0 and "nope.bin" in r.stderr and "not found" in r.stderr, r.stderr
