@@ -221,14 +221,7 @@ def requested_config(spec: str, max_seq_len: int = 1024) -> GPT2Config:
         if not os.path.exists(spec):
             raise FileNotFoundError(f"model checkpoint {spec} not found; pass a .bin file written by "
                                     f"llmcu or llm.c, or a descriptor such as d6 or d12")
-        if formats._peek_magic(spec) == formats.LLAMA_MODEL_MAGIC:
-            return formats.read_llama_header(spec)
-        with open(spec, "rb") as f:
-            h = formats._read_header(f, spec, formats.MODEL_MAGIC,
-                                     (formats.MODEL_VERSION_FP32, formats.MODEL_VERSION_BF16),
-                                     "llm.c model checkpoint")
-        return GPT2Config(max_seq_len=h[2], vocab_size=h[3], num_layers=h[4], num_heads=h[5],
-                          channels=h[6], padded_vocab_size=h[7])
+        return formats.read_model_header(spec)
     from .llama_config import model_config
     return model_config(spec, max_seq_len=max_seq_len)  # GPT-2 or Llama descriptor
 

@@ -89,6 +89,11 @@ _NAMED = {"gpt2": 12, "gpt2-124m": 12, "gpt2-medium": 24, "gpt2-350m": 24,
           "gpt2-large": 36, "gpt2-774m": 36, "gpt2-xl": 48, "gpt2-1558m": 48}
 
 
+def gpt2_descriptors() -> list[str]:
+    """Every GPT-2 descriptor gpt2_config takes."""
+    return [f"d{d}" for d in _DEPTH_SHAPES] + sorted(_NAMED)
+
+
 def gpt2_config(descriptor: str, max_seq_len: int = 1024,
                 vocab_size: int = GPT2_VOCAB_SIZE) -> GPT2Config:
     """A config from llm.c's descriptor ("d12") or a model name ("gpt2-medium")."""
@@ -98,8 +103,8 @@ def gpt2_config(descriptor: str, max_seq_len: int = 1024,
     if match:
         depth = int(match.group(1))
     if depth not in _DEPTH_SHAPES:
-        known = ", ".join([f"d{d}" for d in _DEPTH_SHAPES] + sorted(_NAMED))
-        raise ValueError(f"unknown GPT-2 model descriptor {descriptor!r}; expected one of: {known}")
+        raise ValueError(f"unknown GPT-2 model descriptor {descriptor!r}; expected one of: "
+                         f"{', '.join(gpt2_descriptors())}")
     num_heads, channels = _DEPTH_SHAPES[depth]
     return GPT2Config(max_seq_len=max_seq_len, vocab_size=vocab_size,
                       num_layers=depth, num_heads=num_heads, channels=channels)

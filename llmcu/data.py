@@ -38,7 +38,8 @@ import numpy as np
 
 from llmcu import tokenizer
 from llmcu.config import DATASETS
-from llmcu.formats import atomic_write, read_shard, read_shard_header, write_shard
+from llmcu.formats import (atomic_write, read_shard, read_shard_header,
+                           removes_new_dirs_on_failure, write_shard)
 from llmcu.progress import Progress
 
 TINYSHAKESPEARE_URL = (
@@ -145,6 +146,7 @@ def tokenize_tinyshakespeare(text: str, log=None) -> np.ndarray:
     return _documents_to_tokens(docs, log, "tokenizing tinyshakespeare")
 
 
+@removes_new_dirs_on_failure
 def prepare_tinyshakespeare(out_dir="data/tinyshakespeare", input_path=None, log=print) -> dict:
     """Write tiny_shakespeare_{val,train}.bin into out_dir.
 
@@ -207,6 +209,7 @@ def _tokenize_stories(stories, seed: int, where: str, log=None) -> np.ndarray:
     return _documents_to_tokens(docs, log, f"tokenizing {where.rsplit(':', 1)[-1]}")
 
 
+@removes_new_dirs_on_failure
 def prepare_tinystories(out_dir="data/tinystories", archive_path=None, log=print) -> dict:
     """Write TinyStories_{val,train}.bin into out_dir.
 

@@ -23,9 +23,12 @@ was found. Writers go through atomic_write, so nothing is written half-way.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -91,6 +94,31 @@ def atomic_write(path):
             os.close(dir_fd)
 
 
+def removes_new_dirs_on_failure(prepare):
+    """Decorator for a prepare function taking out_dir: if it raises, the
+    directories it created (out_dir and any missing parents) are removed again
+    while empty, so a failed prepare leaves no empty directories behind. A
+    directory that existed before, or holds a finished download, stays."""
+    @functools.wraps(prepare)
+    def wrapper(*args, **kwargs):
+        bound = inspect.signature(prepare).bind(*args, **kwargs)
+        bound.apply_defaults()
+        new, d = [], Path(bound.arguments["out_dir"]).absolute()
+        while not d.exists() and d != d.parent:
+            new.append(d)
+            d = d.parent
+        try:
+            return prepare(*args, **kwargs)
+        except BaseException:
+            for d in new:  # deepest first; rmdir refuses a non-empty one
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+            raise
+    return wrapper
+
+
 def _make_header(magic: int, version: int, *fields: int, dtype: str = "<i4") -> bytes:
     header = np.zeros(HEADER_INTS, dtype=dtype)
     header[0], header[1] = magic, version
@@ -101,18 +129,45 @@ def _make_header(magic: int, version: int, *fields: int, dtype: str = "<i4") -> 
 # ----------------------------------------------------------------------------
 # reading: one header check for all four formats
 
-def _read_header(f, path: str, magic: int, versions: tuple[int, ...], what: str,
-                 dtype: str = "<i4") -> list[int]:
-    """Read and check the 256-int header of an open file: length, magic, version."""
+def _kind_of_magic(magic: int) -> str | None:
+    """The kind of llm.c file a magic number names, None for an unknown one."""
+    return {MODEL_MAGIC: "llm.c GPT-2 model checkpoint", LLAMA_MODEL_MAGIC: "llm.c Llama model checkpoint",
+            DEBUG_STATE_MAGIC: "llm.c debug state", TOKENIZER_MAGIC: "llm.c tokenizer",
+            SHARD_MAGIC: "llm.c token shard", TRAIN_STATE_MAGIC: "training state",
+            EVAL_MAGIC: "llm.c eval file"}.get(magic)
+
+
+def _read_header(f, path: str, magic, versions: tuple[int, ...], what: str,
+                 dtype: str = "<i4", hint: str = "") -> list[int]:
+    """Read and check the 256-int header of an open file: magic, length, version.
+
+    magic: the magic number, or a tuple of those the caller accepts (the first
+    is the one `what` names). A file that does not start with it is "not an
+    llm.c ... file", whatever its length (a text file passed as a model); one
+    that does but ends before 1024 bytes is truncated. hint: what to pass or run
+    instead, appended to the wrong-magic message."""
+    magics = magic if isinstance(magic, tuple) else (magic,)
     raw = f.read(HEADER_BYTES)
+    head = np.frombuffer(raw[:4], dtype=dtype) if len(raw) >= 4 else None
+    starts_right = (head is not None and int(head[0]) in magics) or (
+        len(raw) < 4 and any(np.array([m], dtype=dtype).tobytes().startswith(raw) for m in magics))
+    if not starts_right:
+        expected = " or ".join(f"{m} ({_kind_of_magic(m) or what})" for m in magics)
+        if head is None:
+            found = f"a {len(raw)}-byte file"
+        else:
+            kind = _kind_of_magic(int(head[0]))
+            found = f"{int(head[0])}" + (f" (an {kind})" if kind else "")
+        starts = "" if head is not None and _kind_of_magic(int(head[0])) else \
+            f"; the file starts with {raw[:16]!r}"
+        raise FormatError(
+            f"{path}: not an {what}: bad magic number: expected {expected}, found {found}"
+            f"{starts}" + (f"; {hint}" if hint else ""))
     if len(raw) < HEADER_BYTES:
         raise FormatError(
             f"{path}: file is truncated: expected a {HEADER_BYTES}-byte {what} header, "
             f"found a {len(raw)}-byte file")
     header = [int(v) for v in np.frombuffer(raw, dtype=dtype)]
-    if header[0] != magic:
-        raise FormatError(
-            f"{path}: bad magic number: expected {magic} ({what}), found {header[0]}")
     if header[1] not in versions:
         expected = " or ".join(str(v) for v in versions)
         raise FormatError(
@@ -213,28 +268,48 @@ def write_model(path, config: GPT2Config, params: np.ndarray, dtype: str = "floa
         f.write(payload.tobytes())
 
 
+_MODEL_HINT = ("pass a model .bin written by llmcu train, llm.c, or `llmcu convert --from-hf DIR "
+               "--out model.bin` (llmcu train and sample -e also take a descriptor such as d12 or llama-d6)")
+
+
+def _read_gpt2_header(f, path: str) -> tuple[GPT2Config, int]:
+    """(config, version) from an open GPT-2 model file's header, all fields checked."""
+    header = _read_header(f, path, (MODEL_MAGIC, LLAMA_MODEL_MAGIC),
+                          (MODEL_VERSION_FP32, MODEL_VERSION_BF16), "llm.c model checkpoint",
+                          hint=_MODEL_HINT)
+    version = header[1]
+    maxT, V, L, NH, C, Vp = header[2:8]
+    fields = {"maxT": maxT, "V": V, "L": L, "NH": NH, "C": C, "Vp": Vp}
+    for name, value in fields.items():
+        if value <= 0:
+            raise FormatError(f"{path}: bad model header: expected {name} > 0, found {value}")
+    if Vp < V:
+        raise FormatError(f"{path}: bad model header: expected Vp >= V, found Vp={Vp}, V={V}")
+    if C % NH != 0:
+        raise FormatError(
+            f"{path}: bad model header: expected C divisible by NH, found C={C}, NH={NH}")
+    return GPT2Config(max_seq_len=maxT, vocab_size=V, num_layers=L, num_heads=NH,
+                      channels=C, padded_vocab_size=Vp), version
+
+
+def read_model_header(path):
+    """The config of an llm.c model file (GPT2Config, or LlamaConfig for a Llama
+    file), from its header alone."""
+    path = os.fspath(path)
+    if _peek_magic(path) == LLAMA_MODEL_MAGIC:
+        return read_llama_header(path)
+    with open(path, "rb") as f:
+        return _read_gpt2_header(f, path)[0]
+
+
 def read_model(path) -> tuple[GPT2Config, np.ndarray]:
     """Read an llm.c model checkpoint: (config, flat float32 params); a Llama
     file (magic 20240803) gives (LlamaConfig, params) through read_llama_model."""
     path = os.fspath(path)
     if _peek_magic(path) == LLAMA_MODEL_MAGIC:
         return read_llama_model(path)
-    what = "llm.c model checkpoint"
     with open(path, "rb") as f:
-        header = _read_header(f, path, MODEL_MAGIC, (MODEL_VERSION_FP32, MODEL_VERSION_BF16), what)
-        version = header[1]
-        maxT, V, L, NH, C, Vp = header[2:8]
-        fields = {"maxT": maxT, "V": V, "L": L, "NH": NH, "C": C, "Vp": Vp}
-        for name, value in fields.items():
-            if value <= 0:
-                raise FormatError(f"{path}: bad model header: expected {name} > 0, found {value}")
-        if Vp < V:
-            raise FormatError(f"{path}: bad model header: expected Vp >= V, found Vp={Vp}, V={V}")
-        if C % NH != 0:
-            raise FormatError(
-                f"{path}: bad model header: expected C divisible by NH, found C={C}, NH={NH}")
-        config = GPT2Config(max_seq_len=maxT, vocab_size=V, num_layers=L, num_heads=NH,
-                            channels=C, padded_vocab_size=Vp)
+        config, version = _read_gpt2_header(f, path)
         nparams = config.num_parameters()
         itemsize = 2 if version == MODEL_VERSION_BF16 else 4
         _check_size(f, path, HEADER_BYTES + nparams * itemsize,
@@ -290,7 +365,8 @@ def read_debug_state(path, config: GPT2Config) -> DebugState:
     path = os.fspath(path)
     what = "llm.c debug state"
     with open(path, "rb") as f:
-        header = _read_header(f, path, DEBUG_STATE_MAGIC, (DEBUG_STATE_VERSION,), what)
+        header = _read_header(f, path, DEBUG_STATE_MAGIC, (DEBUG_STATE_VERSION,), what,
+                              hint="scripts/train_gpt2.py writes one (out/reference/gpt2_d12_debug_state.bin)")
         B, T = header[2], header[3]
         if B <= 0 or T <= 0:
             raise FormatError(f"{path}: bad debug state header: expected B, T > 0, found B={B}, T={T}")
@@ -332,7 +408,9 @@ def write_shard(path, tokens) -> None:
 
 
 def _open_shard(f, path: str) -> int:
-    header = _read_header(f, path, SHARD_MAGIC, (SHARD_VERSION,), "llm.c token shard")
+    header = _read_header(f, path, SHARD_MAGIC, (SHARD_VERSION,), "llm.c token shard",
+                          hint="pass token shards written by llmcu prepare (e.g. `llmcu prepare "
+                               "tinyshakespeare` writes data/tinyshakespeare/tiny_shakespeare_*.bin)")
     ntok = header[2]
     if ntok < 0:
         raise FormatError(f"{path}: bad token shard header: expected ntok >= 0, found {ntok}")
@@ -390,7 +468,8 @@ def read_tokenizer_bin(path) -> tuple[list[bytes], int]:
     path = os.fspath(path)
     what = "llm.c tokenizer"
     with open(path, "rb") as f:
-        header = _read_header(f, path, TOKENIZER_MAGIC, (TOKENIZER_VERSION,), what, dtype="<u4")
+        header = _read_header(f, path, TOKENIZER_MAGIC, (TOKENIZER_VERSION,), what, dtype="<u4",
+                              hint="`llmcu tokenizer` writes gpt2_tokenizer.bin")
         data = f.read()
     n, eot = header[2], header[3]
     if eot >= n:
@@ -498,7 +577,8 @@ def read_train_state(path, num_parameters: int, num_processes: int = 1, rank: in
     path = os.fspath(path)
     what = "training state"
     with open(path, "rb") as f:
-        header = _read_header(f, path, TRAIN_STATE_MAGIC, (TRAIN_STATE_VERSION,), what)
+        header = _read_header(f, path, TRAIN_STATE_MAGIC, (TRAIN_STATE_VERSION,), what,
+                              hint="llmcu train -n writes state_%08d_00000.bin beside model_%08d.bin")
         raw = np.array(header, dtype=np.int64).astype("<i4")
         u64 = raw.view("<u8")
         if header[2] != num_processes or header[3] != rank:
@@ -611,7 +691,8 @@ def read_evalfile(path) -> list[EvalExample]:
     path = os.fspath(path)
     what = "llm.c eval file"
     with open(path, "rb") as f:
-        header = _read_header(f, path, EVAL_MAGIC, (EVAL_VERSION,), what)
+        header = _read_header(f, path, EVAL_MAGIC, (EVAL_VERSION,), what,
+                              hint="`llmcu prepare hellaswag` writes data/hellaswag/hellaswag_val.bin")
         rest = f.read()
     num, longest = header[2], header[3]
     if num < 0 or not 0 <= longest < 2**16:

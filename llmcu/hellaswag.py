@@ -29,6 +29,7 @@ def render_example(example: dict) -> dict:
             "ending_tokens": [encode(" " + end) for end in example["endings"]]}
 
 
+@formats.removes_new_dirs_on_failure
 def prepare_hellaswag(out_dir="data/hellaswag", input_jsonl=None, log=print) -> str:
     """Tokenize the HellaSwag val jsonl (downloaded into out_dir unless input_jsonl
     is given) into out_dir/hellaswag_val.bin; returns that path."""

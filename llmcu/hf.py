@@ -448,9 +448,27 @@ def hf_llama_config(hf: dict, where: str = "config.json"):
                   hidden_dim=hf["intermediate_size"],
                   head_dim=hf.get("head_dim") or (256 if gemma else C // NH),
                   norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=rope_scaling)
+    fields.update(_ffn_sizing(hf, C))
     if gemma:
         return LlamaConfig(**fields, **gemma_options(C))
     return LlamaConfig(**fields, tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def _ffn_sizing(hf: dict, channels: int) -> dict:
+    """multiple_of and ffn_dim_multiplier (the names of Meta's params.json) from a
+    config.json that carries them, as export_hf writes them: llm.c's Llama header
+    stores these two, not the hidden size, so a round trip needs them. Kept only
+    when they give intermediate_size; otherwise intermediate_size alone rules."""
+    from .llama_config import llama_hidden_dim
+    multiple_of, multiplier = hf.get("multiple_of"), hf.get("ffn_dim_multiplier")
+    if not isinstance(multiple_of, int) or isinstance(multiple_of, bool) or multiple_of <= 0:
+        return {}
+    if multiplier is not None and not (isinstance(multiplier, (int, float)) and multiplier > 0):
+        return {}
+    if llama_hidden_dim(channels, multiple_of, multiplier) != hf["intermediate_size"]:
+        return {}
+    return dict(multiple_of=multiple_of,
+                ffn_dim_multiplier=None if multiplier is None else float(multiplier))
 
 
 def hf_llama_to_flat(config, state: dict) -> np.ndarray:
@@ -508,7 +526,7 @@ def import_hf_llama(path_or_name):
 
 def hf_llama_config_dict(config) -> dict:
     """config.json for transformers' LlamaForCausalLM or GemmaForCausalLM."""
-    from .llama_config import gemma_options
+    from .llama_config import gemma_options, llama_hidden_dim
     gemma = gemma_options(config.channels)
     is_gemma = (config.mlp, config.norm_weight_offset) == (gemma["mlp"], gemma["norm_weight_offset"])
     is_llama = (config.mlp, config.norm_weight_offset, config.embed_scale) == ("swiglu", 0.0, 1.0)
@@ -530,6 +548,12 @@ def hf_llama_config_dict(config) -> dict:
          "tie_word_embeddings": config.tie_embeddings, "attention_bias": False,
          "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
          "torch_dtype": "float32"}
+    if config.hidden_dim == llama_hidden_dim(config.channels, config.multiple_of,
+                                             config.ffn_dim_multiplier):
+        # extra keys for transformers (kept as attributes); import_hf reads them back
+        d["multiple_of"] = config.multiple_of
+        if config.ffn_dim_multiplier is not None:  # float32 in the config, shortest decimal here
+            d["ffn_dim_multiplier"] = float(str(np.float32(config.ffn_dim_multiplier)))
     if config.rope_scaling is not None:
         factor, low, high, original = config.rope_scaling
         d["rope_parameters"] = d["rope_scaling"] = {

@@ -205,6 +205,12 @@ def is_llama_spec(spec: str) -> bool:
     return spec.strip().lower().startswith(("llama", "gemma"))
 
 
+def llama_descriptors() -> list[str]:
+    """Every Llama/Gemma descriptor llama_config takes."""
+    return (["llama"] + [f"{k}-d{d}" for k in ("llama", "gemma") for d in _DEPTHS]
+            + sorted(REFERENCE))
+
+
 def llama_config(descriptor: str, max_seq_len: int = 1024,
                  vocab_size: int = GPT2_VOCAB_SIZE) -> LlamaConfig:
     """A config from a descriptor: 'llama' (= llama-d6), 'llama-dN', 'gemma-dN'
@@ -219,9 +225,8 @@ def llama_config(descriptor: str, max_seq_len: int = 1024,
     match = re.fullmatch(r"(llama|gemma)-d(\d+)", key)
     depth = int(match.group(2)) if match else None
     if depth not in _DEPTHS:
-        known = ", ".join(["llama"] + [f"{k}-d{d}" for k in ("llama", "gemma") for d in _DEPTHS]
-                          + sorted(REFERENCE))
-        raise ValueError(f"unknown Llama model descriptor {descriptor!r}; expected one of: {known}")
+        raise ValueError(f"unknown Llama model descriptor {descriptor!r}; expected one of: "
+                         f"{', '.join(llama_descriptors())}")
     num_heads, num_kv_heads, channels = _DEPTHS[depth]
     common = dict(max_seq_len=max_seq_len, vocab_size=vocab_size, num_layers=depth,
                   num_heads=num_heads, channels=channels, **_SMALL_FFN)
@@ -233,10 +238,18 @@ def llama_config(descriptor: str, max_seq_len: int = 1024,
 def model_config(spec: str, max_seq_len: int = 1024):
     """GPT2Config or LlamaConfig from a descriptor (not a file): the one place that
     tells the two families apart by name."""
-    from .config import gpt2_config
-    if is_llama_spec(spec):
-        return llama_config(spec, max_seq_len=max_seq_len)
-    return gpt2_config(spec, max_seq_len=max_seq_len)
+    from .config import gpt2_config, gpt2_descriptors
+    try:
+        if is_llama_spec(spec):
+            return llama_config(spec, max_seq_len=max_seq_len)
+        return gpt2_config(spec, max_seq_len=max_seq_len)
+    except ValueError as e:
+        if not str(e).startswith("unknown "):
+            raise
+    raise ValueError(
+        f"unknown model descriptor {spec!r}; expected a GPT-2 one ({', '.join(gpt2_descriptors())}), "
+        f"a Llama/Gemma one ({', '.join(llama_descriptors())}), an llm.c model file (.bin) or "
+        f"hf:DIR_OR_NAME for a Hugging Face checkpoint")
 
 
 def print_llama_summary(config: LlamaConfig, log=print) -> None:

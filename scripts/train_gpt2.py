@@ -3,7 +3,7 @@
     python scripts/train_gpt2.py                      # d12 (124M), random init from --seed
     python scripts/train_gpt2.py --hf-dir DIR         # a Hugging Face GPT-2 checkpoint
 
-writes into --output-dir
+writes into --output-dir (default out/reference, git-ignored; about 1 GB at d12)
     gpt2_<model>.bin              the initial parameters (llm.c model file, float32)
     gpt2_<model>_debug_state.bin  one batch x, y and, before any update, its logits,
                                   loss and gradients (what llm.c's test_gpt2 checks)
@@ -31,6 +31,7 @@ from llmcu.torch_gpt2 import (configure_optimizer, from_flat, from_hf_checkpoint
                               grads_to_flat, to_flat)
 
 DEFAULT_INPUT = "data/tinyshakespeare/tiny_shakespeare_val.bin"
+DEFAULT_OUTPUT_DIR = "out/reference"  # .gitignore's out/: the d12 files are about 1 GB
 
 
 def parse_args(argv=None):
@@ -52,7 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=0.0, help="0 disables clipping")
     p.add_argument("--input-bin", default=DEFAULT_INPUT, help="token shard (default: %(default)s)")
-    p.add_argument("--output-dir", default=".")
+    p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
+                   help="where the model, debug state and tokenizer files go, created if needed "
+                        "(default: %(default)s, which .gitignore covers)")
     p.add_argument("--no-tokenizer", action="store_true", help="do not write gpt2_tokenizer.bin")
     p.add_argument("--device", default="cpu")
     return p.parse_args(argv)

@@ -105,6 +105,51 @@ def test_train_unknown_model_descriptor(shakespeare):
     assert r.returncode != 0 and "d7" in r.stderr and "d12" in r.stderr, r.stderr
 
 
+def _main_error(capsys, *argv):
+    """Run llmcu.cli.main in-process: exit code 2 and one line on stderr, no traceback."""
+    from llmcu.cli import main
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("spec", ["d7", "llama-d7", "gpt3"])
+def test_unknown_descriptor_lists_every_family(capsys, tmp_path, spec):
+    """Issue 22: the error names GPT-2's, Llama's and Gemma's presets, and the other
+    things -e takes, whichever family the typo looked like."""
+    err = _main_error(capsys, "train", "--device", "cpu", "-e", spec, "-o", tmp_path / "run")
+    assert repr(spec) in err
+    for preset in ("d12", "gpt2-xl", "llama-d6", "gemma-d12", "llama3.2-1b", "gemma-2b", "hf:"):
+        assert preset in err, err
+    assert ".bin" in err, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--device", "cpu", "-e", "{f}", "-o", "{tmp}/run"],
+    ["sample", "-e", "{f}"],
+    ["convert", "--to-hf", "{tmp}/hf", "--model", "{f}"],
+])
+def test_a_text_file_as_the_model_is_not_an_llmc_model(capsys, tmp_path, argv):
+    """Issue 22: a text file given as the model was reported as truncated."""
+    notes = tmp_path / "notes.bin"
+    notes.write_text("my notes on the run\n")
+    err = _main_error(capsys, *[a.format(f=notes, tmp=tmp_path) for a in argv])
+    assert "not an llm.c model checkpoint" in err and "truncated" not in err, err
+    assert "20240326" in err and "20240803" in err and "b'my notes" in err, err
+    assert "llmcu convert --from-hf" in err, err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_failed_prepare_leaves_no_empty_directory(capsys, tmp_path):
+    out = tmp_path / "data" / "tinyshakespeare"
+    err = _main_error(capsys, "prepare", "tinyshakespeare", "--input", tmp_path / "nope.txt",
+                      "--out-dir", out)
+    assert "nope.txt" in err and "does not exist" in err, err
+    assert not (tmp_path / "data").exists()
+
+
 def test_train_missing_model_file(tmp_path):
     r = llmcu("train", "-e", tmp_path / "nope.bin", check=False)
     assert r.returncode != 0 and "nope.bin" in r.stderr and "not found" in r.stderr, r.stderr

@@ -100,7 +100,7 @@ def test_tinyshakespeare_offline_without_input_mentions_input_flag(tmp_path, mon
     with pytest.raises(DatasetError, match="--input") as err:
         data.prepare_tinyshakespeare(tmp_path / "ts", log=None)
     assert data.TINYSHAKESPEARE_URL in str(err.value)
-    assert list((tmp_path / "ts").iterdir()) == []  # no partial input.txt, no temp file
+    assert not (tmp_path / "ts").exists()  # no partial input.txt, no temp file, no empty dir
 
 
 def test_tinyshakespeare_uses_cached_input_without_download(input_txt, tmp_path, monkeypatch):
@@ -232,7 +232,7 @@ def test_tinystories_unsafe_member_is_rejected(tmp_path, stories, bad_name):
     archive = _make_archive(tmp_path / "ts.tar.gz", stories, extra=[(bad_name, [])])
     with pytest.raises(DatasetError, match="unsafe"):
         data.prepare_tinystories(tmp_path / "out", archive_path=archive, log=None)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # nothing written, not even the directory
 
 
 def test_tinystories_missing_archive_names_path(tmp_path):
@@ -252,7 +252,35 @@ def test_tinystories_offline_without_archive_mentions_input_flag(tmp_path, monke
     _offline(monkeypatch)
     with pytest.raises(DatasetError, match="--input"):
         data.prepare_tinystories(tmp_path / "out", log=None)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()
+
+
+# Issue 22: a failed prepare leaves no empty output directories behind (the ones
+# it created; a directory that was already there stays).
+def _bad_input(tmp_path, kind):
+    if kind == "missing":
+        return tmp_path / "missing.input"
+    bad = tmp_path / "bad.input"
+    bad.write_bytes(b"caf\xe9 not utf-8, not a tarball, not json\n\xff\xfe")
+    return bad
+
+
+@pytest.mark.parametrize("kind", ["missing", "bad", "offline"])
+@pytest.mark.parametrize("dataset", ["tinyshakespeare", "tinystories", "hellaswag"])
+def test_failed_prepare_leaves_no_new_directories(tmp_path, monkeypatch, dataset, kind):
+    from llmcu.hellaswag import prepare_hellaswag
+    _offline(monkeypatch)
+    source = None if kind == "offline" else _bad_input(tmp_path, kind)
+    prepare = {"tinyshakespeare": lambda out: data.prepare_tinyshakespeare(out, source, log=None),
+               "tinystories": lambda out: data.prepare_tinystories(out, source, log=None),
+               "hellaswag": lambda out: prepare_hellaswag(out, source, log=lambda s: None)}[dataset]
+    with pytest.raises(DatasetError):
+        prepare(tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "existing").mkdir()
+    with pytest.raises(DatasetError):
+        prepare(tmp_path / "existing")
+    assert (tmp_path / "existing").is_dir()
 
 
 # ----------------------------------------------------------------------------

@@ -194,6 +194,60 @@ def test_read_model_truncated_header(tmp_path):
                         "truncated", "1024-byte", "found a 8-byte")
 
 
+# Issue 22: a text file (or any non-llm.c file) given where an llm.c file belongs
+# is "not an llm.c ... file" with its first bytes and what to pass instead, at any
+# length; only a file that starts with the right magic can be "truncated".
+READERS = {
+    "model": (lambda p: formats.read_model(p), "llm.c model checkpoint",
+              ["20240326", "20240803", "llmcu convert --from-hf"]),
+    "model header": (lambda p: formats.read_model_header(p), "llm.c model checkpoint",
+                     ["20240326", "20240803"]),
+    "debug state": (lambda p: formats.read_debug_state(p, TINY), "llm.c debug state",
+                    ["20240327", "train_gpt2.py"]),
+    "shard": (lambda p: formats.read_shard(p), "llm.c token shard", ["20240520", "llmcu prepare"]),
+    "shard header": (lambda p: formats.read_shard_header(p), "llm.c token shard", ["20240520"]),
+    "tokenizer": (lambda p: formats.read_tokenizer_bin(p), "llm.c tokenizer",
+                  ["20240328", "llmcu tokenizer"]),
+    "train state": (lambda p: formats.read_train_state(p, 10), "training state",
+                    ["20240527", "llmcu train -n"]),
+    "eval file": (lambda p: formats.read_evalfile(p), "llm.c eval file",
+                  ["20240522", "llmcu prepare hellaswag"]),
+}
+
+
+@pytest.mark.parametrize("size", [3, 11, 1023, 5000])
+@pytest.mark.parametrize("reader", list(READERS))
+def test_a_text_file_is_not_an_llmc_file(tmp_path, reader, size):
+    read, what, fragments = READERS[reader]
+    path = tmp_path / "notes.bin"
+    path.write_bytes((b"hello world\n" * 500)[:size])
+    message = expect_format_error(lambda: read(path), path, f"not an {what}", "bad magic number",
+                                  "the file starts with b'hel", *fragments)
+    assert "truncated" not in message and "\n" not in message, message
+
+
+def test_another_llmc_file_is_named_by_its_magic(tmp_path):
+    shard = tmp_path / "s.bin"
+    formats.write_shard(shard, [1, 2, 3])
+    message = expect_format_error(lambda: formats.read_model(shard), shard,
+                                  "not an llm.c model checkpoint",
+                                  "found 20240520 (an llm.c token shard)")
+    assert "starts with" not in message
+
+
+@pytest.mark.parametrize("reader", list(READERS))
+def test_a_short_file_with_the_right_start_is_truncated(tmp_path, reader):
+    """The right magic (or its first bytes), then the end: truncated, not a wrong kind."""
+    read, what, fragments = READERS[reader]
+    magic = next(f for f in fragments if f.isdigit())
+    whole = tmp_path / "m.bin"
+    whole.write_bytes(struct.pack("<2i", int(magic), 1) + b"\0" * 100)
+    expect_format_error(lambda: read(whole), whole, "truncated", f"1024-byte {what} header")
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(struct.pack("<i", int(magic))[:2])
+    expect_format_error(lambda: read(cut), cut, "truncated", "found a 2-byte file")
+
+
 def test_read_model_truncated_params(tmp_path):
     path = tmp_path / "m.bin"
     formats.write_model(path, TINY, tiny_params())

@@ -377,3 +377,41 @@ def test_llama_config_rejects_bad_rope_scaling():
         LlamaConfig(rope_scaling=(8.0, 4.0, 1.0, 8192))  # low >= high
     with pytest.raises(ValueError, match="rope_scaling"):
         LlamaConfig(rope_scaling=(8.0, 1.0, 4.0))
+
+
+def test_ffn_dim_multiplier_survives_hf_and_model_file_round_trips(tmp_path):
+    """Issue 22: an HF Llama whose MLP size comes from ffn_dim_multiplier 1.25 (as
+    Meta's params.json and llmcu's llama-dN presets describe it) keeps 1.25 through
+    import_hf -> the llm.c Llama .bin -> read_model -> export_hf -> import_hf, so
+    llm.c, which derives the hidden size from the header, gets the same size."""
+    from llmcu.hf import export_hf, import_hf
+    from llmcu.llama_config import llama_hidden_dim
+    H = llama_hidden_dim(32, 16, 1.25)
+    assert H != llama_hidden_dim(32, 16, None)  # the multiplier matters at this shape
+    model = tiny_hf("llama", seed=7, intermediate_size=H, multiple_of=16, ffn_dim_multiplier=1.25)
+    model.save_pretrained(tmp_path / "hf")
+    config, params = import_hf(tmp_path / "hf")
+    assert (config.ffn_dim_multiplier, config.multiple_of, config.hidden_dim) == (1.25, 16, H)
+    formats.write_model(tmp_path / "m.bin", config, params)
+    floats = np.frombuffer((tmp_path / "m.bin").read_bytes()[1024:2048], "<f4")
+    assert floats[0] == np.float32(1.25)
+    back, got = formats.read_model(tmp_path / "m.bin")
+    assert back == config and back.ffn_dim_multiplier == 1.25
+    export_hf(tmp_path / "out", back, got)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (cfg["ffn_dim_multiplier"], cfg["multiple_of"], cfg["intermediate_size"]) == (1.25, 16, H)
+    assert import_hf(tmp_path / "out")[0] == config
+    # transformers still loads the exported directory (the two keys are extra attributes)
+    x = tokens(2)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    assert_close("round-tripped logits", hf_logits(loaded.float().eval(), x), hf_logits(model, x),
+                 atol=1e-5, rtol=0)
+    # an llmcu preset (llama-d6's MLP: multiplier 1.25) through Hugging Face and back
+    c = LlamaConfig(vocab_size=V, num_layers=1, num_heads=4, num_kv_heads=2, channels=32,
+                    max_seq_len=16, multiple_of=16, ffn_dim_multiplier=1.25, tie_embeddings=True)
+    export_hf(tmp_path / "preset", c, random_params(c, seed=8))
+    assert import_hf(tmp_path / "preset")[0] == c
+    # keys that do not give intermediate_size are not believed: the size rules
+    _write_config(tmp_path / "hf", ffn_dim_multiplier=3.0)
+    got = import_hf(tmp_path / "hf")[0]
+    assert got.hidden_dim == H and got.ffn_dim_multiplier is None

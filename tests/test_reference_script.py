@@ -125,3 +125,26 @@ def test_script_rejects_too_long_sequences(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "exceeds the model's max_seq_len" in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_script_writes_into_out_reference_by_default(tmp_path):
+    """Issue 22: without --output-dir the files (about 1 GB at d12) go to
+    out/reference under the working directory, which .gitignore covers, not
+    into the working directory itself; --help says so."""
+    cmd = [sys.executable, str(SCRIPT), "--layers", "1", "--heads", "1", "--channels", "8",
+           "--vocab-size", "50", "--max-seq-len", "8", "--batch-size", "1", "--seq-len", "4",
+           "--steps", "1", "--input-bin", str(tmp_path / "none.bin"), "--no-tokenizer"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    written = sorted(p.name for p in (tmp_path / "out" / "reference").iterdir())
+    assert written == ["gpt2_L1_NH1_C8_V50.bin", "gpt2_L1_NH1_C8_V50_debug_state.bin"]
+    help_text = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
+                               text=True, timeout=300).stdout
+    assert "out/reference" in " ".join(help_text.split())
+    # the default is git-ignored in the repository
+    root = SCRIPT.parents[1]
+    if (root / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", "-q", "out/reference/gpt2_d12.bin"],
+                                 cwd=root, timeout=60)
+        assert ignored.returncode == 0, ".gitignore does not cover out/reference"
