@@ -281,7 +281,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `llmcu` command line: every subcommand and flag."""
     parser = _Parser(prog="llmcu", description=__doc__)
     parser.add_argument("--version", action="version", version=f"llmcu {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -291,6 +292,11 @@ def main(argv=None) -> int:
     _add_sample(sub)
     _add_convert(sub)
     _add_plot(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     a = parser.parse_args(argv)
     from .data import DatasetError
     from .emu import EmuError

@@ -165,6 +165,51 @@ def test_readme_zh_quick_start_matches_readme():
     assert zh == en, f"README.zh.md's quick-start commands {zh} differ from README.md's {en}"
 
 
+def _llmcu_commands(path: Path):
+    """The quick start's `llmcu ...` commands, parsed by llmcu's own command line."""
+    import shlex
+    from llmcu.cli import build_parser
+    commands = []
+    for body in _quick_start_commands(path):
+        for line in body.splitlines():
+            for part in line.split("&&"):
+                words = shlex.split(part)
+                if words and words[0] == "llmcu":
+                    commands.append(build_parser().parse_args(words[1:]))
+    return commands
+
+
+def test_readme_quick_start_samples_the_model_it_trains():
+    """The sample command reads the file the train command writes (-o DIR, -x steps, no -n:
+    DIR/model_%08d.bin of the last step), and the run has a warmup."""
+    from llmcu import checkpoint
+    commands = {a.command: a for a in _llmcu_commands(ROOT / "README.md")}
+    train, sample = commands["train"], commands["sample"]
+    assert train.output_dir and train.checkpoint_every == 0 and train.warmup_iters > 0
+    assert sample.model == checkpoint.model_path(train.output_dir, train.max_steps)
+
+
+@pytest.mark.slow
+def test_readme_quick_start_runs_as_written(tmp_path, shared_dir):
+    """The quick start's commands, as written, in a fresh directory (about 5 minutes on 2
+    cores): the data from ../shared instead of the download, then train and sample."""
+    import shlex
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = [sys.executable, "-m", "llmcu"]
+    for body in _quick_start_commands(ROOT / "README.md"):
+        for line in body.splitlines():
+            for part in line.split("&&"):
+                words = shlex.split(part)
+                if not words or words[0] != "llmcu":
+                    continue  # the install
+                if words[1] == "prepare":
+                    words += ["--input", str(shared_dir / "datasets/tinyshakespeare/input.txt")]
+                r = subprocess.run(run + words[1:], cwd=tmp_path, env=env, capture_output=True,
+                                   text=True, timeout=1800)
+                assert r.returncode == 0, (part, r.stdout[-3000:], r.stderr[-3000:])
+    assert r.stdout.startswith("ROMEO:") and len(r.stdout) > len("ROMEO:") + 20, r.stdout
+
+
 def test_readmes_link_both_tutorials():
     for readme in ("README.md", "README.zh.md"):
         text = (ROOT / readme).read_text(encoding="utf-8")
