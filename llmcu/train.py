@@ -606,24 +606,24 @@ def stop_requested(run: Run, stop: StopSignals) -> bool:
     return flag
 
 
-def stop_run(run: Run, step: int, signum: int | None) -> None:
-    """Stop at the top of `step` after a signal: with -n, write the checkpoint at `step` when
-    the steps before it are done and it owes no eval or sample (a resumed run would skip them);
-    then raise Interrupted with where things stand."""
+def stop_run(run: Run, step: int, signum: int | None, hooks_done: bool, saved: bool) -> None:
+    """Stop at `step`, before its training step, after a signal: with -n, write the checkpoint
+    at `step` unless it is there (saved) or `step` still owes its eval or sample (a resumed
+    run would skip them); then raise Interrupted with where things stand."""
     cfg = run.cfg
     signum = signum or signal.SIGINT  # a rank that only heard of it from another
-    name = signal.Signals(signum).name
     wrote = ""
-    if (cfg.checkpoint_every > 0 and step > 0 and not (run.resumed and step == run.start)
-            and not hooks_due(run, step)):
-        save_checkpoint(run, step)
-        wrote = f"wrote a checkpoint at step {step}; "
-    elif cfg.checkpoint_every > 0 and step > 0 and not (run.resumed and step == run.start):
-        wrote = f"no checkpoint at step {step} (its val/sample were not done yet); "
+    if cfg.checkpoint_every > 0 and step > 0 and not saved and not (run.resumed and step == run.start):
+        if hooks_done or not hooks_due(run, step):
+            save_checkpoint(run, step)
+            wrote = f"wrote a checkpoint at step {step}; "
+        else:
+            wrote = f"no checkpoint at step {step} (its val/sample were not done yet); "
     steps = checkpoint.complete_steps(cfg.output_dir) if cfg.output_dir else []
     where = (f"last complete checkpoint: {checkpoint.model_path(cfg.output_dir, steps[-1])}; "
              f"resume with -y 1" if steps else "no checkpoint to resume from (-n N writes them)")
-    raise Interrupted(signum, f"interrupted ({name}) at step {step}/{cfg.max_steps}; {wrote}{where}")
+    raise Interrupted(signum, f"interrupted ({signal.Signals(signum).name}) at step "
+                              f"{step}/{cfg.max_steps}; {wrote}{where}")
 
 
 def train(cfg: TrainConfig, log=print, comm=None) -> dict:
@@ -639,17 +639,21 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
         with StopSignals() as stop:
             for step in range(run.start, cfg.max_steps + 1):
                 last = step == cfg.max_steps
-                if stop_requested(run, stop):
-                    stop_run(run, step, stop.signum)
+                if stop_requested(run, stop):  # signalled during the last step
+                    stop_run(run, step, stop.signum, hooks_done=False, saved=False)
                 # a checkpoint holds the state at the top of its step after that step's eval
                 # and sample, so a resumed run begins with the training step, repeating nothing
+                saved = False
                 if not (run.resumed and step == run.start):
                     run_hooks(run, step)
                     if step > 0 and due(step, cfg.checkpoint_every, last):
                         save_checkpoint(run, step)
+                        saved = True
                 if last:
                     run_hooks(run, step, at_end=True)
                     break
+                if stop_requested(run, stop):  # signalled during the eval, sample or checkpoint
+                    stop_run(run, step, stop.signum, hooks_done=True, saved=saved)
                 t0 = time.perf_counter()
                 r = train_step(run.model, run.train_loader, step, cfg, run.accum_steps,
                                run.loss_detector, run.norm_detector, graph=run.graph)
