@@ -311,11 +311,12 @@ def test_loader_reset_starts_over(two_shards):
 
 def test_loader_state_resumes_identical_sequence(two_shards):
     loader = DataLoader(two_shards, B, T, 1, P)
-    assert loader.state() == {"shard_index": 0, "sample_index": -1}
+    unshuffled = {"epoch": 0, "shuffle": False, "seed": 42}
+    assert loader.state() == {"shard_index": 0, "sample_index": -1, **unshuffled}
     for _ in range(3):
         loader.next_batch()
     saved = json.loads(json.dumps(loader.state()))
-    assert saved == {"shard_index": 1, "sample_index": 0}
+    assert saved == {"shard_index": 1, "sample_index": 0, **unshuffled}
     rest = [loader.next_batch() for _ in range(6)]
     resumed = DataLoader(two_shards, B, T, 1, P)
     resumed.load_state(saved)

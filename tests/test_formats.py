@@ -361,7 +361,8 @@ def test_read_shard_bad_magic(tmp_path):
     path = write_raw(tmp_path / "s.bin", [1234, 1, 0])
     for reader in (formats.read_shard, formats.read_shard_header):
         expect_format_error(lambda: reader(path), path,
-                            "bad magic number: expected 20240520 (llm.c token shard), found 1234")
+                            "bad magic number: expected 20240520 (llm.c token shard) or 20240801 "
+                            "(its uint32 kind), found 1234")
 
 
 def test_read_shard_unknown_version(tmp_path):
