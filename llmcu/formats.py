@@ -468,6 +468,8 @@ def read_tokenizer_bin(path) -> tuple[list[bytes], int]:
 #   [40] extension version (1)  [41] B  [42] T  [43] outlier window size
 #   [44:46] u64 num_parameters  [46] nL  [47] nN (values in the loss / grad-norm
 #   outlier windows)  [48] nR (bytes of the sampling RNG's state, JSON)
+#   [49] llmcu's loader shuffles (1; [5] stays 0: llm.c's shuffle payload, its
+#   mt19937 state, is not written)  [50:52] u64 loader epoch  [52] shuffle seed
 # payload: m float32[N], v float32[N], master float32[N] if [4] is 1 (llm.c's order; llm.c reads up to here),
 #   loss window float64[nL], norm window float64[nN], RNG state JSON bytes[nR]
 
@@ -479,7 +481,7 @@ class TrainState:
     step: int                  # optimizer steps taken; training resumes at this step
     m: np.ndarray              # AdamW first moment, flat float32
     v: np.ndarray              # AdamW second moment, flat float32
-    loader: dict               # DataLoader.state(): shard_index, sample_index
+    loader: dict               # DataLoader.state(): shard_index, sample_index (epoch, shuffle, seed)
     B: int = 0                 # micro-batch shape the loader position refers to (0: unknown)
     T: int = 0
     window: int = 0            # outlier detector window size (0: unknown)
@@ -515,6 +517,9 @@ def write_train_state(path, state: TrainState, _midway=None) -> None:
     header[40:44] = TRAIN_STATE_EXTENSION, state.B, state.T, state.window
     u64[22] = m.size
     header[46:49] = loss_w.size, norm_w.size, len(rng)
+    header[49] = int(bool(state.loader.get("shuffle", False)))
+    u64[25] = int(state.loader.get("epoch", 0))
+    header[52] = int(state.loader.get("seed", 0))
     with atomic_write(path) as f:
         f.write(header.tobytes())
         f.write(m.astype("<f4", copy=False).tobytes())
@@ -572,7 +577,9 @@ def read_train_state(path, num_parameters: int, num_processes: int = 1, rank: in
         raise FormatError(f"{path}: the RNG state is not valid JSON: {e}") from e
     return TrainState(step=header[10], m=m, v=v,
                       loader={"shard_index": int(u64[15]),
-                              "sample_index": -1 if sample == 2**64 - 1 else sample},
+                              "sample_index": -1 if sample == 2**64 - 1 else sample,
+                              "epoch": int(u64[25]), "shuffle": bool(header[49]),
+                              **({"seed": header[52]} if header[49] else {})},
                       B=header[41], T=header[42], window=header[43],
                       loss_window=loss_w, norm_window=norm_w, rng_state=rng_state,
                       num_processes=header[2], rank=header[3], master=master)

@@ -190,9 +190,12 @@ def _ranks_from_tokenizer_json(path: str) -> dict[bytes, int]:
     """The BPE ranks of a Hugging Face tokenizer.json (byte-level BPE, as Llama 3's)."""
     try:
         with open(path, encoding="utf-8") as f:
-            vocab = json.load(f)["model"]["vocab"]
+            data = json.load(f)
+        vocab = data["model"]["vocab"]
+        specials = {t["id"] for t in data.get("added_tokens", []) if t.get("special")}
         table = _bytes_from_hf_vocab()
-        return {bytes(table[c] for c in token): int(rank) for token, rank in vocab.items()}
+        return {bytes(table[c] for c in token): int(rank) for token, rank in vocab.items()
+                if int(rank) not in specials}
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: not a byte-level BPE tokenizer.json (expected "
                          f"model.vocab of byte-level tokens): {e}") from e
@@ -241,3 +244,26 @@ def load_tokenizer(path=None) -> Tokenizer:
     if path is None or path == "":
         return gpt2()
     return _load_file(os.path.abspath(find_tokenizer_file(path)))
+
+
+def model_tokenizer(spec: str, path=None) -> Tokenizer:
+    """The tokenizer for a model -e `spec`: --tokenizer `path` when given; else the one
+    in an hf:DIR checkpoint (original/tokenizer.model, tokenizer.model, tokenizer.json)
+    when there; else GPT-2's."""
+    if path:
+        return load_tokenizer(path)
+    if spec.startswith("hf:") and os.path.isdir(spec[3:]):
+        try:
+            return load_tokenizer(spec[3:])
+        except FileNotFoundError:
+            pass
+    return gpt2()
+
+
+def check_model_vocab(tok: Tokenizer, vocab_size: int) -> None:
+    """A model trained or sampled with `tok` must have exactly its vocabulary."""
+    if vocab_size != tok.vocab_size:
+        hint = ("pass --tokenizer with the model's tokenizer (Llama 3: its tokenizer.model)"
+                if tok.name == GPT2 else "pick a model with this vocabulary, or drop --tokenizer")
+        raise ValueError(f"the model's vocabulary has {vocab_size:,} tokens, the {tok.name} tokenizer's "
+                         f"{tok.vocab_size:,} ({tok.source}); {hint}")
