@@ -263,3 +263,20 @@ def test_hub_without_datasets_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(fineweb.DatasetError, match=r"llmcu\[fineweb\].*--input"):
         fineweb.prepare_fineweb("fineweb", tmp_path, None, shard_size=SHARD, workers=1, log=None)
+
+
+def test_benchmark_peer_writes_the_same_shards(inputs, docs, tmp_path):
+    """benchmarks/bench_prepare.py's reimplementation of llm.c's fineweb.py loop writes
+    exactly llmcu's shards (so its timing compares like with like)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_prepare
+    finally:
+        sys.path.pop(0)
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
+    (tmp_path / "llmc").mkdir()
+    bench_prepare.llmc_prepare(src, tmp_path / "llmc", SHARD, 2)
+    fineweb.prepare_fineweb("fineweb", tmp_path / "llmcu", str(src), shard_size=SHARD, workers=2, log=None)
+    assert bench_prepare.shard_bytes(tmp_path / "llmc") == bench_prepare.shard_bytes(tmp_path / "llmcu")
+    assert len(bench_prepare.shard_bytes(tmp_path / "llmc")) > 10

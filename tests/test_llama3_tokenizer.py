@@ -174,3 +174,13 @@ def test_gpt2_shard_refused_by_a_llama3_loader(tmp_path):
     formats.write_shard(tmp_path / "gpt2.bin", np.arange(100))
     with pytest.raises(data.DatasetError, match="uint16 tokens, too narrow for a vocabulary of 128,256"):
         data.DataLoader(str(tmp_path / "gpt2.bin"), 2, 4, vocab_size=128256)
+
+
+def test_model_vocabulary_must_fit_the_tokenizer(llama3):
+    tokenizer.check_model_vocab(llama3, 128256)
+    tokenizer.check_model_vocab(tokenizer.gpt2(), 50257)
+    tokenizer.check_model_vocab(tokenizer.gpt2(), 64)  # a small test model: GPT-2 decodes its ids
+    with pytest.raises(ValueError, match="vocabulary has 50,257 tokens, the llama3 tokenizer's 128,256"):
+        tokenizer.check_model_vocab(llama3, 50257)
+    with pytest.raises(ValueError, match="128,256 tokens, the gpt2 tokenizer's 50,257.*--tokenizer"):
+        tokenizer.check_model_vocab(tokenizer.gpt2(), 128256)
