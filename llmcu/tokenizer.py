@@ -255,7 +255,7 @@ def model_tokenizer(spec: str, path=None) -> Tokenizer:
     if spec.startswith("hf:") and os.path.isdir(spec[3:]):
         try:
             return load_tokenizer(spec[3:])
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError):  # none, or not tiktoken's (Llama 2's sentencepiece)
             pass
     return gpt2()
 
