@@ -208,7 +208,10 @@ def tokenize_chunk(docs: list[str], tok: tokenizer.Tokenizer | None = None) -> t
     """(tokens, lengths): [EOT] + encode(doc) for every doc concatenated, in the
     shard dtype, and each document's token count (its EOT included)."""
     tok = tok or _worker_tok
-    ids = tok.encoding.encode_ordinary_batch(docs, num_threads=1)
+    encode = tok.encoding.encode_ordinary
+    # one call per document in this process: encode_ordinary_batch(num_threads=1) goes through
+    # a thread pool, whose hand-offs took ~40% of the time on 2 cores
+    ids = [encode(doc) for doc in docs]
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     total = int(lengths.sum())
     # one fromiter pass: 8x faster than a slice assignment per document (data.py)
