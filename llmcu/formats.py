@@ -549,7 +549,8 @@ def read_train_state(path, num_parameters: int, num_processes: int = 1, rank: in
                               f"process(es), found rank {header[3]} of {header[2]}")
         if header[4] not in (0, 1) or header[5] != 0:
             raise FormatError(f"{path}: expected use_master_weights 0 or 1 and should_shuffle 0 "
-                              f"(llmcu does not shuffle), found {header[4]} and {header[5]}")
+                              f"(llm.c's shuffled-loader payload is not read; llmcu keeps its own "
+                              f"shuffle state in [49:53]), found {header[4]} and {header[5]}")
         nM = num_parameters if header[4] == 1 else 0  # master weights follow v
         ext = header[40]
         if ext not in (0, TRAIN_STATE_EXTENSION):
