@@ -192,6 +192,18 @@ def test_tinystories_token_counts(tmp_path, stories):
     assert len(read_shard(result["train"])) == result["train_tokens"]
 
 
+def test_tinystories_with_the_llama3_tokenizer(tmp_path, stories, shared_dir):
+    """prepare takes --tokenizer for every dataset: <|begin_of_text|> per story, uint32 shards."""
+    llama3 = tokenizer.load_tokenizer(shared_dir / "tokenizers" / "llama3.tiktoken")
+    archive = _make_archive(tmp_path / "ts.tar.gz", stories)
+    result = data.prepare_tinystories(tmp_path / "out", archive_path=archive, log=None, tok=llama3)
+    val = read_shard(result["val"], vocab_size=llama3.vocab_size)
+    assert val.dtype == np.uint32 and (val == 128000).sum() == 5 and val[0] == 128000
+    assert np.fromfile(result["train"], dtype="<i4", count=2).tolist() == [20240801, 7]
+    assert sorted(llama3.decode(val.tolist()).split("<|begin_of_text|>")[1:]) == \
+        sorted(s["story"].strip() for s in stories["data00.json"])
+
+
 def test_tinystories_val_is_exactly_data00(tmp_path, stories):
     archive = _make_archive(tmp_path / "ts.tar.gz", stories)
     result = data.prepare_tinystories(tmp_path / "out", archive_path=archive, log=None)

@@ -164,6 +164,8 @@ def test_resume_keeps_finished_shards_and_rewrites_the_partial_one(inputs, docs,
     lines = []
     fineweb.prepare_fineweb("fineweb", out, pattern, shard_size=SHARD, workers=1, log=lines.append)
     assert any("6 finished shard(s)" in line for line in lines), lines
+    # the progress line counts documents and tokens and gives tokens/s
+    assert any(f"tokens | {len(seen)} docs |" in line and "tokens/s" in line for line in lines), lines
     # the kept shards were not rewritten, and their documents were not tokenized again
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept} == stamps
     assert 0 < len(seen) < len(docs) and seen == docs[len(docs) - len(seen):]
