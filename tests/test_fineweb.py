@@ -282,3 +282,20 @@ def test_benchmark_peer_writes_the_same_shards(inputs, docs, tmp_path):
     fineweb.prepare_fineweb("fineweb", tmp_path / "llmcu", str(src), shard_size=SHARD, workers=2, log=None)
     assert bench_prepare.shard_bytes(tmp_path / "llmc") == bench_prepare.shard_bytes(tmp_path / "llmcu")
     assert len(bench_prepare.shard_bytes(tmp_path / "llmc")) > 10
+
+
+def test_llama3_tokenizer_writes_uint32_shards_on_any_number_of_workers(inputs, docs, shared_dir, tmp_path):
+    llama3_file = shared_dir / "tokenizers" / "llama3.tiktoken"
+    llama3 = tokenizer.load_tokenizer(llama3_file)
+    for w in (1, 2):
+        code, _ = prepare("fineweb", "--input", inputs / "jsonl" / "*.jsonl", "--out-dir", tmp_path / f"w{w}",
+                          "--shard-size", SHARD, "--workers", w, "--tokenizer", llama3_file)
+        assert code == 0
+    one, two = shard_files(tmp_path / "w1"), shard_files(tmp_path / "w2")
+    assert [p.read_bytes() for p in one] == [p.read_bytes() for p in two]
+    header = np.fromfile(one[0], dtype="<i4", count=3)
+    assert list(header) == [20240801, 7, SHARD] and one[0].stat().st_size == 1024 + 4 * SHARD
+    got = np.concatenate([formats.read_shard(p, vocab_size=llama3.vocab_size) for p in one]).astype(np.int64)
+    np.testing.assert_array_equal(got, expected_stream(docs, llama3))
+    pieces = np.split(got, np.flatnonzero(got == 128000))[1:]
+    assert [llama3.decode(p[1:]) for p in pieces] == docs
