@@ -25,12 +25,12 @@ def _add_prepare(sub):
                    help="where the .bin shards go (default data/<dataset>; fineweb: data/fineweb10B, ...)")
     p.add_argument("--tokenizer", metavar="PATH", default=None,
                    help="Llama 3 tokenizer (Meta's tokenizer.model, or a Hugging Face Llama directory): "
-                        "documents prefixed with <|begin_of_text|>, uint32 shards (default: GPT-2)")
+                        "documents prefixed with <|begin_of_text|>, uint32 shards; unset: GPT-2")
     p.add_argument("--version", default="10B", choices=["10B", "100B"],
                    help="fineweb/edu_fineweb: which sample of the Hugging Face dataset")
     p.add_argument("--shard-size", type=int, default=10**8, help="fineweb/edu_fineweb: tokens per shard")
     p.add_argument("--workers", type=int, default=None,
-                   help="fineweb/edu_fineweb: tokenizer processes (default: the CPU count)")
+                   help="fineweb/edu_fineweb: tokenizer processes; unset: the CPU count")
 
 
 def _run_prepare(parser, a) -> int:
@@ -109,7 +109,7 @@ def _add_train(sub):
     p.add_argument("--tokenizer", metavar="PATH", default=d.tokenizer,
                    help="Llama models: Meta's Llama 3 tokenizer.model (or a Hugging Face Llama directory) "
                         "for data prepared with it (uint32 shards) and decoded samples; a descriptor's "
-                        "vocabulary becomes the tokenizer's (default: GPT-2)")
+                        "vocabulary becomes the tokenizer's; unset: GPT-2's, or the one in an hf: model's directory")
     p.add_argument("--no-shuffle", action="store_true",
                    help="read the train shards in order (default: as llm.c, a seeded permutation of the "
                         "shards every epoch and of the B*T windows in each shard; val is never shuffled)")
@@ -163,7 +163,7 @@ def _add_sample(sub):
                    help="recompute the whole sequence for every token (llm.c's way; slow)")
     p.add_argument("--tokenizer", metavar="PATH", default=None,
                    help="tokenizer of the model's vocabulary (Llama 3's tokenizer.model or a Hugging Face "
-                        "Llama directory; default: GPT-2, or the one beside an hf: model)")
+                        "Llama directory; unset: GPT-2's, or the one in an hf: model's directory)")
 
 
 def _run_sample(parser, a) -> int:
