@@ -493,3 +493,34 @@ def test_uint32_shards_load(tmp_path):
     assert x.tolist() == [[128000, 128001, 128002, 128003], [128004, 128005, 128006, 128007]]
     with pytest.raises(FormatError, match="expected ids < 50257.*do not belong to this model's tokenizer"):
         DataLoader(str(tmp_path / "l3.bin"), B, T)
+
+
+def test_training_resumes_bit_identical_across_an_epoch_with_shuffling(tmp_path):
+    """train() with the shuffled loader: a run checkpointed at step 10 (in the second epoch:
+    9 windows an epoch) and resumed repeats the uninterrupted run's losses exactly;
+    --no-shuffle gives other losses."""
+    from llmcu import formats
+    from llmcu.config import GPT2Config, TrainConfig
+    from llmcu.cpu.gpt2 import init_parameters
+    from llmcu.train import train
+    tiny = GPT2Config(max_seq_len=16, vocab_size=64, num_layers=1, num_heads=2, channels=8)
+    formats.write_model(tmp_path / "tiny.bin", tiny, init_parameters(tiny, seed=3))
+    write_shard(tmp_path / "train.bin", np.random.default_rng(1).integers(0, 64, 2 * 8 * 9 + 1))
+
+    def run(out, **kw):
+        cfg = dict(train_pattern=str(tmp_path / "train.bin"), val_pattern="", model=str(tmp_path / "tiny.bin"),
+                   output_dir=str(tmp_path / out), batch_size=2, seq_len=8, learning_rate=1e-2,
+                   max_steps=14, val_every=0, sample_every=0)
+        lines = []
+        return train(TrainConfig(**{**cfg, **kw}), log=lines.append)["train"], lines
+
+    straight, lines = run("a")
+    assert "train data: shuffled (a seeded permutation of the shards and windows every epoch)" in lines
+    run("b", max_steps=10, checkpoint_every=10)
+    resumed, lines = run("b", resume=1, checkpoint_every=10)
+    assert any("resuming from step 10" in line for line in lines)
+    assert resumed == straight[10:]
+    plain, lines = run("c", shuffle=False)
+    assert "train data: in order (--no-shuffle)" in lines and plain != straight
+    with pytest.raises(ValueError, match="shuffling on.*this one has it off"):
+        run("b", resume=1, shuffle=False)
