@@ -52,12 +52,44 @@ _SEED = _number(int, 0)       # NumPy's generators take non-negative seeds
 def _add_prepare(sub):
     p = sub.add_parser("prepare", help="download and tokenize a dataset into llm.c token shards",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("dataset", choices=["tinyshakespeare", "tinystories", "hellaswag"])
+    p.add_argument("dataset", choices=["tinyshakespeare", "tinystories", "hellaswag", "fineweb",
+                                        "edu_fineweb"])
     p.add_argument("--input", default=None,
                    help="local copy of the raw data (input.txt for tinyshakespeare, "
                         "TinyStories_all_data.tar.gz for tinystories, hellaswag_val.jsonl for "
-                        "hellaswag) instead of downloading")
-    p.add_argument("--out-dir", default=None, help="where the .bin shards go (default data/<dataset>)")
+                        "hellaswag, a glob of parquet files with a 'text' column or JSONL files "
+                        "with a \"text\" field for fineweb/edu_fineweb) instead of downloading")
+    p.add_argument("--out-dir", default=None,
+                   help="where the .bin shards go (default data/<dataset>; fineweb: data/fineweb10B, ...)")
+    p.add_argument("--tokenizer", metavar="PATH", default=None,
+                   help="Llama 3 tokenizer (Meta's tokenizer.model, or a Hugging Face Llama directory): "
+                        "documents prefixed with <|begin_of_text|>, uint32 shards; unset: GPT-2")
+    p.add_argument("--version", default="10B", choices=["10B", "100B"],
+                   help="fineweb/edu_fineweb: which sample of the Hugging Face dataset")
+    p.add_argument("--shard-size", type=_COUNT, default=10**8, help="fineweb/edu_fineweb: tokens per shard")
+    p.add_argument("--workers", type=_COUNT, default=None,
+                   help="fineweb/edu_fineweb: tokenizer processes; unset: the CPU count")
+
+
+def _run_prepare(parser, a) -> int:
+    from . import data
+    from .tokenizer import load_tokenizer
+    tok = load_tokenizer(a.tokenizer)
+    if a.dataset in ("fineweb", "edu_fineweb"):
+        from .fineweb import prepare_fineweb
+        prepare_fineweb(a.dataset, a.out_dir, input_pattern=a.input, version=a.version,
+                        shard_size=a.shard_size, workers=a.workers, tok=tok)
+    elif a.dataset == "tinyshakespeare":
+        data.prepare_tinyshakespeare(a.out_dir or "data/tinyshakespeare", input_path=a.input, tok=tok)
+    elif a.dataset == "hellaswag":
+        if tok.name != "gpt2":
+            parser.error("prepare hellaswag: llm.c's eval file holds uint16 ids, GPT-2 only; "
+                         "drop --tokenizer")
+        from .hellaswag import prepare_hellaswag
+        prepare_hellaswag(a.out_dir or "data/hellaswag", input_jsonl=a.input)
+    else:
+        data.prepare_tinystories(a.out_dir or "data/tinystories", archive_path=a.input, tok=tok)
+    return 0
 
 
 def _add_train(sub):
@@ -109,6 +141,13 @@ def _add_train(sub):
                    help="llm.c eval file (llmcu prepare hellaswag writes data/hellaswag/hellaswag_val.bin): "
                         "HellaSwag accuracy (acc_norm) at every val step (-v)")
     p.add_argument("--seed", type=_SEED, default=d.seed, help="seed for the random init and sampling")
+    p.add_argument("--tokenizer", metavar="PATH", default=d.tokenizer,
+                   help="Llama models: Meta's Llama 3 tokenizer.model (or a Hugging Face Llama directory) "
+                        "for data prepared with it (uint32 shards) and decoded samples; a descriptor's "
+                        "vocabulary becomes the tokenizer's; unset: GPT-2's, or the one in an hf: model's directory")
+    p.add_argument("--no-shuffle", action="store_true",
+                   help="read the train shards in order (default: as llm.c, a seeded permutation of the "
+                        "shards every epoch and of the B*T windows in each shard; val is never shuffled)")
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda", "emu", "auto"],
                    help="cpu: the NumPy model; cuda: the CUDA kernels on a GPU; emu: the same kernels "
                         "emulated on the CPU (slow, for testing); auto: cuda if a GPU is usable, else cpu")
@@ -157,14 +196,20 @@ def _add_sample(sub):
     p.add_argument("--seed", type=_SEED, default=None, help="sampling seed (default: fresh randomness)")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole sequence for every token (llm.c's way; slow)")
+    p.add_argument("--tokenizer", metavar="PATH", default=None,
+                   help="tokenizer of the model's vocabulary (Llama 3's tokenizer.model or a Hugging Face "
+                        "Llama directory; unset: GPT-2's, or the one in an hf: model's directory)")
 
 
 def _run_sample(parser, a) -> int:
     from .sample import sample_text
     from .train import build_model
-    model = build_model(a.model, device="cpu")  # a descriptor: the same random init every run
+    from .tokenizer import check_model_vocab, model_tokenizer
+    tok = model_tokenizer(a.model, a.tokenizer)
+    model = build_model(a.model, device="cpu", vocab_size=tok.vocab_size)  # a descriptor: the same init every run
+    check_model_vocab(tok, model.config.vocab_size)
     text = sample_text(model, a.prompt, a.tokens, temperature=a.temperature, top_k=a.top_k,
-                       seed=a.seed, use_cache=not a.no_cache)
+                       seed=a.seed, use_cache=not a.no_cache, tok=tok)
     print(text)
     return 0
 
@@ -256,7 +301,8 @@ def _run_train(parser, a) -> int:
                       checkpoint_every=a.checkpoint_every, checkpoint_keep=a.checkpoint_keep,
                       resume=a.resume, hellaswag=a.hellaswag, zero_stage=a.zero_stage,
                       dist_backend=a.dist_backend, init_method=a.init_method, init_file=a.init_file,
-                      dtype=a.dtype, master_weights=a.master_weights, cuda_graph=a.cuda_graph)
+                      dtype=a.dtype, master_weights=a.master_weights, cuda_graph=a.cuda_graph,
+                      tokenizer=a.tokenizer, shuffle=not a.no_shuffle)
     train(cfg, log=lambda s: print(s, flush=True))
     return 0
 
@@ -265,7 +311,11 @@ def _check_outputs(a) -> None:
     """Every path a subcommand will write, checked before any work (llmcu.outputs)."""
     from .outputs import check_dir, check_file
     if a.command == "prepare":
-        check_dir(getattr(a, "out_dir", None) or os.path.join("data", a.dataset), "--out-dir")
+        default = os.path.join("data", a.dataset)
+        if a.dataset in ("fineweb", "edu_fineweb"):
+            from .fineweb import default_out_dir
+            default = default_out_dir(a.dataset, a.version)
+        check_dir(a.out_dir or default, "--out-dir")
     elif a.command in ("tokenizer", "plot") or (a.command == "convert" and a.from_hf and a.out):
         check_file(a.out, "--out")
     elif a.command == "convert" and a.to_hf:
@@ -306,15 +356,7 @@ def main(argv=None) -> int:
     try:
         _check_outputs(a)
         if a.command == "prepare":
-            from . import data
-            if a.dataset == "tinyshakespeare":
-                data.prepare_tinyshakespeare(a.out_dir or "data/tinyshakespeare", input_path=a.input)
-            elif a.dataset == "hellaswag":
-                from .hellaswag import prepare_hellaswag
-                prepare_hellaswag(a.out_dir or "data/hellaswag", input_jsonl=a.input)
-            else:
-                data.prepare_tinystories(a.out_dir or "data/tinystories", archive_path=a.input)
-            return 0
+            return _run_prepare(parser, a)
         if a.command == "train":
             return _run_train(parser, a)
         if a.command == "sample":

@@ -185,3 +185,5 @@ class TrainConfig:
     dtype: str = "fp32"          # --dtype fp32 | bf16 (mixed precision; cuda and emu) | auto (bf16 where available)
     master_weights: int = 1      # -w  bf16: 1 keeps fp32 master weights (llm.c's -w), 0 updates bf16 in place
     cuda_graph: int = 0          # --cuda-graph 1: the step as CUDA graphs (llmcu/cuda/graphs.py; GPT-2 kernel models)
+    tokenizer: str | None = None  # --tokenizer: Llama 3 tokenizer.model (or an HF dir); None: GPT-2
+    shuffle: bool = True         # --no-shuffle sets False: the train loader's order (llm.c shuffles)

@@ -13,7 +13,8 @@ was found. Writers go through atomic_write, so nothing is written half-way.
                                    (Llama/Gemma; see the section at the end)
     debug      20240327  v2                 B T            | x y logits loss grads
     tokenizer  20240328  v2                 n eot          | n x (len byte, bytes)
-    shard      20240520  v1                 ntok           | ntok x uint16
+    shard      20240520  v1                 ntok           | ntok x uint16 (GPT-2)
+               20240801  v7                 ntok           | ntok x uint32 (Llama 3)
     state      20240527  v1  llm.c's header + llmcu's fields | m v windows rng
                                    (training state beside a model checkpoint)
     eval       20240522  v1                 n longest      | per example a uint16 stream
@@ -41,6 +42,7 @@ MODEL_MAGIC = 20240326
 DEBUG_STATE_MAGIC = 20240327
 TOKENIZER_MAGIC = 20240328
 SHARD_MAGIC = 20240520
+SHARD_MAGIC_UINT32 = 20240801  # llm.c's dev/data/data_common.py: llama-3 shards
 TRAIN_STATE_MAGIC = 20240527  # llm.c's state_%08d_%05d.bin
 
 MODEL_VERSION_FP32 = 3
@@ -48,6 +50,9 @@ MODEL_VERSION_BF16 = 5
 DEBUG_STATE_VERSION = 2
 TOKENIZER_VERSION = 2
 SHARD_VERSION = 1
+SHARD_VERSION_UINT32 = 7
+# (magic, version) -> token dtype of a shard
+SHARD_KINDS = {(SHARD_MAGIC, SHARD_VERSION): "uint16", (SHARD_MAGIC_UINT32, SHARD_VERSION_UINT32): "uint32"}
 TRAIN_STATE_VERSION = 1
 
 _MODEL_DTYPES = {"float32": MODEL_VERSION_FP32, "bfloat16": MODEL_VERSION_BF16}
@@ -133,7 +138,8 @@ def _kind_of_magic(magic: int) -> str | None:
     """The kind of llm.c file a magic number names, None for an unknown one."""
     return {MODEL_MAGIC: "llm.c GPT-2 model checkpoint", LLAMA_MODEL_MAGIC: "llm.c Llama model checkpoint",
             DEBUG_STATE_MAGIC: "llm.c debug state", TOKENIZER_MAGIC: "llm.c tokenizer",
-            SHARD_MAGIC: "llm.c token shard", TRAIN_STATE_MAGIC: "training state",
+            SHARD_MAGIC: "llm.c token shard", SHARD_MAGIC_UINT32: "llm.c token shard (uint32)",
+            TRAIN_STATE_MAGIC: "training state",
             EVAL_MAGIC: "llm.c eval file"}.get(magic)
 
 
@@ -386,8 +392,25 @@ def read_debug_state(path, config: GPT2Config) -> DebugState:
 # ----------------------------------------------------------------------------
 # token shards
 
-def write_shard(path, tokens) -> None:
-    """Write a token shard: header then uint16 tokens. Ids must be in [0, 65535]."""
+def shard_dtype(vocab_size: int) -> str:
+    """The token dtype of a shard for a vocabulary: uint16 (GPT-2) up to 65,536 ids,
+    else uint32 (Llama 3's 128,256), as llm.c writes them."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def shard_header(ntok: int, dtype: str = "uint16") -> bytes:
+    """The 1024-byte header of a shard of `ntok` tokens of `dtype`."""
+    kinds = {d: k for k, d in SHARD_KINDS.items()}
+    if dtype not in kinds:
+        raise ValueError(f"shard_header: dtype must be uint16 or uint32, found {dtype!r}")
+    if not 0 <= ntok < 2**31:
+        raise ValueError(f"shard_header: a shard holds 0..{2**31 - 1} tokens, found {ntok}")
+    return _make_header(*kinds[dtype], ntok)
+
+
+def write_shard(path, tokens, dtype: str = "uint16") -> None:
+    """Write a token shard: header then tokens, uint16 (ids in [0, 65535], GPT-2's
+    magic) or uint32 (Llama 3's magic 20240801, version 7)."""
     tokens = np.asarray(tokens)
     if tokens.size == 0:
         tokens = tokens.astype(np.int64)  # np.asarray([]) is float64
@@ -396,50 +419,66 @@ def write_shard(path, tokens) -> None:
                         f"found {tokens.dtype} of shape {tokens.shape}")
     if tokens.size >= 2**31:
         raise ValueError(f"write_shard: a shard holds at most {2**31 - 1} tokens, found {tokens.size}")
-    if tokens.dtype != np.uint16:
-        bad = (tokens < 0) | (tokens > 0xFFFF)
+    header = shard_header(tokens.size, dtype)
+    if tokens.dtype != np.dtype(dtype):
+        top = np.iinfo(dtype).max
+        bad = (tokens < 0) | (tokens > top)
         if bad.any():
             pos = int(np.argmax(bad))
-            raise ValueError(f"write_shard: {os.fspath(path)}: token ids must be in [0, 65535] "
-                             f"(uint16), found {int(tokens[pos])} at position {pos}")
+            raise ValueError(f"write_shard: {os.fspath(path)}: token ids must be in [0, {top}] "
+                             f"({dtype}), found {int(tokens[pos])} at position {pos}")
     with atomic_write(path) as f:
-        f.write(_make_header(SHARD_MAGIC, SHARD_VERSION, tokens.size))
-        f.write(tokens.astype("<u2").tobytes())
+        f.write(header)
+        f.write(tokens.astype("<" + np.dtype(dtype).str[1:]).tobytes())
 
 
-def _open_shard(f, path: str) -> int:
-    header = _read_header(f, path, SHARD_MAGIC, (SHARD_VERSION,), "llm.c token shard",
+def _open_shard(f, path: str) -> tuple[int, str]:
+    header = _read_header(f, path, (SHARD_MAGIC, SHARD_MAGIC_UINT32),
+                          tuple(sorted({v for _, v in SHARD_KINDS})), "llm.c token shard",
                           hint="pass token shards written by llmcu prepare (e.g. `llmcu prepare "
                                "tinyshakespeare` writes data/tinyshakespeare/tiny_shakespeare_*.bin)")
-    ntok = header[2]
+    magic, version, ntok = header[:3]
+    dtype = SHARD_KINDS.get((magic, version))
+    if dtype is None:
+        expected = next(v for m, v in SHARD_KINDS if m == magic)
+        raise FormatError(f"{path}: unknown llm.c token shard version: expected {expected} "
+                          f"(with magic {magic}), found {version}")
     if ntok < 0:
         raise FormatError(f"{path}: bad token shard header: expected ntok >= 0, found {ntok}")
-    _check_size(f, path, HEADER_BYTES + 2 * ntok, f"{ntok} tokens")
-    return ntok
+    itemsize = np.dtype(dtype).itemsize
+    _check_size(f, path, HEADER_BYTES + itemsize * ntok, f"{ntok} tokens ({dtype})")
+    return ntok, dtype
 
 
-def read_shard_header(path) -> int:
-    """Number of tokens in a shard; checks magic, version and exact size only."""
+def read_shard_info(path) -> tuple[int, str]:
+    """(number of tokens, "uint16" or "uint32") of a shard; checks magic, version and
+    exact size only."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         return _open_shard(f, path)
 
 
+def read_shard_header(path) -> int:
+    """Number of tokens in a shard; checks magic, version and exact size only."""
+    return read_shard_info(path)[0]
+
+
 def read_shard(path, vocab_size: int | None = GPT2_VOCAB_SIZE) -> np.ndarray:
-    """A shard's tokens as a read-only uint16 memmap, every id checked < vocab_size
-    (vocab_size=None skips that check)."""
+    """A shard's tokens as a read-only uint16 or uint32 memmap, every id checked
+    < vocab_size (vocab_size=None skips that check)."""
     path = os.fspath(path)
     with open(path, "rb") as f:
-        ntok = _open_shard(f, path)
+        ntok, dtype = _open_shard(f, path)
     if ntok == 0:
-        return np.zeros(0, dtype=np.uint16)  # numpy cannot map zero bytes
-    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
+        return np.zeros(0, dtype=dtype)  # numpy cannot map zero bytes
+    tokens = np.memmap(path, dtype="<" + np.dtype(dtype).str[1:], mode="r", offset=HEADER_BYTES,
+                       shape=(ntok,))
     # max() first: one pass without a temporary; locate the culprit only on failure
     if vocab_size is not None and int(tokens.max()) >= vocab_size:
         pos = int(np.argmax(tokens >= vocab_size))
         raise FormatError(
-            f"{path}: token id out of range: expected ids < {vocab_size} (vocab size), "
-            f"found {int(tokens[pos])} at position {pos}")
+            f"{path}: token id out of range: expected ids < {vocab_size} (the model's vocab "
+            f"size), found {int(tokens[pos])} at position {pos}")
     return tokens
 
 
@@ -509,6 +548,8 @@ def read_tokenizer_bin(path) -> tuple[list[bytes], int]:
 #   [40] extension version (1)  [41] B  [42] T  [43] outlier window size
 #   [44:46] u64 num_parameters  [46] nL  [47] nN (values in the loss / grad-norm
 #   outlier windows)  [48] nR (bytes of the sampling RNG's state, JSON)
+#   [49] llmcu's loader shuffles (1; [5] stays 0: llm.c's shuffle payload, its
+#   mt19937 state, is not written)  [50:52] u64 loader epoch  [52] shuffle seed
 # payload: m float32[N], v float32[N], master float32[N] if [4] is 1 (llm.c's order; llm.c reads up to here),
 #   loss window float64[nL], norm window float64[nN], RNG state JSON bytes[nR]
 
@@ -520,7 +561,7 @@ class TrainState:
     step: int                  # optimizer steps taken; training resumes at this step
     m: np.ndarray              # AdamW first moment, flat float32
     v: np.ndarray              # AdamW second moment, flat float32
-    loader: dict               # DataLoader.state(): shard_index, sample_index
+    loader: dict               # DataLoader.state(): shard_index, sample_index (epoch, shuffle, seed)
     B: int = 0                 # micro-batch shape the loader position refers to (0: unknown)
     T: int = 0
     window: int = 0            # outlier detector window size (0: unknown)
@@ -556,6 +597,9 @@ def write_train_state(path, state: TrainState, _midway=None) -> None:
     header[40:44] = TRAIN_STATE_EXTENSION, state.B, state.T, state.window
     u64[22] = m.size
     header[46:49] = loss_w.size, norm_w.size, len(rng)
+    header[49] = int(bool(state.loader.get("shuffle", False)))
+    u64[25] = int(state.loader.get("epoch", 0))
+    header[52] = int(state.loader.get("seed", 0))
     with atomic_write(path) as f:
         f.write(header.tobytes())
         f.write(m.astype("<f4", copy=False).tobytes())
@@ -586,7 +630,8 @@ def read_train_state(path, num_parameters: int, num_processes: int = 1, rank: in
                               f"process(es), found rank {header[3]} of {header[2]}")
         if header[4] not in (0, 1) or header[5] != 0:
             raise FormatError(f"{path}: expected use_master_weights 0 or 1 and should_shuffle 0 "
-                              f"(llmcu does not shuffle), found {header[4]} and {header[5]}")
+                              f"(llm.c's shuffled-loader payload is not read; llmcu keeps its own "
+                              f"shuffle state in [49:53]), found {header[4]} and {header[5]}")
         nM = num_parameters if header[4] == 1 else 0  # master weights follow v
         ext = header[40]
         if ext not in (0, TRAIN_STATE_EXTENSION):
@@ -614,7 +659,9 @@ def read_train_state(path, num_parameters: int, num_processes: int = 1, rank: in
         raise FormatError(f"{path}: the RNG state is not valid JSON: {e}") from e
     return TrainState(step=header[10], m=m, v=v,
                       loader={"shard_index": int(u64[15]),
-                              "sample_index": -1 if sample == 2**64 - 1 else sample},
+                              "sample_index": -1 if sample == 2**64 - 1 else sample,
+                              "epoch": int(u64[25]), "shuffle": bool(header[49]),
+                              **({"seed": header[52]} if header[49] else {})},
                       B=header[41], T=header[42], window=header[43],
                       loss_window=loss_w, norm_window=norm_w, rng_state=rng_state,
                       num_processes=header[2], rank=header[3], master=master)

@@ -235,14 +235,15 @@ def llama_config(descriptor: str, max_seq_len: int = 1024,
     return LlamaConfig(num_kv_heads=num_kv_heads, tie_embeddings=True, **common)
 
 
-def model_config(spec: str, max_seq_len: int = 1024):
+def model_config(spec: str, max_seq_len: int = 1024, vocab_size: int = GPT2_VOCAB_SIZE):
     """GPT2Config or LlamaConfig from a descriptor (not a file): the one place that
-    tells the two families apart by name."""
+    tells the two families apart by name. vocab_size: the tokenizer's (reference
+    shapes keep their own)."""
     from .config import gpt2_config, gpt2_descriptors
     try:
         if is_llama_spec(spec):
-            return llama_config(spec, max_seq_len=max_seq_len)
-        return gpt2_config(spec, max_seq_len=max_seq_len)
+            return llama_config(spec, max_seq_len=max_seq_len, vocab_size=vocab_size)
+        return gpt2_config(spec, max_seq_len=max_seq_len, vocab_size=vocab_size)
     except ValueError as e:
         if not str(e).startswith("unknown "):
             raise

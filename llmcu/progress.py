@@ -18,12 +18,13 @@ class Progress:
     stream: default sys.stdout; tty: force the terminal/plain behaviour
     (default: stream.isatty(), and only when `log` is None or print).
     log: a callable taking one line, for the plain lines (a caller's logger);
-    default: print to stream.
+    default: print to stream. extra: a callable returning more text for the
+    line (e.g. a second count), or None.
     """
 
     def __init__(self, total=None, desc: str = "", unit: str = "it", stream=None,
-                 tty: bool | None = None, every_s: float = 10.0, log=None):
-        self.total, self.desc, self.unit = total, desc, unit
+                 tty: bool | None = None, every_s: float = 10.0, log=None, extra=None):
+        self.total, self.desc, self.unit, self.extra = total, desc, unit, extra
         self.stream = stream if stream is not None else sys.stdout
         if tty is None:
             isatty = getattr(self.stream, "isatty", None)
@@ -45,7 +46,8 @@ class Progress:
             body = f"[{bar:<20}] {frac * 100:5.1f}% {self.n:,}/{self.total:,} {self.unit}"
         else:
             body = f"{self.n:,} {self.unit}"
-        return f"{self.desc}: {body} | {elapsed:.1f}s, {rate:,.0f} {self.unit}/s"
+        more = f" | {self.extra()}" if self.extra is not None else ""
+        return f"{self.desc}: {body}{more} | {elapsed:.1f}s, {rate:,.0f} {self.unit}/s"
 
     def _draw(self) -> None:
         self.stream.write("\r" + self._text() + "\x1b[K")

@@ -287,14 +287,16 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=None, 
 
 
 def sample_text(model, prompt: str = "", max_new_tokens: int = 64, temperature=1.0, top_k=None,
-                seed=None, rng=None, use_cache=True, include_prompt=True) -> str:
-    """Text in, text out with the GPT-2 tokenizer. An empty prompt starts from
-    <|endoftext|> (as llm.c does). Returns prompt + continuation (decoded
-    together, so a character split across the boundary survives), or only
+                seed=None, rng=None, use_cache=True, include_prompt=True, tok=None) -> str:
+    """Text in, text out with the tokenizer `tok` (default GPT-2). An empty prompt
+    starts from <|endoftext|> (as llm.c does); with Llama 3 every prompt starts with
+    <|begin_of_text|>, as its training documents do. Returns prompt + continuation
+    (decoded together, so a character split across the boundary survives), or only
     the continuation with include_prompt=False."""
-    from .tokenizer import EOT, decode, encode
-    prompt_ids = encode(prompt) if prompt else []
-    start = prompt_ids or [EOT]
-    new = generate(model, start, max_new_tokens, temperature=temperature, top_k=top_k,
+    from .tokenizer import LLAMA3, gpt2
+    tok = tok or gpt2()
+    prompt_ids = tok.encode(prompt) if prompt else []
+    bos = [tok.eot] if tok.name == LLAMA3 or not prompt_ids else []
+    new = generate(model, bos + prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                    seed=seed, rng=rng, use_cache=use_cache)
-    return decode(prompt_ids + new) if include_prompt else decode(new)
+    return tok.decode(prompt_ids + new) if include_prompt else tok.decode(new)

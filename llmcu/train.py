@@ -20,7 +20,7 @@ from typing import TextIO
 
 import numpy as np
 
-from . import checkpoint, formats, outputs, runlog
+from . import checkpoint, formats, outputs, runlog, tokenizer
 from .config import GPT2Config, TrainConfig
 from .data import DataLoader
 from .mfu import bf16_peak_tflops, device_name, mfu
@@ -83,7 +83,7 @@ def resolve_dtype(dtype: str, device: str, config=None, data_parallel: bool = Fa
 
 
 def build_model(spec: str, device: str = "cpu", seed: int = 42, max_seq_len: int = 1024,
-                dtype: str = "fp32", master_weights: bool = True):
+                dtype: str = "fp32", master_weights: bool = True, vocab_size: int | None = None):
     """A model from a checkpoint file (llm.c format) or a descriptor like 'd12'.
 
     device: "cpu" (the NumPy model), "cuda" (the kernels on a GPU) or "emu"
@@ -91,7 +91,8 @@ def build_model(spec: str, device: str = "cpu", seed: int = 42, max_seq_len: int
     loads pretrained Hugging Face GPT-2 weights (llmcu.hf.import_hf); a bare
     descriptor such as 'gpt2' is a random init of that size; 'llama', 'llama-d6',
     'gemma-d6', ... (llmcu.llama_config) a Llama-family one. Llama and Gemma
-    files and Hugging Face checkpoints are recognised by their contents."""
+    files and Hugging Face checkpoints are recognised by their contents. vocab_size:
+    a descriptor's vocabulary (the tokenizer's; default GPT-2's)."""
     if spec.startswith("hf:"):
         from .hf import import_hf
         config, params = import_hf(spec[3:])
@@ -102,7 +103,8 @@ def build_model(spec: str, device: str = "cpu", seed: int = 42, max_seq_len: int
         config, params = formats.read_model(spec)
     else:
         from .llama_config import model_config
-        config, params = model_config(spec, max_seq_len=max_seq_len), None
+        config, params = model_config(spec, max_seq_len=max_seq_len,
+                                      vocab_size=vocab_size or tokenizer.VOCAB_SIZE), None
     return make_model(config, params, device, seed, dtype, master_weights)
 
 
@@ -320,6 +322,7 @@ class Run:
     logfile: TextIO | None = None       # OUTPUT_DIR/main.log (rank 0 with -o)
     jsonl: runlog.RunLog | None = None  # OUTPUT_DIR/main.jsonl (rank 0 with -o)
     history: dict = field(default_factory=lambda: {"train": [], "val": [], "lr": [], "skipped": []})
+    tok: tokenizer.Tokenizer | None = None  # decodes the samples (--tokenizer; GPT-2 by default)
 
     @property
     def rank(self) -> int:
@@ -353,7 +356,8 @@ def setup_model(cfg: TrainConfig, comm, log):
         model = make_model(resumed[1], resumed[2], cfg.device, cfg.seed, dtype, cfg.master_weights)
     else:
         model = build_model(cfg.model, cfg.device, cfg.seed, dtype=dtype,
-                            master_weights=cfg.master_weights)
+                            master_weights=cfg.master_weights,
+                            vocab_size=tokenizer.model_tokenizer(cfg.model, cfg.tokenizer).vocab_size)
     dtype = getattr(model, "dtype", "fp32")  # what "auto" became
     if dtype != "fp32" and data_parallel:
         raise ValueError(f"--dtype {dtype} with data parallel ({world} process(es), -z "
@@ -381,11 +385,18 @@ def log_model(cfg: TrainConfig, model, dtype: str, log) -> float | None:
     return peak
 
 
-def setup_data(cfg: TrainConfig, rank: int, world: int, accum_steps: int, log):
-    """This rank's train and val loaders and the batch lines; returns (train, val, val_batches)."""
+def setup_data(cfg: TrainConfig, rank: int, world: int, accum_steps: int, log, vocab_size=None):
+    """This rank's train and val loaders and the batch lines; returns (train, val, val_batches).
+    The train loader shuffles unless --no-shuffle (llm.c's does); val never does. Token
+    ids are checked against vocab_size (the model's)."""
     B, T = cfg.batch_size, cfg.seq_len
-    train_loader = DataLoader(cfg.train_pattern, B, T, rank, world)
-    val_loader = DataLoader(cfg.val_pattern, B, T, rank, world) if cfg.val_pattern else None
+    vocab_size = vocab_size or tokenizer.VOCAB_SIZE
+    train_loader = DataLoader(cfg.train_pattern, B, T, rank, world, vocab_size=vocab_size,
+                              shuffle=cfg.shuffle)
+    val_loader = DataLoader(cfg.val_pattern, B, T, rank, world,
+                            vocab_size=vocab_size) if cfg.val_pattern else None
+    log("train data: " + ("shuffled (a seeded permutation of the shards and windows every epoch)"
+                          if cfg.shuffle else "in order (--no-shuffle)"))
     log(f"train dataset num_batches: {train_loader.num_tokens // (B * T)}")
     if val_loader is not None:
         log(f"val dataset num_batches: {val_loader.num_tokens // (B * T)}")
@@ -436,10 +447,14 @@ def setup(cfg: TrainConfig, log=print, comm=None) -> Run:
         graph = make_graph_step(model, B, T, accum_steps, cfg)
         log("CUDA graphs: the training step is captured and replayed (llmcu/cuda/graphs.py)")
     peak = log_model(cfg, model, dtype, log)
-    train_loader, val_loader, val_batches = setup_data(cfg, rank, world, accum_steps, log)
+    tok = tokenizer.model_tokenizer(cfg.model, cfg.tokenizer)
+    tokenizer.check_model_vocab(tok, model.config.vocab_size)
+    train_loader, val_loader, val_batches = setup_data(cfg, rank, world, accum_steps, log,
+                                                       model.config.vocab_size)
     check_hellaswag(cfg, model.config)
     run = Run(cfg, log, comm, own_comm, model, graph, accum_steps, peak, train_loader, val_loader,
-              val_batches, OutlierDetector(), OutlierDetector(), np.random.default_rng(cfg.seed))
+              val_batches, OutlierDetector(), OutlierDetector(), np.random.default_rng(cfg.seed),
+              tok=tok)
     if cfg.output_dir:
         os.makedirs(cfg.output_dir, exist_ok=True)
     if cfg.output_dir and rank == 0:
@@ -494,10 +509,11 @@ def log_evals(run: Run, step: int) -> None:
 
 
 def log_sample(run: Run, step: int) -> None:
-    """Rank 0: up to -g tokens sampled from <|endoftext|> with the run's RNG."""
-    from .tokenizer import EOT, decode
+    """Rank 0: up to -g tokens sampled from the document token (<|endoftext|>, or Llama 3's
+    <|begin_of_text|>) with the run's RNG."""
+    tok = run.tok or tokenizer.gpt2()
     gen_len = min(run.cfg.gen_tokens, run.config.max_seq_len - 1)
-    text = decode(sample(run.model, [EOT], gen_len, run.rng))
+    text = tok.decode(sample(run.model, [tok.eot], gen_len, run.rng))
     run.log("generating:\n---")
     run.log(text)
     run.log("---")

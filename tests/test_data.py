@@ -192,6 +192,18 @@ def test_tinystories_token_counts(tmp_path, stories):
     assert len(read_shard(result["train"])) == result["train_tokens"]
 
 
+def test_tinystories_with_the_llama3_tokenizer(tmp_path, stories, shared_dir):
+    """prepare takes --tokenizer for every dataset: <|begin_of_text|> per story, uint32 shards."""
+    llama3 = tokenizer.load_tokenizer(shared_dir / "tokenizers" / "llama3.tiktoken")
+    archive = _make_archive(tmp_path / "ts.tar.gz", stories)
+    result = data.prepare_tinystories(tmp_path / "out", archive_path=archive, log=None, tok=llama3)
+    val = read_shard(result["val"], vocab_size=llama3.vocab_size)
+    assert val.dtype == np.uint32 and (val == 128000).sum() == 5 and val[0] == 128000
+    assert np.fromfile(result["train"], dtype="<i4", count=2).tolist() == [20240801, 7]
+    assert sorted(llama3.decode(val.tolist()).split("<|begin_of_text|>")[1:]) == \
+        sorted(s["story"].strip() for s in stories["data00.json"])
+
+
 def test_tinystories_val_is_exactly_data00(tmp_path, stories):
     archive = _make_archive(tmp_path / "ts.tar.gz", stories)
     result = data.prepare_tinystories(tmp_path / "out", archive_path=archive, log=None)
@@ -339,11 +351,12 @@ def test_loader_reset_starts_over(two_shards):
 
 def test_loader_state_resumes_identical_sequence(two_shards):
     loader = DataLoader(two_shards, B, T, 1, P)
-    assert loader.state() == {"shard_index": 0, "sample_index": -1}
+    unshuffled = {"epoch": 0, "shuffle": False, "seed": 42}
+    assert loader.state() == {"shard_index": 0, "sample_index": -1, **unshuffled}
     for _ in range(3):
         loader.next_batch()
     saved = json.loads(json.dumps(loader.state()))
-    assert saved == {"shard_index": 1, "sample_index": 0}
+    assert saved == {"shard_index": 1, "sample_index": 0, **unshuffled}
     rest = [loader.next_batch() for _ in range(6)]
     resumed = DataLoader(two_shards, B, T, 1, P)
     resumed.load_state(saved)
@@ -406,3 +419,136 @@ def test_default_paths():
     assert data.default_paths("tinystories")["val"] == "data/tinystories/TinyStories_val.bin"
     with pytest.raises(ValueError, match="tinyshakespeare"):
         data.default_paths("nope")
+
+
+# ----------------------------------------------------------------------------
+# the shuffling loader (training; llm.c's train loader shuffles)
+
+@pytest.fixture
+def many_shards(tmp_path):
+    """4 shards of distinct tokens (shard s holds s*10000 + 0..n-1), 5..9 windows each
+    of P*B*T = 16 tokens, so every batch names its shard and window."""
+    for s, n in enumerate((81, 97, 120, 145)):
+        write_shard(tmp_path / f"sh_{s:03d}.bin", s * 10000 + np.arange(n))
+    return str(tmp_path / "sh_*.bin")
+
+
+def _window(x, rank):
+    """(shard, window index) of a batch served to `rank`."""
+    first = int(x[0, 0])
+    return first // 10000, (first % 10000 - rank * B * T) // (P * B * T)
+
+
+def _epoch(loader, rank=0):
+    n = sum(loader._num_batches(i) for i in range(len(loader.shards)))
+    return [_window(loader.next_batch()[0], rank) for _ in range(n)]
+
+
+def test_shuffled_covers_every_window_once_per_epoch(many_shards):
+    plain = _epoch(DataLoader(many_shards, B, T, 0, P))
+    shuffled = DataLoader(many_shards, B, T, 0, P, shuffle=True)
+    first, second = _epoch(shuffled), _epoch(shuffled)
+    assert len(plain) == 5 + 6 + 7 + 9
+    for epoch in (first, second):
+        assert epoch != plain and sorted(epoch) == sorted(plain)  # same windows, once each
+        shards = [s for s, _ in epoch]  # a shard's windows are served together
+        assert [s for i, s in enumerate(shards) if i == 0 or s != shards[i - 1]] == \
+            list(dict.fromkeys(shards)) and len(set(shards)) == 4
+    assert first != second  # a new permutation every epoch
+    orders = [list(dict.fromkeys(s for s, _ in epoch)) for epoch in (first, second)]
+    assert orders != [[0, 1, 2, 3]] * 2  # the shards are permuted ...
+    assert [w for s, w in first if s == 3] != list(range(9))  # ... and the windows inside them
+    # the inputs and targets are still consecutive tokens of one window
+    x, y = DataLoader(many_shards, B, T, 0, P, shuffle=True).next_batch()
+    np.testing.assert_array_equal(y.ravel()[:-1], x.ravel()[1:])
+
+
+def test_shuffled_ranks_take_disjoint_slices_of_the_same_windows(many_shards):
+    a = DataLoader(many_shards, B, T, 0, P, shuffle=True)
+    b = DataLoader(many_shards, B, T, 1, P, shuffle=True)
+    tokens = {0: set(), 1: set()}
+    for _ in range(60):  # more than two epochs
+        xa, xb = a.next_batch()[0], b.next_batch()[0]
+        assert _window(xa, 0) == _window(xb, 1)  # the same global window ...
+        assert int(xb[0, 0]) == int(xa[0, 0]) + B * T  # ... rank 1 right after rank 0
+        assert not set(xa.ravel()) & set(xb.ravel())
+        tokens[0] |= set(xa.ravel())
+        tokens[1] |= set(xb.ravel())
+    assert not tokens[0] & tokens[1]
+
+
+def test_shuffled_resume_is_bit_identical(many_shards):
+    loader = DataLoader(many_shards, B, T, 1, P, shuffle=True, seed=7)
+    for _ in range(33):  # into the second epoch
+        loader.next_batch()
+    saved = json.loads(json.dumps(loader.state()))
+    assert saved["epoch"] == 1 and saved["shuffle"] is True and saved["seed"] == 7
+    rest = [loader.next_batch() for _ in range(40)]
+    resumed = DataLoader(many_shards, B, T, 1, P, shuffle=True)  # the seed comes from the state
+    resumed.load_state(saved)
+    for (x, y), (rx, ry) in zip(rest, [resumed.next_batch() for _ in range(40)]):
+        np.testing.assert_array_equal(x, rx)
+        np.testing.assert_array_equal(y, ry)
+    with pytest.raises(ValueError, match="shuffling on.*this one has it off.*without --no-shuffle"):
+        DataLoader(many_shards, B, T, 1, P).load_state(saved)
+
+
+def test_seed_changes_the_order_and_reset_restarts_it(many_shards):
+    a = _epoch(DataLoader(many_shards, B, T, 0, P, shuffle=True, seed=1))
+    b = DataLoader(many_shards, B, T, 0, P, shuffle=True, seed=2)
+    assert a != _epoch(b)
+    b.reset()
+    assert b.state()["epoch"] == 0 and b.next_batch()[0].tolist() == \
+        DataLoader(many_shards, B, T, 0, P, shuffle=True, seed=2).next_batch()[0].tolist()
+
+
+def test_train_shuffles_and_val_never_does(many_shards):
+    from llmcu.config import TrainConfig
+    from llmcu.train import setup_data
+    lines = []
+    for shuffle in (True, False):
+        cfg = TrainConfig(train_pattern=many_shards, val_pattern=many_shards, batch_size=B,
+                          seq_len=T, shuffle=shuffle)
+        train, val, _ = setup_data(cfg, 0, 1, 1, lines.append)
+        assert train.shuffle is shuffle and val.shuffle is False
+    assert "train data: shuffled (a seeded permutation of the shards and windows every epoch)" in lines
+    assert "train data: in order (--no-shuffle)" in lines
+
+
+def test_uint32_shards_load(tmp_path):
+    write_shard(tmp_path / "l3.bin", 128000 + np.arange(40), dtype="uint32")
+    x, y = DataLoader(str(tmp_path / "l3.bin"), B, T, vocab_size=128256).next_batch()
+    assert x.tolist() == [[128000, 128001, 128002, 128003], [128004, 128005, 128006, 128007]]
+    with pytest.raises(FormatError, match="expected ids < 50257.*do not belong to this model's tokenizer"):
+        DataLoader(str(tmp_path / "l3.bin"), B, T)
+
+
+def test_training_resumes_bit_identical_across_an_epoch_with_shuffling(tmp_path):
+    """train() with the shuffled loader: a run checkpointed at step 10 (in the second epoch:
+    9 windows an epoch) and resumed repeats the uninterrupted run's losses exactly;
+    --no-shuffle gives other losses."""
+    from llmcu import formats
+    from llmcu.config import GPT2Config, TrainConfig
+    from llmcu.cpu.gpt2 import init_parameters
+    from llmcu.train import train
+    tiny = GPT2Config(max_seq_len=16, vocab_size=64, num_layers=1, num_heads=2, channels=8)
+    formats.write_model(tmp_path / "tiny.bin", tiny, init_parameters(tiny, seed=3))
+    write_shard(tmp_path / "train.bin", np.random.default_rng(1).integers(0, 64, 2 * 8 * 9 + 1))
+
+    def run(out, **kw):
+        cfg = dict(train_pattern=str(tmp_path / "train.bin"), val_pattern="", model=str(tmp_path / "tiny.bin"),
+                   output_dir=str(tmp_path / out), batch_size=2, seq_len=8, learning_rate=1e-2,
+                   max_steps=14, val_every=0, sample_every=0)
+        lines = []
+        return train(TrainConfig(**{**cfg, **kw}), log=lines.append)["train"], lines
+
+    straight, lines = run("a")
+    assert "train data: shuffled (a seeded permutation of the shards and windows every epoch)" in lines
+    run("b", max_steps=10, checkpoint_every=10)
+    resumed, lines = run("b", resume=1, checkpoint_every=10)
+    assert any("resuming from step 10" in line for line in lines)
+    assert resumed == straight[10:]
+    plain, lines = run("c", shuffle=False)
+    assert "train data: in order (--no-shuffle)" in lines and plain != straight
+    with pytest.raises(ValueError, match="shuffling on.*this one has it off"):
+        run("b", resume=1, shuffle=False)

@@ -45,7 +45,11 @@ B, T, STEPS, LR = 2, 8, 10, 3e-3
 # (the default) clips most steps (norms 1.1-2.0). (At lr 1e-2 this tiny model's trajectory is
 # chaotic: float32 rounding differences grow to 1e-5 in the loss by step 9, so two runs that
 # differ only in summation order can no longer be compared tightly.)
-TRAIN_ARGS = ["-b", B, "-t", T, "-x", STEPS, "-l", LR, "-c", 0.1, "-s", 0, "-v", 5, "-m", 2]
+# --no-shuffle: the runs are compared with one process accumulating 2 micro-batches, which
+# equals 2 ranks' slices only when both read the windows in order (shuffled, the permuted
+# windows are P*B*T tokens for the ranks but B*T for the single process; tests/test_data.py
+# checks the shuffled ranks' slices)
+TRAIN_ARGS = ["-b", B, "-t", T, "-x", STEPS, "-l", LR, "-c", 0.1, "-s", 0, "-v", 5, "-m", 2, "--no-shuffle"]
 
 
 @pytest.fixture(scope="module")

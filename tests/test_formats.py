@@ -415,7 +415,8 @@ def test_read_shard_bad_magic(tmp_path):
     path = write_raw(tmp_path / "s.bin", [1234, 1, 0])
     for reader in (formats.read_shard, formats.read_shard_header):
         expect_format_error(lambda: reader(path), path,
-                            "bad magic number: expected 20240520 (llm.c token shard), found 1234")
+                            "bad magic number: expected 20240520 (llm.c token shard) or 20240801 "
+                            "(llm.c token shard (uint32)), found 1234")
 
 
 def test_read_shard_unknown_version(tmp_path):
@@ -573,3 +574,44 @@ def test_failed_write_after_header_keeps_old_file(tmp_path, monkeypatch):
         formats.write_shard(path, [4, 5, 6, 7])
     assert path.read_bytes() == before
     assert leftovers(tmp_path, ["shard.bin"]) == []
+
+
+# ----------------------------------------------------------------------------
+# uint32 shards (llm.c's Llama 3 data) and the loader's shuffle state
+
+def test_uint32_shard_round_trip(tmp_path):
+    path = tmp_path / "l3.bin"
+    tokens = np.array([128000, 9906, 1917, 0, 128255], dtype=np.int64)
+    formats.write_shard(path, tokens, dtype="uint32")
+    header = np.fromfile(path, dtype="<i4", count=3)
+    assert list(header) == [20240801, 7, 5] and path.stat().st_size == 1024 + 4 * 5
+    assert formats.read_shard_info(path) == (5, "uint32")
+    back = formats.read_shard(path, vocab_size=128256)
+    assert back.dtype == np.uint32 and back.tolist() == tokens.tolist()
+    expect_format_error(lambda: formats.read_shard(path), path,
+                        "expected ids < 50257", "found 128000 at position 0")
+    with pytest.raises(ValueError, match=r"\[0, 65535\].*found 128000"):
+        formats.write_shard(tmp_path / "u16.bin", tokens)  # uint16 by default
+    with pytest.raises(ValueError, match="uint16 or uint32"):
+        formats.write_shard(tmp_path / "x.bin", tokens, dtype="int64")
+
+
+def test_uint32_shard_bad_version_and_size(tmp_path):
+    path = write_raw(tmp_path / "s.bin", [20240801, 1, 0])
+    expect_format_error(lambda: formats.read_shard_header(path), path,
+                        "version", "expected 7", "found 1")
+    path = write_raw(tmp_path / "t.bin", [20240801, 7, 10], payload=b"\0" * 20)
+    expect_format_error(lambda: formats.read_shard_header(path), path,
+                        "truncated", "expected 1064 bytes for 10 tokens (uint32)", "found 1044")
+
+
+def test_train_state_keeps_the_shuffle_position(tmp_path):
+    m = np.arange(5, dtype=np.float32)
+    loader = {"shard_index": 3, "sample_index": 17, "epoch": 2**33 + 1, "shuffle": True, "seed": 42}
+    formats.write_train_state(tmp_path / "s.bin", formats.TrainState(step=4, m=m, v=m, loader=loader))
+    h = np.fromfile(tmp_path / "s.bin", dtype="<i4", count=256)
+    assert h[5] == 0 and h[49] == 1  # llm.c's should_shuffle stays 0: its payload is not written
+    assert formats.read_train_state(tmp_path / "s.bin", 5).loader == loader
+    plain = {"shard_index": 0, "sample_index": -1}  # an older llmcu state: no shuffle fields
+    formats.write_train_state(tmp_path / "p.bin", formats.TrainState(step=4, m=m, v=m, loader=plain))
+    assert formats.read_train_state(tmp_path / "p.bin", 5).loader == {**plain, "epoch": 0, "shuffle": False}

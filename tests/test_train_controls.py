@@ -92,7 +92,7 @@ def test_train_loop_with_accumulation(shard, tiny_model_file):
     assert len(history["train"]) == 2
     # one step consumed 3 micro-batches: the loss of step 1 is their mean
     model = GPT2(TINY, init_parameters(TINY, seed=7))
-    loader = DataLoader(shard, B, T)
+    loader = DataLoader(shard, B, T, shuffle=cfg.shuffle)  # the train loader's order (shuffled)
     expected = np.mean([model.forward(*loader.next_batch()) for _ in range(3)])
     assert history["train"][0] == pytest.approx(expected, abs=1e-6)
 
