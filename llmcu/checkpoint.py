@@ -155,6 +155,13 @@ def load_latest(out_dir: str, spec: str, rank: int = 0, num_processes: int = 1, 
                          f"Train without -y 1 to start afresh.")
     step = steps[-1]
     path = model_path(out_dir, step)
+    first_state = state_path(out_dir, step, 0)  # every run has rank 0's: another world size shows there
+    if os.path.exists(first_state) and os.path.exists(path):
+        from .distributed import resume_layout_error
+        layout = resume_layout_error(first_state, requested_config(path).num_parameters(),
+                                     num_processes, zero_stage)
+        if layout is not None:
+            raise ValueError(layout)
     for p in (path, state_path(out_dir, step, rank)):
         if not os.path.exists(p):
             raise ValueError(f"-y 1: checkpoint {step} in {out_dir} has a DONE marker but {p} is "

@@ -194,15 +194,16 @@ class GPT2(MixedPrecisionAdamW):
                                              B, T, C)
         return self._scratch
 
-    def backward(self, loss_scale=1.0):
+    def backward(self, loss_scale=1.0, layer_done=None):
         """Accumulate loss_scale * d(mean loss)/d(params) into self.grads; acts.logits
-        becomes dlogits. loss_scale = 1/grad_accum_steps for gradient accumulation."""
+        becomes dlogits. loss_scale = 1/grad_accum_steps for gradient accumulation;
+        layer_done: llmcu/cpu/gpt2.backward_layers'."""
         if self._targets is None:
             raise RuntimeError("GPT2.backward: call forward(inputs, targets) with targets first")
-        self._backward_device(self._inputs, self._targets, self._runs, loss_scale)
+        self._backward_device(self._inputs, self._targets, self._runs, loss_scale, layer_done)
         self._targets = None  # the logits are gone: a second backward needs a new forward
 
-    def _backward_device(self, inputs, targets, runs, loss_scale=1.0):
+    def _backward_device(self, inputs, targets, runs, loss_scale=1.0, layer_done=None):
         """backward() on the device arrays of the last _forward_device: inputs, targets,
         runs = encoder.token_runs of the inputs (on the device). Device work only."""
         if self.grads is None:
@@ -213,7 +214,7 @@ class GPT2(MixedPrecisionAdamW):
         ops = self._backward_ops(KERNEL_OPS)
         ops = SimpleNamespace(**{**vars(ops), "encoder_backward": functools.partial(
             ops.encoder_backward, token_runs=runs)})
-        backward_layers(ops, cfg, p, g, a, a.logits, inputs, self._backward_scratch(B, T))
+        backward_layers(ops, cfg, p, g, a, a.logits, inputs, self._backward_scratch(B, T), layer_done)
 
     def sampler(self) -> "GPT2":
         """A model sharing these parameters with its own activations (for sampling).

@@ -118,9 +118,10 @@ class Llama(MixedPrecisionAdamW):
                                              self.config, B, T)
         return self._scratch
 
-    def backward(self, loss_scale=1.0):
+    def backward(self, loss_scale=1.0, layer_done=None):
         """Accumulate loss_scale * d(mean loss)/d(params) into self.grads; acts.logits
-        becomes dlogits. loss_scale = 1/grad_accum_steps for gradient accumulation."""
+        becomes dlogits. loss_scale = 1/grad_accum_steps for gradient accumulation;
+        layer_done: llmcu/cpu/llama.backward_layers'."""
         if self._targets is None:
             raise RuntimeError("Llama.backward: call forward(inputs, targets) with targets first")
         if self.grads is None:
@@ -129,7 +130,7 @@ class Llama(MixedPrecisionAdamW):
         B, T = a.B, a.T
         fused_classifier_dlogits(a.logits, a.losses, self._targets, cfg.vocab_size, loss_scale / (B * T))
         backward_layers(self._backward_ops(LLAMA_KERNEL_OPS), cfg, self.p, self.g, a, a.logits, self._inputs,
-                        self._backward_scratch(B, T), self.tables)
+                        self._backward_scratch(B, T), self.tables, layer_done)
         self._targets = None  # the logits are gone: a second backward needs a new forward
 
     def sampler(self) -> "Llama":
