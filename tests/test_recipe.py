@@ -97,3 +97,17 @@ def test_recipe_commands(tmp_path, monkeypatch):
     cmd = _dry("run_gpt2_124M.sh", tmp_path, SLURM_JOB_ID="1", SLURM_NTASKS="16",
                SLURM_JOB_NODELIST="node[7-8]", PATH=f"{fake}:{ENV['PATH']}")
     assert cmd[:4] == ["srun", sys.executable, "-m", "llmcu"] and _arg(cmd, "-b") == "32"
+
+
+def test_scaling_model_runs_and_is_labelled_a_model():
+    """benchmarks/dp_scaling_model.py prints the tables of benchmarks/RESULTS.md's
+    data-parallel section; the section says it is a model."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dp_scaling_model.py")], env=ENV,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    # 2 * 7/8 * 124,475,904 bf16 values: the ring all-reduce's bytes per GPU at d12
+    assert "| d12 | 124.5M | 0 | 436 MB | 0.97 ms | 9.34 ms |" in r.stdout
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+    section = results[results.index("## Data parallel on paper"):]
+    assert "a model, not a measurement" in section.split("\n\n")[1]
+    assert "| d12 | 124.5M | 0 | 436 MB | 0.97 ms | 9.34 ms |" in section
