@@ -34,7 +34,8 @@ writes the bf16 parameters as its stochastic rounding; master_weights=False
 updates the bf16 parameters in place, stochastically rounded. The rounding's
 random bits are a hash of (seed, step, tensor, element), so a resumed run
 repeats them without any RNG state (the update, shared with llmcu/cuda/llama.py,
-is llmcu/cuda/mixed_precision.py's). bf16 needs no ZeRO-1 shard.
+is llmcu/cuda/mixed_precision.py's, which also keeps ZeRO-1's shard of the master
+copy and moments: keep_shard).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ llmcu/cuda/mixed_precision.py): parameters, gradients, activations, logits
 in bf16 (uint16 bits); the RMSNorm rstd, attention's lse, the losses
 (FP32_ACTIVATIONS), the RoPE tables, the AdamW moments and, with
 master_weights=True, an fp32 master copy of the parameters (stochastically
-rounded to bf16 after each update) in float32. No ZeRO-1 shard in bf16.
+rounded to bf16 after each update) in float32. ZeRO-1 in bf16 keeps the master copy
+and the moments of the rank's shard only (MixedPrecisionAdamW.keep_shard).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Llama(MixedPrecisionAdamW):
     them to nearest for its bf16 copy and keeps them as the fp32 master copy), or, for
     dtype "bf16" only, a uint16 array of bf16 bits, which the model then shares.
     The gradient and optimizer bookkeeping (zero_grad, grad_norm, update with
-    ZeRO-1 shards in fp32, optimizer_state, ...) is FlatAdamW's, on the device
+    ZeRO-1 shards, optimizer_state, ...) is FlatAdamW's, on the device
     arrays, with the bf16 update of llmcu/cuda/mixed_precision.py."""
 
     OPS = LLAMA_KERNEL_OPS

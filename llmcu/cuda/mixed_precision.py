@@ -12,6 +12,10 @@ them without any RNG state.
 MixedPrecisionAdamW is FlatAdamW plus that: the model class calls
 set_parameters() in its __init__ (after setting xp, config and seed) and gets
 update, params_host, master_host and load_optimizer_state for both dtypes.
+ZeRO-1 (llmcu/distributed.py) calls keep_shard((lo, hi)) once: a bf16 model then
+keeps the master copy, m and v of that flat range only and update(shard=) runs
+adamw_kernel4 on it with the whole model's tensor ids and element indices
+(adamw_shard_table), so the stochastic rounding does not depend on the world size.
 """
 
 from __future__ import annotations
