@@ -402,3 +402,42 @@ def test_llama_bf16_zero1_matches_accumulation(tmp_path):
     np.testing.assert_allclose(norm, ref_norm, rtol=U, atol=0)
     d = np.abs(params(tmp_path / "two") - params(tmp_path / "one"))
     assert d.max() <= 2 * LR * STEPS and np.quantile(d, 0.99) <= 1e-3
+
+
+# ----------------------------------------------------------------------------
+# on a GPU: NCCL at world size 1 (not run here: no GPU in this session)
+
+def _cuda_available():
+    from llmcu import cuda as llmcu_cuda
+    return llmcu_cuda.is_available()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda_available(), reason="no CUDA GPU with CuPy here")
+@pytest.mark.parametrize("zero", [0, 1])
+def test_nccl_bf16_world_size_1_matches_plain_bf16_run(files, tmp_path, zero):
+    """One GPU, NCCL at world size 1, bf16, the bucketed reduction on the second stream: the
+    plain bf16 run bit for bit (a 1-rank ncclAvg copies, the -z 1 shard is the whole buffer and
+    its one-launch update rounds with the per-tensor loop's bits); the grad norm within float64
+    rounding (-z 1: sqrt of a sum of one square). Prints both runs' median step times: at world
+    size 1 the difference bounds the bucketed reduction's overhead."""
+    args = ["--device", "cuda", "-x", 8, "-n", 0]
+    plain = tmp_path / "plain"
+    r = subprocess.run(_cmd(files, "tiny.bin", plain, *args), env=ENV, cwd=files, text=True,
+                       capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    nccl = tmp_path / "nccl"
+    env = dict(ENV, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()))
+    r = subprocess.run(_cmd(files, "tiny.bin", nccl, *args, "--dist-backend", "nccl", "-z", zero),
+                       env=env, cwd=files, text=True, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"data parallel: 1 process(es), nccl, -z {zero}" in r.stdout
+    (loss, norm), (ref_loss, ref_norm) = run_log(nccl), run_log(plain)
+    np.testing.assert_array_equal(loss, ref_loss)
+    np.testing.assert_allclose(norm, ref_norm, rtol=1e-14, atol=0)
+    np.testing.assert_array_equal(params(nccl, 8), params(plain, 8))
+    ms = {name: float(np.median([json.loads(line)["ms"] for line in (out / "main.jsonl").read_text()
+                                 .splitlines() if "train_loss" in json.loads(line)][2:]))
+          for name, out in (("plain", plain), ("nccl", nccl))}
+    print(f"-z {zero}: median step {ms['plain']:.2f} ms plain, {ms['nccl']:.2f} ms NCCL world size 1")
