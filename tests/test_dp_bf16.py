@@ -337,10 +337,12 @@ def test_buckets_start_during_the_last_micro_steps_backward(tmp_path):
         comm.close()
 
 
-def test_sharded_bf16_update_equals_the_full_update():
+@pytest.mark.parametrize("master_weights", [True, False], ids=["master", "no-master"])
+def test_sharded_bf16_update_equals_the_full_update(master_weights):
     """keep_shard + update(shard=) on each of 3 shards (an odd size: shards cut tensors, the
     last one short), put together, is the unsharded bf16 update bit for bit: parameters
-    (stochastic rounding with the same per-element bits), master weights, m and v."""
+    (stochastic rounding with the same per-element bits), master weights, m and v; without
+    master weights (-w 0) the bf16 parameters are updated in place, on the shard only."""
     from llmcu.cuda.gpt2 import GPT2
     config = GPT2Config(max_seq_len=8, vocab_size=40, num_layers=1, num_heads=2, channels=8)
     N, world = config.num_parameters(), 3
@@ -350,14 +352,15 @@ def test_sharded_bf16_update_equals_the_full_update():
     grads = [formats.float32_to_bf16_bits(rng.standard_normal(N).astype(np.float32)) for _ in range(2)]
 
     def run(shard):
-        model = GPT2(config, p0.copy(), device="emu", dtype="bf16")
+        model = GPT2(config, p0.copy(), device="emu", dtype="bf16", master_weights=master_weights)
         if shard is not None:
             model.keep_shard(shard)
         for step, g in enumerate(grads, 1):
             model.zero_grad()
             model.grads[...] = g
             model.update(1e-2, step, weight_decay=0.1, grad_clip=1.0, grad_norm=3.0, shard=shard)
-        return model.params.copy(), model.master.copy(), model.m.copy(), model.v.copy()
+        master = model.master.copy() if master_weights else np.zeros(0, np.float32)
+        return model.params.copy(), master, model.m.copy(), model.v.copy()
 
     full_p, full_master, full_m, full_v = run(None)
     parts = []
