@@ -251,6 +251,7 @@ class GradientReducer:
         item = grads.dtype.itemsize
         base = grads.data.ptr
         comm, dt, avg = self.comm.comm, self._nccl_dtype(), self._avg()
+        self.comm.wait_for = self._after_buckets  # other collectives queue behind the buckets
         nccl.groupStart()  # the bucket's collectives as one NCCL launch
         try:
             if self.shard is None:
@@ -262,10 +263,16 @@ class GradientReducer:
         finally:
             nccl.groupEnd()
 
+    def _after_buckets(self, stream) -> None:
+        """Make `stream` wait (on the device, not the host) for every bucket queued so far."""
+        import cupy
+        done = cupy.cuda.Event(disable_timing=True)
+        done.record(self._cuda)
+        stream.wait_event(done)
+
     def _finish_nccl(self):
         import cupy
         if self._cuda is None or not self.started:
             return
-        done = cupy.cuda.Event(disable_timing=True)
-        done.record(self._cuda)
-        cupy.cuda.get_current_stream().wait_event(done)  # the norm and AdamW read the means
+        self._after_buckets(cupy.cuda.get_current_stream())  # the norm and AdamW read the means
+        self.comm.wait_for = None

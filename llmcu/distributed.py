@@ -334,8 +334,17 @@ class NcclCommunicator:
                              f"got {a.dtype}")
         return a.data.ptr, self._dtypes[a.dtype]
 
+    wait_for = None  # set by llmcu/buckets.py while buckets are in flight on its own stream
+
     def _stream(self):
-        return self.cupy.cuda.get_current_stream().ptr
+        stream = self.cupy.cuda.get_current_stream()
+        if self.wait_for is not None:
+            # a collective on this stream (the loss average, the norm) while the gradient
+            # buckets are still queued on the reducer's stream: NCCL calls on one communicator
+            # must not run concurrently from two streams (llm.c issues all of them on one
+            # stream), so this stream waits for the buckets first
+            self.wait_for(stream)
+        return stream.ptr
 
     def all_reduce_sum(self, x):
         ptr, dt = self._args(x)
