@@ -444,3 +444,110 @@ def test_nccl_bf16_world_size_1_matches_plain_bf16_run(files, tmp_path, zero):
                                  .splitlines() if "train_loss" in json.loads(line)][2:]))
           for name, out in (("plain", plain), ("nccl", nccl))}
     print(f"-z {zero}: median step {ms['plain']:.2f} ms plain, {ms['nccl']:.2f} ms NCCL world size 1")
+
+
+# ----------------------------------------------------------------------------
+# the NCCL reducer's calls, against a stand-in for CuPy (no GPU here: this checks the
+# arguments and their order, not NCCL)
+
+class _Stream:
+    def __init__(self, log, name):
+        self.log, self.name, self.ptr = log, name, id(self)
+
+    def wait_event(self, event):
+        self.log.append(("wait", self.name, event.recorded_on))
+
+
+class _Event:
+    def __init__(self, log, disable_timing=False):
+        self.log, self.recorded_on = log, None
+
+    def record(self, stream):
+        self.recorded_on = stream.name
+        self.log.append(("record", stream.name))
+
+
+class _DeviceArray(np.ndarray):
+    """A NumPy array with CuPy's .data.ptr (its address)."""
+    @property
+    def data(self):
+        from types import SimpleNamespace
+        return SimpleNamespace(ptr=self.ctypes.data)
+
+
+def _fake_cupy(monkeypatch, log):
+    import types
+    main = _Stream(log, "main")
+    nccl = types.ModuleType("cupy.cuda.nccl")
+    nccl.NCCL_FLOAT32 = 7  # the others (NCCL_BFLOAT16, NCCL_AVG) missing, as in older CuPy
+    nccl.groupStart = lambda: log.append(("groupStart",))
+    nccl.groupEnd = lambda: log.append(("groupEnd",))
+    cuda = types.ModuleType("cupy.cuda")
+    cuda.nccl = nccl
+    cuda.Stream = lambda non_blocking=False: _Stream(log, "comm")
+    cuda.Event = lambda disable_timing=False: _Event(log, disable_timing)
+    cuda.get_current_stream = lambda: main
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = cuda
+    for name, mod in (("cupy", cupy), ("cupy.cuda", cuda), ("cupy.cuda.nccl", nccl)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return main
+
+
+class _NcclLog:
+    def __init__(self, log):
+        self.log = log
+
+    def allReduce(self, send, recv, count, dtype, op, stream):
+        self.log.append(("allReduce", send, recv, count, dtype, op, stream))
+
+    def reduce(self, send, recv, count, dtype, op, root, stream):
+        self.log.append(("reduce", send, recv, count, dtype, op, root, stream))
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_nccl_bucket_calls(monkeypatch, zero):
+    """Each bucket: an event on the compute stream, the communication stream waits on it, then
+    one NCCL group of in-place ncclAvg calls on bf16 (9, 4: nccl.h's ncclBfloat16, ncclAvg)
+    over the bucket's ranges (-z 0: all-reduce; -z 1: a reduce of each piece to the rank owning
+    it), on the communication stream; every element exactly once. finish: the compute stream
+    waits on an event recorded on the communication stream, and collectives issued meanwhile
+    on the compute stream (the loss average) wait for the buckets too."""
+    from types import SimpleNamespace
+
+    from llmcu.buckets import GradientReducer
+    log = []
+    main = _fake_cupy(monkeypatch, log)
+    N, W = TINY.num_parameters(), 3
+    shards = [distributed.shard_range(N, W, r)[:2] for r in range(W)]
+    comm = SimpleNamespace(backend="nccl", world_size=W, rank=1, comm=_NcclLog(log), wait_for=None)
+    reducer = GradientReducer(comm, TINY, np.uint16, shards[1] if zero else None,
+                              shards if zero else None)
+    grads = np.zeros(N, np.uint16).view(_DeviceArray)
+    base = grads.data.ptr
+    for b in range(TINY.num_layers + 1):
+        reducer.start(b, grads)
+        assert comm.wait_for is not None
+    comm_stream = reducer._cuda
+    calls = [c for c in log if c[0] in ("allReduce", "reduce")]
+    covered = np.zeros(N, np.int64)
+    for c in calls:
+        send, recv, count = c[1:4]
+        assert send == recv and (send - base) % 2 == 0
+        a = (send - base) // 2
+        covered[a:a + count] += 1
+        assert c[4:6] == (9, 4) and c[-1] == comm_stream.ptr
+        if zero:
+            assert shards[c[6]][0] <= a and a + count <= shards[c[6]][1]  # sent to its owner
+    assert (covered == 1).all() and {c[0] for c in calls} == {"reduce" if zero else "allReduce"}
+    # per bucket: record on main, comm waits on it, then the group
+    starts = [i for i, c in enumerate(log) if c == ("record", "main")]
+    assert len(starts) == TINY.num_layers + 1
+    for i in starts:
+        assert log[i + 1] == ("wait", "comm", "main") and log[i + 2] == ("groupStart",)
+    # a collective on the compute stream now waits for the buckets
+    comm.wait_for(main)
+    assert log[-2:] == [("record", "comm"), ("wait", "main", "comm")]
+    reducer.finish(grads)
+    assert log[-2:] == [("record", "comm"), ("wait", "main", "comm")]
+    assert comm.wait_for is None and reducer.history == [list(range(TINY.num_layers + 1))]
