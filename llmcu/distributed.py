@@ -42,7 +42,9 @@ the norm and the update:
           shards' squared norms. The gradient goes through a padded copy
           (S * world_size) and the parameters come back through it: two
           extra passes over N floats per step, where a padded parameter
-          buffer in the models would allow in-place collectives.
+          buffer in the models would allow in-place collectives. (With
+          --overlap 1 the gradient skips the padded copy: each bucket's pieces
+          are reduced to the ranks owning them, llmcu/buckets.py.)
 
 The gradient is reduced once per optimizer step, during or after the last
 micro-step's backward, in the model's gradient dtype (fp32, or bf16 for a bf16
