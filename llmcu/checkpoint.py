@@ -242,6 +242,18 @@ def load_latest(out_dir: str, spec: str, rank: int = 0, num_processes: int = 1, 
         raise ValueError(f"-y 1: no complete checkpoint in {out_dir}: expected DONE_%08d markers "
                          f"written by -n (with model_%08d.bin and state_%08d_00000.bin); {listing}. "
                          f"Train without -y 1 to start afresh.")
+    # another world size or -z shows in the newest checkpoint's rank-0 state (every run has
+    # one); every checkpoint of the run shares it, so it is refused rather than walked past
+    newest = steps[-1]
+    first_state, path = state_path(out_dir, newest, 0), model_path(out_dir, newest)
+    try:
+        from .distributed import resume_layout_error
+        layout = resume_layout_error(first_state, requested_config(path).num_parameters(),
+                                     num_processes, zero_stage)
+    except (OSError, ValueError, IndexError):  # missing or damaged: the walk below says which
+        layout = None
+    if layout is not None:
+        raise ValueError(layout)
     want = requested_config(spec)
     reasons = []  # (step, why, cause)
     for step in reversed(steps):

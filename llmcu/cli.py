@@ -164,6 +164,9 @@ def _add_train(sub):
     p.add_argument("-z", "--zero-stage", type=int, default=d.zero_stage, choices=[0, 1],
                    help="data parallel (several processes, from torchrun/mpirun/srun): 0 all-reduces the "
                         "gradients, 1 is ZeRO-1 (AdamW state sharded across ranks)")
+    p.add_argument("--overlap", type=int, default=d.overlap, choices=[0, 1],
+                   help="data parallel: 1 reduces each layer's gradients while the backward computes "
+                        "the layers below (llmcu/buckets.py), 0 reduces them all after the backward")
     p.add_argument("--dist-backend", default=d.dist_backend, choices=["auto", "gloo", "nccl"],
                    help="data-parallel communicator: nccl (GPUs, cupy.cuda.nccl), gloo (CPU, "
                         "torch.distributed); auto: nccl for --device cuda, gloo otherwise, none for "
@@ -302,7 +305,7 @@ def _run_train(parser, a) -> int:
                       resume=a.resume, hellaswag=a.hellaswag, zero_stage=a.zero_stage,
                       dist_backend=a.dist_backend, init_method=a.init_method, init_file=a.init_file,
                       dtype=a.dtype, master_weights=a.master_weights, cuda_graph=a.cuda_graph,
-                      tokenizer=a.tokenizer, shuffle=not a.no_shuffle)
+                      tokenizer=a.tokenizer, shuffle=not a.no_shuffle, overlap=a.overlap)
     train(cfg, log=lambda s: print(s, flush=True))
     return 0
 

@@ -187,3 +187,4 @@ class TrainConfig:
     cuda_graph: int = 0          # --cuda-graph 1: the step as CUDA graphs (llmcu/cuda/graphs.py; GPT-2 kernel models)
     tokenizer: str | None = None  # --tokenizer: Llama 3 tokenizer.model (or an HF dir); None: GPT-2
     shuffle: bool = True         # --no-shuffle sets False: the train loader's order (llm.c shuffles)
+    overlap: int = 1             # --overlap data parallel: 1 reduces per layer during the backward (llmcu/buckets.py), 0 after it

@@ -42,11 +42,22 @@ the norm and the update:
           shards' squared norms. The gradient goes through a padded copy
           (S * world_size) and the parameters come back through it: two
           extra passes over N floats per step, where a padded parameter
-          buffer in the models would allow in-place collectives.
+          buffer in the models would allow in-place collectives. (With
+          --overlap 1 the gradient skips the padded copy: each bucket's pieces
+          are reduced to the ranks owning them, llmcu/buckets.py.)
 
-The gradient is reduced once per optimizer step, after the last micro-step,
-in fp32 (the models keep fp32 gradients); overlapping the reduction with
-the backward layer by layer is not implemented.
+The gradient is reduced once per optimizer step, during or after the last
+micro-step's backward, in the model's gradient dtype (fp32, or bf16 for a bf16
+model): llmcu/buckets.py, which also says how bf16 is averaged on NCCL and on
+gloo. --overlap 1 (the default) reduces per layer as the backward finishes each
+one, on a second CUDA stream (NCCL) or with asynchronous gloo work handles;
+--overlap 0 reduces the whole buffer after the backward.
+
+bf16 with ZeRO-1: each rank keeps the fp32 master weights (llm.c's -w 1), m and
+v of its shard only (MixedPrecisionAdamW.keep_shard), updates them, writes its
+shard of the bf16 parameters as their stochastic rounding (the same per-element
+hash as one process: the bits do not depend on the world size), and the bf16
+shards are all-gathered (as bytes: the gather does no arithmetic).
 """
 
 from __future__ import annotations
@@ -212,10 +223,11 @@ class LocalCommunicator:
         pass
 
 
-def _check_flat(fn, name, a, size=None):
-    if a.ndim != 1 or a.dtype != np.float32 or (size is not None and a.size != size):
+def _check_flat(fn, name, a, size=None, dtypes=(np.float32,)):
+    if a.ndim != 1 or a.dtype not in dtypes or (size is not None and a.size != size):
         want = f"({size},)" if size is not None else "1-D"
-        raise ValueError(f"{fn}: {name} must be float32 {want}, got {a.dtype} {tuple(a.shape)}")
+        kinds = " or ".join(np.dtype(d).name for d in dtypes)
+        raise ValueError(f"{fn}: {name} must be {kinds} {want}, got {a.dtype} {tuple(a.shape)}")
 
 
 class GlooCommunicator:
@@ -269,8 +281,9 @@ class GlooCommunicator:
         return out
 
     def all_gather(self, out, x):
-        """out (world_size*S,) = the x (S,) of every rank, in rank order."""
-        _check_flat("all_gather", "out", out, x.size * self.world_size)
+        """out (world_size*S,) = the x (S,) of every rank, in rank order (float32, or
+        uint8: any data as bytes)."""
+        _check_flat("all_gather", "out", out, x.size * self.world_size, (np.float32, np.uint8))
         self._all_gather(self._t(out), self._t(x))
         return out
 
@@ -323,8 +336,17 @@ class NcclCommunicator:
                              f"got {a.dtype}")
         return a.data.ptr, self._dtypes[a.dtype]
 
+    wait_for = None  # set by llmcu/buckets.py while buckets are in flight on its own stream
+
     def _stream(self):
-        return self.cupy.cuda.get_current_stream().ptr
+        stream = self.cupy.cuda.get_current_stream()
+        if self.wait_for is not None:
+            # a collective on this stream (the loss average, the norm) while the gradient
+            # buckets are still queued on the reducer's stream: NCCL calls on one communicator
+            # must not run concurrently from two streams (llm.c issues all of them on one
+            # stream), so this stream waits for the buckets first
+            self.wait_for(stream)
+        return stream.ptr
 
     def all_reduce_sum(self, x):
         ptr, dt = self._args(x)
@@ -344,7 +366,7 @@ class NcclCommunicator:
         return out
 
     def all_gather(self, out, x):
-        _check_flat("all_gather", "out", out, x.size * self.world_size)
+        _check_flat("all_gather", "out", out, x.size * self.world_size, (np.float32, np.uint8))
         (src, dt), (dst, _) = self._args(x), self._args(out)
         self.comm.allGather(src, dst, x.size, dt, self._stream())
         return out
@@ -545,22 +567,32 @@ class DataParallel:
     Same interface as the models (train.py cannot tell them apart); anything
     else is the wrapped model's."""
 
-    def __init__(self, model, comm, zero_stage: int = 0):
+    def __init__(self, model, comm, zero_stage: int = 0, overlap: bool = False, accum_steps: int = 1):
         if zero_stage not in (0, 1):
             raise ValueError(f"DataParallel: zero_stage must be 0 or 1 (-z), got {zero_stage}")
+        from .buckets import GradientReducer
         self.model, self.comm, self.zero_stage = model, comm, zero_stage
-        N = model.params.size
-        self.shard = None
+        self.overlap, self.accum_steps = bool(overlap), int(accum_steps)
+        N, W = model.params.size, comm.world_size
+        self.shard = self._padded = self._piece = None
+        shards = [shard_range(N, W, r)[:2] for r in range(W)]
         if zero_stage == 1:
             import inspect
             if "shard" not in inspect.signature(model.update).parameters:
                 raise ValueError(f"-z 1: {type(model).__module__}.{type(model).__name__}.update has no "
                                  f"shard= (AdamW on a ZeRO-1 shard); use -z 0 with this model")
-            lo, hi, S = shard_range(N, comm.world_size, comm.rank)
+            lo, hi, S = shard_range(N, W, comm.rank)
             self.shard, self.shard_size = (lo, hi), S
+            if hasattr(model, "keep_shard"):  # bf16: the fp32 master copy shrinks to the shard
+                model.keep_shard(self.shard)
             xp = getattr(model, "xp", np)
-            self._padded = xp.zeros(S * comm.world_size, dtype=np.float32)  # gradient in, params out
-            self._piece = xp.zeros(S, dtype=np.float32)
+            # gradient in, parameters out, in the model's dtype (float32, or bf16 bits)
+            self._padded = xp.zeros(S * W, dtype=model.params.dtype)
+            self._piece = xp.zeros(S, dtype=model.params.dtype)
+        self.reducer = GradientReducer(comm, model.config, model.params.dtype, self.shard,
+                                       shards if self.shard is not None else None)
+        self._micro = 0          # backward() calls since zero_grad()
+        self._launched = False   # the buckets of this step were started during the backward
         self._synced = False
         self._norm = None
 
@@ -571,29 +603,43 @@ class DataParallel:
         return self.model.forward(inputs, targets)
 
     def zero_grad(self):
-        self._synced, self._norm = False, None
+        if self._launched:  # a reduction still in flight writes the gradients: let it land first
+            self.reducer.finish(self.model.grads)
+            self._launched = False
+        self._synced, self._norm, self._micro = False, None, 0
         self.model.zero_grad()
 
     def backward(self, loss_scale=1.0):
+        """The model's backward; with overlap, the last micro-step of the optimizer step
+        (accum_steps backward calls after zero_grad) starts each layer's bucket as soon as
+        the backward has finished it, and the last bucket (embeddings, final norm) after."""
         self._synced, self._norm = False, None
-        self.model.backward(loss_scale=loss_scale)
+        self._micro += 1
+        if not self.overlap or self._micro < self.accum_steps:
+            self.model.backward(loss_scale=loss_scale)
+            return
+        if self._micro > self.accum_steps or self._launched:
+            raise RuntimeError(f"DataParallel.backward: micro-step {self._micro} of an optimizer "
+                               f"step of {self.accum_steps} (accum_steps): the gradients are "
+                               f"already being reduced; call zero_grad() first")
+        L = self.model.config.num_layers
+        self.model.backward(loss_scale=loss_scale, layer_done=lambda layer: self.reducer.start(
+            L - 1 - layer, self.model.grads))
+        self.reducer.start(L, self.model.grads)
+        self._launched = True
 
     def _sync(self):
-        """Average the gradient across ranks (all of it, or this rank's shard)."""
+        """Average the gradient across ranks (all of it, or this rank's shard): wait for
+        the buckets started during the backward, or reduce the whole buffer now."""
         if self._synced:
             return
         if self.model.grads is None:
             raise RuntimeError("DataParallel: no gradients; call backward first")
-        g = self.model.grads
-        if self.shard is None:
-            self.comm.all_reduce_mean(g)
-        else:
-            lo, hi = self.shard
-            N = g.size
-            self._padded[:N] = g
-            self._padded[N:] = 0.0
-            self.comm.reduce_scatter_mean(self._piece, self._padded)
-            g[lo:hi] = self._piece[:hi - lo]  # the rest of g is stale and unused
+        if self._launched:
+            self.reducer.finish(self.model.grads)
+            self._launched = False
+        else:  # the rest of g is stale and unused with -z 1
+            self.reducer.reduce_all(self.model.grads, self._padded, self._piece)
         self._synced = True
 
     def grad_norm(self) -> float:
@@ -620,8 +666,11 @@ class DataParallel:
                           shard=self.shard)
         p = self.model.params
         self._piece[:hi - lo] = p[lo:hi]
-        self._piece[hi - lo:] = 0.0
-        self.comm.all_gather(self._padded, self._piece)
+        self._piece[hi - lo:] = 0
+        if p.dtype == np.float32:
+            self.comm.all_gather(self._padded, self._piece)
+        else:  # bf16 bits, gathered as bytes (no arithmetic)
+            self.comm.all_gather(self._padded.view(np.uint8), self._piece.view(np.uint8))
         p[...] = self._padded[:p.size]
         return norm
 
@@ -632,11 +681,13 @@ class DataParallel:
         lo, hi = self.shard
         return np.zeros(hi - lo, np.float32), np.zeros(hi - lo, np.float32)
 
-    def load_optimizer_state(self, m, v):
+    def load_optimizer_state(self, m, v, master=None):
+        """This rank's m and v (and, bf16 -w 1, master weights): whole, or its -z 1 shard."""
+        kw = {} if master is None else {"master": master}
         if self.shard is None:
-            self.model.load_optimizer_state(m, v)
+            self.model.load_optimizer_state(m, v, **kw)
         else:
-            self.model.load_optimizer_state(m, v, shard=self.shard)
+            self.model.load_optimizer_state(m, v, shard=self.shard, **kw)
 
 
 def _shard_norm(model, part) -> float:
@@ -654,6 +705,50 @@ def _scalar_array(dp: DataParallel, value: float):
     if xp is not np and dp.comm.backend == "nccl":
         return xp.asarray(np.array([value], np.float64))
     return np.array([value], np.float64)
+
+
+def check_resume_dtype(model_file: str, dtype: str) -> None:
+    """-y 1: the checkpoint's model file must be in the run's dtype (version 5 = bf16 for a
+    --dtype bf16 run, version 3 = fp32 for fp32): a bf16 run's state (master weights,
+    moments of bf16 parameters) does not continue as fp32 or the other way round."""
+    from . import formats
+    version = formats._peek_header_version(model_file)
+    saved = {formats.MODEL_VERSION_FP32: "fp32", formats.MODEL_VERSION_BF16: "bf16"}.get(version)
+    if saved is not None and saved != dtype:
+        raise ValueError(f"-y 1: the checkpoint {model_file} is from a --dtype {saved} run "
+                         f"(model file version {version}), this run is --dtype {dtype}; resume "
+                         f"with --dtype {saved}")
+
+
+def saved_layout(state_file: str, num_parameters: int) -> tuple[int, int | None]:
+    """(processes, -z) of the run that wrote a state file, from its header: the world size
+    it names and whether m holds all num_parameters (-z 0) or that rank's ZeRO-1 shard
+    (-z 1); -z is None when the header does not say (an llm.c file) or both fit (1 process)."""
+    from . import formats
+    header = np.fromfile(state_file, dtype="<i4", count=formats.HEADER_INTS)
+    world, rank = int(header[2]), int(header[3])
+    size = int(header.view("<u8")[22]) if header[40] == formats.TRAIN_STATE_EXTENSION else None
+    if size is None or world < 1 or not 0 <= rank < world:
+        return world, None
+    lo, hi, _ = shard_range(num_parameters, world, rank)
+    if size == num_parameters and hi - lo != size:
+        return world, 0
+    if size == hi - lo and size != num_parameters:
+        return world, 1
+    return world, None
+
+
+def resume_layout_error(state_file: str, num_parameters: int, world: int, zero_stage: int) -> str | None:
+    """The message for resuming with another world size or -z than the run that wrote
+    state_file (naming both), or None when the layouts agree (or cannot be told)."""
+    saved_world, saved_z = saved_layout(state_file, num_parameters)
+    if saved_world == world and saved_z in (None, zero_stage):
+        return None
+    z = f" with -z {saved_z}" if saved_z is not None else ""
+    return (f"-y 1: the checkpoint ({state_file}) was written by {saved_world} process(es){z}, "
+            f"this run has {world} process(es) with -z {zero_stage}; a ZeRO-1 state is split by "
+            f"world size, so resume with {saved_world} process(es)"
+            + (f" and -z {saved_z}" if saved_z is not None else ""))
 
 
 def run_fingerprint(cfg, model, resumed=None) -> dict:

@@ -64,14 +64,13 @@ def gpu_supports_bf16() -> bool:
         return False
 
 
-def resolve_dtype(dtype: str, device: str, config=None, data_parallel: bool = False) -> str:
+def resolve_dtype(dtype: str, device: str, config=None) -> str:
     """'auto' -> 'bf16' where mixed precision is available: a GPU that supports it
-    (cuda, compute capability >= 8.0) and one process (GPT-2 and Llama-family
-    models alike; config is not consulted); else 'fp32'. An explicit dtype is
-    checked against the (resolved) device."""
+    (cuda, compute capability >= 8.0), one process or data parallel (GPT-2 and
+    Llama-family models alike; config is not consulted); else 'fp32'. An explicit
+    dtype is checked against the (resolved) device."""
     if dtype == "auto":
-        return "bf16" if (device == "cuda" and not data_parallel
-                          and gpu_supports_bf16()) else "fp32"
+        return "bf16" if (device == "cuda" and gpu_supports_bf16()) else "fp32"
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)} or auto")
     if dtype == "bf16" and device not in ("cuda", "emu"):
@@ -291,8 +290,12 @@ def make_graph_step(model, B: int, T: int, accum_steps: int, cfg: TrainConfig):
         what = type(model).__name__
         if what == "DataParallel":
             what += " (several processes or -z 1)"
+        why = ("; with data parallel the captured step would have to hold the gradient "
+               "reduction's NCCL calls and its second stream's events, which has not been run "
+               "on a GPU here, so the combination is refused" if what.startswith("DataParallel")
+               else "")
         raise ValueError(f"--cuda-graph 1 needs a GPT-2 model on the CUDA kernels in one process "
-                         f"(--device cuda or emu, -z 0), got {what} on --device {cfg.device}; "
+                         f"(--device cuda or emu, -z 0), got {what} on --device {cfg.device}{why}; "
                          f"run with --cuda-graph 0")
     from .cuda.graphs import GraphStep
     return GraphStep(model, B, T, accum_steps, weight_decay=cfg.weight_decay,
@@ -337,7 +340,7 @@ class Run:
         return self.cfg.batch_size * self.cfg.seq_len * self.accum_steps * self.comm.world_size
 
 
-def setup_model(cfg: TrainConfig, comm, log):
+def setup_model(cfg: TrainConfig, comm, log, accum_steps: int = 1):
     """The model -e names, or the newest checkpoint's with -y 1, wrapped for data parallel.
 
     Returns (model, dtype, resumed): dtype is what "auto" became; resumed is
@@ -345,7 +348,7 @@ def setup_model(cfg: TrainConfig, comm, log):
     from . import distributed
     world = comm.world_size
     data_parallel = comm.backend != "none" or bool(cfg.zero_stage)
-    dtype = resolve_dtype(cfg.dtype, cfg.device, data_parallel=data_parallel)  # "auto" resolved once
+    dtype = resolve_dtype(cfg.dtype, cfg.device)  # "auto" resolved once
     resumed = None
     if cfg.resume:
         resumed = checkpoint.load_latest(cfg.output_dir, cfg.model, comm.rank, world,
@@ -359,12 +362,11 @@ def setup_model(cfg: TrainConfig, comm, log):
                             master_weights=cfg.master_weights,
                             vocab_size=tokenizer.model_tokenizer(cfg.model, cfg.tokenizer).vocab_size)
     dtype = getattr(model, "dtype", "fp32")  # what "auto" became
-    if dtype != "fp32" and data_parallel:
-        raise ValueError(f"--dtype {dtype} with data parallel ({world} process(es), -z "
-                         f"{cfg.zero_stage}) is not supported yet (the communicators and ZeRO-1 "
-                         f"work on fp32 gradients); run one process with -z 0, or --dtype fp32")
+    if resumed:
+        distributed.check_resume_dtype(checkpoint.model_path(cfg.output_dir, resumed[0]), dtype)
     if data_parallel:
-        model = distributed.DataParallel(model, comm, cfg.zero_stage)
+        model = distributed.DataParallel(model, comm, cfg.zero_stage, overlap=bool(cfg.overlap),
+                                         accum_steps=accum_steps)
         distributed.check_same_config(comm, distributed.run_fingerprint(cfg, model, resumed))
         log(f"data parallel: {world} process(es), {comm.backend}, -z {cfg.zero_stage}")
     return model, dtype, resumed
@@ -439,7 +441,7 @@ def setup(cfg: TrainConfig, log=print, comm=None) -> Run:
         raise ValueError("-n (checkpoints) and -y 1 (resume) need an output dir: pass -o DIR")
     if cfg.output_dir:  # before the model is built and the data read
         outputs.check_dir(cfg.output_dir, "-o")
-    model, dtype, resumed = setup_model(cfg, comm, log)
+    model, dtype, resumed = setup_model(cfg, comm, log, accum_steps)
     if T > model.config.max_seq_len:
         raise ValueError(f"seq_len T={T} exceeds the model's max_seq_len={model.config.max_seq_len}")
     graph = None

@@ -192,8 +192,8 @@ def test_bf16_model_construction_and_errors():
         nm.load_optimizer_state(*nm.optimizer_state(), master=p0)
     nm.forward(np.zeros((1, 4), np.int32), np.ones((1, 4), np.int32))
     nm.backward()
-    with pytest.raises(ValueError, match="shard= .*fp32 only"):
-        nm.update(1e-3, 1, shard=(0, 10))
+    with pytest.raises(ValueError, match=r"shard must be the one keep_shard\(\) set, None"):
+        nm.update(1e-3, 1, shard=(0, 10))  # ZeRO-1 with bf16 shrinks the master copy first
 
 
 def test_sampling_from_a_bf16_model_uses_its_bf16_parameters(setup):
@@ -309,8 +309,9 @@ def test_dtype_bf16_on_cpu_is_a_clear_error(capsys):
 
 def test_auto_dtype_picks_bf16_only_where_it_is_available(monkeypatch):
     """--dtype auto (the CLI default) must not turn a run bf16 can't do into an
-    error: data-parallel launches stay fp32 on a GPU; GPT-2 and Llama-family
-    models alike go bf16 on a bf16 GPU (tests/test_llama_bf16.py)."""
+    error: GPT-2 and Llama-family models alike go bf16 on a bf16 GPU
+    (tests/test_llama_bf16.py), data-parallel launches too (tests/test_dp_bf16.py);
+    the emulator and older GPUs stay fp32."""
     from llmcu import train as train_mod
     from llmcu.config import gpt2_config
     from llmcu.llama_config import model_config
@@ -319,8 +320,6 @@ def test_auto_dtype_picks_bf16_only_where_it_is_available(monkeypatch):
     assert r("auto", "cuda") == "bf16"
     assert r("auto", "cuda", gpt2_config("d6")) == "bf16"
     assert r("auto", "cuda", model_config("llama-d6")) == "bf16"
-    assert r("auto", "cuda", model_config("llama-d6"), data_parallel=True) == "fp32"
-    assert r("auto", "cuda", gpt2_config("d6"), data_parallel=True) == "fp32"
     assert r("auto", "emu", gpt2_config("d6")) == "fp32"
     monkeypatch.setattr(train_mod, "gpu_supports_bf16", lambda: False)  # e.g. a V100
     assert r("auto", "cuda", gpt2_config("d6")) == "fp32"
@@ -333,7 +332,7 @@ def test_auto_dtype_builds_the_model_it_resolves_to(monkeypatch):
     assert train_mod.make_model(tiny, None, "emu", dtype="auto").dtype == "fp32"
     # emu stands in for a bf16-capable GPU: auto resolves as it would there
     monkeypatch.setattr(train_mod, "resolve_dtype",
-                        lambda dtype, device, config=None, data_parallel=False: "bf16")
+                        lambda dtype, device, config=None: "bf16")
     assert train_mod.make_model(tiny, None, "emu", dtype="auto").dtype == "bf16"
 
 
@@ -345,5 +344,6 @@ def test_bf16_unsupported_combinations_are_clear_errors(files, tmp_path):
     assert llama.dtype == "bf16" and llama.params.dtype == np.uint16
     with pytest.raises(ValueError, match="not supported on --device cpu"):
         make_model(model_config("llama-d6", max_seq_len=32), None, "cpu", dtype="bf16")
-    with pytest.raises(ValueError, match="data parallel .* not supported"):
-        train(_cfg(files, tmp_path / "z", zero_stage=1, checkpoint_every=0), log=_quiet)
+    # bf16 with data parallel trains (tests/test_dp_bf16.py), but not as CUDA graphs
+    with pytest.raises(ValueError, match="with data parallel the captured step .* refused"):
+        train(_cfg(files, tmp_path / "z", zero_stage=1, checkpoint_every=0, cuda_graph=1), log=_quiet)

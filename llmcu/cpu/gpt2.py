@@ -92,12 +92,14 @@ def backward_scratch(zeros, B: int, T: int, C: int) -> dict:
             "datty": zeros(B, T, C), "dqkv": zeros(B, T, 3 * C), "dfch": zeros(B, T, 4 * C)}
 
 
-def backward_layers(ops, config: GPT2Config, p, g, a, dlogits, inputs, s):
+def backward_layers(ops, config: GPT2Config, p, g, a, dlogits, inputs, s, layer_done=None):
     """From dlogits back through every layer, accumulating into the gradients g.
 
     s: backward_scratch buffers. dres carries the residual stream's gradient; each
     layernorm's backward adds its input gradient into it (layernorm_backward_add), and
     fcproj's backward takes the GELU's backward along (matmul_dgelu_backward).
+    layer_done(l), if given, is called once layer l's parameter gradients are final
+    (data parallel starts reducing them then: llmcu/buckets.py).
     """
     NH = config.num_heads
     dres, dln = s["dres"], s["dln"]
@@ -121,6 +123,8 @@ def backward_layers(ops, config: GPT2Config, p, g, a, dlogits, inputs, s):
         ops.matmul_backward(dln, g["qkvw"][l], g["qkvb"][l], s["dqkv"], a.ln1[l], p["qkvw"][l])
         ops.layernorm_backward_add(dres, g["ln1w"][l], g["ln1b"][l], dln, res_in, p["ln1w"][l],
                                    a.ln1_mean[l], a.ln1_rstd[l])  # dres is now d/d res_in
+        if layer_done is not None:
+            layer_done(l)
     ops.encoder_backward(g["wte"], g["wpe"], dres, inputs)
 
 
@@ -233,11 +237,12 @@ class GPT2(FlatAdamW):
         return float(a.losses.mean(dtype=np.float64))
 
     # -- backward -----------------------------------------------------------
-    def backward(self, loss_scale=1.0):
+    def backward(self, loss_scale=1.0, layer_done=None):
         """Accumulate loss_scale * d(mean loss)/d(params) into self.grads.
 
         loss_scale = 1/grad_accum_steps makes the accumulated gradient that of
-        the mean loss over the micro-batches (llm.c's dloss_mean)."""
+        the mean loss over the micro-batches (llm.c's dloss_mean). layer_done:
+        backward_layers'."""
         if self._targets is None:
             raise RuntimeError("GPT2.backward: call forward(inputs, targets) with targets first")
         if self.grads is None:
@@ -250,4 +255,4 @@ class GPT2(FlatAdamW):
         crossentropy_softmax_backward(dlogits, dlosses, a.probs, self._targets, cfg.vocab_size)
 
         scratch = backward_scratch(_zeros, B, T, C)
-        backward_layers(CPU_OPS, cfg, p, g, a, dlogits, self._inputs, scratch)
+        backward_layers(CPU_OPS, cfg, p, g, a, dlogits, self._inputs, scratch, layer_done)

@@ -121,11 +121,12 @@ def backward_scratch(zeros, config: LlamaConfig, B: int, T: int) -> dict:
             "dwpe": zeros(T, C)}  # the encoder's position gradient, discarded
 
 
-def backward_layers(ops, config: LlamaConfig, p, g, a, dlogits, inputs, s, tables):
+def backward_layers(ops, config: LlamaConfig, p, g, a, dlogits, inputs, s, tables, layer_done=None):
     """From dlogits back through every layer, accumulating into the gradients g.
 
     s: backward_scratch buffers. dres carries the residual stream's gradient;
-    each norm's input gradient lands in dtmp and is added into it."""
+    each norm's input gradient lands in dtmp and is added into it. layer_done(l),
+    if given, is called once layer l's parameter gradients are final (llmcu/buckets.py)."""
     NH, NKV, off = config.num_heads, config.num_kv_heads, config.norm_weight_offset
     act_backward = ops.swiglu_backward if config.mlp == "swiglu" else ops.geglu_backward
     dres, dtmp, dln = s["dres"], s["dtmp"], s["dln"]
@@ -147,6 +148,8 @@ def backward_layers(ops, config: LlamaConfig, p, g, a, dlogits, inputs, s, table
         ops.matmul_backward(dln, g["qkvw"][l], None, s["dqkv_pre"], a.ln1[l], p["qkvw"][l])
         ops.rmsnorm_backward(dtmp, g["ln1w"][l], dln, res_in, p["ln1w"][l], a.ln1_rstd[l], off)
         ops.residual_forward(dres, dres, dtmp)  # now d/d res_in
+        if layer_done is not None:
+            layer_done(l)
     if config.embed_scale != 1.0:
         scale_(dres, config.embed_scale)
     ops.encoder_backward(g["wte"], s["dwpe"], dres, inputs)
@@ -264,9 +267,10 @@ class Llama(FlatAdamW):
         return float(a.losses.mean(dtype=np.float64))
 
     # -- backward -----------------------------------------------------------
-    def backward(self, loss_scale=1.0):
+    def backward(self, loss_scale=1.0, layer_done=None):
         """Accumulate loss_scale * d(mean loss)/d(params) into self.grads
-        (loss_scale = 1/grad_accum_steps for gradient accumulation)."""
+        (loss_scale = 1/grad_accum_steps for gradient accumulation; layer_done:
+        backward_layers')."""
         if self._targets is None:
             raise RuntimeError("Llama.backward: call forward(inputs, targets) with targets first")
         if self.grads is None:
@@ -277,4 +281,5 @@ class Llama(FlatAdamW):
         dlogits = np.empty_like(a.logits)
         crossentropy_softmax_backward(dlogits, dlosses, a.probs, self._targets, cfg.vocab_size)
         scratch = backward_scratch(lambda *shape: np.zeros(shape, np.float32), cfg, B, T)
-        backward_layers(LLAMA_CPU_OPS, cfg, self.p, self.g, a, dlogits, self._inputs, scratch, self.tables)
+        backward_layers(LLAMA_CPU_OPS, cfg, self.p, self.g, a, dlogits, self._inputs, scratch, self.tables,
+                        layer_done)

@@ -166,6 +166,39 @@ def adamw_tensor_table(xp, slices, decays, chunk=ADAMW_CHUNK) -> AdamWTable:
                       tensor_decay=xp.asarray(decay), starts=tuple(int(a) for a in tensor_start))
 
 
+def adamw_shard_table(xp, slices, decays, lo, hi, chunk=ADAMW_CHUNK) -> AdamWTable:
+    """adamw_tensor_table for ZeRO-1's shard [lo, hi) of the flat arrays: the launch
+    then takes params[lo:hi], grads[lo:hi] and the shard's m, v and master (hi - lo
+    elements each). Tensor starts are relative to lo (negative for a tensor that began
+    before the shard; clamped to hi - lo for the ones after it) and tensor ids stay the
+    whole model's, so adamw_kernel4's random bits random_u32(seed_t, i - tensor_start[t])
+    are the global element's: a shard's stochastic rounding is the unsharded run's, bit
+    for bit, whatever the world size. Only the pieces of tensors inside the shard get
+    chunks."""
+    fn = "adamw_shard_table"
+    full = adamw_tensor_table(np, slices, decays, chunk)  # checks slices, decays and chunk
+    if not 0 <= lo <= hi <= full.n:
+        raise ValueError(f"{fn}: shard must satisfy 0 <= lo <= hi <= {full.n}, got ({lo}, {hi})")
+    starts = np.array(full.starts, dtype=np.int64)
+    n = hi - lo
+    chunk_tensor, chunk_start = [], []
+    for t in range(full.n_tensors):
+        a, b = max(int(starts[t]), lo), min(int(starts[t + 1]), hi)
+        if a < b:
+            first = np.arange(a - lo, b - lo, chunk, dtype=np.int64)
+            chunk_start.append(first)
+            chunk_tensor.append(np.full(first.size, t, np.int32))
+    if not chunk_start:
+        raise ValueError(f"{fn}: the shard ({lo}, {hi}) holds no elements")
+    relative = np.minimum(starts - lo, n)  # the kernel ends a chunk at min(start + chunk, next start)
+    chunk_tensor, chunk_start = np.concatenate(chunk_tensor), np.concatenate(chunk_start)
+    return AdamWTable(n=n, n_tensors=full.n_tensors, n_chunks=int(chunk_tensor.size), chunk=chunk,
+                      chunk_tensor=xp.asarray(chunk_tensor), chunk_start=xp.asarray(chunk_start),
+                      tensor_start=xp.asarray(relative),
+                      tensor_decay=xp.asarray(np.asarray(full.tensor_decay)),
+                      starts=tuple(int(a) for a in relative))
+
+
 def adamw_hyper(lr, step, beta1=0.9, beta2=0.999) -> np.ndarray:
     """The per-step scalars of adamw_multi_tensor, a host float32 array to copy into
     its device `hyper`: [lr, 1 - beta1^step, 1 - beta2^step, grad_scale = 1.0],

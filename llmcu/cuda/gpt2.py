@@ -34,7 +34,8 @@ writes the bf16 parameters as its stochastic rounding; master_weights=False
 updates the bf16 parameters in place, stochastically rounded. The rounding's
 random bits are a hash of (seed, step, tensor, element), so a resumed run
 repeats them without any RNG state (the update, shared with llmcu/cuda/llama.py,
-is llmcu/cuda/mixed_precision.py's). bf16 needs no ZeRO-1 shard.
+is llmcu/cuda/mixed_precision.py's, which also keeps ZeRO-1's shard of the master
+copy and moments: keep_shard).
 """
 
 from __future__ import annotations
@@ -194,15 +195,16 @@ class GPT2(MixedPrecisionAdamW):
                                              B, T, C)
         return self._scratch
 
-    def backward(self, loss_scale=1.0):
+    def backward(self, loss_scale=1.0, layer_done=None):
         """Accumulate loss_scale * d(mean loss)/d(params) into self.grads; acts.logits
-        becomes dlogits. loss_scale = 1/grad_accum_steps for gradient accumulation."""
+        becomes dlogits. loss_scale = 1/grad_accum_steps for gradient accumulation;
+        layer_done: llmcu/cpu/gpt2.backward_layers'."""
         if self._targets is None:
             raise RuntimeError("GPT2.backward: call forward(inputs, targets) with targets first")
-        self._backward_device(self._inputs, self._targets, self._runs, loss_scale)
+        self._backward_device(self._inputs, self._targets, self._runs, loss_scale, layer_done)
         self._targets = None  # the logits are gone: a second backward needs a new forward
 
-    def _backward_device(self, inputs, targets, runs, loss_scale=1.0):
+    def _backward_device(self, inputs, targets, runs, loss_scale=1.0, layer_done=None):
         """backward() on the device arrays of the last _forward_device: inputs, targets,
         runs = encoder.token_runs of the inputs (on the device). Device work only."""
         if self.grads is None:
@@ -213,7 +215,7 @@ class GPT2(MixedPrecisionAdamW):
         ops = self._backward_ops(KERNEL_OPS)
         ops = SimpleNamespace(**{**vars(ops), "encoder_backward": functools.partial(
             ops.encoder_backward, token_runs=runs)})
-        backward_layers(ops, cfg, p, g, a, a.logits, inputs, self._backward_scratch(B, T))
+        backward_layers(ops, cfg, p, g, a, a.logits, inputs, self._backward_scratch(B, T), layer_done)
 
     def sampler(self) -> "GPT2":
         """A model sharing these parameters with its own activations (for sampling).

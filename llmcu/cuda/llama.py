@@ -19,7 +19,8 @@ llmcu/cuda/mixed_precision.py): parameters, gradients, activations, logits
 in bf16 (uint16 bits); the RMSNorm rstd, attention's lse, the losses
 (FP32_ACTIVATIONS), the RoPE tables, the AdamW moments and, with
 master_weights=True, an fp32 master copy of the parameters (stochastically
-rounded to bf16 after each update) in float32. No ZeRO-1 shard in bf16.
+rounded to bf16 after each update) in float32. ZeRO-1 in bf16 keeps the master copy
+and the moments of the rank's shard only (MixedPrecisionAdamW.keep_shard).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Llama(MixedPrecisionAdamW):
     them to nearest for its bf16 copy and keeps them as the fp32 master copy), or, for
     dtype "bf16" only, a uint16 array of bf16 bits, which the model then shares.
     The gradient and optimizer bookkeeping (zero_grad, grad_norm, update with
-    ZeRO-1 shards in fp32, optimizer_state, ...) is FlatAdamW's, on the device
+    ZeRO-1 shards, optimizer_state, ...) is FlatAdamW's, on the device
     arrays, with the bf16 update of llmcu/cuda/mixed_precision.py."""
 
     OPS = LLAMA_KERNEL_OPS
@@ -118,9 +119,10 @@ class Llama(MixedPrecisionAdamW):
                                              self.config, B, T)
         return self._scratch
 
-    def backward(self, loss_scale=1.0):
+    def backward(self, loss_scale=1.0, layer_done=None):
         """Accumulate loss_scale * d(mean loss)/d(params) into self.grads; acts.logits
-        becomes dlogits. loss_scale = 1/grad_accum_steps for gradient accumulation."""
+        becomes dlogits. loss_scale = 1/grad_accum_steps for gradient accumulation;
+        layer_done: llmcu/cpu/llama.backward_layers'."""
         if self._targets is None:
             raise RuntimeError("Llama.backward: call forward(inputs, targets) with targets first")
         if self.grads is None:
@@ -129,7 +131,7 @@ class Llama(MixedPrecisionAdamW):
         B, T = a.B, a.T
         fused_classifier_dlogits(a.logits, a.losses, self._targets, cfg.vocab_size, loss_scale / (B * T))
         backward_layers(self._backward_ops(LLAMA_KERNEL_OPS), cfg, self.p, self.g, a, a.logits, self._inputs,
-                        self._backward_scratch(B, T), self.tables)
+                        self._backward_scratch(B, T), self.tables, layer_done)
         self._targets = None  # the logits are gone: a second backward needs a new forward
 
     def sampler(self) -> "Llama":

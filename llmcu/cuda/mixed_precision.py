@@ -12,6 +12,10 @@ them without any RNG state.
 MixedPrecisionAdamW is FlatAdamW plus that: the model class calls
 set_parameters() in its __init__ (after setting xp, config and seed) and gets
 update, params_host, master_host and load_optimizer_state for both dtypes.
+ZeRO-1 (llmcu/distributed.py) calls keep_shard((lo, hi)) once: a bf16 model then
+keeps the master copy, m and v of that flat range only and update(shard=) runs
+adamw_kernel4 on it with the whole model's tensor ids and element indices
+(adamw_shard_table), so the stochastic rounding does not depend on the world size.
 """
 
 from __future__ import annotations
@@ -137,21 +141,24 @@ class MixedPrecisionAdamW(FlatAdamW):
                grad_norm=None, shard=None):
         """AdamW at 1-based `step`; returns the gradient norm before clipping
         (grad_norm: the norm from grad_norm(), if the caller has it already;
-        shard=(lo, hi): ZeRO-1, as FlatAdamW.update, fp32 only)."""
+        shard=(lo, hi): ZeRO-1, as FlatAdamW.update; a bf16 model needs keep_shard(shard) first)."""
         if self.dtype == "fp32":  # FlatAdamW's, as the NumPy model
             return super().update(lr, step, beta1, beta2, eps, weight_decay, grad_clip, grad_norm,
                                   shard)
         cls = type(self).__name__
         if self.grads is None:
             raise RuntimeError(f"{cls}.update: no gradients; call backward first")
-        if shard is not None:
-            raise ValueError(f"{cls}.update: shard= (ZeRO-1, -z 1) is fp32 only, this model is "
-                             f"{self.dtype}; use -z 0 or --dtype fp32")
+        if (None if shard is None else tuple(shard)) != self.master_shard:
+            raise ValueError(f"{cls}.update: shard must be the one keep_shard() set, "
+                             f"{self.master_shard}, got {shard}")
         if self.m is None:
-            self.m = self.xp.zeros(self.params.size, dtype=np.float32)
-            self.v = self.xp.zeros(self.params.size, dtype=np.float32)
+            n = self.params.size if shard is None else shard[1] - shard[0]
+            self.m = self.xp.zeros(n, dtype=np.float32)
+            self.v = self.xp.zeros(n, dtype=np.float32)
         norm = global_norm(self.grads) if grad_norm is None else float(grad_norm)
         scale = clip_scale(norm, grad_clip)
+        if shard is not None:
+            return self._update_shard(lr, step, beta1, beta2, eps, weight_decay, scale, norm)
         # bf16: llmcu/cpu/flat_adamw.update_parameters' loop, with the master copy and a
         # stochastic-rounding seed per tensor
         for t, (name, sl, _) in enumerate(parameter_slices(self.config)):
@@ -159,6 +166,49 @@ class MixedPrecisionAdamW(FlatAdamW):
             adamw_update(self.params[sl], self.grads[sl], self.m[sl], self.v[sl], step, lr, beta1,
                          beta2, eps, weight_decay if name in self.DECAYED else 0.0, scale,
                          master_params=master, seed=rounding_seed(self.seed, step, t))
+        return norm
+
+    master_shard = None  # ZeRO-1: the (lo, hi) of the flat range master, m and v hold (keep_shard)
+
+    def keep_shard(self, shard) -> None:
+        """ZeRO-1 with bf16 (llmcu/distributed.py): from now on this rank keeps the fp32
+        master weights, m and v of the flat range shard=(lo, hi) only (a bf16 model's
+        master copy shrinks to it, so each rank holds 1/world_size of the fp32 state)
+        and update(shard=) updates params[lo:hi] only. fp32 models keep m and v of the
+        shard through FlatAdamW and need no call."""
+        lo, hi = shard
+        if not 0 <= lo <= hi <= self.params.size:
+            raise ValueError(f"{type(self).__name__}.keep_shard: shard must be (lo, hi) with "
+                             f"0 <= lo <= hi <= {self.params.size}, got {shard}")
+        if self.dtype == "fp32":
+            return
+        if self.m is not None:
+            raise ValueError(f"{type(self).__name__}.keep_shard: call it before the first update")
+        self.master_shard = (lo, hi)
+        if self.master is not None:
+            self.master = self.master[lo:hi].copy()
+
+    def _update_shard(self, lr, step, beta1, beta2, eps, weight_decay, scale, norm):
+        """bf16 AdamW on the shard: one adamw_kernel4 launch over params[lo:hi] with a shard
+        table (adamw_shard_table), whose random bits are those of the per-tensor loop in
+        update() for the same elements, so every rank rounds its shard exactly as one process
+        rounds the whole buffer (the bf16 parameters do not depend on the world size)."""
+        from .adamw import adamw_hyper, adamw_multi_tensor, adamw_shard_table, adamw_step_seed
+        lo, hi = self.master_shard
+        if hi == lo:
+            return norm
+        xp = self.xp
+        if getattr(self, "_shard_table", None) is None or self._shard_table[0] != weight_decay:
+            slices = [sl for _, sl, _ in parameter_slices(self.config)]
+            decays = [weight_decay if name in self.DECAYED else 0.0
+                      for name, _, _ in parameter_slices(self.config)]
+            self._shard_table = (weight_decay, adamw_shard_table(xp, slices, decays, lo, hi))
+        hyper = adamw_hyper(lr, step, beta1, beta2)
+        hyper[3] = np.float32(scale)  # adamw_update passes f32(grad_scale): the same rounding
+        adamw_multi_tensor(self.params[lo:hi], self.grads[lo:hi], self.m, self.v,
+                           self._shard_table[1], xp.asarray(hyper),
+                           xp.asarray(adamw_step_seed(self.seed, step)), beta1, beta2, eps,
+                           master_params=self.master)
         return norm
 
     def params_host(self) -> np.ndarray:
@@ -184,9 +234,10 @@ class MixedPrecisionAdamW(FlatAdamW):
                 raise ValueError(f"{cls}.load_optimizer_state: master weights given, but this "
                                  f"model ({self.dtype}, master_weights=False) keeps none; resume a "
                                  f"run with master weights as --dtype bf16 -w 1")
-            if master.dtype != np.float32 or tuple(master.shape) != tuple(self.params.shape):
+            want = tuple(self.master.shape)  # the whole buffer, or the ZeRO-1 shard (keep_shard)
+            if master.dtype != np.float32 or tuple(master.shape) != want:
                 raise ValueError(f"{cls}.load_optimizer_state: master must be float32 of shape "
-                                 f"{tuple(self.params.shape)}, got {master.dtype} {master.shape}")
+                                 f"{want}, got {master.dtype} {master.shape}")
         super().load_optimizer_state(m, v, shard)  # checks m and v before the master is set
         if master is not None:
             self.master[...] = self.xp.asarray(master)
