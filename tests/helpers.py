@@ -7,11 +7,46 @@ up there).
 """
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from llmcu import cuda as llmcu_cuda
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(one_thread: bool = True, launcher: bool = True) -> dict:
+    """The environment for an `llmcu` subprocess: this checkout's llmcu; one BLAS thread
+    (the 50257-row classifier's multi-threaded GEMMs crawl on a loaded 2-core machine);
+    launcher=False drops torchrun/MPI/SLURM's variables, for tests that start their own
+    process groups."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if one_thread:
+        env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if not launcher:
+        from llmcu import distributed
+        for _, *names in distributed.LAUNCHER_VARS:
+            for name in names:
+                env.pop(name, None)
+        for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+            env.pop(name, None)
+    return env
+
+
+def run_llmcu(*args, env=None, cwd=None, check=True, timeout=300):
+    """`python -m llmcu ARGS` as a user runs it; with check, a failure shows its output."""
+    r = subprocess.run([sys.executable, "-m", "llmcu", *map(str, args)], cwd=cwd,
+                       env=env if env is not None else subprocess_env(), capture_output=True,
+                       text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"llmcu {' '.join(map(str, args))} failed ({r.returncode}):\n"
+                             f"{r.stdout}\n{r.stderr}")
+    return r
 
 # The two kernel backends every kernel test runs on: "emu" (the .cu sources on
 # the CPU; always) and "cuda" (a real GPU; skipped without one).

@@ -14,7 +14,6 @@ matches_accumulation for the tolerances).
 """
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -24,20 +23,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import assert_close
+from helpers import assert_close, subprocess_env
 from llmcu import cuda as llmcu_cuda
 from llmcu import distributed, formats
 from llmcu.config import GPT2Config, parameter_views
 from llmcu.cpu.gpt2 import init_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-           MKL_NUM_THREADS="1")
-for _, *names in distributed.LAUNCHER_VARS:  # the tests launch their own process groups
-    for name in names:
-        ENV.pop(name, None)
-for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-    ENV.pop(name, None)
+ENV = subprocess_env(launcher=False)  # the tests launch their own process groups
 
 TINY = GPT2Config(max_seq_len=16, vocab_size=64, num_layers=2, num_heads=2, channels=32)
 B, T, STEPS, LR = 2, 8, 10, 3e-3

@@ -3,30 +3,22 @@ known ids, how --tokenizer finds it, uint32 shards of tinyshakespeare with
 llm.c's counts, and `llmcu train|sample -e llama-d6 --tokenizer` on them."""
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from llmcu import data, formats, tokenizer
+from helpers import run_llmcu, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
-_ENV = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
-            MKL_NUM_THREADS="1")
+_ENV = subprocess_env()
 
 
 def llmcu(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "llmcu", *map(str, args)], env=_ENV,
-                       capture_output=True, text=True, timeout=300)
-    if check and r.returncode != 0:
-        raise AssertionError(f"llmcu {' '.join(map(str, args))} failed ({r.returncode}):\n"
-                             f"{r.stdout}\n{r.stderr}")
-    return r
+    return run_llmcu(*args, env=_ENV, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ continuing resume.
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -20,10 +19,10 @@ import pytest
 
 from llmcu import checkpoint, formats
 from llmcu.llama_config import LlamaConfig, gemma_options
+from helpers import run_llmcu, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
-_ENV = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
-            MKL_NUM_THREADS="1")
+_ENV = subprocess_env()
 
 TINY_LLAMA = LlamaConfig(max_seq_len=32, vocab_size=50257, num_layers=2, num_heads=4, num_kv_heads=2,
                          channels=16, hidden_dim=24)
@@ -32,12 +31,7 @@ TINY_GEMMA = LlamaConfig(max_seq_len=32, vocab_size=50257, num_layers=2, num_hea
 
 
 def llmcu(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "llmcu", *map(str, args)], env=_ENV,
-                       capture_output=True, text=True, timeout=300)
-    if check and r.returncode != 0:
-        raise AssertionError(f"llmcu {' '.join(map(str, args))} failed ({r.returncode}):\n"
-                             f"{r.stdout}\n{r.stderr}")
-    return r
+    return run_llmcu(*args, env=_ENV, check=check)
 
 
 @pytest.fixture(scope="module")
