@@ -34,7 +34,6 @@ from llmcu.config import GPT2Config, parameter_views
 from llmcu.cpu.gpt2 import init_parameters
 from helpers import subprocess_env
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = subprocess_env(launcher=False)  # the tests launch their own process groups
 
 TINY = GPT2Config(max_seq_len=16, vocab_size=64, num_layers=2, num_heads=2, channels=32)

@@ -13,7 +13,6 @@ import pytest
 from llmcu import data, formats, tokenizer
 from helpers import run_llmcu, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[1]
 _ENV = subprocess_env()
 
 

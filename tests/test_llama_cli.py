@@ -12,7 +12,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,6 @@ from llmcu import checkpoint, formats
 from llmcu.llama_config import LlamaConfig, gemma_options
 from helpers import run_llmcu, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[1]
 _ENV = subprocess_env()
 
 TINY_LLAMA = LlamaConfig(max_seq_len=32, vocab_size=50257, num_layers=2, num_heads=4, num_kv_heads=2,
