@@ -4,7 +4,6 @@ gloo, ZeRO-1, val + HellaSwag + checkpoints + sampling, 2 steps), and the launch
 the real settings make (DRY_RUN=1) for torchrun, two nodes, SLURM and a resumed run.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmcu import distributed, formats
+from helpers import subprocess_env
+from llmcu import formats
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHON=sys.executable, OMP_NUM_THREADS="1",
-           OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-for _, *names in distributed.LAUNCHER_VARS:  # the scripts start their own process groups
-    for name in names:
-        ENV.pop(name, None)
-for name in ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_JOB_NODELIST"):
+ENV = dict(subprocess_env(launcher=False), PYTHON=sys.executable)  # the scripts start their own
+for name in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST"):                 # process groups
     ENV.pop(name, None)
 
 
