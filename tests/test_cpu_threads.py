@@ -1,0 +1,142 @@
+"""The CPU backend's threads (llmcu/cpu/threads.py) and what runs on them.
+
+The blocked, threaded AdamW must equal the plain formula (adamw_reference) within
+float32 rounding and torch.optim.AdamW at the parity tests' tolerance, on sizes that
+are not a multiple of the block; and the thread count must not change any result:
+AdamW and the global norm are compared bit for bit across 1, 2 and 3 threads.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from llmcu.cpu import adamw, threads
+
+
+@pytest.fixture
+def restore_threads():
+    n = threads.num_threads()
+    yield
+    threads.set_threads(n)
+
+
+# --- parallel_for ------------------------------------------------------------
+
+@pytest.mark.parametrize("n,nthreads,min_part,unit", [(10, 3, 1, 1), (1000, 2, 100, 64), (7, 4, 1, 1),
+                                                      (5, 2, 100, 1), (0, 2, 1, 1), (1 << 17, 3, 1 << 16, 1)])
+def test_parallel_for_covers_the_range_once(restore_threads, n, nthreads, min_part, unit):
+    threads.set_threads(nthreads)
+    hits = np.zeros(n, dtype=np.int64)
+    calls = []
+
+    def fn(lo, hi):
+        calls.append((lo, hi))
+        hits[lo:hi] += 1
+    threads.parallel_for(fn, n, min_part=min_part, unit=unit)
+    assert (hits == 1).all(), calls
+    assert len(calls) <= max(1, min(nthreads, n // min_part)), calls
+    assert all(lo % unit == 0 for lo, _ in calls), calls
+
+
+def test_parallel_for_uses_several_threads_and_raises_their_errors(restore_threads):
+    import threading
+    threads.set_threads(2)
+    names = set()
+
+    def fn(lo, hi):
+        names.add(threading.current_thread().name)
+    threads.parallel_for(fn, 100, min_part=10)
+    assert len(names) == 2, names
+
+    def boom(lo, hi):
+        if lo > 0:
+            raise RuntimeError("part failed")
+    with pytest.raises(RuntimeError, match="part failed"):
+        threads.parallel_for(boom, 100, min_part=10)
+
+
+def test_set_threads_rejects_zero():
+    with pytest.raises(ValueError, match="set_threads"):
+        threads.set_threads(0)
+
+
+def test_thread_count_follows_omp_num_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads._env_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert threads._env_threads() >= 1
+
+
+# --- AdamW -------------------------------------------------------------------
+
+def _state(n, seed):
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(n, dtype=np.float32)
+    m = rng.standard_normal(n, dtype=np.float32) * np.float32(0.01)
+    v = rng.random(n, dtype=np.float32) * np.float32(1e-4)
+    grads = [rng.standard_normal(n, dtype=np.float32) * np.float32(0.1) for _ in range(3)]
+    return p, m, v, grads
+
+
+HYPER = [dict(lr=1e-3, weight_decay=0.0, grad_scale=1.0), dict(lr=3e-3, weight_decay=0.1, grad_scale=0.37)]
+
+
+@pytest.mark.parametrize("n", [1, 1000, 3 * 1024 + 17])
+@pytest.mark.parametrize("hyper", HYPER)
+def test_blocked_adamw_equals_the_plain_formula(restore_threads, monkeypatch, n, hyper):
+    # blocks of 1024 elements: n = 3*1024+17 ends in a partial block, 1000 is one partial block
+    monkeypatch.setattr(adamw, "CHUNK", 1024)
+    threads.set_threads(2)
+    p, m, v, grads = _state(n, seed=n)
+    ref = [p.copy(), m.copy(), v.copy()]
+    for step, g in enumerate(grads, start=1):
+        adamw.adamw_update(p, g, m, v, step, **hyper)
+        adamw.adamw_reference(*ref[:1], g, *ref[1:], step, **hyper)
+    # float32 rounding of a dozen operations on values of size ~1: a few ulp
+    for name, ours, theirs in zip("pmv", (p, m, v), ref):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7, err_msg=name)
+    assert not np.array_equal(p, _state(n, seed=n)[0])  # it did update
+
+
+@pytest.mark.parametrize("n", [5 * 1024 + 3, 1 << 16])
+def test_adamw_result_does_not_depend_on_the_thread_count(restore_threads, monkeypatch, n):
+    monkeypatch.setattr(adamw, "CHUNK", 1024)
+    results = []
+    for nthreads in (1, 2, 3):
+        threads.set_threads(nthreads)
+        p, m, v, grads = _state(n, seed=1)
+        for step, g in enumerate(grads, start=1):
+            adamw.adamw_update(p, g, m, v, step, lr=1e-3, weight_decay=0.1, grad_scale=0.5)
+        results.append((p, m, v))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert np.array_equal(a, b)
+
+
+def test_adamw_matches_torch(restore_threads, monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(adamw, "CHUNK", 1024)
+    threads.set_threads(2)
+    n, lr, wd = 4 * 1024 + 5, 1e-3, 0.1
+    p, _, _, grads = _state(n, seed=3)
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    tp = torch.nn.Parameter(torch.from_numpy(p.copy()))
+    opt = torch.optim.AdamW([tp], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+    for step, g in enumerate(grads, start=1):
+        adamw.adamw_update(p, g, m, v, step, lr, weight_decay=wd)
+        tp.grad = torch.from_numpy(g.copy())
+        opt.step()
+    np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_global_norm_is_exact_and_thread_independent(restore_threads, monkeypatch):
+    monkeypatch.setattr(adamw, "NORM_BLOCK", 1000)
+    g = np.random.default_rng(0).standard_normal(10 * 1000 + 7, dtype=np.float32)
+    exact = math.sqrt(float(np.dot(g.astype(np.float64), g.astype(np.float64))))
+    norms = []
+    for nthreads in (1, 2, 3):
+        threads.set_threads(nthreads)
+        norms.append(adamw.global_norm(g))
+    assert norms[0] == norms[1] == norms[2]
+    assert abs(norms[0] - exact) <= 1e-6 * exact
