@@ -94,7 +94,7 @@ def parallel_for(fn, n: int, min_part: int = MIN_PART, unit: int = 1) -> None:
 
     The parts together cover [0, n) once, so an element-wise fn gives the same
     result for every thread count. One part (small n, one thread, or a call from
-    inside a part) is a plain fn(0, n)."""
+    inside a part) is a plain fn(0, n). Exceptions in any part are raised here."""
     parts = min(_threads, n // max(min_part, 1))
     if parts <= 1 or getattr(_local, "worker", False):
         fn(0, n)
@@ -111,3 +111,24 @@ def parallel_for(fn, n: int, min_part: int = MIN_PART, unit: int = 1) -> None:
     finally:
         for f in futures:
             f.result()
+
+
+def flat(a):
+    """A contiguous array as a 1-D view (never a copy: the parts write into it)."""
+    if not a.flags.c_contiguous:
+        raise ValueError(f"flat: array of shape {a.shape} must be C-contiguous")
+    return a.reshape(-1)
+
+
+def elementwise(fn, arrays, block: int = 1 << 14) -> None:
+    """fn(*slices) over equal-sized contiguous arrays, element-wise: each array is viewed
+    flat and cut into `block`-element pieces (in cache for the several passes fn makes),
+    the pieces spread over the threads. fn sees slices of the same range of every array."""
+    views = [flat(a) for a in arrays]
+    n = views[0].size
+
+    def part(lo, hi):
+        for s in range(lo, hi, block):
+            e = min(s + block, hi)
+            fn(*(v[s:e] for v in views))
+    parallel_for(part, n, unit=block)
