@@ -200,6 +200,7 @@ class GPT2(FlatAdamW):
         self.m = self.v = None          # AdamW moments, allocated by the first update
         self.acts: Activations | None = None
         self._inputs = self._targets = None
+        self._dlogits = None
 
     def sampler(self) -> "GPT2":
         """A model sharing these parameters with its own activations (for sampling)."""
@@ -246,7 +247,9 @@ class GPT2(FlatAdamW):
         B, T, C = a.B, a.T, cfg.channels
 
         dlosses = np.full((B, T), loss_scale / (B * T), dtype=np.float32)
-        dlogits = np.empty_like(a.logits)
+        if self._dlogits is None or self._dlogits.shape != a.logits.shape:
+            self._dlogits = np.empty_like(a.logits)  # kept: a fresh (B,T,Vp) buffer faults its pages in every step
+        dlogits = self._dlogits
         crossentropy_softmax_backward(dlogits, dlosses, a.probs, self._targets, cfg.vocab_size)
 
         scratch = backward_scratch(_zeros, B, T, C)

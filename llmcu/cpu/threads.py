@@ -113,18 +113,15 @@ def parallel_for(fn, n: int, min_part: int = MIN_PART, unit: int = 1) -> None:
             f.result()
 
 
-def flat(a):
-    """A contiguous array as a 1-D view (never a copy: the parts write into it)."""
-    if not a.flags.c_contiguous:
-        raise ValueError(f"flat: array of shape {a.shape} must be C-contiguous")
-    return a.reshape(-1)
-
-
 def elementwise(fn, arrays, block: int = 1 << 14) -> None:
-    """fn(*slices) over equal-sized contiguous arrays, element-wise: each array is viewed
-    flat and cut into `block`-element pieces (in cache for the several passes fn makes),
-    the pieces spread over the threads. fn sees slices of the same range of every array."""
-    views = [flat(a) for a in arrays]
+    """fn(*slices) over equal-sized arrays, element-wise: each array is viewed flat and
+    cut into `block`-element pieces (in cache for the several passes fn makes), the
+    pieces spread over the threads. fn sees slices of the same range of every array.
+    Arrays that are not all C-contiguous (no flat view) go to one plain fn(*arrays)."""
+    if not all(a.flags.c_contiguous for a in arrays):
+        fn(*arrays)
+        return
+    views = [a.reshape(-1) for a in arrays]
     n = views[0].size
 
     def part(lo, hi):
@@ -132,3 +129,28 @@ def elementwise(fn, arrays, block: int = 1 << 14) -> None:
             e = min(s + block, hi)
             fn(*(v[s:e] for v in views))
     parallel_for(part, n, unit=block)
+
+
+def rows(fn, row_arrays, *args, lead: int = 2, block: int = 1 << 20) -> None:
+    """fn(*row_slices, *args) over blocks of rows spread over the threads: each of
+    row_arrays is viewed as (R, ...) by merging its first `lead` axes (the same R for
+    all), and every call gets the same rows of each, about `block` elements of the
+    widest array at a time. (Smaller blocks did not pay for the classifier: 17 ms per
+    d12 fused_classifier at 1M elements per call and whole, 24 ms at 256K, 45 ms at
+    one 50304-wide row, 1 thread.) For
+    layers whose rows are independent (softmax, layernorm); args (weights, scalars)
+    go to every call whole. Arrays that are not all C-contiguous go to one plain
+    fn(*row_arrays, *args)."""
+    if not all(a.flags.c_contiguous for a in row_arrays):  # no row views: one plain call
+        fn(*row_arrays, *args)
+        return
+    views = [a.reshape(-1, *a.shape[lead:]) for a in row_arrays]
+    R = views[0].shape[0]
+    per_row = max(1, max(v.size for v in views) // max(R, 1))
+    step = max(1, block // per_row)
+
+    def part(lo, hi):
+        for s in range(lo, hi, step):
+            e = min(s + step, hi)
+            fn(*(v[s:e] for v in views), *args)
+    parallel_for(part, R, min_part=max(1, MIN_PART // per_row))
