@@ -42,8 +42,10 @@ def init_parameters(config: GPT2Config, seed: int = 42) -> np.ndarray:
     for name, std in (("wte", INIT_STD), ("wpe", INIT_STD), ("qkvw", INIT_STD),
                       ("attprojw", residual_std), ("fcw", INIT_STD), ("fcprojw", residual_std)):
         rows = config.vocab_size if name == "wte" else p[name].shape[0]
-        target = p[name][:rows]
-        target[...] = rng.standard_normal(target.shape, dtype=np.float32)
+        target = p[name][:rows]  # contiguous: leading rows of wte, or all L layers' matrices
+        # drawn straight into the parameters: the same values as standard_normal(shape)
+        # without a full-size temporary (wte's is 154 MB, fresh pages to fault in)
+        rng.standard_normal(out=target, dtype=np.float32)
         target *= np.float32(std)
     for name in ("ln1w", "ln2w", "lnfw"):
         p[name][...] = 1.0
