@@ -74,6 +74,9 @@ def _add_train(sub):
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda", "emu", "auto"],
                    help="cpu: the NumPy model; cuda: the CUDA kernels on a GPU; emu: the same kernels "
                         "emulated on the CPU (slow, for testing); auto: cuda if a GPU is usable, else cpu")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="CPU threads for the NumPy model's element-wise layers and BLAS (llm.c's "
+                        "OMP_NUM_THREADS); 0: OMP_NUM_THREADS if set, else all CPUs")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="precision: bf16 is mixed precision (bf16 parameters, activations and "
                         "gradients; fp32 statistics, losses and AdamW moments) on --device cuda or emu; "
@@ -210,6 +213,7 @@ def _run_train(parser, a) -> int:
         _positive(parser, "--" + name.replace("_", "-"), getattr(a, name), zero_ok=True)
     if a.learning_rate <= 0:
         parser.error(f"--learning-rate must be > 0, got {a.learning_rate}")
+    _positive(parser, "--threads", a.threads, zero_ok=True)
     from .schedule import grad_accum_steps
     try:
         grad_accum_steps(a.total_batch_size, a.batch_size, a.seq_len)
@@ -234,6 +238,7 @@ def _run_train(parser, a) -> int:
                       resume=a.resume, hellaswag=a.hellaswag, zero_stage=a.zero_stage,
                       dist_backend=a.dist_backend, init_method=a.init_method, init_file=a.init_file,
                       dtype=a.dtype, master_weights=a.master_weights, cuda_graph=a.cuda_graph)
+    cfg.threads = a.threads
     train(cfg, log=lambda s: print(s, flush=True))
     return 0
 

@@ -180,3 +180,4 @@ class TrainConfig:
     dtype: str = "fp32"          # --dtype fp32 | bf16 (mixed precision; cuda and emu) | auto (bf16 where available)
     master_weights: int = 1      # -w  bf16: 1 keeps fp32 master weights (llm.c's -w), 0 updates bf16 in place
     cuda_graph: int = 0          # --cuda-graph 1: the step as CUDA graphs (llmcu/cuda/graphs.py; GPT-2 kernel models)
+    threads: int = 0             # --threads CPU threads (element-wise pool and BLAS); 0: OMP_NUM_THREADS or all CPUs

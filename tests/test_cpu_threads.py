@@ -140,3 +140,26 @@ def test_global_norm_is_exact_and_thread_independent(restore_threads, monkeypatc
         norms.append(adamw.global_norm(g))
     assert norms[0] == norms[1] == norms[2]
     assert abs(norms[0] - exact) <= 1e-6 * exact
+
+
+def test_train_threads_flag_sets_the_pool(restore_threads, monkeypatch):
+    from llmcu import cli
+    seen = []
+    monkeypatch.setattr("llmcu.train.train", lambda cfg, log=None: seen.append(cfg.threads))
+    assert cli.main(["train", "--threads", "3"]) == 0
+    assert seen == [3]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--threads", "-1"])
+
+
+def test_setup_model_applies_threads(restore_threads, tmp_path):
+    from llmcu.config import GPT2Config, TrainConfig
+    from llmcu import formats, train
+    from llmcu.cpu.gpt2 import init_parameters
+    tiny = GPT2Config(max_seq_len=16, vocab_size=64, num_layers=1, num_heads=2, channels=16)
+    path = tmp_path / "tiny.bin"
+    formats.write_model(path, tiny, init_parameters(tiny, seed=1))
+    threads.set_threads(1)
+    comm = type("Comm", (), {"world_size": 1, "rank": 0, "backend": "none"})()
+    train.setup_model(TrainConfig(model=str(path), threads=3, device="cpu"), comm, log=lambda s: None)
+    assert threads.num_threads() == 3
