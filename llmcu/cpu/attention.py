@@ -6,9 +6,15 @@ probabilities (masked entries 0) for the backward; out (B,T,C).
 flash_attention_forward/backward (below) are the fused kernels' interface:
 grouped-query heads, and a (B,NH,T) log-sum-exp saved instead of att.
 Activation gradients overwrite (=).
+
+attention_forward/backward treat each sequence b on its own, so they run on
+blocks of the batch spread over the CPU threads (threads.rows with lead=1); the
+functions with a leading underscore are the plain code each block runs.
 """
 
 import numpy as np
+
+from .threads import rows
 
 
 def _heads(qkv, num_heads):
@@ -29,6 +35,10 @@ def _check(qkv, num_heads):
 def attention_forward(out, att, qkv, num_heads):
     """att = softmax(q k^T / sqrt(hs) with future positions masked); out = att v."""
     _check(qkv, num_heads)
+    rows(_attention_forward, (out, att, qkv), num_heads, lead=1)
+
+
+def _attention_forward(out, att, qkv, num_heads):
     B, T, C3 = qkv.shape
     q, k, v = _heads(qkv, num_heads)
     scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
@@ -46,6 +56,10 @@ def attention_forward(out, att, qkv, num_heads):
 def attention_backward(dqkv, dout, qkv, att, num_heads):
     """Gradients wrt qkv through out = softmax(mask(q k^T * scale)) v."""
     _check(qkv, num_heads)
+    rows(_attention_backward, (dqkv, dout, qkv, att), num_heads, lead=1)
+
+
+def _attention_backward(dqkv, dout, qkv, att, num_heads):
     B, T, C3 = qkv.shape
     q, k, v = _heads(qkv, num_heads)
     dq, dk, dv = _heads(dqkv, num_heads)
