@@ -49,8 +49,7 @@ def _attention_forward(out, att, qkv, num_heads):
     att -= att.max(axis=-1, keepdims=True)
     np.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
-    y = att @ v  # (B,NH,T,hs)
-    out.reshape(B, T, num_heads, -1)[...] = y.transpose(0, 2, 1, 3)
+    np.matmul(att, v, out=out.reshape(B, T, num_heads, -1).transpose(0, 2, 1, 3))  # (B,NH,T,hs) view
 
 
 def attention_backward(dqkv, dout, qkv, att, num_heads):
@@ -65,13 +64,13 @@ def _attention_backward(dqkv, dout, qkv, att, num_heads):
     dq, dk, dv = _heads(dqkv, num_heads)
     scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
     dy = dout.reshape(B, T, num_heads, -1).transpose(0, 2, 1, 3)  # (B,NH,T,hs)
-    dv[...] = att.transpose(0, 1, 3, 2) @ dy
+    np.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)  # straight into dqkv's views, no copies
     datt = dy @ v.transpose(0, 1, 3, 2)
     # softmax backward; masked entries have att == 0 so their gradient is 0
     dpre = att * (datt - (datt * att).sum(axis=-1, keepdims=True))
     dpre *= scale
-    dq[...] = dpre @ k
-    dk[...] = dpre.transpose(0, 1, 3, 2) @ q
+    np.matmul(dpre, k, out=dq)
+    np.matmul(dpre.transpose(0, 1, 3, 2), q, out=dk)
 
 
 # --- fused ("flash") attention: the interface of the fused kernels -----------
