@@ -62,5 +62,6 @@ def _backward(dinp, dout, x):
 
 
 def gelu_backward(dinp, dout, inp):
-    """dinp = dout * d/dx gelu(x)."""
+    """dinp = dout * d/dx gelu(x); dinp may be dout (in place: _backward reads dout once,
+    in its last operation)."""
     elementwise(_backward, (dinp, dout, inp))

@@ -72,6 +72,5 @@ def matmul_gelu_forward(out, pre, inp, weight, bias=None):
 def matmul_dgelu_backward(dpre, dweight, dbias, dout, inp, weight, pre, accumulate_weight=True):
     """matmul_backward of the layer after the GELU, its input gradient then through the
     GELU's backward into dpre (overwritten); dweight/dbias as matmul_backward."""
-    dact = np.empty_like(dpre)
-    matmul_backward(dact, dweight, dbias, dout, inp, weight, accumulate_weight)
-    gelu_backward(dpre, dact, pre)
+    matmul_backward(dpre, dweight, dbias, dout, inp, weight, accumulate_weight)  # d(gelu output)
+    gelu_backward(dpre, dpre, pre)  # in place (gelu_backward allows dinp is dout)
