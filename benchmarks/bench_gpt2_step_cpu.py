@@ -169,6 +169,24 @@ def worker(backend: str, model: str, B: int, T: int, steps: int, warmup: int, th
     return out
 
 
+def machine() -> str:
+    import numpy as np
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} CPUs, NumPy {np.__version__}"
+
+
+def commit() -> str:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return (r.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
+
+
 def run_backends(a, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
@@ -233,6 +251,7 @@ def main(argv=None) -> int:
                                 a.threads[0], a.profile_steps)))
         return 0
 
+    print(f"{machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit()}\n")
     runs = {}
     for threads in a.threads:
         runs[threads] = run_backends(a, threads)
