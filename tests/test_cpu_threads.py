@@ -163,3 +163,78 @@ def test_setup_model_applies_threads(restore_threads, tmp_path):
     comm = type("Comm", (), {"world_size": 1, "rank": 0, "backend": "none"})()
     train.setup_model(TrainConfig(model=str(path), threads=3, device="cpu"), comm, log=lambda s: None)
     assert threads.num_threads() == 3
+
+
+# --- the threaded layers -------------------------------------------------------
+
+def _layer_runs():
+    """(name, fn(arrays) -> outputs) for each threaded layer, on inputs big enough to split
+    into several parts (threads.MIN_PART elements each)."""
+    from llmcu.cpu import attention, classifier, gelu, layernorm
+    rng = np.random.default_rng(5)
+    B, T, C, NH, V, Vp = 4, 64, 384, 6, 1000, 1024
+    x = rng.standard_normal((B, T, 4 * C), dtype=np.float32)
+    dy = rng.standard_normal((B, T, 4 * C), dtype=np.float32)
+    logits = rng.standard_normal((B, T, Vp), dtype=np.float32) * np.float32(3)
+    targets = rng.integers(0, V, (B, T))
+    h = rng.standard_normal((B, T, C), dtype=np.float32)
+    w, b = rng.standard_normal(C, dtype=np.float32), rng.standard_normal(C, dtype=np.float32)
+    qkv = rng.standard_normal((B, T, 3 * C), dtype=np.float32)
+
+    def gelu_fwd():
+        out = np.full_like(x, np.nan)
+        gelu.gelu_forward(out, x)
+        return [out]
+
+    def gelu_bwd():
+        out = np.full_like(x, np.nan)
+        gelu.gelu_backward(out, dy, x)
+        inplace = dy.copy()
+        gelu.gelu_backward(inplace, inplace, x)
+        return [out, inplace]
+
+    def classifier_fwd_bwd():
+        losses, probs = np.full((B, T), np.nan, np.float32), np.full_like(logits, np.nan)
+        classifier.fused_classifier(losses, probs, logits, targets, V)
+        dlogits = np.full_like(logits, np.nan)
+        dlosses = np.full((B, T), 1.0 / (B * T), np.float32)
+        classifier.crossentropy_softmax_backward(dlogits, dlosses, probs, targets, V)
+        return [losses, probs, dlogits]
+
+    def layernorm_fwd():
+        hh = np.concatenate([h, h[::-1] * np.float32(2)])  # (2B,T,C): enough rows to split
+        out = np.full_like(hh, np.nan)
+        mean, rstd = np.full((2 * B, T), np.nan, np.float32), np.full((2 * B, T), np.nan, np.float32)
+        layernorm.layernorm_forward(out, mean, rstd, hh, w, b)
+        return [out, mean, rstd]
+
+    def attention_fwd_bwd():
+        out, att = np.full_like(h, np.nan), np.full((B, NH, T, T), np.nan, np.float32)
+        attention.attention_forward(out, att, qkv, NH)
+        dqkv = np.full_like(qkv, np.nan)
+        attention.attention_backward(dqkv, h, qkv, att, NH)
+        return [out, att, dqkv]
+    return {"gelu_forward": gelu_fwd, "gelu_backward": gelu_bwd, "classifier": classifier_fwd_bwd,
+            "layernorm_forward": layernorm_fwd, "attention": attention_fwd_bwd}
+
+
+@pytest.mark.parametrize("name", list(_layer_runs()))
+def test_threaded_layers_do_not_depend_on_the_thread_count(restore_threads, monkeypatch, name):
+    parts = []
+    real = threads.parallel_for
+
+    def spy(fn, n, *args, **kwargs):
+        calls = []
+        real(lambda lo, hi: (calls.append((lo, hi)), fn(lo, hi)), n, *args, **kwargs)
+        parts.append(len(calls))
+    monkeypatch.setattr(threads, "parallel_for", spy)
+    results = []
+    for nthreads in (1, 3):
+        threads.set_threads(nthreads)
+        parts.clear()
+        results.append(_layer_runs()[name]())
+        if nthreads == 3:
+            assert max(parts) > 1, f"{name}: the inputs did not split into parts: {parts}"
+    for a, b in zip(*results):
+        assert not np.isnan(a).any()
+        assert np.array_equal(a, b), name
