@@ -19,8 +19,9 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-# Below this many elements per part a thread costs more than it saves: a ufunc on
-# 16K float32 takes ~2 us, about what handing a part to a pool thread costs.
+# Below this many elements per part a thread costs more than it saves: handing a part
+# to the pool and waiting for it took 43 us (2-core VM, under load), while one ufunc
+# pass over 64K float32 in cache takes ~10 us and the layers make 5-15 passes.
 MIN_PART = 1 << 16
 
 
