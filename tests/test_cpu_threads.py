@@ -170,7 +170,7 @@ def test_setup_model_applies_threads(restore_threads, tmp_path):
 def _layer_runs():
     """(name, fn(arrays) -> outputs) for each threaded layer, on inputs big enough to split
     into several parts (threads.MIN_PART elements each)."""
-    from llmcu.cpu import attention, classifier, gelu, layernorm
+    from llmcu.cpu import attention, classifier, gelu
     rng = np.random.default_rng(5)
     B, T, C, NH, V, Vp = 4, 64, 384, 6, 1000, 1024
     x = rng.standard_normal((B, T, 4 * C), dtype=np.float32)
@@ -178,7 +178,6 @@ def _layer_runs():
     logits = rng.standard_normal((B, T, Vp), dtype=np.float32) * np.float32(3)
     targets = rng.integers(0, V, (B, T))
     h = rng.standard_normal((B, T, C), dtype=np.float32)
-    w, b = rng.standard_normal(C, dtype=np.float32), rng.standard_normal(C, dtype=np.float32)
     qkv = rng.standard_normal((B, T, 3 * C), dtype=np.float32)
 
     def gelu_fwd():
@@ -201,13 +200,6 @@ def _layer_runs():
         classifier.crossentropy_softmax_backward(dlogits, dlosses, probs, targets, V)
         return [losses, probs, dlogits]
 
-    def layernorm_fwd():
-        hh = np.concatenate([h, h[::-1] * np.float32(2)])  # (2B,T,C): enough rows to split
-        out = np.full_like(hh, np.nan)
-        mean, rstd = np.full((2 * B, T), np.nan, np.float32), np.full((2 * B, T), np.nan, np.float32)
-        layernorm.layernorm_forward(out, mean, rstd, hh, w, b)
-        return [out, mean, rstd]
-
     def attention_fwd_bwd():
         out, att = np.full_like(h, np.nan), np.full((B, NH, T, T), np.nan, np.float32)
         attention.attention_forward(out, att, qkv, NH)
@@ -215,7 +207,7 @@ def _layer_runs():
         attention.attention_backward(dqkv, h, qkv, att, NH)
         return [out, att, dqkv]
     return {"gelu_forward": gelu_fwd, "gelu_backward": gelu_bwd, "classifier": classifier_fwd_bwd,
-            "layernorm_forward": layernorm_fwd, "attention": attention_fwd_bwd}
+            "attention": attention_fwd_bwd}
 
 
 @pytest.mark.parametrize("name", list(_layer_runs()))

@@ -2,26 +2,15 @@
 
 Shapes: inp/out (B,T,C), weight/bias (C,), mean/rstd (B,T) are cached for the
 backward. Parameter gradients accumulate (+=); activation gradients overwrite (=).
-
-The forward normalizes each row on its own, so it runs on blocks of rows spread
-over the CPU threads (threads.rows; _layernorm_forward is the plain code each
-block runs). The backward stays on one thread: its weight and bias gradients
-are sums over all rows, whose order the thread count must not change.
 """
 
 import numpy as np
-
-from .threads import rows
 
 EPS = 1e-5
 
 
 def layernorm_forward(out, mean, rstd, inp, weight, bias, eps=EPS):
     """out = (inp - mean) * rstd * weight + bias, with the biased variance."""
-    rows(_layernorm_forward, (out, mean, rstd, inp), weight, bias, eps, lead=inp.ndim - 1)
-
-
-def _layernorm_forward(out, mean, rstd, inp, weight, bias, eps):
     mu = inp.mean(axis=-1, keepdims=True)
     xc = inp - mu
     var = np.mean(xc * xc, axis=-1, keepdims=True)
