@@ -5,8 +5,9 @@
 Each backend runs in its own process (so each peak RSS is its own), with the
 same thread count (OMP_NUM_THREADS, which llmcu/cpu/threads.py and both BLAS
 libraries read), the same model (llmcu's init from the same seed), the same
-batch and the same step: zero grads, forward, backward, AdamW. For each thread
-count it prints the median step time of each, the split into zero_grad +
+batch and the same step: zero grads, forward, backward, AdamW. The two
+processes take turns, one step at a time (the other waits), so both see the
+same load from anything else on the machine. For each thread count it prints the median step time of each, the split into zero_grad +
 forward, backward and update, the ratio llmcu / PyTorch and the peak memory;
 then, for the first thread count, llmcu's time per layer function (each op of
 llmcu/ops.py, timed over --profile-steps extra steps). This is a benchmark,
@@ -93,8 +94,9 @@ def profile_llmcu(m, step, first: int, steps: int) -> dict:
     return {k: statistics.median(v) * 1000 for k, v in samples.items()}
 
 
-def worker(backend: str, model: str, B: int, T: int, steps: int, warmup: int, threads: int,
-           profile_steps: int = 0) -> dict:
+def setup(backend: str, model: str, B: int, T: int, threads: int):
+    """The model of `backend` ("llmcu" or "torch") from llmcu's init, and its step(i, phases)
+    (zero grads, forward, backward, AdamW at step i + 1; appends the three phase times)."""
     sys.path.insert(0, str(ROOT))
     import numpy as np
     from llmcu.config import gpt2_config
@@ -108,17 +110,11 @@ def worker(backend: str, model: str, B: int, T: int, steps: int, warmup: int, th
     x = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
     y = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
     lr = 1e-4
-
-    if backend == "gemm":
-        del params
-        return {"backend": backend, **gemm_ceiling(config, B, T),
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
     if backend == "llmcu":
         from llmcu.cpu.gpt2 import GPT2
         m = GPT2(config, params)
-        rss_before = _rss_mib()
 
-        def step(i, phases=None):
+        def step(i, phases):
             t = [time.perf_counter()]
             m.zero_grad()
             loss = m.forward(x, y)
@@ -127,8 +123,7 @@ def worker(backend: str, model: str, B: int, T: int, steps: int, warmup: int, th
             t.append(time.perf_counter())
             m.update(lr, i + 1)
             t.append(time.perf_counter())
-            if phases is not None:
-                phases.append([b - a for a, b in zip(t, t[1:])])
+            phases.append([b - a for a, b in zip(t, t[1:])])
             return loss
     else:
         import torch
@@ -138,9 +133,8 @@ def worker(backend: str, model: str, B: int, T: int, steps: int, warmup: int, th
         del params
         opt = torch_gpt2.configure_optimizer(m, lr=lr, weight_decay=0.0)
         xt, yt = torch.from_numpy(x).long(), torch.from_numpy(y).long()
-        rss_before = _rss_mib()
 
-        def step(i, phases=None):
+        def step(i, phases):
             t = [time.perf_counter()]
             opt.zero_grad(set_to_none=False)
             _, loss = m(xt, yt)
@@ -149,24 +143,36 @@ def worker(backend: str, model: str, B: int, T: int, steps: int, warmup: int, th
             t.append(time.perf_counter())
             opt.step()
             t.append(time.perf_counter())
-            if phases is not None:
-                phases.append([b - a for a, b in zip(t, t[1:])])
-            return float(loss)
+            phases.append([b - a for a, b in zip(t, t[1:])])
+            return loss.item()
+    return m, step, init_s
 
-    times, losses, phases = [], [], []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        losses.append(step(i, phases if i >= warmup else None))
-        dt = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(dt)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    out = {"backend": backend, "init_s": init_s, "median_s": statistics.median(times), "times_s": times,
-           "phases_ms": [statistics.median(col) * 1000 for col in zip(*phases)],
-           "losses": losses, "peak_rss_mib": peak, "rss_before_steps_mib": rss_before}
-    if backend == "llmcu" and profile_steps:
-        out["layers_ms"] = profile_llmcu(m, step, warmup + steps, profile_steps)
-    return out
+
+def serve(backend: str, model: str, B: int, T: int, threads: int) -> None:
+    """A worker process: set up, print one JSON line, then for each line on stdin run one
+    step ("step I"), the per-layer profile ("profile I N", llmcu) or finish ("done"),
+    answering each with one JSON line. The parent alternates the two backends' steps, so
+    both see the same load from whatever else runs on the machine."""
+    if backend == "gemm":
+        from llmcu.config import gpt2_config
+        print(json.dumps({**gemm_ceiling(gpt2_config(model), B, T),
+                          "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}))
+        return
+    m, step, init_s = setup(backend, model, B, T, threads)
+    print(json.dumps({"init_s": init_s, "rss_before_steps_mib": _rss_mib()}), flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "step":
+            phases = []
+            t0 = time.perf_counter()
+            loss = step(int(cmd[1]), phases)
+            out = {"s": time.perf_counter() - t0, "loss": loss, "phases": phases[0]}
+        elif cmd[0] == "profile":
+            out = profile_llmcu(m, lambda i: step(i, []), int(cmd[1]), int(cmd[2]))
+        else:
+            print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}))
+            return
+        print(json.dumps(out), flush=True)
 
 
 def machine() -> str:
@@ -188,16 +194,48 @@ def commit() -> str:
 
 
 def run_backends(a, threads: int) -> dict:
+    """Both backends' steps, alternating (llmcu first on even rounds, PyTorch on odd), then
+    the GEMM floor; each backend in its own process with OMP_NUM_THREADS=threads."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
-    results = {}
-    for backend in ("llmcu", "torch", "gemm"):
-        cmd = [sys.executable, __file__, "--worker", backend, "--model", a.model,
-               "-b", str(a.batch_size), "-t", str(a.seq_len), "--steps", str(a.steps),
-               "--warmup", str(a.warmup), "--threads", str(threads),
-               "--profile-steps", str(a.profile_steps if threads == a.threads[0] else 0)]
-        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-        results[backend] = json.loads(out.strip().splitlines()[-1])
+
+    def start(backend):
+        cmd = [sys.executable, __file__, "--worker", backend, "--model", a.model, "-b", str(a.batch_size),
+               "-t", str(a.seq_len), "--threads", str(threads)]
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        return proc, ask(proc, None)
+
+    def ask(proc, line):
+        if line is not None:
+            proc.stdin.write(line + "\n")
+            proc.stdin.flush()
+        out = proc.stdout.readline()
+        if not out:
+            raise RuntimeError(f"worker {proc.args} exited with {proc.wait()}")
+        return json.loads(out)
+
+    names = ("llmcu", "torch")
+    procs, results = {}, {}
+    for name in names:  # one after the other: their start-up times are part of the report
+        procs[name], results[name] = start(name)
+        results[name].update(times_s=[], losses=[], phases=[])
+    for i in range(a.warmup + a.steps):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            r = ask(procs[name], f"step {i}")
+            results[name]["losses"].append(r["loss"])
+            if i >= a.warmup:
+                results[name]["times_s"].append(r["s"])
+                results[name]["phases"].append(r["phases"])
+    if a.profile_steps and threads == a.threads[0]:
+        results["llmcu"]["layers_ms"] = ask(procs["llmcu"], f"profile {a.warmup + a.steps} {a.profile_steps}")
+    for name in names:
+        results[name].update(ask(procs[name], "done"))
+        procs[name].wait()
+        r = results[name]
+        r["median_s"] = statistics.median(r["times_s"])
+        r["phases_ms"] = [statistics.median(col) * 1000 for col in zip(*r.pop("phases"))]
+    gemm, results["gemm"] = start("gemm")
+    gemm.wait()
     return results
 
 
@@ -247,8 +285,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     if a.worker:
-        print(json.dumps(worker(a.worker, a.model, a.batch_size, a.seq_len, a.steps, a.warmup,
-                                a.threads[0], a.profile_steps)))
+        serve(a.worker, a.model, a.batch_size, a.seq_len, a.threads[0])
         return 0
 
     print(f"{machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit()}\n")
