@@ -61,6 +61,20 @@ def test_set_threads_rejects_zero():
         threads.set_threads(0)
 
 
+def test_set_threads_sets_openblas(restore_threads):
+    import ctypes
+    with open("/proc/self/maps") as f:
+        libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower()})
+    getters = [getattr(ctypes.CDLL(path), name, None) for path in libs
+               for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads")]
+    getters = [g for g in getters if g is not None]
+    if not getters:
+        pytest.skip("NumPy's BLAS is not OpenBLAS here")
+    for n in (1, 3):
+        threads.set_threads(n)
+        assert getters[0]() == n
+
+
 def test_thread_count_follows_omp_num_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads._env_threads() == 3
