@@ -102,6 +102,7 @@ def setup(backend: str, model: str, B: int, T: int, threads: int):
     """The model of `backend` ("llmcu" or "torch") from llmcu's init, and its step(i, phases)
     (zero grads, forward, backward, AdamW at step i + 1; appends the three phase times)."""
     sys.path.insert(0, str(ROOT))
+    import llmcu  # noqa: F401  (first: it sets OpenBLAS's thread timeout before NumPy loads it)
     import numpy as np
     from llmcu.config import gpt2_config
     from llmcu.cpu.gpt2 import init_parameters
@@ -157,7 +158,8 @@ def serve(backend: str, model: str, B: int, T: int, threads: int) -> None:
     step ("step I"), the per-layer profile ("profile I N", llmcu) or finish ("done"),
     answering each with one JSON line. The parent alternates the two backends' steps, so
     both see the same load from whatever else runs on the machine."""
-    if backend == "gemm":
+    if backend == "gemm":  # NumPy's BLAS as llmcu runs it (llmcu imported first, as in setup)
+        sys.path.insert(0, str(ROOT))
         from llmcu.config import gpt2_config
         print(json.dumps({**gemm_ceiling(gpt2_config(model), B, T),
                           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}))
