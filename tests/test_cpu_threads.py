@@ -244,3 +244,16 @@ def test_threaded_layers_do_not_depend_on_the_thread_count(restore_threads, monk
     for a, b in zip(*results):
         assert not np.isnan(a).any()
         assert np.array_equal(a, b), name
+
+
+def test_zero_grad_clears_every_gradient_on_several_threads(restore_threads):
+    from llmcu.config import GPT2Config
+    from llmcu.cpu.gpt2 import GPT2
+    config = GPT2Config(max_seq_len=16, vocab_size=2000, num_layers=2, num_heads=2, channels=64)
+    model = GPT2(config)
+    assert model.params.size > 3 * threads.MIN_PART  # enough to split over 3 threads
+    threads.set_threads(3)
+    model.zero_grad()
+    model.grads.fill(np.nan)
+    model.zero_grad()
+    assert not model.grads.any() and not np.isnan(model.grads).any()
