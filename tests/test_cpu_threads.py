@@ -214,6 +214,15 @@ def _layer_runs():
         classifier.crossentropy_softmax_backward(dlogits, dlosses, probs, targets, V)
         return [losses, probs, dlogits]
 
+    def residual_layernorm_fwd():
+        from llmcu.cpu import layernorm
+        h2 = np.concatenate([h, h[::-1]])            # (2B,T,C): enough rows to split
+        w, b = rng.standard_normal(C, dtype=np.float32), rng.standard_normal(C, dtype=np.float32)
+        res, out = np.full_like(h2, np.nan), np.full_like(h2, np.nan)
+        mean, rstd = np.full((2 * B, T), np.nan, np.float32), np.full((2 * B, T), np.nan, np.float32)
+        layernorm.residual_layernorm_forward(res, out, mean, rstd, h2, h2 * np.float32(0.5), w, b)
+        return [res, out, mean, rstd]
+
     def attention_fwd_bwd():
         out, att = np.full_like(h, np.nan), np.full((B, NH, T, T), np.nan, np.float32)
         attention.attention_forward(out, att, qkv, NH)
@@ -221,7 +230,7 @@ def _layer_runs():
         attention.attention_backward(dqkv, h, qkv, att, NH)
         return [out, att, dqkv]
     return {"gelu_forward": gelu_fwd, "gelu_backward": gelu_bwd, "classifier": classifier_fwd_bwd,
-            "attention": attention_fwd_bwd}
+            "residual_layernorm_forward": residual_layernorm_fwd, "attention": attention_fwd_bwd}
 
 
 @pytest.mark.parametrize("name", list(_layer_runs()))
