@@ -133,15 +133,15 @@ def elementwise(fn, arrays, block: int = 1 << 14) -> None:
 
 
 def rows(fn, row_arrays, *args, lead: int = 2, block: int = 1 << 20) -> None:
-    """fn(*row_slices, *args) over blocks of rows spread over the threads: each of
-    row_arrays is viewed as (R, ...) by merging its first `lead` axes (the same R for
-    all), and every call gets the same rows of each, about `block` elements of the
-    widest array at a time. (Smaller blocks did not pay for the classifier: 17 ms per
-    d12 fused_classifier at 1M elements per call and whole, 24 ms at 256K, 45 ms at
-    one 50304-wide row, 1 thread.) For
-    layers whose rows are independent (softmax, layernorm); args (weights, scalars)
-    go to every call whole. Arrays that are not all C-contiguous go to one plain
-    fn(*row_arrays, *args)."""
+    """fn(*row_slices, *args) over blocks of rows spread over the threads, for layers
+    whose rows are independent (softmax, layernorm, attention per sequence).
+
+    Each of row_arrays is viewed as (R, ...) by merging its first `lead` axes (the same
+    R for all), and every call gets the same rows of each, about `block` elements of
+    the widest array at a time (smaller blocks did not pay for the classifier: 17 ms per
+    d12 fused_classifier at 1M elements per call and whole, 24 ms at 256K, 45 ms at one
+    50304-wide row, 1 thread). args (weights, scalars) go to every call whole. Arrays
+    that are not all C-contiguous go to one plain fn(*row_arrays, *args)."""
     if not all(a.flags.c_contiguous for a in row_arrays):  # no row views: one plain call
         fn(*row_arrays, *args)
         return
