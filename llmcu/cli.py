@@ -151,6 +151,9 @@ def _add_train(sub):
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda", "emu", "auto"],
                    help="cpu: the NumPy model; cuda: the CUDA kernels on a GPU; emu: the same kernels "
                         "emulated on the CPU (slow, for testing); auto: cuda if a GPU is usable, else cpu")
+    p.add_argument("--threads", type=_EVERY, default=d.threads,
+                   help="CPU threads for the NumPy model's element-wise layers and BLAS (llm.c's "
+                        "OMP_NUM_THREADS); 0: OMP_NUM_THREADS if set, else all CPUs")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="precision: bf16 is mixed precision (bf16 parameters, activations and "
                         "gradients; fp32 statistics, losses and AdamW moments) on --device cuda or emu; "
@@ -305,7 +308,8 @@ def _run_train(parser, a) -> int:
                       resume=a.resume, hellaswag=a.hellaswag, zero_stage=a.zero_stage,
                       dist_backend=a.dist_backend, init_method=a.init_method, init_file=a.init_file,
                       dtype=a.dtype, master_weights=a.master_weights, cuda_graph=a.cuda_graph,
-                      tokenizer=a.tokenizer, shuffle=not a.no_shuffle, overlap=a.overlap)
+                      tokenizer=a.tokenizer, shuffle=not a.no_shuffle, overlap=a.overlap,
+                      threads=a.threads)
     train(cfg, log=lambda s: print(s, flush=True))
     return 0
 

@@ -188,3 +188,4 @@ class TrainConfig:
     tokenizer: str | None = None  # --tokenizer: Llama 3 tokenizer.model (or an HF dir); None: GPT-2
     shuffle: bool = True         # --no-shuffle sets False: the train loader's order (llm.c shuffles)
     overlap: int = 1             # --overlap data parallel: 1 reduces per layer during the backward (llmcu/buckets.py), 0 after it
+    threads: int = 0             # --threads CPU threads (element-wise pool and BLAS); 0: OMP_NUM_THREADS or all CPUs

@@ -346,6 +346,9 @@ def setup_model(cfg: TrainConfig, comm, log, accum_steps: int = 1):
     Returns (model, dtype, resumed): dtype is what "auto" became; resumed is
     checkpoint.load_latest's (step, config, params, state), or None."""
     from . import distributed
+    if cfg.threads:  # --threads: the CPU backend's pool and BLAS (llmcu/cpu/threads.py)
+        from .cpu.threads import set_threads
+        set_threads(cfg.threads)
     world = comm.world_size
     data_parallel = comm.backend != "none" or bool(cfg.zero_stage)
     dtype = resolve_dtype(cfg.dtype, cfg.device)  # "auto" resolved once

@@ -6,9 +6,15 @@ probabilities (masked entries 0) for the backward; out (B,T,C).
 flash_attention_forward/backward (below) are the fused kernels' interface:
 grouped-query heads, and a (B,NH,T) log-sum-exp saved instead of att.
 Activation gradients overwrite (=).
+
+attention_forward/backward treat each sequence b on its own, so they run on
+blocks of the batch spread over the CPU threads (threads.rows with lead=1); the
+functions with a leading underscore are the plain code each block runs.
 """
 
 import numpy as np
+
+from .threads import rows
 
 
 def _heads(qkv, num_heads):
@@ -29,35 +35,42 @@ def _check(qkv, num_heads):
 def attention_forward(out, att, qkv, num_heads):
     """att = softmax(q k^T / sqrt(hs) with future positions masked); out = att v."""
     _check(qkv, num_heads)
+    rows(_attention_forward, (out, att, qkv), num_heads, lead=1)
+
+
+def _attention_forward(out, att, qkv, num_heads):
     B, T, C3 = qkv.shape
     q, k, v = _heads(qkv, num_heads)
     scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
     np.matmul(q, k.transpose(0, 1, 3, 2), out=att)
     att *= scale
     future = np.triu(np.ones((T, T), dtype=bool), k=1)
-    att[..., future] = -np.inf
+    np.copyto(att, np.float32(-np.inf), where=future)  # att[..., future] = -inf: 0.06 ms, not 0.3
     att -= att.max(axis=-1, keepdims=True)
     np.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
-    y = att @ v  # (B,NH,T,hs)
-    out.reshape(B, T, num_heads, -1)[...] = y.transpose(0, 2, 1, 3)
+    np.matmul(att, v, out=out.reshape(B, T, num_heads, -1).transpose(0, 2, 1, 3))  # (B,NH,T,hs) view
 
 
 def attention_backward(dqkv, dout, qkv, att, num_heads):
     """Gradients wrt qkv through out = softmax(mask(q k^T * scale)) v."""
     _check(qkv, num_heads)
+    rows(_attention_backward, (dqkv, dout, qkv, att), num_heads, lead=1)
+
+
+def _attention_backward(dqkv, dout, qkv, att, num_heads):
     B, T, C3 = qkv.shape
     q, k, v = _heads(qkv, num_heads)
     dq, dk, dv = _heads(dqkv, num_heads)
     scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
     dy = dout.reshape(B, T, num_heads, -1).transpose(0, 2, 1, 3)  # (B,NH,T,hs)
-    dv[...] = att.transpose(0, 1, 3, 2) @ dy
+    np.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)  # straight into dqkv's views, no copies
     datt = dy @ v.transpose(0, 1, 3, 2)
     # softmax backward; masked entries have att == 0 so their gradient is 0
     dpre = att * (datt - (datt * att).sum(axis=-1, keepdims=True))
     dpre *= scale
-    dq[...] = dpre @ k
-    dk[...] = dpre.transpose(0, 1, 3, 2) @ q
+    np.matmul(dpre, k, out=dq)
+    np.matmul(dpre.transpose(0, 1, 3, 2), q, out=dk)
 
 
 # --- fused ("flash") attention: the interface of the fused kernels -----------

@@ -3,9 +3,15 @@
 Shapes: logits/probs/dlogits (B,T,Vp) where only the first V columns are real
 tokens (columns V..Vp-1 are padding: they get probability 0 and gradient 0);
 targets (B,T) int; losses/dlosses (B,T). Activation gradients overwrite (=).
+
+fused_classifier and crossentropy_softmax_backward treat each (b,t) row on its
+own, so they run on blocks of rows spread over the CPU threads (threads.rows);
+the functions with a leading underscore are the plain code each block runs.
 """
 
 import numpy as np
+
+from .threads import rows
 
 
 def softmax_forward(probs, logits, V):
@@ -29,6 +35,10 @@ def crossentropy_forward(losses, logits, targets, V):
 
 def crossentropy_softmax_backward(dlogits, dlosses, probs, targets, V):
     """dlogits = dlosses * (probs - onehot(targets)), zero on padded columns."""
+    rows(_crossentropy_softmax_backward, (dlogits, dlosses, probs, targets), V, lead=dlosses.ndim)
+
+
+def _crossentropy_softmax_backward(dlogits, dlosses, probs, targets, V):
     np.multiply(probs, dlosses[..., None], out=dlogits)
     idx = targets[..., None].astype(np.intp)
     picked = np.take_along_axis(dlogits, idx, axis=-1)
@@ -40,6 +50,10 @@ def fused_classifier(losses, probs, logits, targets, V):
     """Forward half of the fused classifier: the losses and the probabilities the
     backward needs, from a single exp pass over the logits. (The CUDA kernel
     goes on to write dlogits in place; the oracle keeps that step separate.)"""
+    rows(_fused_classifier, (losses, probs, logits, targets), V, lead=losses.ndim)
+
+
+def _fused_classifier(losses, probs, logits, targets, V):
     x = logits[..., :V]
     p = probs[..., :V]
     m = x.max(axis=-1, keepdims=True)

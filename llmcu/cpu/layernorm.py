@@ -6,6 +6,8 @@ backward. Parameter gradients accumulate (+=); activation gradients overwrite (=
 
 import numpy as np
 
+from .threads import rows
+
 EPS = 1e-5
 
 
@@ -44,7 +46,13 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
 # (llmcu/cpu/gpt2.py) calls them on either backend.
 
 def residual_layernorm_forward(residual_out, ln_out, mean, rstd, inp1, inp2, weight, bias, eps=EPS):
-    """residual_out = inp1 + inp2, then ln_out, mean, rstd = layernorm(residual_out)."""
+    """residual_out = inp1 + inp2, then ln_out, mean, rstd = layernorm(residual_out); each row
+    on its own, so on blocks of rows over the CPU threads (threads.rows)."""
+    rows(_residual_layernorm_forward, (residual_out, ln_out, mean, rstd, inp1, inp2), weight, bias, eps,
+         lead=inp1.ndim - 1)
+
+
+def _residual_layernorm_forward(residual_out, ln_out, mean, rstd, inp1, inp2, weight, bias, eps):
     np.add(inp1, inp2, out=residual_out)
     layernorm_forward(ln_out, mean, rstd, residual_out, weight, bias, eps)
 
