@@ -442,7 +442,8 @@ def setup(cfg: TrainConfig, log=print, comm=None) -> Run:
     accum_steps = grad_accum_steps(cfg.total_batch_size, B, T, world)
     if (cfg.checkpoint_every > 0 or cfg.resume) and not cfg.output_dir:
         raise ValueError("-n (checkpoints) and -y 1 (resume) need an output dir: pass -o DIR")
-    if cfg.output_dir:  # before the model is built and the data read
+    if cfg.output_dir and rank == 0:  # before the model is built and the data read; rank 0
+        # only: ranks probing one new directory at once would remove it under each other
         outputs.check_dir(cfg.output_dir, "-o")
     model, dtype, resumed = setup_model(cfg, comm, log, accum_steps)
     if T > model.config.max_seq_len:

@@ -14,6 +14,7 @@ matches_accumulation for the tolerances).
 """
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -25,7 +26,7 @@ import pytest
 
 from helpers import assert_close, subprocess_env
 from llmcu import cuda as llmcu_cuda
-from llmcu import distributed, formats
+from llmcu import checkpoint, distributed, formats
 from llmcu.config import GPT2Config, parameter_views
 from llmcu.cpu.gpt2 import init_parameters
 
@@ -448,3 +449,44 @@ def test_nccl_world_size_1_matches_plain_cuda_run(files, zero):
     assert_close("grad norm", np.array(norm), np.array(ref_norm), atol=0, rtol=1e-14)
     np.testing.assert_array_equal(formats.read_model(nccl / f"model_{STEPS:08d}.bin")[1],
                                   formats.read_model(plain / f"model_{STEPS:08d}.bin")[1])
+
+
+def test_sigint_on_one_rank_stops_every_rank_at_the_same_step(files, tmp_path):
+    """Ctrl-C reaching only rank 1: rank 0 hears of it through the per-step flag all-reduce
+    (train.stop_requested), both ranks stop before the same step, the checkpoint written
+    there holds both ranks' states, and a 2-rank -y 1 resumes from it to the end."""
+    import signal
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    args = _train_cmd(files, out, "-x", 300, "-n", 100, "-v", 0)
+    procs = []
+    for rank in range(2):
+        env = dict(ENV, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, *args], env=env, cwd=files, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for line in procs[0].stdout:  # rank 0 logs
+        if line.startswith("step   10/"):
+            procs[1].send_signal(signal.SIGINT)
+            break
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [130, 130], outs
+    stops = set()
+    for _, err in outs:
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        m = re.search(r"interrupted \(SIGINT\) at step (\d+)/300; wrote a checkpoint at step (\d+)", err)
+        assert m and m.group(1) == m.group(2), err
+        stops.add(int(m.group(1)))
+    assert len(stops) == 1, outs  # the same step on both ranks
+    step = stops.pop()
+    assert 10 <= step < 300
+    assert step in checkpoint.complete_steps(str(out))
+    assert all((out / f"state_{step:08d}_{r:05d}.bin").exists() for r in range(2))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", *args, "-y", "1"], env=ENV, cwd=files,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"resuming from step {step}" in r.stdout
+    assert len(_run_log(out)[0]) == 300
