@@ -263,3 +263,18 @@ def misaligned(dev, a):
     view[...] = dev.put(a)
     assert address(view) % 16 == 4 and view.flags.c_contiguous
     return view
+
+
+def write_tiny_run(directory, config, model_seed, data_seed, vocab=None, train=4000, val=1000):
+    """A small training run's inputs in `directory`: tiny.bin (config, random init with
+    model_seed), train.bin and, with val > 0, val.bin (ids below vocab, default the
+    model's vocabulary, drawn with data_seed). Returns the directory."""
+    from llmcu import formats
+    from llmcu.cpu.gpt2 import init_parameters
+    formats.write_model(directory / "tiny.bin", config, init_parameters(config, seed=model_seed))
+    rng = np.random.default_rng(data_seed)
+    vocab = vocab or config.vocab_size
+    formats.write_shard(directory / "train.bin", rng.integers(0, vocab, size=train))
+    if val:
+        formats.write_shard(directory / "val.bin", rng.integers(0, vocab, size=val))
+    return directory

@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import assert_close, subprocess_env
+from helpers import assert_close, subprocess_env, write_tiny_run
 from llmcu import cuda as llmcu_cuda
 from llmcu import checkpoint, distributed, formats
 from llmcu.config import GPT2Config, parameter_views
-from llmcu.cpu.gpt2 import init_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = subprocess_env(launcher=False)  # the tests launch their own process groups
@@ -48,12 +47,7 @@ TRAIN_ARGS = ["-b", B, "-t", T, "-x", STEPS, "-l", LR, "-c", 0.1, "-s", 0, "-v",
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dist")
-    formats.write_model(d / "tiny.bin", TINY, init_parameters(TINY, seed=3))
-    rng = np.random.default_rng(11)
-    formats.write_shard(d / "train.bin", rng.integers(0, TINY.vocab_size, 4000))
-    formats.write_shard(d / "val.bin", rng.integers(0, TINY.vocab_size, 1000))
-    return d
+    return write_tiny_run(tmp_path_factory.mktemp("dist"), TINY, model_seed=3, data_seed=11)
 
 
 def _train_cmd(files, out, *extra):

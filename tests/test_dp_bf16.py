@@ -32,7 +32,7 @@ from llmcu import checkpoint, distributed, formats
 from llmcu.buckets import layer_buckets
 from llmcu.config import GPT2Config, parameter_views
 from llmcu.cpu.gpt2 import init_parameters
-from helpers import subprocess_env
+from helpers import subprocess_env, write_tiny_run
 
 ENV = subprocess_env(launcher=False)  # the tests launch their own process groups
 
@@ -45,12 +45,7 @@ U = 2.0 ** -8  # bf16 unit roundoff
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dp_bf16")
-    formats.write_model(d / "tiny.bin", TINY, init_parameters(TINY, seed=3))
-    rng = np.random.default_rng(11)
-    formats.write_shard(d / "train.bin", rng.integers(0, TINY.vocab_size, 4000))
-    formats.write_shard(d / "val.bin", rng.integers(0, TINY.vocab_size, 1000))
-    return d
+    return write_tiny_run(tmp_path_factory.mktemp("dp_bf16"), TINY, model_seed=3, data_seed=11)
 
 
 def _cmd(files, model, out, *extra):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import write_tiny_run
 from llmcu import checkpoint, formats
 from llmcu.cli import main
 from llmcu.config import GPT2Config, TrainConfig
@@ -134,11 +135,8 @@ def test_emu_without_a_compiler(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("nan_data")
-    rng = np.random.default_rng(0)
-    formats.write_shard(d / "train.bin", rng.integers(0, 300, size=2000))
-    formats.write_model(d / "tiny.bin", TINY, init_parameters(TINY, seed=7))
-    return d
+    return write_tiny_run(tmp_path_factory.mktemp("nan_data"), TINY, model_seed=7, data_seed=0,
+                          vocab=300, train=2000, val=0)
 
 
 def _nan_at(monkeypatch, bad_call: int):
