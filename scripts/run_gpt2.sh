@@ -39,7 +39,9 @@ NPROC=${NPROC:-8} MAX_TRIES=${MAX_TRIES:-20} PYTHON=${PYTHON:-python}
 
 if [ -n "${SLURM_JOB_ID:-}" ] && [ "${SMOKE:-0}" != 1 ]; then
     world=${SLURM_NTASKS:?inside sbatch: SLURM_NTASKS (--ntasks-per-node 8 per node)}
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    # sed reads all of scontrol's output (head -n 1 would close the pipe early: SIGPIPE, and
+    # with pipefail the script would exit 141 when scontrol is still writing)
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
     export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-29500}
     launch=(srun "$PYTHON" -m llmcu train)
 else
