@@ -332,3 +332,20 @@ def test_sigint_during_a_checkpoint_write(files, tmp_path, times):
     assert r.returncode == 0, r.stderr
     assert np.array_equal(_params(out / "model_00000009.bin"), _params(straight / "model_00000009.bin"))
     assert _train_records(out) == _train_records(straight)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_exits_143_with_one_line(files, tmp_path):
+    """SIGTERM (a scheduler's stop) goes the same way as Ctrl-C, with 128 + 15."""
+    out = tmp_path / "run"
+    p = subprocess.Popen(_cmd(files, out, 80, "-n", 25, "-v", 0, "-s", 0), env=_ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("step    5/"):
+            p.send_signal(signal.SIGTERM)
+            break
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, (p.returncode, err)
+    assert re.fullmatch(r"llmcu train: interrupted \(SIGTERM\) at step \d+/80; wrote a checkpoint at "
+                        r"step \d+; last complete checkpoint: \S+; resume with -y 1\n", err), err
+    _no_orphans(out)
