@@ -299,3 +299,41 @@ def test_llama3_tokenizer_writes_uint32_shards_on_any_number_of_workers(inputs, 
     np.testing.assert_array_equal(got, expected_stream(docs, llama3))
     pieces = np.split(got, np.flatnonzero(got == 128000))[1:]
     assert [llama3.decode(p[1:]) for p in pieces] == docs
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
+def test_ctrl_c_stops_the_workers_with_one_line_and_resumes(shared_dir, tmp_path):
+    """Ctrl-C as a terminal sends it (to the whole process group, workers included) in the
+    middle of a 2-worker prepare: exit 130, one line, no temporary file left, back in well
+    under the time left; a rerun then finishes the same shards as an uninterrupted run.
+    (multiprocessing.Pool hung after such a Ctrl-C now and then; the workers now ignore it.)"""
+    import signal
+    import time
+    text = (shared_dir / "datasets/tinyshakespeare/input.txt").read_text()
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for _ in range(30):  # ~14M tokens: seconds of work on 2 workers
+            f.writelines(json.dumps({"text": part}) + "\n" for part in text.split("\n\n"))
+    args = ["prepare", "fineweb", "--input", tmp_path / "docs.jsonl", "--workers", 2,
+            "--shard-size", 1_000_000]
+    cmd = [sys.executable, "-m", "llmcu", *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.Popen(cmd + ["--out-dir", str(tmp_path / "cut")], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    p.stdout.readline()  # "tokenizing ...": the workers are up
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (p.returncode, err)
+    assert err == "llmcu prepare: interrupted\n", err
+    assert time.monotonic() - t0 < 10
+    assert not [n for n in os.listdir(tmp_path / "cut") if ".tmp." in n]
+    for out in ("cut", "whole"):
+        r = subprocess.run(cmd + ["--out-dir", str(tmp_path / out)], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    names = sorted(os.listdir(tmp_path / "whole"))
+    assert sorted(os.listdir(tmp_path / "cut")) == names
+    for n in names:
+        if n.endswith(".bin"):
+            assert (tmp_path / "cut" / n).read_bytes() == (tmp_path / "whole" / n).read_bytes(), n
