@@ -191,8 +191,8 @@ def test_readme_quick_start_samples_the_model_it_trains():
 
 @pytest.mark.slow
 def test_readme_quick_start_runs_as_written(tmp_path, shared_dir):
-    """The quick start's commands, as written, in a fresh directory (about 5 minutes on 2
-    cores): the data from ../shared instead of the download, then train and sample."""
+    """The quick start's commands, as written, in a fresh directory (3.5 minutes on a quiet
+    2-core machine): the data from ../shared instead of the download, then train and sample."""
     import shlex
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     run = [sys.executable, "-m", "llmcu"]
