@@ -15,15 +15,13 @@ Vp = 50304, which fits the registers in bf16 only (fp32 is refused).
 import numpy as np
 import pytest
 
-from helpers import KERNEL_BACKENDS, Device, assert_close
+from helpers import Device, KERNEL_BACKENDS, assert_close, value
 from llmcu.lab import load as load_lab
 from llmcu.cpu import classifier as cpu
 from llmcu.formats import bf16_bits_to_float32, float32_to_bf16_bits
 
 U, F32 = 2.0 ** -8, 1e-5
 DTYPES = [pytest.param(np.float32, id="fp32"), pytest.param(np.uint16, id="bf16")]
-
-
 
 
 lab = load_lab("classifier")
@@ -43,11 +41,6 @@ def case(dtype, B, T, V, Vp):
         bits = float32_to_bf16_bits(logits)
         return bits, bf16_bits_to_float32(bits), rng.integers(0, V, (B, T)).astype(np.int32)
     return logits, logits.copy(), rng.integers(0, V, (B, T)).astype(np.int32)
-
-
-def value(a):
-    a = np.asarray(a)
-    return bf16_bits_to_float32(a) if a.dtype == np.uint16 else a
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

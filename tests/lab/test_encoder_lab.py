@@ -17,15 +17,12 @@ import math
 import numpy as np
 import pytest
 
-from helpers import KERNEL_BACKENDS, Device, assert_close
+from helpers import Device, KERNEL_BACKENDS, assert_close, rand_x, value
 from llmcu.lab import load as load_lab
 from llmcu.cpu import encoder as cpu
-from llmcu.formats import bf16_bits_to_float32, float32_to_bf16_bits
 
 U, EPS32 = 2.0 ** -8, 2.0 ** -24
 DTYPES = [pytest.param(np.float32, id="fp32"), pytest.param(np.uint16, id="bf16")]
-
-
 
 
 lab = load_lab("encoder")
@@ -34,19 +31,6 @@ lab = load_lab("encoder")
 @pytest.fixture(params=KERNEL_BACKENDS)
 def dev(request):
     return Device(request.param)
-
-
-def rand_x(rng, dtype, *shape):
-    x = rng.standard_normal(shape).astype(np.float32)
-    if np.dtype(dtype) == np.uint16:
-        bits = float32_to_bf16_bits(x)
-        return bits, bf16_bits_to_float32(bits)
-    return x, x.copy()
-
-
-def value(a):
-    a = np.asarray(a)
-    return bf16_bits_to_float32(a) if a.dtype == np.uint16 else a
 
 
 def sum_tol(dtype, start, terms):

@@ -11,15 +11,13 @@ version 1, whole packets for version 2 (2 x 7 x 192, and one packet of 8).
 import numpy as np
 import pytest
 
-from helpers import KERNEL_BACKENDS, Device, assert_close
+from helpers import Device, KERNEL_BACKENDS, assert_close, rand_x, value
 from llmcu.lab import load as load_lab
 from llmcu.cpu import gelu as cpu
-from llmcu.formats import bf16_bits_to_float32, float32_to_bf16_bits
+from llmcu.formats import float32_to_bf16_bits
 
 U, F32 = 2.0 ** -8, 1e-5
 DTYPES = [pytest.param(np.float32, id="fp32"), pytest.param(np.uint16, id="bf16")]
-
-
 
 
 lab = load_lab("gelu")
@@ -30,25 +28,12 @@ def dev(request):
     return Device(request.param)
 
 
-def rand_x(rng, dtype, shape, scale=1.0):
-    x = (rng.standard_normal(shape) * scale).astype(np.float32)
-    if np.dtype(dtype) == np.uint16:
-        bits = float32_to_bf16_bits(x)
-        return bits, bf16_bits_to_float32(bits)
-    return x, x.copy()
-
-
-def value(a):
-    a = np.asarray(a)
-    return bf16_bits_to_float32(a) if a.dtype == np.uint16 else a
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("version,shape", [(1, (2, 7, 192)), (1, (3, 1023)), (2, (2, 7, 192)), (2, (1, 8))])
 def test_versions_vs_oracle(dev, dtype, version, shape):
     ops = lab.VERSIONS[version].ops
     rng = np.random.default_rng(16)
-    (x, xf), (dout, doutf) = rand_x(rng, dtype, shape, scale=2.0), rand_x(rng, dtype, shape)
+    (x, xf), (dout, doutf) = rand_x(rng, dtype, *shape, scale=2.0), rand_x(rng, dtype, *shape)
     out, dinp = dev.poisoned(shape, dtype), dev.poisoned(shape, dtype)
     ops["gelu_forward"](out, dev.put(x))
     ops["gelu_backward"](dinp, dev.put(dout), dev.put(x))
