@@ -16,26 +16,13 @@ gradients accumulate (+=), activation gradients overwrite (=).
 Load by path (kernels/dev/ is not a package): benchmarks/lab.py, tests/lab/.
 """
 
-import numpy as np
-
-from llmcu.cuda.runtime import (FLOATX_NAMES, backend_of, check_array, f32, floatx_dtype, i32,
-                                launch_config, warp_per_row)
+from llmcu.cuda.layernorm import _rows  # the product wrappers' argument checks
+from llmcu.cuda.runtime import backend_of, f32, i32, launch_config, warp_per_row
 from llmcu.cuda.vectorized import address
 from llmcu.lab import Version
 
 STEM = "dev/layernorm"
 EPS = 1e-5
-
-
-def _rows(fn, be, inp, **named):
-    dt = floatx_dtype(fn, "inp", inp)
-    check_array(fn, "inp", inp, be, dtype=dt)
-    C = inp.shape[-1]
-    N = inp.size // C
-    for name, (a, shape) in named.items():
-        check_array(fn, name, a, be, dtype=np.float32 if shape == "stat" else dt,
-                    shape={"row": inp.shape, "stat": inp.shape[:-1], "C": (C,)}[shape])
-    return N, C, FLOATX_NAMES[dt]
 
 
 def _forward(version, out, mean, rstd, inp, weight, bias, eps):

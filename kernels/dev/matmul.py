@@ -18,8 +18,8 @@ Load by path (kernels/dev/ is not a package): benchmarks/lab.py, tests/lab/.
 """
 
 from llmcu.cuda.gemm import gemm
-from llmcu.cuda.matmul import _check  # the product wrapper's argument checks
-from llmcu.cuda.runtime import FLOATX_NAMES, backend_of, check_array, floatx_dtype, i32, launch_config
+from llmcu.cuda.matmul import _check, _check_bias_backward  # the product wrapper's argument checks
+from llmcu.cuda.runtime import backend_of, i32, launch_config
 from llmcu.lab import Version
 
 STEM = "dev/matmul"
@@ -36,18 +36,12 @@ def matmul_forward1(out, inp, weight, bias=None):
 
 def matmul_bias_backward1(dbias, dout, accumulate=True):
     """dbias += the column sums of dout (..., OC) (dbias = them with accumulate=False)."""
-    fn = "matmul_bias_backward"
-    be = backend_of(dout)
-    dt = floatx_dtype(fn, "dout", dout)
-    check_array(fn, "dout", dout, be, dtype=dt)
-    OC = dout.shape[-1]
-    N = dout.size // OC
-    check_array(fn, "dbias", dbias, be, dtype=dt, shape=(OC,))
+    be, N, OC, floatX = _check_bias_backward(dbias, dout)
     if not accumulate:
         be.fill(dbias, 0)  # the kernel adds (+=) its column sums
     grid, block = launch_config(OC)
     be.launch(STEM, "matmul_bias_backward_kernel1", grid, block, (dbias, dout, i32(N), i32(OC)),
-              floatX=FLOATX_NAMES[dt])
+              floatX=floatX)
 
 
 def matmul_backward1(dinp, dweight, dbias, dout, inp, weight, accumulate_weight=True):

@@ -94,9 +94,8 @@ def matmul_dgelu_backward(dpre, dweight, dbias, dout, inp, weight, pre, accumula
     matmul_backward(None, dweight, dbias, dout, inp, weight, accumulate_weight)
 
 
-def matmul_bias_backward(dbias, dout, accumulate=True):
-    """dbias += the column sums of dout (..., OC) (dbias = them with accumulate=False):
-    the bias half of matmul_backward, two deterministic passes (kernels/matmul.cu)."""
+def _check_bias_backward(dbias, dout):
+    """matmul_bias_backward's argument checks: (backend, N rows, OC columns, floatX name)."""
     fn = "matmul_bias_backward"
     be = backend_of(dout)
     dt = floatx_dtype(fn, "dout", dout)
@@ -104,7 +103,13 @@ def matmul_bias_backward(dbias, dout, accumulate=True):
     OC = dout.shape[-1]
     N = dout.size // OC
     check_array(fn, "dbias", dbias, be, dtype=dt, shape=(OC,))
-    floatX = FLOATX_NAMES[dt]
+    return be, N, OC, FLOATX_NAMES[dt]
+
+
+def matmul_bias_backward(dbias, dout, accumulate=True):
+    """dbias += the column sums of dout (..., OC) (dbias = them with accumulate=False):
+    the bias half of matmul_backward, two deterministic passes (kernels/matmul.cu)."""
+    be, N, OC, floatX = _check_bias_backward(dbias, dout)
     vec = 16 // dout.dtype.itemsize  # x128::size
     wide = vectorizable(OC, dict(dout=dout))
     width = WARP * (vec if wide else 1)  # columns per block
