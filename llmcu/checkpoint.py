@@ -179,7 +179,7 @@ def cut_logs(out_dir: str, step: int) -> None:
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
         kept = [ln for ln in lines if not (m := re.match(r"s:(\d+) (\w+):", ln))
-                or keep(int(m.group(1)), m.group(2) in ("trl", "lr", "norm"))]
+                or keep(int(m.group(1)), m.group(2) == "trl")]  # trl: a train line; tel, eval: evals
         with formats.atomic_write(path) as f:
             f.write("".join(kept).encode("utf-8"))
     path = os.path.join(out_dir, "main.jsonl")

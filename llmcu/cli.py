@@ -71,24 +71,36 @@ def _add_prepare(sub):
                    help="fineweb/edu_fineweb: tokenizer processes; unset: the CPU count")
 
 
+def _prepare_out_dir(a) -> str:
+    """--out-dir, or the dataset's default (config.DATASETS, else data/<dataset>; fineweb's
+    data/fineweb10B, ...)."""
+    if a.out_dir:
+        return a.out_dir
+    if a.dataset in ("fineweb", "edu_fineweb"):
+        from .fineweb import default_out_dir
+        return default_out_dir(a.dataset, a.version)
+    from .config import DATASETS
+    return DATASETS[a.dataset]["dir"] if a.dataset in DATASETS else os.path.join("data", a.dataset)
+
+
 def _run_prepare(parser, a) -> int:
     from . import data
     from .tokenizer import load_tokenizer
     tok = load_tokenizer(a.tokenizer)
     if a.dataset in ("fineweb", "edu_fineweb"):
         from .fineweb import prepare_fineweb
-        prepare_fineweb(a.dataset, a.out_dir, input_pattern=a.input, version=a.version,
+        prepare_fineweb(a.dataset, _prepare_out_dir(a), input_pattern=a.input, version=a.version,
                         shard_size=a.shard_size, workers=a.workers, tok=tok)
     elif a.dataset == "tinyshakespeare":
-        data.prepare_tinyshakespeare(a.out_dir or "data/tinyshakespeare", input_path=a.input, tok=tok)
+        data.prepare_tinyshakespeare(_prepare_out_dir(a), input_path=a.input, tok=tok)
     elif a.dataset == "hellaswag":
         if tok.name != "gpt2":
             parser.error("prepare hellaswag: llm.c's eval file holds uint16 ids, GPT-2 only; "
                          "drop --tokenizer")
         from .hellaswag import prepare_hellaswag
-        prepare_hellaswag(a.out_dir or "data/hellaswag", input_jsonl=a.input)
+        prepare_hellaswag(_prepare_out_dir(a), input_jsonl=a.input)
     else:
-        data.prepare_tinystories(a.out_dir or "data/tinystories", archive_path=a.input, tok=tok)
+        data.prepare_tinystories(_prepare_out_dir(a), archive_path=a.input, tok=tok)
     return 0
 
 
@@ -318,11 +330,7 @@ def _check_outputs(a) -> None:
     """Every path a subcommand will write, checked before any work (llmcu.outputs)."""
     from .outputs import check_dir, check_file
     if a.command == "prepare":
-        default = os.path.join("data", a.dataset)
-        if a.dataset in ("fineweb", "edu_fineweb"):
-            from .fineweb import default_out_dir
-            default = default_out_dir(a.dataset, a.version)
-        check_dir(a.out_dir or default, "--out-dir")
+        check_dir(_prepare_out_dir(a), "--out-dir")
     elif a.command in ("tokenizer", "plot") or (a.command == "convert" and a.from_hf and a.out):
         check_file(a.out, "--out")
     elif a.command == "convert" and a.to_hf:

@@ -80,15 +80,11 @@ def atomic_write(path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if e.filename == tmp:  # name the file the caller asked for, not the temporary one
+        if isinstance(e, OSError) and e.filename == tmp:  # name the caller's file, not the temporary one
             raise type(e)(e.errno, e.strerror, path) from None
-        raise
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise
     # make the rename itself durable (POSIX only; not possible on Windows)
     with contextlib.suppress(OSError, AttributeError):

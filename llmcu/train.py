@@ -620,8 +620,8 @@ class StopSignals:
 
 
 def stop_requested(run: Run, stop: StopSignals) -> bool:
-    """Whether to stop before `step`; data parallel: if any rank got the signal, so every
-    rank stops at the same step (one scalar all-reduce a step)."""
+    """Whether to stop before this step's training; data parallel: if any rank got the
+    signal, so every rank stops at the same step (one scalar all-reduce a step)."""
     flag = stop.signum is not None
     if run.comm.backend != "none":
         flag = run.comm.average(1.0 if flag else 0.0) > 0
@@ -661,7 +661,9 @@ def train(cfg: TrainConfig, log=print, comm=None) -> dict:
         with StopSignals() as stop:
             for step in range(run.start, cfg.max_steps + 1):
                 last = step == cfg.max_steps
-                if stop_requested(run, stop):  # signalled during the last step
+                # signalled during the last step: stop before this step's evals (one process;
+                # data parallel asks the ranks once a step, below, so they all stop together)
+                if run.comm.backend == "none" and stop.signum is not None:
                     stop_run(run, step, stop.signum, hooks_done=False, saved=False)
                 # a checkpoint holds the state at the top of its step after that step's eval
                 # and sample, so a resumed run begins with the training step, repeating nothing
