@@ -340,8 +340,9 @@ class Run:
         return self.cfg.batch_size * self.cfg.seq_len * self.accum_steps * self.comm.world_size
 
 
-def setup_model(cfg: TrainConfig, comm, log, accum_steps: int = 1):
+def setup_model(cfg: TrainConfig, comm, log, accum_steps: int = 1, vocab_size: int | None = None):
     """The model -e names, or the newest checkpoint's with -y 1, wrapped for data parallel.
+    vocab_size: a descriptor's vocabulary (the run's tokenizer's; None: GPT-2's).
 
     Returns (model, dtype, resumed): dtype is what "auto" became; resumed is
     checkpoint.load_latest's (step, config, params, state), or None."""
@@ -363,7 +364,7 @@ def setup_model(cfg: TrainConfig, comm, log, accum_steps: int = 1):
     else:
         model = build_model(cfg.model, cfg.device, cfg.seed, dtype=dtype,
                             master_weights=cfg.master_weights,
-                            vocab_size=tokenizer.model_tokenizer(cfg.model, cfg.tokenizer).vocab_size)
+                            vocab_size=vocab_size)
     dtype = getattr(model, "dtype", "fp32")  # what "auto" became
     if resumed:
         distributed.check_resume_dtype(checkpoint.model_path(cfg.output_dir, resumed[0]), dtype)
@@ -445,7 +446,8 @@ def setup(cfg: TrainConfig, log=print, comm=None) -> Run:
     if cfg.output_dir and rank == 0:  # before the model is built and the data read; rank 0
         # only: ranks probing one new directory at once would remove it under each other
         outputs.check_dir(cfg.output_dir, "-o")
-    model, dtype, resumed = setup_model(cfg, comm, log, accum_steps)
+    tok = tokenizer.model_tokenizer(cfg.model, cfg.tokenizer)  # read once, before the model
+    model, dtype, resumed = setup_model(cfg, comm, log, accum_steps, tok.vocab_size)
     if T > model.config.max_seq_len:
         raise ValueError(f"seq_len T={T} exceeds the model's max_seq_len={model.config.max_seq_len}")
     graph = None
@@ -453,7 +455,6 @@ def setup(cfg: TrainConfig, log=print, comm=None) -> Run:
         graph = make_graph_step(model, B, T, accum_steps, cfg)
         log("CUDA graphs: the training step is captured and replayed (llmcu/cuda/graphs.py)")
     peak = log_model(cfg, model, dtype, log)
-    tok = tokenizer.model_tokenizer(cfg.model, cfg.tokenizer)
     tokenizer.check_model_vocab(tok, model.config.vocab_size)
     train_loader, val_loader, val_batches = setup_data(cfg, rank, world, accum_steps, log,
                                                        model.config.vocab_size)
